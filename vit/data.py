@@ -1,0 +1,217 @@
+"""CIFAR-10 from the official "python version" files, and the batch iterators that feed training.
+
+The whole data set is read once into uint8 tensors [N, 3, 32, 32] (180 MB). Training
+batches come from one of two pipelines with the same sampling:
+- CPUTrainLoader: a DataLoader whose workers augment each image with torchvision's
+  per-image transforms (vit/augment.py), the reference path;
+- GPUTrainLoader: the images stay on the device and each batch is augmented there as
+  one batched tensor operation.
+Both shuffle with a permutation seeded by (seed, epoch) and give each sample
+randomness seeded by (seed, epoch, sample index) alone, so the data a run sees does
+not depend on the number of workers or processes, and a resumed run sees what an
+uninterrupted one would.
+"""
+import os
+import pickle
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from vit import augment
+
+FOLDER = "cifar-10-batches-py"
+TRAIN_FILES = [f"data_batch_{i}" for i in range(1, 6)]
+TEST_FILE = "test_batch"
+META_FILE = "batches.meta"
+ARCHIVE_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
+ARCHIVE_MD5 = "c58f30108f718f92721af3b95e74349a"
+
+
+class DataError(RuntimeError):
+    """The data set is missing or unreadable; the message says which file and what to do."""
+
+
+@dataclass
+class CIFAR10:
+    train_images: torch.Tensor  # uint8 [50000, 3, 32, 32]
+    train_labels: torch.Tensor  # int64 [50000]
+    test_images: torch.Tensor  # uint8 [10000, 3, 32, 32]
+    test_labels: torch.Tensor  # int64 [10000]
+    class_names: list[str]
+
+
+def resolve_data_dir(data_dir: str | os.PathLike, download: bool = True) -> Path:
+    """The `cifar-10-batches-py` folder, given it or the folder that holds it.
+
+    When neither holds the files, the official archive is downloaded into data_dir
+    (md5-checked) and unpacked; without a network that fails with a message saying
+    where to put the files. Existing files are never md5-checked: copies rebuilt from
+    other sources are valid data with other bytes.
+    """
+    data_dir = Path(data_dir).expanduser()
+    for candidate in (data_dir / FOLDER, data_dir):
+        if (candidate / TEST_FILE).exists() or (candidate / TRAIN_FILES[0]).exists():
+            return candidate
+    if not download:
+        raise DataError(f"CIFAR-10 not found in {data_dir}: expected {data_dir / FOLDER}/{{{', '.join(TRAIN_FILES + [TEST_FILE, META_FILE])}}}")
+    _download(data_dir)
+    return data_dir / FOLDER
+
+
+def _download(data_dir: Path):
+    from torchvision.datasets.utils import check_integrity, download_url
+
+    archive = data_dir / "cifar-10-python.tar.gz"
+    try:
+        data_dir.mkdir(parents=True, exist_ok=True)
+        if not check_integrity(str(archive), ARCHIVE_MD5):
+            download_url(ARCHIVE_URL, str(data_dir), archive.name, md5=ARCHIVE_MD5)
+    except Exception as error:  # no network, refused, wrong checksum: all end the same way for the user
+        raise DataError(
+            f"CIFAR-10 is not in {data_dir} and could not be downloaded ({type(error).__name__}: {error}). "
+            f"Put the official python-version files (data_batch_1..5, test_batch, batches.meta) in "
+            f"{data_dir / FOLDER}, or pass --data-dir pointing at a folder that holds {FOLDER}."
+        ) from None
+    if not check_integrity(str(archive), ARCHIVE_MD5):
+        raise DataError(f"{archive}: md5 does not match the official CIFAR-10 archive; delete it and retry")
+    with tarfile.open(archive, "r:gz") as tar:
+        tar.extractall(data_dir, filter="data")
+
+
+def _unpickle(path: Path) -> dict:
+    if not path.exists():
+        raise DataError(f"{path}: file missing; the CIFAR-10 folder needs {', '.join(TRAIN_FILES + [TEST_FILE, META_FILE])}")
+    try:
+        with open(path, "rb") as f:
+            return pickle.load(f, encoding="bytes")
+    except Exception as error:  # truncated or corrupt: pickle raises many different types
+        raise DataError(f"{path}: truncated or corrupt CIFAR-10 file ({type(error).__name__}: {error}); replace it") from None
+
+
+def _read_batch(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    batch = _unpickle(path)
+    data, labels = batch.get(b"data") if isinstance(batch, dict) else None, batch.get(b"labels") if isinstance(batch, dict) else None
+    if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
+        raise DataError(f"{path}: not a CIFAR-10 batch (expected b'data' as uint8 of shape (n, 3072))")
+    if labels is None or len(labels) != data.shape[0]:
+        raise DataError(f"{path}: b'labels' missing or not one per image")
+    labels = torch.as_tensor(np.asarray(labels, dtype=np.int64))
+    if labels.numel() and (labels.min() < 0 or labels.max() > 9):
+        raise DataError(f"{path}: labels outside 0..9")
+    # Each row holds the R, G and B planes of 32x32, row-major: exactly [3, 32, 32].
+    return torch.from_numpy(data.reshape(-1, 3, 32, 32).copy()), labels
+
+
+def load_cifar10(data_dir: str | os.PathLike, download: bool = True) -> CIFAR10:
+    folder = resolve_data_dir(data_dir, download)
+    train = [_read_batch(folder / name) for name in TRAIN_FILES]
+    test_images, test_labels = _read_batch(folder / TEST_FILE)
+    meta = _unpickle(folder / META_FILE)
+    names = meta.get(b"label_names") if isinstance(meta, dict) else None
+    if not names or len(names) != 10:
+        raise DataError(f"{folder / META_FILE}: b'label_names' missing or not 10 names")
+    return CIFAR10(
+        train_images=torch.cat([images for images, _ in train]),
+        train_labels=torch.cat([labels for _, labels in train]),
+        test_images=test_images,
+        test_labels=test_labels,
+        class_names=[n.decode() if isinstance(n, bytes) else str(n) for n in names],
+    )
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """The seed of one sample's augmentation: a function of (seed, epoch, index) alone."""
+    return ((seed * 1_000_003 + epoch) * 2_147_483_647 + index) % (2**63 - 1)
+
+
+def epoch_permutation(num_samples: int, seed: int, epoch: int) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(sample_seed(seed, epoch, -1))
+    return torch.randperm(num_samples, generator=generator)
+
+
+def global_batches(num_samples: int, batch_size: int, seed: int, epoch: int) -> list[torch.Tensor]:
+    """The epoch's global batches of sample indices; the last partial batch is dropped so
+    every step has the same shape (what compiled and graph-captured steps need)."""
+    order = epoch_permutation(num_samples, seed, epoch)
+    steps = num_samples // batch_size
+    return list(order[: steps * batch_size].view(steps, batch_size))
+
+
+class _AugmentedImages(torch.utils.data.Dataset):
+    """Index -> (normalized augmented image, label); the global RNG is seeded per sample
+    because torchvision's per-image transforms draw from it."""
+
+    def __init__(self, images, labels, seed):
+        self.images, self.labels, self.seed = images, labels, seed
+        self.epoch = 0
+        self.transform = augment.cpu_train_transform()
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, index):
+        torch.manual_seed(sample_seed(self.seed, self.epoch, index))
+        return augment.normalize(self.transform(self.images[index])), self.labels[index]
+
+
+class _BatchSampler(torch.utils.data.Sampler):
+    def __init__(self, loader):
+        self.loader = loader
+
+    def __iter__(self):
+        return iter(b.tolist() for b in self.loader.local_batches())
+
+    def __len__(self):
+        return self.loader.steps_per_epoch
+
+
+class TrainLoader:
+    """Shared sampling: this rank's share of each global batch of the epoch's permutation."""
+
+    def __init__(self, images, labels, batch_size, seed, device, rank=0, world_size=1):
+        if batch_size % world_size:
+            raise ValueError(f"global batch size {batch_size} is not divisible by the world size {world_size}")
+        if len(images) < batch_size:
+            raise ValueError(f"{len(images)} training images are fewer than one batch of {batch_size}")
+        self.images, self.labels = images, labels
+        self.batch_size, self.seed, self.device = batch_size, seed, torch.device(device)
+        self.rank, self.world_size = rank, world_size
+        self.steps_per_epoch = len(images) // batch_size
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int):
+        self.epoch = epoch
+
+    def local_batches(self):
+        share = self.batch_size // self.world_size
+        for batch in global_batches(len(self.images), self.batch_size, self.seed, self.epoch):
+            yield batch[self.rank * share:(self.rank + 1) * share]
+
+    def __len__(self):
+        return self.steps_per_epoch
+
+
+class CPUTrainLoader(TrainLoader):
+    def __init__(self, images, labels, batch_size, seed, device, num_workers=0, rank=0, world_size=1):
+        super().__init__(images, labels, batch_size, seed, device, rank, world_size)
+        self.dataset = _AugmentedImages(images, labels, seed)
+        self.num_workers = num_workers
+
+    def __iter__(self):
+        self.dataset.epoch = self.epoch
+        loader = torch.utils.data.DataLoader(
+            self.dataset, batch_sampler=_BatchSampler(self), num_workers=self.num_workers,
+            pin_memory=self.device.type == "cuda", persistent_workers=False,
+        )
+        for images, labels in loader:
+            yield images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
+
+
+def test_batches(images: torch.Tensor, labels: torch.Tensor, batch_size: int, device):
+    """Normalized test batches in order; images may already live on the device."""
+    for start in range(0, len(images), batch_size):
+        batch = images[start:start + batch_size].to(device, non_blocking=True)
+        yield augment.normalize(batch), labels[start:start + batch_size].to(device, non_blocking=True)
