@@ -42,12 +42,14 @@ class Backend:
     name: str
     attention: Callable[..., torch.Tensor]
     layernorm_mlp: Callable[..., torch.Tensor]
+    description: str = ""
     # Why the backend cannot run on a device, or None when it can.
     unavailable_reason: Callable[[torch.device], str | None] = lambda device: None
 
 
 def _torch_backend() -> Backend:
-    return Backend("torch", torch_attention, torch_layernorm_mlp)
+    return Backend("torch", torch_attention, torch_layernorm_mlp,
+                   "reference: matmul-softmax-matmul attention, unfused LayerNorm+MLP")
 
 
 # Name -> factory. Factories import lazily so that a backend's dependencies are only

@@ -153,8 +153,11 @@ class _AugmentedImages(torch.utils.data.Dataset):
         return len(self.images)
 
     def __getitem__(self, index):
-        torch.manual_seed(sample_seed(self.seed, self.epoch, index))
-        return augment.normalize(self.transform(self.images[index])), self.labels[index]
+        # fork_rng: with num_workers=0 this runs in the training process, whose RNG
+        # (dropout, ...) must not depend on how the data was loaded.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(sample_seed(self.seed, self.epoch, index))
+            return augment.normalize(self.transform(self.images[index])), self.labels[index]
 
 
 class _BatchSampler(torch.utils.data.Sampler):
@@ -208,6 +211,31 @@ class CPUTrainLoader(TrainLoader):
         )
         for images, labels in loader:
             yield images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
+
+
+class GPUTrainLoader(TrainLoader):
+    """Images resident on the device as uint8; each batch augmented there in one go.
+
+    The random draws of a step are made for the whole global batch from a generator
+    seeded by (seed, epoch, step), then sliced to this rank's share, so each sample's
+    augmentation is the same whatever the number of processes.
+    """
+
+    def __init__(self, images, labels, batch_size, seed, device, rank=0, world_size=1):
+        super().__init__(images, labels, batch_size, seed, device, rank, world_size)
+        self.images, self.labels = images.to(self.device), labels.to(self.device)
+        self.generator = torch.Generator(self.device)
+
+    def __iter__(self):
+        share = self.batch_size // self.world_size
+        lo, hi = self.rank * share, (self.rank + 1) * share
+        batches = torch.stack(global_batches(len(self.images), self.batch_size, self.seed, self.epoch)).to(self.device)
+        for step, batch in enumerate(batches):
+            self.generator.manual_seed(sample_seed(self.seed, self.epoch, -2 - step))
+            params = augment.draw_train_params(self.batch_size, self.generator, self.device)
+            index = batch[lo:hi]
+            images = augment.apply_train_augment(self.images[index], {k: v[lo:hi] for k, v in params.items()})
+            yield augment.normalize(images), self.labels[index]
 
 
 def test_batches(images: torch.Tensor, labels: torch.Tensor, batch_size: int, device):

@@ -6,6 +6,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 
 def _save(fig, path):
@@ -30,6 +31,47 @@ def plot_curves(rows: list[dict], path):
     acc_ax.annotate(f"best test {100 * float(best['test_acc']):.2f}%", (int(best["epoch"]), 100 * float(best["test_acc"])),
                     textcoords="offset points", xytext=(-60, -25), arrowprops={"arrowstyle": "->"})
     for ax in (loss_ax, acc_ax):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         ax.legend()
+    _save(fig, path)
+
+
+def plot_confusion(matrix, class_names: list[str], path, title: str = "Confusion matrix"):
+    """A labelled confusion matrix with the count in every cell: rows are the true class,
+    columns the predicted class. matrix: [C, C] integer counts (nested lists or a tensor)."""
+    counts = [[int(c) for c in row] for row in matrix]
+    n = len(class_names)
+    fig, ax = plt.subplots(figsize=(1.0 + 0.75 * n, 0.6 + 0.7 * n))
+    image = ax.imshow(counts, cmap="Blues")
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="images")
+    # Dark text on light cells and white text on dark ones, so every count stays readable.
+    threshold = max(max(row) for row in counts) / 2
+    for true in range(n):
+        for predicted in range(n):
+            count = counts[true][predicted]
+            ax.text(predicted, true, str(count), ha="center", va="center", fontsize=8,
+                    color="white" if count > threshold else "black")
+    ax.set_xticks(range(n), class_names, rotation=45, ha="right")
+    ax.set_yticks(range(n), class_names)
+    ax.set(xlabel="predicted class", ylabel="true class", title=title)
+    _save(fig, path)
+
+
+def plot_mistakes(images, true_names: list[str], predicted_names: list[str], confidences: list[float], path,
+                  columns: int = 5, title: str = "Most confident mistakes"):
+    """A grid of uint8 images [K, 3, H, W], each captioned with its true class, the predicted
+    class and the probability the model gave to its (wrong) prediction."""
+    count = len(true_names)
+    rows = max(1, -(-count // columns))
+    fig, axes = plt.subplots(rows, columns, figsize=(2.0 * columns, 2.3 * rows + 0.4), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    if count == 0:
+        axes[0][0].text(0, 0.5, "no mistakes", fontsize=14, transform=axes[0][0].transAxes)
+    for ax, image, true, predicted, confidence in zip(axes.flat, images, true_names, predicted_names, confidences):
+        # Nearest-neighbour upscaling shows the pixels the model saw, not a smoothed version.
+        ax.imshow(image.permute(1, 2, 0).cpu().numpy(), interpolation="nearest")
+        ax.set_title(f"true: {true}\npred: {predicted} ({100 * confidence:.1f}%)", fontsize=9)
+    fig.suptitle(title)
     _save(fig, path)

@@ -1,0 +1,63 @@
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+# Without a GPU, Triton kernels run through the interpreter on CPU tensors. Triton reads
+# this when a kernel is decorated, so it must be set before any kernel module is imported.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+# CI and developers have the real CIFAR-10 beside the checkout.
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+def has_real_cifar() -> bool:
+    return (SHARED_DATA / "cifar-10-batches-py" / "test_batch").exists()
+
+
+@pytest.fixture(scope="session")
+def real_data_dir():
+    if not has_real_cifar():
+        pytest.skip(f"real CIFAR-10 not found at {SHARED_DATA}/cifar-10-batches-py")
+    return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def real_cifar(real_data_dir):
+    from vit.data import load_cifar10
+    return load_cifar10(real_data_dir, download=False)
+
+
+def write_cifar_folder(root: Path, per_batch: int = 20, num_test: int = 30, seed: int = 0) -> Path:
+    """A small data set in the official python-version layout: bytes keys, uint8 rows of 3072."""
+    import pickle
+
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    names = ["data_batch_1", "data_batch_2", "data_batch_3", "data_batch_4", "data_batch_5", "test_batch"]
+    for name in names:
+        n = num_test if name == "test_batch" else per_batch
+        batch = {b"batch_label": name.encode(), b"labels": [int(x) for x in rng.integers(0, 10, n)],
+                 b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
+                 b"filenames": [f"{i}.png".encode() for i in range(n)]}
+        with open(folder / name, "wb") as f:
+            pickle.dump(batch, f)
+    meta = {b"label_names": [c.encode() for c in ["airplane", "automobile", "bird", "cat", "deer", "dog",
+                                                  "frog", "horse", "ship", "truck"]],
+            b"num_cases_per_batch": per_batch, b"num_vis": 3072}
+    with open(folder / "batches.meta", "wb") as f:
+        pickle.dump(meta, f)
+    return folder
+
+
+@pytest.fixture
+def fake_cifar(tmp_path):
+    return write_cifar_folder(tmp_path / "data")

@@ -1,0 +1,141 @@
+import csv
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import train
+from vit.trainer import NonFiniteLoss, Trainer, TrainConfig, load_checkpoint
+from vit.model import ViTConfig
+
+TINY = ["--device", "cpu", "--depth", "1", "--dim", "32", "--heads", "2", "--mlp-dim", "32", "--no-progress",
+        "--num-workers", "0"]
+RUN_FILES = {"config.json", "metrics.csv", "curves.png", "last.pt", "best.pt"}
+
+
+def test_tiny_model_on_real_images_drives_the_loss_down(real_data_dir, tmp_path):
+    model_cfg = ViTConfig(dim=64, depth=2, heads=4, mlp_dim=64)
+    cfg = TrainConfig(epochs=4, batch_size=64, lr=2e-3, warmup_epochs=0.5, device="cpu", precision="fp32",
+                      num_workers=2, train_subset=3000, augment="cpu", data_dir=str(real_data_dir), progress=False)
+    (tmp_path / "run").mkdir()
+    trainer = Trainer(model_cfg, cfg, tmp_path / "run", log=lambda line: None)
+    trainer.fit()
+    losses = [float(r["train_loss"]) for r in trainer.metrics]
+    assert losses[-1] < losses[0] - 0.1, losses
+    assert max(float(r["test_acc"]) for r in trainer.metrics) > 0.25
+
+
+def test_train_py_end_to_end_writes_every_output(real_data_dir, tmp_path, capsys):
+    run = tmp_path / "run"
+    code = train.main(TINY + ["--epochs", "2", "--train-subset", "512", "--batch-size", "64",
+                              "--data-dir", str(real_data_dir), "--out-dir", str(run)])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "ViT with" in out and "backend torch" in out and "epoch   2/2" in out
+    assert RUN_FILES | {"confusion.png", "mistakes.png", "eval.json"} <= {p.name for p in run.iterdir()}
+    with open(run / "metrics.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["epoch"]) for r in rows] == [1, 2]
+    assert list(rows[0]) == ["epoch", "train_loss", "train_acc", "test_loss", "test_acc", "lr", "epoch_seconds",
+                             "images_per_second"]
+    config = json.loads((run / "config.json").read_text())
+    assert config["model"]["dim"] == 32 and config["train"]["epochs"] == 2 and config["versions"]["torch"]
+    state = load_checkpoint(run / "last.pt")  # weights_only=True
+    assert state["epoch"] == 2 and {"model", "optimizer", "scheduler", "scaler", "rng", "best_acc"} <= set(state)
+    assert (run / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_interrupted_and_resumed_run_equals_an_uninterrupted_one(fake_cifar, tmp_path, monkeypatch):
+    common = TINY + ["--epochs", "3", "--batch-size", "20", "--data-dir", str(fake_cifar), "--seed", "7",
+                     "--dropout", "0.1"]
+    assert train.main(common + ["--out-dir", str(tmp_path / "straight")]) == 0
+
+    original = Trainer.train_epoch
+
+    def interrupt_second_epoch(self, epoch):
+        if epoch == 1:
+            raise KeyboardInterrupt
+        return original(self, epoch)
+
+    monkeypatch.setattr(Trainer, "train_epoch", interrupt_second_epoch)
+    assert train.main(common + ["--out-dir", str(tmp_path / "resumed")]) == 130
+    assert load_checkpoint(tmp_path / "resumed" / "last.pt")["epoch"] == 1
+    monkeypatch.setattr(Trainer, "train_epoch", original)
+    assert train.main(["--resume", str(tmp_path / "resumed"), "--no-progress"]) == 0
+
+    straight = load_checkpoint(tmp_path / "straight" / "last.pt")
+    resumed = load_checkpoint(tmp_path / "resumed" / "last.pt")
+    assert resumed["epoch"] == 3
+    for name, tensor in straight["model"].items():
+        assert torch.equal(tensor, resumed["model"][name]), name
+    with open(tmp_path / "resumed" / "metrics.csv", newline="") as f:
+        assert [int(r["epoch"]) for r in csv.DictReader(f)] == [1, 2, 3]
+
+
+def test_resume_refuses_a_changed_recipe(fake_cifar, tmp_path):
+    run = tmp_path / "run"
+    assert train.main(TINY + ["--epochs", "1", "--batch-size", "20", "--data-dir", str(fake_cifar),
+                              "--out-dir", str(run)]) == 0
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(["--resume", str(run), "--lr", "0.5"])
+    assert exit_info.value.code == 2
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(fake_cifar, tmp_path, monkeypatch, capsys):
+    original = Trainer.train_epoch
+
+    def poison_second_epoch(self, epoch):
+        if epoch == 1:
+            with torch.no_grad():
+                self.model.head.bias.fill_(float("nan"))
+        return original(self, epoch)
+
+    monkeypatch.setattr(Trainer, "train_epoch", poison_second_epoch)
+    run = tmp_path / "run"
+    code = train.main(TINY + ["--epochs", "3", "--batch-size", "20", "--data-dir", str(fake_cifar), "--out-dir", str(run)])
+    assert code == 1
+    assert "non-finite loss at epoch 2, step 1" in capsys.readouterr().err
+    state = load_checkpoint(run / "last.pt")
+    assert state["epoch"] == 1
+    assert all(torch.isfinite(t).all() for t in state["model"].values())
+
+
+def test_existing_run_directory_is_never_overwritten(fake_cifar, tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.csv").write_text("precious\n")
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(TINY + ["--data-dir", str(fake_cifar), "--out-dir", str(run)])
+    assert exit_info.value.code == 2
+    assert "exists and is not empty" in capsys.readouterr().err
+    assert (run / "metrics.csv").read_text() == "precious\n"
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--epochs", "-1"], "--epochs: must be a positive integer"),
+    (["--batch-size", "0"], "--batch-size: must be a positive integer"),
+    (["--backend", "nope"], "invalid choice: 'nope'"),
+    (["--heads", "5"], "--heads 5 does not divide --dim 384"),
+    (["--lr", "-1"], "--lr: must be zero or positive"),
+    (["--device", "cuda:0"], None),  # no CUDA here
+    (["--precision", "bf16", "--device", "cpu"], "needs CUDA"),
+])
+def test_bad_cli_values_exit_2_with_an_argparse_message(flags, message):
+    if flags[:2] == ["--device", "cuda:0"] and torch.cuda.is_available():
+        pytest.skip("CUDA is available")
+    result = subprocess.run([sys.executable, "train.py", *flags], capture_output=True, text=True,
+                            cwd=train.__file__.rsplit("/", 1)[0], timeout=120)
+    assert result.returncode == 2, result.stderr
+    assert "usage:" in result.stderr and "Traceback" not in result.stderr
+    if message:
+        assert message in result.stderr
+
+
+def test_help_documents_every_flag():
+    text = train.build_parser().format_help()
+    for flag in ["--backend", "--epochs", "--batch-size", "--lr", "--min-lr", "--warmup-epochs", "--weight-decay",
+                 "--label-smoothing", "--data-dir", "--out-dir", "--resume", "--precision", "--device", "--seed",
+                 "--num-workers", "--train-subset", "--patch-size", "--dim", "--depth", "--heads", "--mlp-dim"]:
+        assert flag in text
