@@ -1,5 +1,7 @@
 """Train the ViT on CIFAR-10.
 
+    torchrun --nproc_per_node=8 train.py             # data-parallel; --batch-size stays global
+
     python train.py                                  # the full recipe, defaults below
     python train.py --device cpu --epochs 2 --train-subset 2000 --depth 2 --dim 64 --heads 4 --mlp-dim 64
     python train.py --resume runs/20261125-101500    # continue an interrupted run
@@ -12,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from vit import distributed
 from vit.backends import backend_names, get_backend
 from vit.data import DataError
 from vit.model import ViTConfig
@@ -99,14 +102,21 @@ def typed_flags(parser: argparse.ArgumentParser, argv: list[str]) -> set[str]:
             if any(arg == opt or arg.startswith(opt + "=") for arg in argv)}
 
 
-def resolve(args, parser) -> tuple[ViTConfig, TrainConfig, Path]:
-    """Fill the defaults that depend on the machine and check what argparse cannot."""
+def resolve_device(args, parser) -> torch.device:
     cuda = torch.cuda.is_available()
-    device = torch.device(args.device or ("cuda" if cuda else "cpu"))
-    if device.type == "cuda" and not cuda:
-        parser.error(f"--device {args.device}: CUDA is not available on this machine")
+    try:
+        device = torch.device(args.device or ("cuda" if cuda else "cpu"))
+    except RuntimeError:
+        parser.error(f"--device {args.device}: use cuda, cuda:N or cpu")
     if device.type not in ("cuda", "cpu"):
         parser.error(f"--device {args.device}: use cuda, cuda:N or cpu")
+    if device.type == "cuda" and not cuda:
+        parser.error(f"--device {args.device}: CUDA is not available on this machine")
+    return device
+
+
+def resolve(args, parser, device: torch.device, ctx: distributed.Context) -> tuple[ViTConfig, TrainConfig, Path]:
+    """Fill the defaults that depend on the machine and check what argparse cannot."""
     if args.backend is None:
         args.backend = "triton" if "triton" in backend_names() and get_backend("triton").unavailable_reason(device) is None else "torch"
     reason = get_backend(args.backend).unavailable_reason(device)
@@ -136,14 +146,21 @@ def resolve(args, parser) -> tuple[ViTConfig, TrainConfig, Path]:
     train_cfg = TrainConfig(**values)
     if args.train_subset is not None and args.train_subset < args.batch_size:
         parser.error(f"--train-subset {args.train_subset} is smaller than one batch of {args.batch_size}")
-    run_dir = Path(args.out_dir or Path("runs") / time.strftime("%Y%m%d-%H%M%S"))
-    if run_dir.exists() and any(run_dir.iterdir()):
-        parser.error(f"run directory {run_dir} exists and is not empty; pick another --out-dir, or --resume it")
+    if args.batch_size % ctx.world_size:
+        parser.error(f"--batch-size {args.batch_size} (global) is not divisible by the {ctx.world_size} processes")
+    # Rank 0 names and claims the directory; the others take its word (their clocks differ).
+    run_dir = None
+    if ctx.is_main:
+        run_dir = Path(args.out_dir or Path("runs") / time.strftime("%Y%m%d-%H%M%S"))
+        if run_dir.exists() and any(run_dir.iterdir()):
+            parser.error(f"run directory {run_dir} exists and is not empty; pick another --out-dir, or --resume it")
+    run_dir = Path(distributed.broadcast_object(str(run_dir) if run_dir else None))
     train_cfg.out_dir = str(run_dir)
     return model_cfg, train_cfg, run_dir
 
 
-def resolve_resume(args, parser, typed: set[str]) -> tuple[ViTConfig, TrainConfig, Path]:
+def resolve_resume(args, parser, typed: set[str], device: torch.device,
+                   ctx: distributed.Context) -> tuple[ViTConfig, TrainConfig, Path]:
     run_dir = Path(args.resume)
     if not (run_dir / "config.json").exists() or not (run_dir / "last.pt").exists():
         parser.error(f"--resume {run_dir}: needs a run directory with config.json and last.pt")
@@ -156,9 +173,11 @@ def resolve_resume(args, parser, typed: set[str]) -> tuple[ViTConfig, TrainConfi
     for k in RESUME_MAY_CHANGE & typed:
         if k in saved:
             setattr(train_cfg, k, getattr(args, k))
-    device = torch.device(train_cfg.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
+    if "device" not in typed and torch.device(train_cfg.device).type == "cuda" and not torch.cuda.is_available():
         parser.error(f"the run trained on {train_cfg.device}; pass --device cpu to resume it here")
+    if train_cfg.batch_size % ctx.world_size:
+        parser.error(f"the run's global batch {train_cfg.batch_size} is not divisible by the {ctx.world_size} processes")
+    train_cfg.device = str(device)
     reason = get_backend(model_cfg.backend).unavailable_reason(device)
     if reason:
         parser.error(f"the run's backend {model_cfg.backend} cannot run here: {reason}")
@@ -170,30 +189,42 @@ def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     typed = typed_flags(parser, argv)
-    if args.resume:
-        model_cfg, train_cfg, run_dir = resolve_resume(args, parser, typed)
-    else:
-        model_cfg, train_cfg, run_dir = resolve(args, parser)
+    device = resolve_device(args, parser)
+    ctx = distributed.setup(device.type)
+    if ctx.enabled and device.type == "cuda":
+        device = torch.device("cuda", ctx.local_rank)  # one GPU per process
     try:
-        trainer = Trainer(model_cfg, train_cfg, run_dir, resume=bool(args.resume))
+        return run(args, parser, typed, device, ctx)
+    finally:
+        distributed.teardown(ctx)
+
+
+def run(args, parser, typed, device, ctx) -> int:
+    say = print if ctx.is_main else (lambda *a, **k: None)
+    if args.resume:
+        model_cfg, train_cfg, run_dir = resolve_resume(args, parser, typed, device, ctx)
+    else:
+        model_cfg, train_cfg, run_dir = resolve(args, parser, device, ctx)
+    try:
+        trainer = Trainer(model_cfg, train_cfg, run_dir, resume=bool(args.resume), ctx=ctx)
     except DataError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
-    if not args.resume:
+    if not args.resume and ctx.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         write_config(run_dir, model_cfg, train_cfg, trainer.data.class_names, trainer.device)
-    print(trainer.describe())
-    print(f"run directory: {run_dir}" + (f" (resuming after epoch {trainer.start_epoch})" if args.resume else ""))
+    say(trainer.describe())
+    say(f"run directory: {run_dir}" + (f" (resuming after epoch {trainer.start_epoch})" if args.resume else ""))
     try:
         summary = trainer.fit()
     except NonFiniteLoss as error:
-        print(f"error: {error}", file=sys.stderr)
+        say(f"error: {error}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print(f"\ninterrupted; continue with: python train.py --resume {run_dir}", file=sys.stderr)
+        say(f"\ninterrupted; continue with: python train.py --resume {run_dir}", file=sys.stderr)
         return 130
     trainer.finish()
-    print(f"best test accuracy {summary['best_acc']:.2%}; outputs in {run_dir}")
+    say(f"best test accuracy {summary['best_acc']:.2%}; outputs in {run_dir}")
     return 0
 
 

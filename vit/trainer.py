@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from vit import data as cifar
+from vit import distributed
 from vit.backends import get_backend
 from vit.model import ViT, ViTConfig, count_parameters
 from vit.plots import plot_curves
@@ -181,8 +182,13 @@ def make_train_loader(cfg: TrainConfig, images, labels, device, rank=0, world_si
 
 
 @torch.no_grad()
-def evaluate(model, images, labels, device, cfg: TrainConfig, batch_size=1000) -> tuple[float, float]:
-    """(mean loss with the training criterion, accuracy) over the given test images."""
+def evaluate(model, images, labels, device, cfg: TrainConfig, batch_size=1000,
+             ctx: distributed.Context = distributed.Context()) -> tuple[float, float]:
+    """(mean loss with the training criterion, accuracy) over the given test images;
+    under torchrun each rank takes a contiguous share and the sums are reduced."""
+    total = len(labels)
+    share = -(-total // ctx.world_size)
+    images, labels = images[ctx.rank * share:(ctx.rank + 1) * share], labels[ctx.rank * share:(ctx.rank + 1) * share]
     model.eval()
     loss_sum = torch.zeros((), device=device, dtype=torch.float64)
     correct = torch.zeros((), device=device, dtype=torch.int64)
@@ -193,12 +199,16 @@ def evaluate(model, images, labels, device, cfg: TrainConfig, batch_size=1000) -
         loss_sum += F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing, reduction="sum")
         correct += (logits.argmax(-1) == y).sum()
     model.train()
-    return loss_sum.item() / len(labels), correct.item() / len(labels)
+    distributed.all_reduce(loss_sum)
+    distributed.all_reduce(correct)
+    return loss_sum.item() / total, correct.item() / total
 
 
 class Trainer:
-    def __init__(self, model_cfg: ViTConfig, cfg: TrainConfig, run_dir: Path, resume: bool = False, log=print):
-        self.model_cfg, self.cfg, self.run_dir, self.log = model_cfg, cfg, Path(run_dir), log
+    def __init__(self, model_cfg: ViTConfig, cfg: TrainConfig, run_dir: Path, resume: bool = False, log=print,
+                 ctx: distributed.Context = distributed.Context()):
+        self.model_cfg, self.cfg, self.run_dir, self.ctx = model_cfg, cfg, Path(run_dir), ctx
+        self.log = log if ctx.is_main else (lambda line: None)
         self.device = torch.device(cfg.device)
         seed_everything(cfg.seed)
 
@@ -206,12 +216,19 @@ class Trainer:
         train_images, train_labels = self.data.train_images, self.data.train_labels
         if cfg.train_subset:
             train_images, train_labels = train_images[:cfg.train_subset], train_labels[:cfg.train_subset]
-        self.loader = make_train_loader(cfg, train_images, train_labels, self.device)
+        self.loader = make_train_loader(cfg, train_images, train_labels, self.device, ctx.rank, ctx.world_size)
         self.test_images = self.data.test_images.to(self.device)
         self.test_labels = self.data.test_labels.to(self.device)
 
         self.model = ViT(model_cfg).to(self.device)
-        self.step_model = torch.compile(self.model) if cfg.compile else self.model
+        self.step_model = self.model
+        if ctx.enabled:
+            # Gradients averaged over ranks: each rank's loss is the mean over its share of
+            # the global batch, so the update equals the single-process one.
+            self.step_model = torch.nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        if cfg.compile:
+            self.step_model = torch.compile(self.step_model)
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=cfg.lr, betas=(0.9, 0.999),
                                           weight_decay=cfg.weight_decay, fused=self.device.type == "cuda")
         self.scheduler = make_scheduler(self.optimizer, cfg, len(self.loader))
@@ -246,7 +263,7 @@ class Trainer:
         first_bad_step = torch.full((), -1, device=device, dtype=torch.int64)
         seen = 0
         bar = tqdm(self.loader, total=len(self.loader), desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False,
-                   disable=not cfg.progress, dynamic_ncols=True, file=sys.stderr)
+                   disable=not (cfg.progress and self.ctx.is_main), dynamic_ncols=True, file=sys.stderr)
         start = time.perf_counter()
         for step, (images, labels) in enumerate(bar):
             with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
@@ -263,19 +280,22 @@ class Trainer:
             correct += (logits.argmax(-1) == labels).sum()
             first_bad_step = torch.where((first_bad_step < 0) & ~torch.isfinite(loss),
                                          torch.tensor(step, device=device), first_bad_step)
-            seen += len(labels)
+            seen += len(labels) * self.ctx.world_size
             if step % PROGRESS_EVERY == PROGRESS_EVERY - 1 or step == len(self.loader) - 1:
-                bad = first_bad_step.item()
+                # Every rank learns of a bad loss on any rank, so all stop together.
+                bad = distributed.all_reduce(first_bad_step.clone(), distributed.dist.ReduceOp.MAX).item()
                 if bad >= 0:
                     raise NonFiniteLoss(f"non-finite loss at epoch {epoch + 1}, step {bad + 1}; "
                                         f"stopping. The last good checkpoint is {self.run_dir / 'last.pt'}")
-                bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{correct.item() / seen:.1%}",
+                bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{correct.item() * self.ctx.world_size / seen:.1%}",
                                 lr=f"{self.optimizer.param_groups[0]['lr']:.2e}",
                                 img_s=f"{seen / (time.perf_counter() - start):,.0f}")
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         seconds = time.perf_counter() - start
         bar.close()
+        distributed.all_reduce(loss_sum)
+        distributed.all_reduce(correct)
         return {"train_loss": loss_sum.item() / seen, "train_acc": correct.item() / seen,
                 "epoch_seconds": seconds, "images_per_second": seen / seconds}
 
@@ -283,18 +303,19 @@ class Trainer:
         cfg = self.cfg
         for epoch in range(self.start_epoch, cfg.epochs):
             row = self.train_epoch(epoch)
-            test_loss, test_acc = evaluate(self.step_model, self.test_images, self.test_labels, self.device, cfg)
+            test_loss, test_acc = evaluate(self.model, self.test_images, self.test_labels, self.device, cfg, ctx=self.ctx)
             row = {"epoch": epoch + 1, **row, "test_loss": test_loss, "test_acc": test_acc,
                    "lr": self.optimizer.param_groups[0]["lr"]}
             self.metrics.append({k: row[k] for k in METRIC_COLUMNS})
             improved = test_acc > self.best_acc
             self.best_acc = max(self.best_acc, test_acc)
-            state = self.checkpoint_state(epoch + 1)
-            if improved:
-                save_checkpoint(self.run_dir / "best.pt", state)
-            save_checkpoint(self.run_dir / "last.pt", state)
-            write_metrics(self.run_dir / "metrics.csv", self.metrics)
-            plot_curves(self.metrics, self.run_dir / "curves.png")
+            if self.ctx.is_main:
+                state = self.checkpoint_state(epoch + 1)
+                if improved:
+                    save_checkpoint(self.run_dir / "best.pt", state)
+                save_checkpoint(self.run_dir / "last.pt", state)
+                write_metrics(self.run_dir / "metrics.csv", self.metrics)
+                plot_curves(self.metrics, self.run_dir / "curves.png")
             self.log(f"epoch {epoch + 1:>3}/{cfg.epochs}  train loss {row['train_loss']:.4f} acc {row['train_acc']:.2%}  "
                      f"test loss {test_loss:.4f} acc {test_acc:.2%}  lr {row['lr']:.2e}  "
                      f"{row['epoch_seconds']:.1f}s  {row['images_per_second']:,.0f} img/s"
@@ -306,6 +327,8 @@ class Trainer:
         the most confident mistakes, next to the checkpoints."""
         from vit.evaluate import write_report
 
+        if not self.ctx.is_main:
+            return
         self.model.load_state_dict(load_checkpoint(self.run_dir / "best.pt", self.device)["model"])
         report = write_report(self.model, self.data.test_images, self.data.test_labels, self.data.class_names,
                               self.run_dir, self.device)
@@ -317,4 +340,6 @@ class Trainer:
         return (f"ViT with {count_parameters(self.model):,} parameters; backend {backend.name} ({backend.description}); "
                 f"device {device_name(self.device)}; precision {self.cfg.precision}; "
                 f"{'torch.compile; ' if self.cfg.compile else ''}augmentation on the {self.cfg.augment.upper()}; "
-                f"{len(self.loader.images):,} train images, {len(self.loader)} steps of {self.cfg.batch_size} per epoch")
+                f"{len(self.loader.images):,} train images, {len(self.loader)} steps of {self.cfg.batch_size} per epoch"
+                + (f"; {self.ctx.world_size} processes, {self.cfg.batch_size // self.ctx.world_size} images each per step"
+                   if self.ctx.enabled else ""))
