@@ -64,7 +64,7 @@ def plot_mistakes(images, true_names: list[str], predicted_names: list[str], con
     class and the probability the model gave to its (wrong) prediction."""
     count = len(true_names)
     rows = max(1, -(-count // columns))
-    fig, axes = plt.subplots(rows, columns, figsize=(2.0 * columns, 2.3 * rows + 0.4), squeeze=False)
+    fig, axes = plt.subplots(rows, columns, figsize=(2.0 * columns, 2.3 * rows + 0.4), squeeze=False, layout="constrained")
     for ax in axes.flat:
         ax.axis("off")
     if count == 0:
