@@ -113,3 +113,21 @@ def test_scheduler_drives_the_optimizer_step_by_step():
         optimizer.step()
         scheduler.step()
     assert math.isclose(seen[0], 2.5e-4) and math.isclose(seen[3], 1e-3) and math.isclose(seen[-1], 1e-5)
+
+
+def test_batched_augmentation_loader_shards_like_one_process(fake_cifar):
+    d = cifar.load_cifar10(fake_cifar, download=False)
+    one = cifar.GPUTrainLoader(d.train_images, d.train_labels, 20, seed=3, device="cpu")
+    ranks = [cifar.GPUTrainLoader(d.train_images, d.train_labels, 20, seed=3, device="cpu", rank=r, world_size=2)
+             for r in range(2)]
+    for loader in [one, *ranks]:
+        loader.set_epoch(4)
+    full, halves = list(one), [list(r) for r in ranks]
+    assert len(full) == 5 and full[0][0].dtype == torch.float32 and full[0][0].shape == (20, 3, 32, 32)
+    for step, (x, y) in enumerate(full):
+        assert torch.equal(torch.cat([halves[0][step][0], halves[1][step][0]]), x)
+        assert torch.equal(torch.cat([halves[0][step][1], halves[1][step][1]]), y)
+    # The CPU pipeline and the batched one see the same samples in the same order.
+    cpu = cifar.CPUTrainLoader(d.train_images, d.train_labels, 20, seed=3, device="cpu")
+    cpu.set_epoch(4)
+    assert all(torch.equal(y, y_cpu) for (_, y), (_, y_cpu) in zip(full, cpu))

@@ -139,3 +139,12 @@ def test_help_documents_every_flag():
                  "--label-smoothing", "--data-dir", "--out-dir", "--resume", "--precision", "--device", "--seed",
                  "--num-workers", "--train-subset", "--patch-size", "--dim", "--depth", "--heads", "--mlp-dim"]:
         assert flag in text
+
+
+def test_training_with_batched_augmentation_on_the_cpu(fake_cifar, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert train.main(TINY + ["--augment", "gpu", "--epochs", "1", "--batch-size", "20", "--data-dir", str(fake_cifar),
+                              "--out-dir", str(run)]) == 0
+    assert "augmentation on the GPU" in capsys.readouterr().out
+    assert json.loads((run / "config.json").read_text())["train"]["augment"] == "gpu"
+    assert load_checkpoint(run / "last.pt")["epoch"] == 1
