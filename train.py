@@ -118,7 +118,11 @@ def resolve_device(args, parser) -> torch.device:
 def resolve(args, parser, device: torch.device, ctx: distributed.Context) -> tuple[ViTConfig, TrainConfig, Path]:
     """Fill the defaults that depend on the machine and check what argparse cannot."""
     if args.backend is None:
-        args.backend = "triton" if "triton" in backend_names() and get_backend("triton").unavailable_reason(device) is None else "torch"
+        # Triton's interpreter (TRITON_INTERPRET=1) can run the kernels on the CPU, but only for
+        # checking them: the CPU default stays the torch reference.
+        use_triton = (device.type == "cuda" and "triton" in backend_names()
+                      and get_backend("triton").unavailable_reason(device) is None)
+        args.backend = "triton" if use_triton else "torch"
     reason = get_backend(args.backend).unavailable_reason(device)
     if reason:
         parser.error(f"--backend {args.backend} cannot run here: {reason}")

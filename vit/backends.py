@@ -5,6 +5,7 @@ matmul-softmax-matmul and an unfused LayerNorm -> Linear -> GELU -> Linear, writ
 so that it reads as the definition of the math. Other backends must compute the same
 function and are held to that by the parity tests.
 """
+import os
 from dataclasses import dataclass
 from typing import Callable
 
@@ -52,10 +53,32 @@ def _torch_backend() -> Backend:
                    "reference: matmul-softmax-matmul attention, unfused LayerNorm+MLP")
 
 
+def _triton_unavailable(device: torch.device) -> str | None:
+    if device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
+        return None
+    return ("the Triton kernels need a CUDA GPU; on the CPU they run only through Triton's interpreter "
+            "(set TRITON_INTERPRET=1, slow, for checking)")
+
+
+def _triton_backend() -> Backend:
+    try:
+        from kernels.attention import attention
+        from kernels.layernorm_mlp import layernorm_mlp
+    except ImportError as error:
+        missing = f"Triton is not installed ({error})"
+
+        def not_installed(*args, **kwargs):
+            raise RuntimeError(missing)
+        return Backend("triton", not_installed, not_installed, "unavailable", lambda device: missing)
+    return Backend("triton", attention, layernorm_mlp,
+                   "fused Triton kernels: kernels.attention, kernels.layernorm_mlp", _triton_unavailable)
+
+
 # Name -> factory. Factories import lazily so that a backend's dependencies are only
 # needed when it is picked.
 _REGISTRY: dict[str, Callable[[], Backend]] = {
     "torch": _torch_backend,
+    "triton": _triton_backend,
 }
 
 

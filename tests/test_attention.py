@@ -1,0 +1,294 @@
+"""The fused attention kernels (kernels/attention.py) against vit.backends.torch_attention.
+
+Without a GPU the kernels run in Triton's interpreter on CPU tensors (tests/conftest.py
+sets TRITON_INTERPRET=1 before anything imports Triton). The interpreter cannot do bf16
+arithmetic, so its parity tests run in fp32 and fp16; bf16 is checked on a GPU.
+
+Accuracy is judged against the reference's own error: both the kernel and torch's
+computation in the same dtype are compared with a float64 computation on the same
+(rounded) inputs, and the kernel may be at most twice as far off as torch, plus a tiny
+floor for cases where torch happens to be exact. Outputs and gradients are allocated
+filled with NaN (POISON_OUTPUTS), so an element no kernel writes cannot pass.
+"""
+import math
+
+import pytest
+import torch
+
+from kernels import attention as attention_module
+from kernels.attention import attention
+from vit.backends import torch_attention
+
+INTERPRETED = attention_module._kernels_are_interpreted()
+if not INTERPRETED and not torch.cuda.is_available():
+    pytest.skip("needs TRITON_INTERPRET=1 (set by tests/conftest.py without a GPU) or a CUDA GPU",
+                allow_module_level=True)
+DEVICE = "cpu" if INTERPRETED else "cuda"
+needs_gpu = pytest.mark.skipif(INTERPRETED or not torch.cuda.is_available(),
+                               reason="needs a CUDA GPU with compiled (not interpreted) kernels")
+
+# Slack for an error of exactly zero on torch's side (e.g. one token, where the output
+# is v itself): far below one rounding step of any of these dtypes at magnitude 1.
+ERROR_FLOOR = 1e-6
+
+
+@pytest.fixture(autouse=True)
+def poison_outputs(monkeypatch):
+    monkeypatch.setattr(attention_module, "POISON_OUTPUTS", True)
+
+
+def _forward_backward(fn, qkv, grad_out, num_heads, scale=None):
+    """fn's output and the gradient it sends back to qkv."""
+    qkv = qkv.detach().clone().requires_grad_()
+    out = fn(qkv, num_heads, scale)
+    out.backward(grad_out)
+    return out.detach(), qkv.grad
+
+
+def _random_problem(batch, seq_len, num_heads, head_dim, dtype, device=DEVICE):
+    """qkv and the output gradient, rounded to dtype (so every computation sees the same values)."""
+    model_dim = num_heads * head_dim
+    qkv = torch.randn(batch, seq_len, 3 * model_dim, dtype=torch.float64, device=device).to(dtype)
+    grad_out = torch.randn(batch, seq_len, model_dim, dtype=torch.float64, device=device).to(dtype)
+    return qkv, grad_out
+
+
+def _max_error(tensor, reference64):
+    return (tensor.double() - reference64).abs().max().item()
+
+
+def _assert_as_accurate_as_torch(what, kernel_value, torch_value, reference64):
+    assert kernel_value.dtype == torch_value.dtype
+    assert kernel_value.shape == reference64.shape
+    assert torch.isfinite(kernel_value).all(), f"{what}: NaN/inf, an element was not written"
+    kernel_error = _max_error(kernel_value, reference64)
+    torch_error = _max_error(torch_value, reference64)
+    assert kernel_error <= 2 * torch_error + ERROR_FLOOR, (
+        f"{what}: kernel max error {kernel_error:.3e} vs torch's {torch_error:.3e} (same dtype, vs float64)")
+
+
+def _check_parity(batch, seq_len, num_heads, head_dim, dtype, scale=None):
+    qkv, grad_out = _random_problem(batch, seq_len, num_heads, head_dim, dtype)
+    out64, grad64 = _forward_backward(torch_attention, qkv.double(), grad_out.double(), num_heads, scale)
+    out_torch, grad_torch = _forward_backward(torch_attention, qkv, grad_out, num_heads, scale)
+    out_kernel, grad_kernel = _forward_backward(attention, qkv, grad_out, num_heads, scale)
+    _assert_as_accurate_as_torch("output", out_kernel, out_torch, out64)
+    _assert_as_accurate_as_torch("qkv gradient", grad_kernel, grad_torch, grad64)
+
+
+# (batch, seq_len, num_heads, head_dim). C = num_heads * head_dim is rarely a power of two.
+PARITY_SHAPES = [
+    (1, 1, 3, 16),     # one token: the softmax is exactly 1, C = 48
+    (3, 17, 3, 16),    # odd batch, keys masked inside one tile
+    (1, 65, 12, 32),   # the model's attention (C = 384) at batch 1
+    (3, 65, 2, 48),    # head_dim 48, padded to 64 columns
+    (1, 129, 2, 64),   # past one fused tile: streamed forward, split dq and dk/dv backward
+    (1, 257, 1, 32),   # several key and query blocks per program
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("batch, seq_len, num_heads, head_dim", PARITY_SHAPES,
+                         ids=[f"B{b}-N{n}-H{h}-D{d}" for b, n, h, d in PARITY_SHAPES])
+def test_matches_reference(batch, seq_len, num_heads, head_dim, dtype):
+    _check_parity(batch, seq_len, num_heads, head_dim, dtype)
+
+
+@pytest.mark.parametrize("scale", [0.3, -0.05])
+def test_scale_argument(scale):
+    _check_parity(2, 17, 2, 32, torch.float32, scale=scale)
+
+
+def test_default_scale_is_inverse_sqrt_head_dim():
+    qkv, _ = _random_problem(1, 9, 2, 16, torch.float32)
+    assert torch.equal(attention(qkv, 2), attention(qkv, 2, scale=16 ** -0.5))
+    assert not torch.equal(attention(qkv, 2), attention(qkv, 2, scale=0.5))
+
+
+@pytest.mark.parametrize("seq_len", [65, 129], ids=["fused-backward", "split-backward"])
+def test_backward_is_deterministic(seq_len):
+    qkv, grad_out = _random_problem(3, seq_len, 2, 32, torch.float16)
+    out_first, grad_first = _forward_backward(attention, qkv, grad_out, 2)
+    out_second, grad_second = _forward_backward(attention, qkv, grad_out, 2)
+    assert torch.isfinite(grad_first).all()
+    assert torch.equal(out_first, out_second)
+    assert torch.equal(grad_first, grad_second)
+
+
+def _non_contiguous_views(batch, seq_len, width, dtype):
+    """Views of shape [batch, seq_len, width] that are not contiguous, with their names."""
+    wide = torch.randn(batch, seq_len, width + 24, device=DEVICE).to(dtype)
+    sequence_major = torch.randn(seq_len, batch, width, device=DEVICE).to(dtype)
+    interleaved = torch.randn(batch, seq_len, width, 2, device=DEVICE).to(dtype)
+    return {
+        "column-slice": wide[:, :, 8:8 + width],       # rows longer than 3C, offset start
+        "batch-transposed": sequence_major.transpose(0, 1),
+        "strided-columns": interleaved[..., 0],        # last dim not unit-stride
+    }
+
+
+# fp16: the interpreter runs its 64-token tiles faster than fp32's 32-token ones, and
+# N = 129 exercises the split backward. Contiguous inputs are checked against the
+# reference above, so bit-equality with them is the whole check here.
+@pytest.mark.parametrize("layout", ["column-slice", "batch-transposed", "strided-columns"])
+@pytest.mark.parametrize("seq_len", [17, 129])
+def test_non_contiguous_qkv(layout, seq_len):
+    num_heads, head_dim = 2, 16
+    model_dim = num_heads * head_dim
+    qkv = _non_contiguous_views(2, seq_len, 3 * model_dim, torch.float16)[layout]
+    assert not qkv.is_contiguous()
+    grad_out = torch.randn(2, seq_len, model_dim, device=DEVICE).to(torch.float16)
+    out, grad = _forward_backward(attention, qkv, grad_out, num_heads)
+    out_contiguous, grad_contiguous = _forward_backward(attention, qkv.contiguous(), grad_out, num_heads)
+    assert torch.isfinite(grad).all()
+    # Same numbers in the same order, only read through other strides.
+    assert torch.equal(out, out_contiguous)
+    assert torch.equal(grad, grad_contiguous)
+
+
+@pytest.mark.parametrize("layout", ["column-slice", "batch-transposed", "strided-columns"])
+@pytest.mark.parametrize("seq_len", [17, 129])
+def test_non_contiguous_output_gradient(layout, seq_len):
+    num_heads, head_dim = 2, 16
+    qkv, _ = _random_problem(2, seq_len, num_heads, head_dim, torch.float16)
+    grad_out = _non_contiguous_views(2, seq_len, num_heads * head_dim, torch.float16)[layout]
+    assert not grad_out.is_contiguous()
+    _, grad = _forward_backward(attention, qkv, grad_out, num_heads)
+    _, grad_contiguous = _forward_backward(attention, qkv, grad_out.contiguous(), num_heads)
+    assert torch.isfinite(grad).all()
+    assert torch.equal(grad, grad_contiguous)
+
+
+def test_broadcast_output_gradient():
+    # out.sum().backward() hands backward an expanded tensor with all strides 0.
+    qkv, _ = _random_problem(2, 17, 3, 16, torch.float32)
+    qkv_kernel = qkv.clone().requires_grad_()
+    attention(qkv_kernel, 3).sum().backward()
+    qkv_reference = qkv.double().requires_grad_()
+    torch_attention(qkv_reference, 3).sum().backward()
+    torch.testing.assert_close(qkv_kernel.grad.double(), qkv_reference.grad, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_output_dtype_follows_qkv_under_autocast(dtype):
+    autocast_dtype = torch.bfloat16 if DEVICE == "cpu" else torch.float16
+    qkv, grad_out = _random_problem(1, 17, 2, 16, dtype)
+    expected_out, expected_grad = _forward_backward(attention, qkv, grad_out, 2)
+    with torch.autocast(DEVICE, dtype=autocast_dtype):
+        out, grad = _forward_backward(attention, qkv, grad_out, 2)
+    assert out.dtype == dtype and grad.dtype == dtype
+    assert torch.equal(out, expected_out)
+    assert torch.equal(grad, expected_grad)
+
+
+def test_empty_batch():
+    qkv = torch.randn(0, 17, 3 * 48, device=DEVICE, requires_grad=True)
+    out = attention(qkv, 3)
+    assert out.shape == (0, 17, 48)
+    out.sum().backward()
+    assert qkv.grad.shape == qkv.shape
+
+
+@pytest.mark.parametrize("shape, num_heads, match", [
+    ((17, 3 * 48), 3, "qkv must be 3-D"),
+    ((1, 2, 17, 3 * 48), 3, "qkv must be 3-D"),
+    ((1, 17, 100), 3, "not divisible by 3 \\* num_heads"),
+    ((1, 17, 3 * 8), 1, "head_dim 8"),        # too narrow for tl.dot
+    ((1, 17, 3 * 24), 1, "head_dim 24"),      # not one of 16, 32, 48, 64
+    ((1, 17, 3 * 128), 1, "head_dim 128"),    # too wide
+    ((1, 17, 3 * 48), 0, "num_heads"),
+    ((1, 17, 3 * 48), -3, "num_heads"),
+])
+def test_bad_shapes_raise_value_error(shape, num_heads, match):
+    with pytest.raises(ValueError, match=match):
+        attention(torch.randn(shape, device=DEVICE), num_heads)
+
+
+@pytest.mark.parametrize("num_heads", [3.0, True, "3"])
+def test_num_heads_must_be_an_int(num_heads):
+    with pytest.raises(ValueError, match="num_heads"):
+        attention(torch.randn(1, 17, 3 * 48, device=DEVICE), num_heads)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.int32, torch.float8_e4m3fn])
+def test_bad_dtype_raises_value_error(dtype):
+    with pytest.raises(ValueError, match="qkv dtype"):
+        attention(torch.zeros(1, 17, 3 * 48, device=DEVICE).to(dtype), 3)
+
+
+@pytest.mark.parametrize("scale", [float("nan"), float("inf"), "0.5", torch.tensor(0.5)])
+def test_bad_scale_raises_value_error(scale):
+    with pytest.raises(ValueError, match="scale"):
+        attention(torch.randn(1, 17, 3 * 48, device=DEVICE), 3, scale)
+
+
+def test_non_tensor_raises_value_error():
+    with pytest.raises(ValueError, match="qkv must be a torch.Tensor"):
+        attention([[0.0] * 144], 3)
+
+
+def test_cpu_tensor_without_interpreter_raises_value_error(monkeypatch):
+    # As if TRITON_INTERPRET had not been set when the kernels were defined.
+    monkeypatch.setattr(attention_module, "_kernels_are_interpreted", lambda: False)
+    with pytest.raises(ValueError, match="qkv is on the CPU"):
+        attention(torch.randn(1, 17, 3 * 48), 3)
+
+
+def test_unsupported_device_raises_value_error():
+    with pytest.raises(ValueError, match="qkv device meta"):
+        attention(torch.randn(1, 17, 3 * 48, device="meta"), 3)
+
+
+def test_h100_specs_name_every_kernel_argument():
+    """The H100 compile check (kernels/h100.py) gets each kernel's full argument list."""
+    pytest.importorskip("kernels.h100")
+    specs = attention_module.h100_compile_specs()
+    kernels = {spec.name for spec in specs}
+    assert kernels == {"_attention_forward_kernel", "_attention_backward_dkdv_kernel",
+                       "_attention_backward_dq_kernel"}
+    for spec in specs:
+        declared = list(spec.signature) + list(spec.constexprs)
+        assert sorted(declared) == sorted(spec.fn.arg_names), spec.label
+        assert [name for name in spec.fn.arg_names if name in spec.signature] == list(spec.signature)
+    # The model's shape (N = 65, head_dim 32, bf16) is among them, with the fused backward.
+    assert any(spec.constexprs.get("FUSE_DQ") and spec.constexprs["HEAD_DIM"] == 32
+               and spec.signature["qkv_ptr"] == "*bf16" for spec in specs)
+
+
+# ---------------------------------------------------------------------- GPU only
+
+# The model's attention: batch 128, 65 tokens (64 patches + class token), C = 384 in
+# 12 heads of 32. And a longer sequence for the split backward.
+GPU_SHAPES = [(128, 65, 12, 32), (8, 257, 6, 64)]
+
+
+@needs_gpu
+@pytest.mark.parametrize("batch, seq_len, num_heads, head_dim", GPU_SHAPES,
+                         ids=[f"B{b}-N{n}-H{h}-D{d}" for b, n, h, d in GPU_SHAPES])
+def test_bf16_matches_reference_on_gpu(batch, seq_len, num_heads, head_dim):
+    _check_parity(batch, seq_len, num_heads, head_dim, torch.bfloat16)
+
+
+@needs_gpu
+@pytest.mark.parametrize("batch, seq_len, num_heads, head_dim", GPU_SHAPES,
+                         ids=[f"B{b}-N{n}-H{h}-D{d}" for b, n, h, d in GPU_SHAPES])
+def test_bf16_backward_is_deterministic_on_gpu(batch, seq_len, num_heads, head_dim):
+    qkv, grad_out = _random_problem(batch, seq_len, num_heads, head_dim, torch.bfloat16)
+    _, grad_first = _forward_backward(attention, qkv, grad_out, num_heads)
+    for _ in range(3):
+        _, grad_again = _forward_backward(attention, qkv, grad_out, num_heads)
+        assert torch.equal(grad_first, grad_again)
+
+
+@needs_gpu
+def test_bf16_under_autocast_on_gpu():
+    # How the model calls it: the QKV projection's output arrives in bf16 already.
+    x = torch.randn(4, 65, 384, device="cuda")
+    projection = torch.nn.Linear(384, 3 * 384).cuda()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        qkv = projection(x)
+        out = attention(qkv, 12)
+    assert qkv.dtype == torch.bfloat16 and out.dtype == torch.bfloat16
+    reference = torch_attention(qkv.double(), 12)
+    assert math.isfinite(out.float().abs().max().item())
+    torch.testing.assert_close(out.double(), reference, rtol=0, atol=2e-2)
