@@ -43,7 +43,7 @@ class TrainConfig:
     precision: str = "bf16"  # bf16 | fp16 | fp32; resolved to fp32 on the CPU by resolve_defaults
     device: str = "cuda"
     seed: int = 0
-    num_workers: int = 4
+    num_workers: int = min(4, os.cpu_count() or 1)
     train_subset: int | None = None
     augment: str = "gpu"  # gpu: batched on the device; cpu: torchvision per image in DataLoader workers
     compile: bool = False
