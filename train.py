@@ -17,6 +17,7 @@ import torch
 from vit import distributed
 from vit.backends import backend_names, get_backend
 from vit.data import DataError
+from vit.environment import parse_device
 from vit.model import ViTConfig
 from vit.trainer import NonFiniteLoss, TrainConfig, Trainer, read_config, write_config
 
@@ -102,19 +103,6 @@ def typed_flags(parser: argparse.ArgumentParser, argv: list[str]) -> set[str]:
             if any(arg == opt or arg.startswith(opt + "=") for arg in argv)}
 
 
-def resolve_device(args, parser) -> torch.device:
-    cuda = torch.cuda.is_available()
-    try:
-        device = torch.device(args.device or ("cuda" if cuda else "cpu"))
-    except RuntimeError:
-        parser.error(f"--device {args.device}: use cuda, cuda:N or cpu")
-    if device.type not in ("cuda", "cpu"):
-        parser.error(f"--device {args.device}: use cuda, cuda:N or cpu")
-    if device.type == "cuda" and not cuda:
-        parser.error(f"--device {args.device}: CUDA is not available on this machine")
-    return device
-
-
 def resolve(args, parser, device: torch.device, ctx: distributed.Context) -> tuple[ViTConfig, TrainConfig, Path]:
     """Fill the defaults that depend on the machine and check what argparse cannot."""
     if args.backend is None:
@@ -193,7 +181,10 @@ def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     typed = typed_flags(parser, argv)
-    device = resolve_device(args, parser)
+    try:
+        device = parse_device(args.device)
+    except ValueError as error:
+        parser.error(str(error))
     ctx = distributed.setup(device.type)
     if ctx.enabled and device.type == "cuda":
         device = torch.device("cuda", ctx.local_rank)  # one GPU per process

@@ -18,8 +18,6 @@ machine, not a datasheet):
 - matmul peak: a large square matmul in the benchmark dtype, 2*n^3 FLOPs per call;
 - copy bandwidth: a large tensor copy, which reads and writes every byte: 2*size bytes.
 """
-import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -29,6 +27,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
+
+from vit.environment import device_name
 
 REPO = Path(__file__).resolve().parents[1]
 QUANTILES = (0.5, 0.2, 0.8)
@@ -163,12 +163,6 @@ def measure_peaks(device: torch.device, dtype: torch.dtype, quick: bool) -> dict
 
 # ------------------------------------------------------------------------------- environment
 
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
-
-
 def device_properties(device: torch.device) -> dict:
     if device.type != "cuda":
         return {}
@@ -183,17 +177,6 @@ def device_slug(device: torch.device) -> str:
         return "cpu"
     name = device_name(device).lower()
     return "".join(c if c.isalnum() else "-" for c in name).strip("-").replace("--", "-")
-
-
-def versions() -> dict:
-    out = {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
-           "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None}
-    for module in ("triton", "timm", "torchvision"):
-        try:
-            out[module] = __import__(module).__version__
-        except ImportError:
-            out[module] = None
-    return out
 
 
 def git_commit() -> dict:

@@ -9,7 +9,6 @@ not performance.
 import csv
 import json
 import math
-import os
 from pathlib import Path
 
 import matplotlib
@@ -19,6 +18,12 @@ import matplotlib.pyplot as plt  # noqa: E402
 import matplotlib.ticker  # noqa: E402
 
 from bench import augmentation  # noqa: E402
+from vit.environment import atomic_write  # noqa: E402
+from vit.plots import save_figure  # noqa: E402
+
+
+def _write_text(path: Path, text: str):
+    atomic_write(path, lambda tmp: tmp.write_text(text))
 
 OURS_KERNEL = "triton (ours)"
 PLOTS = {
@@ -41,14 +46,8 @@ def _finite_or_text(value):
     return value
 
 
-def _atomic_write_text(path: Path, text: str):
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def write_results(results: dict, out_dir: Path):
-    _atomic_write_text(out_dir / "results.json", json.dumps(_finite_or_text(results), indent=2, allow_nan=False) + "\n")
+    _write_text(out_dir / "results.json", json.dumps(_finite_or_text(results), indent=2, allow_nan=False) + "\n")
     # Every row carries the run's label, so a CPU smoke row read out of context still says so.
     label = {"run_label": results["label"]}
     _write_csv(out_dir / "kernels.csv", [{**label, **_flat_kernel_row(r)} for r in results["kernels"]])
@@ -158,7 +157,7 @@ def write_report(results: dict, out_dir: Path):
               "faster. Max abs error compares the forward output (forward), all input gradients (backward), or both "
               "with the torch reference in float64 on fresh random inputs. Training numbers are steady-state (after "
               "warm-up and compile) unless marked; see bench/README.md.", ""]
-    _atomic_write_text(out_dir / "report.md", "\n".join(lines) + "\n")
+    _write_text(out_dir / "report.md", "\n".join(lines) + "\n")
 
 
 def _kernel_section(results: dict) -> list[str]:
@@ -308,13 +307,6 @@ def _skipped_section(results: dict) -> list[str]:
 
 # ------------------------------------------------------------------------------------ plots
 
-def _save(fig, path: Path):
-    tmp = path.with_name(f".{path.name}.tmp")
-    fig.savefig(tmp, dpi=110, bbox_inches="tight", format="png")
-    plt.close(fig)
-    os.replace(tmp, path)
-
-
 def write_plots(results: dict, out_dir: Path) -> list[str]:
     label = results["label"]
     _plot_sweep(results, "batch", "batch size", out_dir / PLOTS["batch"], label)
@@ -353,7 +345,7 @@ def _plot_sweep(results, sweep, axis_name, path, label):
             ax.set(title=f"{op}, {mode}", xlabel=axis_name, ylabel="time per call (µs), p20–p80 band")
             ax.grid(alpha=0.3, which="both")
     fig.suptitle(f"Kernel time against {axis_name} — {label}", fontsize=13)
-    _save(fig, path)
+    save_figure(fig, path, dpi=110)
 
 
 def _plot_images_per_second(results, path, label):
@@ -371,7 +363,7 @@ def _plot_images_per_second(results, path, label):
     ax.set(xlabel="training images per second, steady state (orange: our triton backend)",
            title=f"Training throughput — {label}")
     ax.grid(alpha=0.3, axis="x")
-    _save(fig, path)
+    save_figure(fig, path, dpi=110)
 
 
 def _plot_accuracy(results, path, label):
@@ -389,4 +381,4 @@ def _plot_accuracy(results, path, label):
     ax.set(xlabel="wall-clock seconds since training began (compile included)", ylabel="test accuracy (%)",
            title=f"Test accuracy against time — {label}")
     ax.grid(alpha=0.3)
-    _save(fig, path)
+    save_figure(fig, path, dpi=110)

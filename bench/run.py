@@ -24,8 +24,9 @@ from bench import kernels as kernel_bench
 from bench import report
 from bench import training as training_bench
 from bench.budget import Budget
-from bench.measure import (REPO, command_line, describe_error, device_name, device_properties, device_slug,
-                           git_commit, measure_peaks, versions)
+from bench.measure import (REPO, command_line, describe_error, device_properties, device_slug, git_commit,
+                           measure_peaks)
+from vit.environment import device_name, parse_device, versions
 
 DEFAULT_BUDGET_SECONDS = 510  # under 9 minutes: one 10-minute command with room to start and copy
 REPORT_RESERVE_SECONDS = 15  # writing the report and the plots
@@ -109,15 +110,6 @@ def write_generated_cifar(root: Path, train_per_batch: int, num_test: int) -> Pa
     return root
 
 
-def resolve_device(args, parser) -> torch.device:
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda" and not torch.cuda.is_available():
-        parser.error(f"--device {args.device}: CUDA is not available on this machine")
-    if device.type not in ("cuda", "cpu"):
-        parser.error(f"--device {args.device}: use cuda, cuda:N or cpu")
-    return device
-
-
 def default_out_dir(device: torch.device, commit: dict) -> Path:
     sha = commit["commit"] + ("-dirty" if commit.get("dirty") else "")
     return REPO / "bench" / "results" / f"{time.strftime('%Y%m%d-%H%M%S')}-{device_slug(device)}-{sha}"
@@ -126,7 +118,10 @@ def default_out_dir(device: torch.device, commit: dict) -> Path:
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    device = resolve_device(args, parser)
+    try:
+        device = parse_device(args.device)
+    except ValueError as error:
+        parser.error(str(error))
     if device.type == "cuda":
         torch.cuda.set_device(device)
     smoke = device.type == "cpu"

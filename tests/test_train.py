@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import train
-from vit.trainer import NonFiniteLoss, Trainer, TrainConfig, load_checkpoint
+from vit.trainer import Trainer, TrainConfig, load_checkpoint
 from vit.model import ViTConfig
 
 TINY = ["--device", "cpu", "--depth", "1", "--dim", "32", "--heads", "2", "--mlp-dim", "32", "--no-progress",

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from vit.augment import normalize
 from vit.backends import backend_names, get_backend
 from vit.data import DataError, load_cifar10
+from vit.environment import atomic_write, default_device, parse_device
 from vit.model import ViT, ViTConfig
 
 CHECKPOINT_NAMES = ("best.pt", "last.pt")  # what a run directory is searched for, in this order
@@ -54,18 +55,11 @@ def one_line(error: BaseException) -> str:
 # Loading a trained model: checkpoint + the config.json beside it
 
 
-def default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 def resolve_device(name: str) -> torch.device:
     try:
-        device = torch.device(name)
-    except RuntimeError as error:
-        raise RunError(f"invalid --device {name!r}: {one_line(error)}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise RunError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
-    return device
+        return parse_device(name)
+    except ValueError as error:
+        raise RunError(str(error)) from None
 
 
 def find_checkpoint(path: str | os.PathLike) -> Path:
@@ -255,11 +249,6 @@ def summarize(logits: torch.Tensor, labels: torch.Tensor, class_names: list[str]
     }
 
 
-def _write_json(data: dict, path: Path):
-    """Write to a temporary name, then rename, as plots._save does: never a half-written eval.json."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
 
 
 def write_report(model, images_uint8: torch.Tensor, labels: torch.Tensor, class_names: list[str], out_dir,
@@ -286,7 +275,7 @@ def write_report(model, images_uint8: torch.Tensor, labels: torch.Tensor, class_
         out_dir / "mistakes.png",
         title=f"The {len(mistakes)} most confident mistakes (true class, predicted class, probability of the prediction)",
     )
-    _write_json(report, out_dir / "eval.json")
+    atomic_write(out_dir / "eval.json", lambda tmp: tmp.write_text(json.dumps(report, indent=2) + "\n"))
     return report
 
 

@@ -1,21 +1,17 @@
 """Pictures of a run, drawn with matplotlib's non-interactive backend (no display needed)."""
-import os
-from pathlib import Path
-
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
+from vit.environment import atomic_write  # noqa: E402
 
-def _save(fig, path):
-    """Write to a temporary name, then rename: a kill mid-write never leaves a broken PNG."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    fig.savefig(tmp, dpi=120, bbox_inches="tight", format="png")
+
+def save_figure(fig, path, dpi: int = 120):
+    """A PNG written atomically (a kill mid-write never leaves a broken one); closes fig."""
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=dpi, bbox_inches="tight", format="png"))
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 def plot_curves(rows: list[dict], path):
@@ -34,7 +30,7 @@ def plot_curves(rows: list[dict], path):
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         ax.legend()
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def plot_confusion(matrix, class_names: list[str], path, title: str = "Confusion matrix"):
@@ -55,7 +51,7 @@ def plot_confusion(matrix, class_names: list[str], path, title: str = "Confusion
     ax.set_xticks(range(n), class_names, rotation=45, ha="right")
     ax.set_yticks(range(n), class_names)
     ax.set(xlabel="predicted class", ylabel="true class", title=title)
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def plot_mistakes(images, true_names: list[str], predicted_names: list[str], confidences: list[float], path,
@@ -74,4 +70,4 @@ def plot_mistakes(images, true_names: list[str], predicted_names: list[str], con
         ax.imshow(image.permute(1, 2, 0).cpu().numpy(), interpolation="nearest")
         ax.set_title(f"true: {true}\npred: {predicted} ({100 * confidence:.1f}%)", fontsize=9)
     fig.suptitle(title)
-    _save(fig, path)
+    save_figure(fig, path)

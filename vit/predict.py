@@ -26,8 +26,9 @@ from PIL import Image
 from torchvision.transforms import functional as TF
 
 from vit.backends import backend_names
-from vit.evaluate import (CONFIG_NAME, RunError, class_names_of, default_device, load_trained_model, one_line,
-                          predict_logits, resolve_device, run_cli)
+from vit.environment import default_device
+from vit.evaluate import (CONFIG_NAME, RunError, class_names_of, load_trained_model, one_line, predict_logits,
+                          resolve_device, run_cli)
 
 TOP_K = 3
 PREPROCESSING = ("RGB; shorter side resized to image_size (bilinear, antialiased); "

@@ -8,7 +8,6 @@ import csv
 import json
 import math
 import os
-import platform
 import random
 import sys
 import time
@@ -23,6 +22,7 @@ from tqdm import tqdm
 from vit import data as cifar
 from vit import distributed
 from vit.backends import get_backend
+from vit.environment import atomic_write, device_name, versions
 from vit.model import ViT, ViTConfig, count_parameters
 from vit.plots import plot_curves
 
@@ -80,14 +80,8 @@ def make_scheduler(optimizer, cfg: TrainConfig, steps_per_epoch: int):
 
 # ---------------------------------------------------------------------------- run directory
 
-def _atomic_write(path: Path, write):
-    tmp = path.with_name(f".{path.name}.tmp")
-    write(tmp)
-    os.replace(tmp, path)
-
-
 def save_checkpoint(path: Path, state: dict):
-    _atomic_write(path, lambda tmp: torch.save(state, tmp))
+    atomic_write(path, lambda tmp: torch.save(state, tmp))
 
 
 def load_checkpoint(path: Path, device="cpu") -> dict:
@@ -135,31 +129,13 @@ def write_metrics(path: Path, rows: list[dict]):
             writer = csv.DictWriter(f, fieldnames=METRIC_COLUMNS)
             writer.writeheader()
             writer.writerows(rows)
-    _atomic_write(path, write)
-
-
-def versions() -> dict:
-    import torchvision
-    out = {"python": platform.python_version(), "torch": torch.__version__, "torchvision": torchvision.__version__,
-           "cuda": torch.version.cuda}
-    try:
-        import triton
-        out["triton"] = triton.__version__
-    except ImportError:
-        out["triton"] = None
-    return out
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+    atomic_write(path, write)
 
 
 def write_config(run_dir: Path, model_cfg: ViTConfig, train_cfg: TrainConfig, class_names: list[str], device):
     config = {"model": asdict(model_cfg), "train": asdict(train_cfg), "class_names": class_names,
               "versions": versions(), "device": device_name(device), "command": sys.argv}
-    _atomic_write(run_dir / "config.json", lambda tmp: tmp.write_text(json.dumps(config, indent=2) + "\n"))
+    atomic_write(run_dir / "config.json", lambda tmp: tmp.write_text(json.dumps(config, indent=2) + "\n"))
 
 
 def read_config(run_dir: Path) -> tuple[ViTConfig, TrainConfig]:
