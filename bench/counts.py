@@ -1,0 +1,174 @@
+"""What a piece of host code asks of the device: kernel launches, host syncs and host data.
+
+At our step size (about 1 ms of GPU arithmetic for 128 images) the number of kernels a step
+launches and the number of times the host waits for the device cost as much as the kernels
+themselves. Both can be counted without a GPU, on the CPU, from the ops the code dispatches:
+
+    with DeviceWorkCounter() as counter:
+        train_step(images, labels)
+    counter.counts.launches, counter.counts.syncs
+
+- aten launches: every aten op that reaches the dispatcher (below autograd, so backward ops
+  count too) except those that launch nothing on a GPU: views and other aliasing ops (their
+  schema returns an alias of an input), uninitialized allocations (empty, empty_strided), and
+  wrapping host data (lift_fresh). A `_foreach_*` or fused optimizer op counts once, though a
+  GPU runs one multi-tensor kernel per chunk of tensors.
+- Triton launches: calls of a @triton.jit kernel (`kernel[grid](...)`), compiled or through the
+  interpreter; aten ops the interpreter itself runs to move data are not counted.
+- syncs: ops after which the host holds a value computed on the device, so that on a GPU the
+  host waits: `.item()`, `bool(tensor)`, `.tolist()` (each element), `nonzero` and friends
+  whose output shape depends on the data, and copies from a device to the host.
+- host tensors: tensors made from host data (`torch.tensor(...)`, `torch.as_tensor` of a list);
+  on a GPU each is a host-to-device copy, and blocking unless pinned.
+- device copies: copies between devices, by direction.
+CPU timings are never performance figures; these counts are the same on every machine.
+"""
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+aten = torch.ops.aten
+
+# Ops that allocate or relabel memory without running a kernel.
+_NO_KERNEL = {
+    aten.empty.memory_format, aten.empty_strided.default, aten.empty_like.default, aten.new_empty.default,
+    aten.new_empty_strided.default, aten._unsafe_view.default, aten._reshape_alias.default,
+    aten.resize_.default, aten.set_.source_Storage_storage_offset, aten.lift_fresh.default,
+    aten.detach.default, aten.alias.default, aten.sym_size.int, aten.sym_stride.int, aten.sym_numel.default,
+    aten.sym_storage_offset.default, aten.is_same_size.default,
+}
+# Host data turned into a tensor: on a GPU, a host-to-device copy.
+_HOST_TENSOR = {aten.lift_fresh.default, aten.lift_fresh_copy.default}
+# The host learns a value (or a shape) computed on the device.
+_SYNC = {
+    aten._local_scalar_dense.default, aten.is_nonzero.default, aten.equal.default, aten.nonzero.default,
+    aten.masked_select.default, aten._unique2.default, aten.unique_dim.default, aten.unique_consecutive.default,
+    aten.item.default,
+}
+
+
+@dataclass
+class Counts:
+    aten_launches: int = 0
+    triton_launches: int = 0
+    syncs: int = 0
+    host_tensors: int = 0
+    host_to_device_copies: int = 0
+    device_to_host_copies: int = 0
+    by_op: Counter = field(default_factory=Counter)  # aten launches and syncs, by op name
+    triton_by_kernel: Counter = field(default_factory=Counter)
+
+    @property
+    def launches(self) -> int:
+        return self.aten_launches + self.triton_launches
+
+    def as_dict(self) -> dict:
+        return {"launches": self.launches, "aten_launches": self.aten_launches,
+                "triton_launches": self.triton_launches, "syncs": self.syncs, "host_tensors": self.host_tensors,
+                "host_to_device_copies": self.host_to_device_copies,
+                "device_to_host_copies": self.device_to_host_copies}
+
+
+def _is_alias(op) -> bool:
+    """A view or other op whose result shares an input's memory (schema `Tensor(a)`, not `(a!)`)."""
+    returns = op._schema.returns
+    return bool(returns) and all(r.alias_info is not None and not r.alias_info.is_write for r in returns)
+
+
+def _copy_direction(op, args, kwargs, out) -> tuple[str, str] | None:
+    """(source device type, target device type) of a copy between devices, else None."""
+    if op is aten.copy_.default:
+        target, source = args[0], args[1]
+    elif op in (aten._to_copy.default, aten.to.dtype_layout, aten.to.device):
+        source, target = args[0], out
+    else:
+        return None
+    if not isinstance(source, torch.Tensor) or not isinstance(target, torch.Tensor):
+        return None
+    if source.device.type == target.device.type:
+        return None
+    return source.device.type, target.device.type
+
+
+class DeviceWorkCounter(TorchDispatchMode):
+    """Counts the device work of everything run inside `with DeviceWorkCounter() as c:`; see the
+    module docstring. c.counts holds the totals; the counter may be entered again to add to them."""
+
+    def __init__(self):
+        super().__init__()
+        self.counts = Counts()
+        self._inside_triton = 0
+        self._patched = []
+
+    # -- Triton launches ---------------------------------------------------------------------
+    def _patch_triton(self):
+        from triton.runtime.jit import JITFunction
+
+        classes = [JITFunction]
+        try:
+            from triton.runtime.interpreter import InterpretedFunction
+            classes.append(InterpretedFunction)
+        except ImportError:  # a Triton without the interpreter
+            pass
+        counter = self
+
+        for cls in classes:
+            original = cls.__dict__["run"]
+
+            def run(kernel, *args, grid, warmup, _original=original, **kwargs):
+                if warmup:
+                    return _original(kernel, *args, grid=grid, warmup=warmup, **kwargs)
+                counter.counts.triton_launches += 1
+                counter.counts.triton_by_kernel[getattr(kernel, "__name__", repr(kernel))] += 1
+                counter._inside_triton += 1  # the interpreter moves data with aten ops: not launches
+                try:
+                    return _original(kernel, *args, grid=grid, warmup=warmup, **kwargs)
+                finally:
+                    counter._inside_triton -= 1
+
+            cls.run = run
+            self._patched.append((cls, original))
+
+    def __enter__(self):
+        self._patch_triton()
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        try:
+            return super().__exit__(*exc)
+        finally:
+            for cls, original in self._patched:
+                cls.run = original
+            self._patched.clear()
+
+    # -- aten ops ----------------------------------------------------------------------------
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if self._inside_triton:
+            return out
+        counts = self.counts
+        name = str(func.overloadpacket.__name__)
+        if func in _HOST_TENSOR:
+            counts.host_tensors += 1
+        if func in _SYNC:
+            counts.syncs += 1
+            counts.by_op[name] += 1
+            return out
+        direction = _copy_direction(func, args, kwargs, out)
+        if direction is not None:
+            source, target = direction
+            if source == "cpu":
+                counts.host_to_device_copies += 1
+            elif target == "cpu":
+                counts.device_to_host_copies += 1
+                counts.syncs += 1  # the host reads what the device computed
+        if func in _NO_KERNEL or _is_alias(func):
+            return out
+        counts.aten_launches += 1
+        counts.by_op[name] += 1
+        return out
