@@ -5,7 +5,9 @@ Contrast, Sharpness, Posterize, Solarize, AutoContrast, Equalize, Invert) and th
 crop -> flip -> AutoAugment pipeline are compared for identical pixels (torch.equal), on
 random images and on real CIFAR-10 images; none needs a within-one-level tolerance.
 The reference is torchvision's `_apply_op` on one uint8 [3, H, W] tensor at a time, the
-call AutoAugment.forward makes.
+call AutoAugment.forward makes, with one thing pinned (see `unfused_affine_grid`): the
+sampling grid of the geometric ops is evaluated as the sum of products torchvision's source
+writes, without fused multiply-adds.
 """
 import math
 
@@ -19,6 +21,32 @@ from vit import augment
 
 POLICY = AutoAugment(AutoAugmentPolicy.CIFAR10)
 SPACE = POLICY._augmentation_space(10, (32, 32))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def unfused_affine_grid():
+    """torchvision builds the grid of ShearX/Y, TranslateX/Y and Rotate as a matrix product,
+    [x, y, 1] @ theta (a bmm with 3 terms). Whether the platform's BLAS evaluates that with
+    fused multiply-adds decides the rounding of grid points that fall exactly on a half pixel
+    (magnitude 0.2 shears put whole rows there), so torchvision's own pixels differ between
+    machines there: with AVX-512 MKL on one CPU, 110 pixels of a ShearY(-0.2) batch moved to
+    the other neighbour. The batched implementation evaluates (x * a + y * b) + c in IEEE
+    single precision, the order the product is written in, on every device; the reference
+    does the same here, so the comparison stays exact on any machine."""
+    from torchvision.transforms import _functional_tensor
+
+    original = _functional_tensor._gen_affine_grid
+
+    def gen_affine_grid(theta, w, h, ow, oh):
+        # torchvision's pixel centres and rescaled theta, then its product written out.
+        x = torch.linspace(-ow * 0.5 + 0.5, ow * 0.5 - 0.5, steps=ow, device=theta.device).view(1, 1, ow, 1)
+        y = torch.linspace(-oh * 0.5 + 0.5, oh * 0.5 - 0.5, steps=oh, device=theta.device).view(1, oh, 1, 1)
+        scaled = theta.transpose(1, 2) / torch.tensor([0.5 * w, 0.5 * h], dtype=theta.dtype, device=theta.device)
+        return (x * scaled[:, None, None, 0] + y * scaled[:, None, None, 1]) + scaled[:, None, None, 2]
+
+    _functional_tensor._gen_affine_grid = gen_affine_grid
+    yield
+    _functional_tensor._gen_affine_grid = original
 
 
 @pytest.fixture(scope="module", autouse=True)
