@@ -129,15 +129,16 @@ def count_epoch(loader, epoch):
 
 def test_launches_per_chunk_do_not_depend_on_its_size():
     images, labels = synthetic_data(256, size=8)
-    counts = []
-    for chunk_images in (64, 128):  # 4 and 2 chunks
+    counts = {}
+    for chunks, chunk_images in ((4, 64), (2, 128), (1, 256)):
         loader = cifar.GPUTrainLoader(images, labels, 16, seed=0, device="cpu", chunk_images=chunk_images,
                                       auto_augment="reference", mixing=MIXING)
         count_epoch(loader, 0)  # builds the cached tables
-        counts.append(count_epoch(loader, 1)[0].launches)
-    per_epoch = 2 * counts[1] - counts[0]  # launches = per_epoch + chunks * per_chunk
-    assert (counts[0] - per_epoch) == 2 * (counts[1] - per_epoch)
-    assert per_epoch <= 5, counts
+        counts[chunks] = count_epoch(loader, 1)[0].launches
+    # launches = per_epoch + chunks * per_chunk, the same per_chunk for 64, 128 and 256 images.
+    per_chunk = counts[2] - counts[1]
+    assert counts[4] - counts[2] == 2 * per_chunk, counts
+    assert counts[1] - per_chunk <= 5, counts  # per epoch: the sample order, nothing per step
 
 
 @pytest.mark.parametrize("auto_augment,mixing", [("torchvision", None), ("reference", MIXING)],
