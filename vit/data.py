@@ -4,12 +4,12 @@ The whole data set is read once into uint8 tensors [N, 3, 32, 32] (180 MB). Trai
 batches come from one of two pipelines with the same sampling:
 - CPUTrainLoader: a DataLoader whose workers augment each image with torchvision's
   per-image transforms (vit/augment.py), the reference path;
-- GPUTrainLoader: the images stay on the device and each batch is augmented there as
-  one batched tensor operation.
+- GPUTrainLoader: the images stay on the device and are augmented there by batched
+  tensor operations over chunks of many batches at once.
 Both shuffle with a permutation seeded by (seed, epoch) and give each sample
 randomness seeded by (seed, epoch, sample index) alone, so the data a run sees does
-not depend on the number of workers or processes, and a resumed run sees what an
-uninterrupted one would.
+not depend on the number of workers, processes or (GPU) chunks, and a resumed run sees
+what an uninterrupted one would.
 """
 import os
 import pickle
@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from vit import augment
+from vit.mixing import MixConfig, mix_batch
 
 FOLDER = "cifar-10-batches-py"
 TRAIN_FILES = [f"data_batch_{i}" for i in range(1, 6)]
@@ -144,10 +145,10 @@ class _AugmentedImages(torch.utils.data.Dataset):
     """Index -> (normalized augmented image, label); the global RNG is seeded per sample
     because torchvision's per-image transforms draw from it."""
 
-    def __init__(self, images, labels, seed):
+    def __init__(self, images, labels, seed, auto_augment="torchvision"):
         self.images, self.labels, self.seed = images, labels, seed
         self.epoch = 0
-        self.transform = augment.cpu_train_transform()
+        self.transform = augment.cpu_train_transform(auto_augment)
 
     def __len__(self):
         return len(self.images)
@@ -188,19 +189,24 @@ class TrainLoader:
     def set_epoch(self, epoch: int):
         self.epoch = epoch
 
-    def local_batches(self):
+    def local_order(self) -> torch.Tensor:
+        """int64 [steps, share] on the host: this rank's sample indices at each step of the epoch."""
         share = self.batch_size // self.world_size
-        for batch in global_batches(len(self.images), self.batch_size, self.seed, self.epoch):
-            yield batch[self.rank * share:(self.rank + 1) * share]
+        batches = torch.stack(global_batches(len(self.images), self.batch_size, self.seed, self.epoch))
+        return batches[:, self.rank * share:(self.rank + 1) * share].contiguous()
+
+    def local_batches(self):
+        yield from self.local_order()
 
     def __len__(self):
         return self.steps_per_epoch
 
 
 class CPUTrainLoader(TrainLoader):
-    def __init__(self, images, labels, batch_size, seed, device, num_workers=0, rank=0, world_size=1):
+    def __init__(self, images, labels, batch_size, seed, device, num_workers=0, rank=0, world_size=1,
+                 auto_augment="torchvision"):
         super().__init__(images, labels, batch_size, seed, device, rank, world_size)
-        self.dataset = _AugmentedImages(images, labels, seed)
+        self.dataset = _AugmentedImages(images, labels, seed, auto_augment)
         self.num_workers = num_workers
 
     def __iter__(self):
@@ -213,29 +219,65 @@ class CPUTrainLoader(TrainLoader):
             yield images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
 
 
-class GPUTrainLoader(TrainLoader):
-    """Images resident on the device as uint8; each batch augmented there in one go.
+# Images augmented per call of the GPU loader. A call launches a fixed number of kernels,
+# whatever its size: about 250 (480 with the reference variant and mixing), so CIFAR-10's
+# epoch at batch 128, in 4 chunks of about 12,500 images, costs 0.02 (0.04) launches per
+# image, within the 0.05 target. Its intermediates peak at about 90 kB per image (140 kB for
+# the reference variant), 1.5 (2.3) GB at most: small beside a training GPU's memory; CPU
+# runs and tests use smaller data sets or pass a smaller chunk.
+DEFAULT_CHUNK_IMAGES = 16384
 
-    The random draws of a step are made for the whole global batch from a generator
-    seeded by (seed, epoch, step), then sliced to this rank's share, so each sample's
-    augmentation is the same whatever the number of processes.
+
+def chunk_bounds(steps: int, steps_per_chunk: int) -> list[tuple[int, int]]:
+    """[first, last) step ranges covering 0..steps in as few chunks of at most steps_per_chunk
+    steps as possible, their sizes as equal as possible."""
+    count = -(-steps // steps_per_chunk)
+    edges = [k * steps // count for k in range(count + 1)]
+    return list(zip(edges[:-1], edges[1:]))
+
+
+class GPUTrainLoader(TrainLoader):
+    """Images resident on the device as uint8, augmented there in chunks of many steps.
+
+    Each chunk (at most chunk_images of this rank's images, a whole number of steps) is
+    gathered, augmented, normalized (and optionally mixed) by one pass of batched tensor
+    operations, then handed out a step at a time as views. Every sample's draws are a
+    function of (seed, epoch, index) alone, so the images do not depend on the chunk size
+    or on the number of processes (each rank augments its share of each global batch).
+    Per epoch the host sends one tensor, the epoch's sample order (pinned, non-blocking);
+    nothing else crosses, and nothing waits for the device.
+
+    auto_augment: a variant of augment.AUTO_AUGMENT_VARIANTS.
+    mixing: CutMix / MixUp (vit/mixing.py) applied per batch, partners within this rank's
+    share of each step; the labels handed out are then float32 soft targets [B, classes]
+    instead of int64 classes.
     """
 
-    def __init__(self, images, labels, batch_size, seed, device, rank=0, world_size=1):
+    def __init__(self, images, labels, batch_size, seed, device, rank=0, world_size=1, *,
+                 chunk_images: int = DEFAULT_CHUNK_IMAGES, auto_augment: str = "torchvision",
+                 mixing: MixConfig | None = None):
         super().__init__(images, labels, batch_size, seed, device, rank, world_size)
+        if chunk_images < 1:
+            raise ValueError(f"chunk_images must be positive, got {chunk_images}")
+        augment.auto_augment_variant(auto_augment)  # an unknown name fails here, not at the first step
         self.images, self.labels = images.to(self.device), labels.to(self.device)
-        self.generator = torch.Generator(self.device)
+        self.chunk_images, self.auto_augment, self.mixing = chunk_images, auto_augment, mixing
 
     def __iter__(self):
         share = self.batch_size // self.world_size
-        lo, hi = self.rank * share, (self.rank + 1) * share
-        batches = torch.stack(global_batches(len(self.images), self.batch_size, self.seed, self.epoch)).to(self.device)
-        for step, batch in enumerate(batches):
-            self.generator.manual_seed(sample_seed(self.seed, self.epoch, -2 - step))
-            params = augment.draw_train_params(self.batch_size, self.generator, self.device)
-            index = batch[lo:hi]
-            images = augment.apply_train_augment(self.images[index], {k: v[lo:hi] for k, v in params.items()})
-            yield augment.normalize(images), self.labels[index]
+        order = self.local_order()
+        if self.device.type == "cuda":
+            order = order.pin_memory()
+        order = order.to(self.device, non_blocking=True)
+        for first, last in chunk_bounds(self.steps_per_epoch, max(1, self.chunk_images // share)):
+            index = order[first:last].view(-1)
+            images = augment.apply_train_augment(
+                self.images[index], augment.draw_train_params(index, self.seed, self.epoch), self.auto_augment)
+            images, labels = augment.normalize(images), self.labels[index]
+            if self.mixing is not None:
+                images, labels = mix_batch(images, labels, index, self.seed, self.epoch, self.mixing, group_size=share)
+            for start in range(0, len(index), share):
+                yield images[start:start + share], labels[start:start + share]
 
 
 def test_batches(images: torch.Tensor, labels: torch.Tensor, batch_size: int, device):
