@@ -167,13 +167,13 @@ def resolve(args, parser, device: torch.device, ctx: distributed.Context) -> tup
 
 
 def claim_run_dir(out_dir: str | None) -> tuple[Path, bool]:
-    """Make a run directory this process's alone: (path, whether it was created).
+    """Make a run directory this process's alone: (path, whether this process created it).
 
-    The claim is one atomic filesystem operation, so of two runs started at once only one
-    gets a directory: mkdir (without exist_ok) of a new directory, or, for an existing empty
-    --out-dir, the exclusive creation of its config.json (written in full once the trainer is
-    built). The default runs/<timestamp> takes a -2, -3, ... suffix when the name is taken.
-    Raises ValueError with a one-line message.
+    The claim is the exclusive creation of the directory's config.json (O_CREAT | O_EXCL: of
+    two runs that try at once, exactly one succeeds), left empty until the trainer is built and
+    the real config replaces it. A directory holding anything else is never claimed. The default
+    runs/<timestamp> takes a -2, -3, ... suffix when the name is taken. Raises ValueError with a
+    one-line message.
     """
     if out_dir is not None:
         candidates = [Path(out_dir)]
@@ -188,22 +188,21 @@ def claim_run_dir(out_dir: str | None) -> tuple[Path, bool]:
             raise ValueError(f"{name}: {problem}; {advice}")
         try:
             path.mkdir(parents=True)
-            return path, True
+            created = True
         except FileExistsError:
-            if out_dir is None:
-                continue  # a run started in the same second took it
+            created = False
         except OSError as error:
             raise ValueError(f"{name}: cannot create it ({error.strerror}); {advice}") from None
-        taken = ValueError(f"{name} exists and is not empty; pick another --out-dir, or --resume it")
-        if any(path.iterdir()):
-            raise taken
         try:
-            os.close(os.open(path / "config.json", os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+            if created or not any(path.iterdir()):
+                os.close(os.open(path / "config.json", os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+                return path, created
         except FileExistsError:
-            raise taken from None
+            pass  # another run claimed it first
         except OSError as error:
             raise ValueError(f"{name}: cannot write in it ({error.strerror}); {advice}") from None
-        return path, False
+        if out_dir is not None:
+            raise ValueError(f"{name} exists and is not empty; pick another --out-dir, or --resume it")
     raise ValueError(f"every run directory name from {candidates[0]} to {candidates[-1]} is taken; pass --out-dir")
 
 
