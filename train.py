@@ -358,7 +358,7 @@ def final_lines(summary: RunSummary, run_dir: Path, resumed: bool) -> list[str]:
         f"best test accuracy {summary.best_acc:.2%} at epoch {summary.best_epoch} of {summary.epochs}; "
         f"last epoch {summary.last_acc:.2%}",
         f"wall time {duration(summary.wall_seconds)}{' since resuming' if resumed else ''}; "
-        f"{summary.images_per_second:,.0f} training images/s",
+        + (f"{summary.images_per_second:,.0f} training images/s" if summary.images_per_second else "no epoch trained"),
         f"run directory {run_dir}; curves {run_dir / 'curves.png'}; evaluation of best.pt {run_dir / 'eval.json'}",
         f"evaluate it again: {shell_command('-m', 'vit.evaluate', run_dir)}",
     ]
@@ -389,9 +389,6 @@ def run(args, parser, typed, device, ctx) -> int:
         if ctx.is_main:
             print(*lines, file=file, flush=True)
 
-    def resume_line(run_dir: Path) -> str:
-        return f"interrupted; continue with: {shell_command(script(), '--resume', run_dir)}"
-
     if args.resume:
         model_cfg, train_cfg, run_dir, has_checkpoint = resolve_resume(args, parser, typed, device, ctx)
         created = False
@@ -400,59 +397,68 @@ def run(args, parser, typed, device, ctx) -> int:
         run_dir, created = claim_on_rank_0(args, parser, ctx)
         train_cfg.out_dir = str(run_dir)
         has_checkpoint = False
-    resuming = has_checkpoint
+    resume_line = f"interrupted; continue with: {shell_command(script(), '--resume', run_dir)}"
     try:
-        try:
-            # build_trainer(...) once vit.trainer has it: the same arguments
-            trainer = Trainer(model_cfg, train_cfg, run_dir, resume=resuming, ctx=ctx, log=say)
-        except BatchSizeError as error:
-            parser.error(f"--batch-size {train_cfg.batch_size}: {error}; pass a smaller one")
-        except RuntimeError as error:
-            if not resuming or isinstance(error, cli.EXPECTED_ERRORS):
-                raise
-            raise cli.RunError(f"cannot resume {run_dir}: {cli.one_line(error)}") from None
-        if not args.resume and ctx.is_main:
-            write_config(run_dir, model_cfg, train_cfg, trainer.data.class_names, trainer.device)
+        trainer = start(args, parser, model_cfg, train_cfg, run_dir, has_checkpoint, ctx, say)
     except KeyboardInterrupt:
         cli.exit_on_next_interrupt()
-        if not args.resume:
-            if ctx.is_main:
-                release_run_dir(run_dir, created)
-            say("interrupted before the run started; nothing was saved", file=sys.stderr)
+        if args.resume:
+            say(resume_line, file=sys.stderr)
         else:
-            say(resume_line(run_dir), file=sys.stderr)
+            say("interrupted before the run started; nothing was saved", file=sys.stderr)
         return 130
     except BaseException:
         if not args.resume and ctx.is_main:
             release_run_dir(run_dir, created)
         raise
-
     try:
-        say(trainer.describe())
-        if resuming:
-            say(f"run directory {run_dir}; seed {train_cfg.seed} (resuming after epoch {trainer.start_epoch})")
-        elif args.resume:
-            say(f"run directory {run_dir}; seed {train_cfg.seed} (it has config.json but no last.pt: it stopped "
-                f"before its first epoch ended, so it starts from the beginning with its saved config)")
-        else:
-            say(f"run directory {run_dir}; seed {train_cfg.seed}")
-        for warning in startup_warnings(train_cfg, typed, len(trainer.data.train_images), len(trainer.loader)):
-            say(f"warning: {warning}", file=sys.stderr)
-        started = time.perf_counter()
-        try:
-            result = trainer.fit()
-        except NonFiniteLoss as error:
-            say(f"error: {error}", file=sys.stderr)
-            return 1
-        trainer.finish()
-        summary = run_summary(result, trainer, time.perf_counter() - started)
-        for line in final_lines(summary, run_dir, resuming):
-            say(line)
-        return 0
+        return train(trainer, train_cfg, typed, run_dir, has_checkpoint, say)
     except KeyboardInterrupt:
         cli.exit_on_next_interrupt()
-        say(("\n" if sys.stderr.isatty() else "") + resume_line(run_dir), file=sys.stderr)
+        say(("\n" if sys.stderr.isatty() else "") + resume_line, file=sys.stderr)
         return 130
+
+
+def start(args, parser, model_cfg, train_cfg, run_dir, has_checkpoint, ctx, say) -> Trainer:
+    """The trainer, with a new run's config.json written before its first step."""
+    try:
+        # build_trainer(...) once vit.trainer has it: the same arguments
+        trainer = Trainer(model_cfg, train_cfg, run_dir, resume=has_checkpoint, ctx=ctx, log=say)
+    except BatchSizeError as error:
+        parser.error(f"--batch-size {train_cfg.batch_size}: {error}; pass a smaller one")
+    except RuntimeError as error:
+        if not has_checkpoint or isinstance(error, cli.EXPECTED_ERRORS):
+            raise
+        raise cli.RunError(f"cannot resume {run_dir}: {cli.one_line(error)}") from None
+    if not args.resume and ctx.is_main:
+        write_config(run_dir, model_cfg, train_cfg, trainer.data.class_names, trainer.device)
+    return trainer
+
+
+def train(trainer, cfg: TrainConfig, typed, run_dir: Path, resuming: bool, say) -> int:
+    """Fit, evaluate the best epoch, and say where everything is."""
+    say(trainer.describe())
+    if resuming:
+        say(f"run directory {run_dir}; seed {cfg.seed} (resuming after epoch {trainer.start_epoch})")
+    elif "resume" in typed:
+        say(f"run directory {run_dir}; seed {cfg.seed} (it has config.json but no last.pt: it stopped before its "
+            f"first epoch ended, so it starts from the beginning with its saved config)")
+    else:
+        say(f"run directory {run_dir}; seed {cfg.seed}")
+    for warning in startup_warnings(cfg, typed, len(trainer.data.train_images), len(trainer.loader)):
+        say(f"warning: {warning}", file=sys.stderr)
+    if resuming and trainer.start_epoch >= cfg.epochs:
+        say(f"the run already finished its {cfg.epochs} epoch{'s' * (cfg.epochs != 1)}; nothing left to train")
+    started = time.perf_counter()
+    try:
+        result = trainer.fit()
+    except NonFiniteLoss as error:
+        say(f"error: {error}", file=sys.stderr)
+        return 1
+    trainer.finish()
+    for line in final_lines(run_summary(result, trainer, time.perf_counter() - started), run_dir, resuming):
+        say(line)
+    return 0
 
 
 if __name__ == "__main__":
