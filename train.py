@@ -400,17 +400,14 @@ def run(args, parser, typed, device, ctx) -> int:
     resume_line = f"interrupted; continue with: {shell_command(script(), '--resume', run_dir)}"
     try:
         trainer = start(args, parser, model_cfg, train_cfg, run_dir, has_checkpoint, ctx, say)
-    except KeyboardInterrupt:
-        cli.exit_on_next_interrupt()
-        if args.resume:
-            say(resume_line, file=sys.stderr)
-        else:
-            say("interrupted before the run started; nothing was saved", file=sys.stderr)
-        return 130
-    except BaseException:
-        if not args.resume and ctx.is_main:
+    except BaseException as error:
+        if not args.resume and ctx.is_main:  # a new run that did not start gives its directory back
             release_run_dir(run_dir, created)
-        raise
+        if not isinstance(error, KeyboardInterrupt):
+            raise
+        cli.exit_on_next_interrupt()
+        say(resume_line if args.resume else "interrupted before the run started; nothing was saved", file=sys.stderr)
+        return 130
     try:
         return train(trainer, train_cfg, typed, run_dir, has_checkpoint, say)
     except KeyboardInterrupt:
