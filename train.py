@@ -16,10 +16,11 @@ import torch
 
 from vit import distributed
 from vit.backends import backend_names, get_backend
+from vit.checkpoint import read_config, write_config
 from vit.data import DataError
 from vit.environment import parse_device
 from vit.model import ViTConfig
-from vit.trainer import NonFiniteLoss, TrainConfig, Trainer, read_config, write_config
+from vit.trainer import NonFiniteLoss, TrainConfig, build_trainer
 
 MODEL_FLAGS = {"image_size": "--image-size", "patch_size": "--patch-size", "num_classes": "--num-classes", "dim": "--dim",
                "depth": "--depth", "heads": "--heads", "mlp_dim": "--mlp-dim", "dropout": "--dropout",
@@ -201,13 +202,13 @@ def run(args, parser, typed, device, ctx) -> int:
     else:
         model_cfg, train_cfg, run_dir = resolve(args, parser, device, ctx)
     try:
-        trainer = Trainer(model_cfg, train_cfg, run_dir, resume=bool(args.resume), ctx=ctx)
+        trainer = build_trainer(model_cfg, train_cfg, run_dir, resume=bool(args.resume), ctx=ctx)
     except DataError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     if not args.resume and ctx.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        write_config(run_dir, model_cfg, train_cfg, trainer.data.class_names, trainer.device)
+        write_config(run_dir, model_cfg, train_cfg, trainer.test_set.class_names, trainer.device)
     say(trainer.describe())
     say(f"run directory: {run_dir}" + (f" (resuming after epoch {trainer.start_epoch})" if args.resume else ""))
     try:
@@ -219,7 +220,7 @@ def run(args, parser, typed, device, ctx) -> int:
         say(f"\ninterrupted; continue with: python train.py --resume {run_dir}", file=sys.stderr)
         return 130
     trainer.finish()
-    say(f"best test accuracy {summary['best_acc']:.2%}; outputs in {run_dir}")
+    say(f"best test accuracy {summary.best_acc:.2%}; outputs in {run_dir}")
     return 0
 
 
