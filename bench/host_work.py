@@ -23,7 +23,7 @@ import torch
 from bench.counts import Counts, DeviceWorkCounter
 from vit.data import GPUTrainLoader
 from vit.model import ViT, ViTConfig
-from vit.trainer import TestSet, TrainConfig, Trainer, make_optimizer, seed_everything
+from vit.trainer import EvalSet, TrainConfig, Trainer, make_optimizer, seed_everything
 
 CLASS_NAMES = [f"class {i}" for i in range(10)]
 
@@ -62,7 +62,7 @@ def _parts(model_cfg: ViTConfig, cfg: TrainConfig, num_images: int, num_test: in
     images = torch.randint(0, 256, (num_images, 3, 32, 32), dtype=torch.uint8, generator=generator)
     labels = torch.randint(0, 10, (num_images,), generator=generator)
     loader = GPUTrainLoader(images, labels, cfg.batch_size, cfg.seed, device)
-    test_set = TestSet(images[:num_test].to(device), labels[:num_test].to(device), CLASS_NAMES)
+    test_set = EvalSet(images[:num_test].to(device), labels[:num_test].to(device), CLASS_NAMES)
     model = ViT(model_cfg).to(device)
     return model, loader, test_set, make_optimizer(model.parameters(), cfg, device)
 

@@ -37,7 +37,7 @@ from vit.backends import backend_names, get_backend
 from vit.model import ViTConfig
 from vit.data import load_cifar10
 from vit.model import ViT
-from vit.trainer import TestSet, TrainConfig, Trainer, evaluate, make_optimizer, make_train_loader, seed_everything
+from vit.trainer import EvalSet, TrainConfig, Trainer, evaluate, make_optimizer, make_train_loader, seed_everything
 
 RECIPE_EPOCHS = 200
 CUDA_GRAPH_FIELD = "cuda_graphs"  # the TrainConfig switch the bench would use if the trainer had one
@@ -191,7 +191,7 @@ def build_parts(config: TrainingConfig, model_cfg: ViTConfig, train_cfg: TrainCo
     if train_cfg.train_subset:
         images, labels = images[:train_cfg.train_subset], labels[:train_cfg.train_subset]
     loader = make_train_loader(train_cfg, images, labels, device)
-    test_set = TestSet(data.test_images.to(device), data.test_labels.to(device), data.class_names)
+    test_set = EvalSet(data.test_images.to(device), data.test_labels.to(device), data.class_names)
     model = ViT(model_cfg).to(device)
     if config.model == "timm":
         from vit.timm_interop import to_timm

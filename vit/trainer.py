@@ -20,6 +20,7 @@ import math
 import random
 import threading
 import time
+import warnings
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -38,7 +39,7 @@ from vit.environment import device_name
 from vit.model import ViT, ViTConfig, count_parameters
 from vit.progress import Progress
 
-__all__ = ["TrainConfig", "Trainer", "build_trainer", "RunSummary", "TestSet", "NonFiniteLoss", "evaluate",
+__all__ = ["TrainConfig", "Trainer", "build_trainer", "RunSummary", "EvalSet", "NonFiniteLoss", "evaluate",
            "lr_at", "lr_schedule", "make_optimizer", "cuda_graph_unsupported_reason"]
 
 PROGRESS_EVERY = 25  # steps between progress points; each one waits for the device
@@ -48,7 +49,7 @@ NO_STEP = 2**62  # "no non-finite value yet" in the device's first-bad-step reco
 
 
 @dataclass
-class TestSet:
+class EvalSet:
     images: torch.Tensor  # uint8 [N, 3, H, W], on the training device
     labels: torch.Tensor  # int64 [N], on the training device
     class_names: list[str]
@@ -93,12 +94,12 @@ def lr_schedule(cfg: TrainConfig, steps_per_epoch: int) -> torch.Tensor:
 def make_optimizer(params, cfg: TrainConfig, device) -> torch.optim.Adam:
     """Adam (coupled L2 weight decay) with the learning rate as a device tensor, which the trainer
     overwrites on the device each step. The fused implementation on every device: it reads the
-    tensor learning rate without a host sync (the for-loop one calls .item() per parameter), and on
-    CUDA it is capturable in a graph."""
+    tensor learning rate without a host sync (the for-loop one calls .item() per parameter).
+    Capturable (its state steps kept on the device) for cfg.cuda_graph."""
     device = torch.device(device)
     lr = torch.tensor(cfg.lr, dtype=torch.float32, device=device)
     return torch.optim.Adam(params, lr=lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay, fused=True,
-                            capturable=device.type == "cuda")
+                            capturable=cfg.cuda_graph and device.type == "cuda")
 
 
 def cuda_graph_unsupported_reason(cfg: TrainConfig, device: torch.device, world_size: int = 1) -> str | None:
@@ -219,7 +220,9 @@ class GraphedStep:
         if self.graph is None and self.warmup_left > 0:
             self.warmup_left -= 1
             self.stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(self.stream):
+            with torch.cuda.stream(self.stream), warnings.catch_warnings():
+                # Adam warns when a capturable instance steps uncaptured: these steps are meant to.
+                warnings.filterwarnings("ignore", message=".*capturable=True.*")
                 trainer.train_step(images, labels)
             torch.cuda.current_stream().wait_stream(self.stream)
             return
@@ -247,7 +250,7 @@ class GraphedStep:
 # ---------------------------------------------------------------------------- the trainer
 
 class Trainer:
-    def __init__(self, model: torch.nn.Module, loader, test_set: TestSet, optimizer: torch.optim.Optimizer,
+    def __init__(self, model: torch.nn.Module, loader, test_set: EvalSet, optimizer: torch.optim.Optimizer,
                  cfg: TrainConfig, run_dir, *, ctx: distributed.Context = distributed.Context(), log=print):
         """model: on cfg.device; loader: one (images, labels) batch of fixed shape per step, with
         set_epoch() and len(); optimizer: over model's parameters, with a tensor learning rate on
@@ -260,6 +263,8 @@ class Trainer:
             reason = cuda_graph_unsupported_reason(cfg, self.device, ctx.world_size)
             if reason:
                 raise ValueError(reason)
+            if not all(group["capturable"] for group in optimizer.param_groups):
+                raise ValueError("--cuda-graph needs a capturable optimizer (see vit.trainer.make_optimizer)")
         self.steps_per_epoch = len(loader)
 
         self.step_model = model
@@ -516,7 +521,7 @@ def build_trainer(model_cfg: ViTConfig, cfg: TrainConfig, run_dir, *, resume: bo
     if cfg.train_subset:
         train_images, train_labels = train_images[:cfg.train_subset], train_labels[:cfg.train_subset]
     loader = make_train_loader(cfg, train_images, train_labels, device, ctx.rank, ctx.world_size)
-    test_set = TestSet(data.test_images.to(device), data.test_labels.to(device), data.class_names)
+    test_set = EvalSet(data.test_images.to(device), data.test_labels.to(device), data.class_names)
     model = ViT(model_cfg).to(device)
     trainer = Trainer(model, loader, test_set, make_optimizer(model.parameters(), cfg, device), cfg, run_dir,
                       ctx=ctx, log=log)
