@@ -24,6 +24,7 @@ def make_trainer(run_dir, model_cfg=TINY, steps=4, batch_size=8, seed=0, wrap=No
     cfg = TrainConfig(**{"epochs": 2, "batch_size": batch_size, "warmup_epochs": 1, "device": "cpu",
                          "precision": "fp32", "augment": "gpu", "progress": False, "seed": seed, **cfg_fields})
     device = torch.device(cfg.device)
+    run_dir.mkdir(parents=True, exist_ok=True)
     seed_everything(seed)
     generator = torch.Generator().manual_seed(seed)
     images = torch.randint(0, 256, (steps * batch_size, 3, 32, 32), dtype=torch.uint8, generator=generator)
@@ -141,6 +142,30 @@ def test_fit_returns_the_run_summary(tmp_path):
     assert summary.best_acc == max(accuracies) and accuracies[summary.best_epoch - 1] == summary.best_acc
     assert summary.last_acc == accuracies[-1] and summary.epochs == 2
     assert summary.wall_seconds > 0 and summary.images_per_second > 0
+
+
+def test_a_resumed_run_drives_its_own_learning_rate_and_ends_as_an_uninterrupted_one(tmp_path):
+    dropout = ViTConfig(dim=32, depth=1, heads=2, mlp_dim=32, dropout=0.2)  # the RNG state matters too
+    straight = make_trainer(tmp_path / "straight", model_cfg=dropout, steps=3, epochs=2)
+    straight.fit()
+    first = make_trainer(tmp_path / "resumed", model_cfg=dropout, steps=3, epochs=2)
+    first.train_epoch(0)
+    first.metrics.append({"epoch": 1, "train_loss": 1.0, "train_acc": 0.1, "test_loss": 1.0, "test_acc": 0.1,
+                          "lr": 0.0, "epoch_seconds": 1.0, "images_per_second": 1.0})
+    first.best_epoch = 1
+    first._save_epoch(1, best=True)
+    first.writer.wait()
+    resumed = make_trainer(tmp_path / "resumed", model_cfg=dropout, steps=3, epochs=2)
+    with torch.no_grad():
+        for parameter in resumed.model.parameters():
+            parameter.add_(1.0)  # whatever the new process starts with, the checkpoint replaces it
+    torch.manual_seed(123)
+    resumed.resume()
+    assert resumed.start_epoch == 1
+    assert resumed.optimizer.param_groups[0]["lr"] is resumed.lr_tensors[0]
+    resumed.fit()
+    for name, value in straight.model.state_dict().items():
+        assert torch.equal(resumed.model.state_dict()[name], value), name
 
 
 def test_an_interrupt_propagates_only_after_the_background_write_is_done(tmp_path, monkeypatch):

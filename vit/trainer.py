@@ -298,8 +298,6 @@ class Trainer:
     def train_step(self, images: torch.Tensor, labels: torch.Tensor):
         """One training step, all on the device: run eagerly, and captured by GraphedStep."""
         cfg, meters = self.cfg, self.meters
-        for lr in self.lr_tensors:
-            torch.index_select(self.lr_table, 0, meters.step, out=lr.view(1))
         dtype = autocast_dtype(cfg)
         # No autocast weight cache: a cast cached across a graph's capture would outlive it.
         with torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None, cache_enabled=False):
@@ -308,6 +306,8 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         self.wait_for_snapshot()
+        for lr in self.lr_tensors:  # this step's entry of the schedule, into Adam's tensor learning rate
+            torch.index_select(self.lr_table, 0, meters.step, out=lr.view(1))
         self.scaler.step(self.optimizer)
         self.scaler.update()
         loss = loss.detach()
@@ -364,7 +364,8 @@ class Trainer:
             [sums, first_bad.double(), self.lr_tensors[0].double().view(1)]).tolist()
         if min(bad_loss, bad_weights) < NO_STEP:
             what = "loss" if bad_loss <= bad_weights else "weights after the optimizer step"
-            raise NonFiniteLoss(self._non_finite_message(what, int(min(bad_loss, bad_weights))))
+            epoch, step = divmod(int(min(bad_loss, bad_weights)), self.steps_per_epoch)
+            raise NonFiniteLoss(f"non-finite {what} at epoch {epoch + 1}, step {step + 1}; {self._stopping()}")
         # The sums cover all ranks' steps at the end of the epoch, this rank's before.
         losses, images = (steps * world, steps * self.cfg.batch_size) if final else (steps, steps * self.cfg.batch_size // world)
         means = {"train_loss": loss_sum / losses if steps else math.nan,
@@ -374,11 +375,10 @@ class Trainer:
                                  images_per_second=steps * self.cfg.batch_size / (time.perf_counter() - start))
         return means
 
-    def _non_finite_message(self, what: str, global_step: int) -> str:
-        epoch, step = divmod(global_step, self.steps_per_epoch)
-        last = self.run_dir / LAST_CHECKPOINT
-        kept = f"the last good checkpoint is {last}" if self.metrics else "no checkpoint was written yet"
-        return f"non-finite {what} at epoch {epoch + 1}, step {step + 1}; stopping: {kept}"
+    def _stopping(self) -> str:
+        """The end of a NonFiniteLoss message: what is kept. Every finished epoch was checkpointed."""
+        kept = f"the last good checkpoint is {self.run_dir / LAST_CHECKPOINT}" if self.metrics else "no checkpoint was written yet"
+        return f"stopping: {kept}"
 
     def evaluate(self) -> tuple[float, float]:
         return evaluate(self.model, self.test_set.images, self.test_set.labels, self.device, self.cfg, ctx=self.ctx)
@@ -396,9 +396,7 @@ class Trainer:
                 trained_seconds += row["epoch_seconds"]
                 test_loss, test_acc = self.evaluate()
                 if not math.isfinite(test_loss):
-                    raise NonFiniteLoss(f"non-finite test loss after epoch {epoch + 1}; stopping: "
-                                        + (f"the last good checkpoint is {self.run_dir / LAST_CHECKPOINT}"
-                                           if self.metrics else "no checkpoint was written yet"))
+                    raise NonFiniteLoss(f"non-finite test loss after epoch {epoch + 1}; {self._stopping()}")
                 row = {"epoch": epoch + 1, **row, "test_loss": test_loss, "test_acc": test_acc}
                 self.metrics.append(row)
                 improved = self.best_epoch == 0 or test_acc > self.best_acc
@@ -465,9 +463,13 @@ class Trainer:
             raise RuntimeError(f"{path}: written by an older version of the trainer, without the metrics history; "
                                "finish it with that version, or start a new run")
         self.model.load_state_dict(state["model"])
+        # The saved moments and steps, with this run's settings: the tensor learning rate the schedule
+        # drives (load_state_dict puts a copy of the saved one in its place) and the capturable flag
+        # (--cuda-graph may differ on resume).
+        settings = [{k: v for k, v in group.items() if k != "params"} for group in self.optimizer.param_groups]
         self.optimizer.load_state_dict(state["optimizer"])
-        for group, lr in zip(self.optimizer.param_groups, self.lr_tensors):
-            group["lr"] = lr  # load_state_dict put the saved value in its place; the schedule drives this one
+        for group, own in zip(self.optimizer.param_groups, settings):
+            group.update(own)
         self.scaler.load_state_dict(state["scaler"])
         set_rng_state(state["rng"])
         self.start_epoch, self.best_acc, self.best_epoch = state["epoch"], state["best_acc"], state["best_epoch"]
