@@ -168,6 +168,30 @@ def test_a_resumed_run_drives_its_own_learning_rate_and_ends_as_an_uninterrupted
         assert torch.equal(resumed.model.state_dict()[name], value), name
 
 
+def test_epoch_files_are_written_while_the_next_epoch_trains(tmp_path, monkeypatch):
+    """Writes that take longer than the gap between epochs may take: the training thread goes on."""
+    write = trainer_module.write_epoch_files
+
+    def slow_write(*args, **kwargs):
+        time.sleep(0.6)
+        write(*args, **kwargs)
+
+    ends, starts = [], []
+
+    def on_ask():
+        if len(starts) == len(ends):  # the first ask of an epoch
+            starts.append(time.perf_counter())
+
+    monkeypatch.setattr(trainer_module, "write_epoch_files", slow_write)
+    # Epochs of 4 steps that each wait 0.2 s for their batch: longer than a write.
+    trainer = make_trainer(tmp_path, steps=4, epochs=3, wrap=lambda loader: _MarkedLoader(
+        loader, on_ask=on_ask, on_batch=lambda: time.sleep(0.2), on_end=lambda: ends.append(time.perf_counter())))
+    trainer.fit()
+    gaps = [start - end for end, start in zip(ends, starts[1:])]  # evaluation of 16 images included
+    assert len(gaps) == 2 and max(gaps) < 0.3, gaps
+    assert (tmp_path / "metrics.csv").exists() and len(trainer.writer.job_seconds) == 3
+
+
 def test_an_interrupt_propagates_only_after_the_background_write_is_done(tmp_path, monkeypatch):
     write = trainer_module.write_epoch_files
 

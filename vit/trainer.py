@@ -34,13 +34,10 @@ from vit import distributed
 from vit.backends import get_backend
 from vit.checkpoint import (BEST_CHECKPOINT, LAST_CHECKPOINT, BackgroundWriter, HostSnapshot, load_checkpoint,
                             remove_stale_temporaries, write_epoch_files, write_outputs)
-from vit.config import TrainConfig
+from vit.config import TrainConfig  # defined apart for vit.checkpoint; imported from here by callers
 from vit.environment import device_name
 from vit.model import ViT, ViTConfig, count_parameters
 from vit.progress import Progress
-
-__all__ = ["TrainConfig", "Trainer", "build_trainer", "RunSummary", "EvalSet", "NonFiniteLoss", "evaluate",
-           "lr_at", "lr_schedule", "make_optimizer", "cuda_graph_unsupported_reason"]
 
 PROGRESS_EVERY = 25  # steps between progress points; each one waits for the device
 GRAPH_WARMUP_STEPS = 3  # eager steps on the capture stream before capturing, as PyTorch's docs do
