@@ -28,7 +28,7 @@ from vit.trainer import EvalSet, TrainConfig, Trainer, make_optimizer, seed_ever
 CLASS_NAMES = [f"class {i}" for i in range(10)]
 
 
-class _MarkedLoader:
+class MarkedLoader:
     """Wraps a train loader: calls on_ask() when the loop asks for a batch, on_batch() when the batch
     is handed over, and on_end() when the loop asks past the epoch's last batch."""
 
@@ -102,7 +102,7 @@ def measure_epoch_gap(model_cfg: ViTConfig | None = None, epochs: int = 5, batch
 
     lines = []
     with tempfile.TemporaryDirectory(prefix="epoch-gap-") as run_dir:
-        trainer = TimedTrainer(model, _MarkedLoader(loader, on_ask=on_ask, on_end=on_end), test_set, optimizer, cfg,
+        trainer = TimedTrainer(model, MarkedLoader(loader, on_ask=on_ask, on_end=on_end), test_set, optimizer, cfg,
                                run_dir, log=lines.append)
         trainer.fit()
     gaps = [starts[e + 1] - ends[e] - eval_seconds[e] for e in range(epochs - 1)]
@@ -127,7 +127,7 @@ def count_step_work(model_cfg: ViTConfig | None = None, steps: int = 3, batch_si
         marks.append(_copy(counter.counts))
 
     with tempfile.TemporaryDirectory(prefix="step-work-") as run_dir:
-        trainer = Trainer(model, _MarkedLoader(loader, on_ask=mark, on_batch=mark), test_set, optimizer, cfg, run_dir,
+        trainer = Trainer(model, MarkedLoader(loader, on_ask=mark, on_batch=mark), test_set, optimizer, cfg, run_dir,
                           log=lambda line: None)
         with counter:
             trainer.train_epoch(0)

@@ -6,7 +6,7 @@ import time
 import pytest
 import torch
 
-from bench.host_work import _MarkedLoader, count_step_work
+from bench.host_work import MarkedLoader, count_step_work
 from vit.checkpoint import load_checkpoint
 from vit.data import GPUTrainLoader
 from vit.model import ViT, ViTConfig
@@ -55,7 +55,7 @@ def test_the_learning_rate_comes_from_the_schedule_on_the_device(tmp_path):
     table = lr_schedule(trainer.cfg, 4)
     assert math.isclose(float(table[0]), lr_at(0, 12, 6, 2e-3, 1e-4), rel_tol=1e-6)
     seen = []  # Adam's learning rate at each ask for a batch: 5 asks per epoch of 4 steps
-    trainer.loader = _MarkedLoader(trainer.loader, on_ask=lambda: seen.append(trainer.optimizer.param_groups[0]["lr"].item()))
+    trainer.loader = MarkedLoader(trainer.loader, on_ask=lambda: seen.append(trainer.optimizer.param_groups[0]["lr"].item()))
     for epoch in range(3):
         assert math.isclose(trainer.train_epoch(epoch)["lr"], table[4 * epoch + 3], rel_tol=1e-6)
     assert int(trainer.meters.step) == 12
@@ -94,7 +94,7 @@ def test_the_step_equals_adam_stepped_by_hand_through_the_schedule(tmp_path):
 
 def poison_at(step: int):
     """A loader wrapper whose batch `step` (1-based, first epoch) holds NaN images."""
-    class Poisoned(_MarkedLoader):
+    class Poisoned(MarkedLoader):
         def __iter__(self):
             for index, (images, labels) in enumerate(self.inner, 1):
                 yield (torch.full_like(images, math.nan) if self.inner.epoch == 0 and index == step else images), labels
@@ -184,7 +184,7 @@ def test_epoch_files_are_written_while_the_next_epoch_trains(tmp_path, monkeypat
 
     monkeypatch.setattr(trainer_module, "write_epoch_files", slow_write)
     # Epochs of 4 steps that each wait 0.2 s for their batch: longer than a write.
-    trainer = make_trainer(tmp_path, steps=4, epochs=3, wrap=lambda loader: _MarkedLoader(
+    trainer = make_trainer(tmp_path, steps=4, epochs=3, wrap=lambda loader: MarkedLoader(
         loader, on_ask=on_ask, on_batch=lambda: time.sleep(0.2), on_end=lambda: ends.append(time.perf_counter())))
     trainer.fit()
     gaps = [start - end for end, start in zip(ends, starts[1:])]  # evaluation of 16 images included
@@ -248,7 +248,7 @@ def per_step_losses(run_dir, steps: int, **fields) -> list[float]:
     sums = []
     trainer = make_trainer(run_dir, model_cfg=ViTConfig(dim=64, depth=2, heads=4, mlp_dim=64), steps=steps,
                            batch_size=32, epochs=1, device="cuda", **fields)
-    trainer.loader = _MarkedLoader(trainer.loader, on_ask=lambda: sums.append(trainer.meters.loss_sum.item()))
+    trainer.loader = MarkedLoader(trainer.loader, on_ask=lambda: sums.append(trainer.meters.loss_sum.item()))
     trainer.train_epoch(0)
     return [after - before for before, after in zip(sums, sums[1:])]
 
