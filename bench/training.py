@@ -3,9 +3,8 @@
 Every configuration is trained by the project's own loop (vit.trainer.Trainer.train_epoch:
 the same data pipeline, augmentation, optimizer, schedule and autocast) and evaluated
 with vit.trainer.evaluate. timm's VisionTransformer, the external peer, goes through the
-same loop: the bench builds a Trainer, swaps in to_timm(trainer.model) (same
-configuration, same initial weights) and rebuilds the optimizer and schedule around it.
-The trainer itself is not changed.
+same loop: the bench hands the Trainer to_timm(our model) (same configuration, same initial
+weights) with an optimizer built the same way. The trainer itself is not changed.
 
 What is measured, per configuration
 - Step times, without adding any synchronization: the train loader is wrapped so that each
@@ -36,7 +35,9 @@ import torch
 from bench.measure import describe_error
 from vit.backends import backend_names, get_backend
 from vit.model import ViTConfig
-from vit.trainer import TrainConfig, Trainer, evaluate, make_scheduler
+from vit.data import load_cifar10
+from vit.model import ViT
+from vit.trainer import EvalSet, TrainConfig, Trainer, evaluate, make_optimizer, make_train_loader, seed_everything
 
 RECIPE_EPOCHS = 200
 CUDA_GRAPH_FIELD = "cuda_graphs"  # the TrainConfig switch the bench would use if the trainer had one
@@ -181,18 +182,21 @@ class TimedLoader:
 
 # --------------------------------------------------------------------------- one configuration
 
-def use_timm_model(trainer: Trainer, compile_model: bool):
-    """Train timm's VisionTransformer of the same configuration and initial weights in this
-    trainer: same loop, data, autocast; optimizer and schedule rebuilt with the same settings."""
-    from vit.timm_interop import to_timm
-
-    timm_model = to_timm(trainer.model)
-    timm_model.train()
-    trainer.model = timm_model
-    trainer.step_model = torch.compile(timm_model) if compile_model else timm_model
-    previous = trainer.optimizer
-    trainer.optimizer = type(previous)(timm_model.parameters(), **previous.defaults)
-    trainer.scheduler = make_scheduler(trainer.optimizer, trainer.cfg, len(trainer.loader))
+def build_parts(config: TrainingConfig, model_cfg: ViTConfig, train_cfg: TrainConfig, device: torch.device):
+    """(model, train loader, test set, optimizer, full data set size): our ViT, or timm's
+    VisionTransformer of the same configuration and initial weights."""
+    seed_everything(train_cfg.seed)
+    data = load_cifar10(train_cfg.data_dir)
+    images, labels = data.train_images, data.train_labels
+    if train_cfg.train_subset:
+        images, labels = images[:train_cfg.train_subset], labels[:train_cfg.train_subset]
+    loader = make_train_loader(train_cfg, images, labels, device)
+    test_set = EvalSet(data.test_images.to(device), data.test_labels.to(device), data.class_names)
+    model = ViT(model_cfg).to(device)
+    if config.model == "timm":
+        from vit.timm_interop import to_timm
+        model = to_timm(model).train()
+    return model, loader, test_set, make_optimizer(model.parameters(), train_cfg, device), len(data.train_images)
 
 
 @dataclass
@@ -250,7 +254,7 @@ def run_config(config: TrainingConfig, settings: TrainingSettings, device: torch
     _free_memory(device)
     train_cfg = TrainConfig(
         epochs=settings.epochs, batch_size=settings.batch_size, precision=config.precision, device=str(device),
-        compile=config.compile and config.model == "ours", data_dir=settings.data_dir,
+        compile=config.compile, data_dir=settings.data_dir,
         train_subset=settings.train_subset, augment=settings.augment, num_workers=settings.num_workers,
         progress=False, seed=0)
     if config.cuda_graphs:
@@ -259,15 +263,13 @@ def run_config(config: TrainingConfig, settings: TrainingSettings, device: torch
 
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="bench-run-") as run_dir:  # train_epoch writes nothing there
-        trainer = Trainer(model_cfg, train_cfg, run_dir, log=lambda line: None)
-        if config.model == "timm":
-            use_timm_model(trainer, config.compile)
-        test_images, test_labels = trainer.test_images, trainer.test_labels
+        model, inner_loader, test_set, optimizer, full_images = build_parts(config, model_cfg, train_cfg, device)
+        loader = TimedLoader(inner_loader, device)
+        trainer = Trainer(model, loader, test_set, optimizer, train_cfg, run_dir, log=lambda line: None)
+        test_images, test_labels = test_set.images, test_set.labels
         if settings.test_subset:
             test_images, test_labels = test_images[:settings.test_subset], test_labels[:settings.test_subset]
-        loader = TimedLoader(trainer.loader, device)
-        trainer.loader = loader
-        full_steps = len(trainer.data.train_images) // settings.batch_size
+        full_steps = full_images // settings.batch_size
         row.steps_per_full_epoch, row.test_images = full_steps, len(test_labels)
         row.setup_seconds = time.perf_counter() - started
 
@@ -311,14 +313,14 @@ def run_config(config: TrainingConfig, settings: TrainingSettings, device: torch
         row.epoch_seconds = step_seconds * full_steps
         row.data_wait_share = sum(steady_waits) / sum(steady_steps)
         # Evaluation time grows with the number of test images: scale to the full test set.
-        row.eval_seconds = steady_eval * len(trainer.data.test_labels) / len(test_labels)
+        row.eval_seconds = steady_eval * len(test_set.labels) / len(test_labels)
         trained_seconds = sum(row.epoch_wall_seconds)
         # One-time costs: compile and warm-up (the epochs' wall time beyond their steps at the
         # steady rate), and the first evaluation's extra time.
         row.overhead_seconds = (max(0.0, trained_seconds - step_seconds * len(steps))
                                 + max(0.0, first_eval - steady_eval))
         row.projected_200_epoch_seconds = row.overhead_seconds + RECIPE_EPOCHS * (row.epoch_seconds + row.eval_seconds)
-        del trainer, loader
+        del trainer, loader, inner_loader, model, optimizer, test_set
     _free_memory(device)
     return row
 
