@@ -91,6 +91,15 @@ def _head_base(ptr, batch, head, stride_b, HEAD_DIM: tl.constexpr):
 
 
 @triton.jit
+def _qkv_bases(ptr, batch, head, stride_b, num_heads, HEAD_DIM: tl.constexpr):
+    """Where q, k and v of `head` of `batch` start in qkv (or dq, dk and dv in dqkv): blocks
+    of C = num_heads * HEAD_DIM columns."""
+    q_base = _head_base(ptr, batch, head, stride_b, HEAD_DIM)
+    model_dim = num_heads * HEAD_DIM
+    return q_base, q_base + model_dim, q_base + 2 * model_dim
+
+
+@triton.jit
 def _row_masks(offs_rows, in_head, seq_len):
     """Which rows exist, and the [rows, BLOCK_D] mask of the elements that do."""
     rows_valid = offs_rows < seq_len
@@ -174,16 +183,15 @@ def _attention_whole_forward_kernel(
     """One (batch, head): tokens [0, LEAD) and [LEAD, LEAD + TAIL) (TAIL = 0: no tail), the
     lead part's queries in tiles of QUERY_ROWS, the tail's in one tile."""
     batch_head, batch, head = _program_batch_head(num_heads)
-    model_dim = num_heads * HEAD_DIM
-    q_base = _head_base(qkv_ptr, batch, head, stride_qkv_b, HEAD_DIM)
+    q_base, k_base, v_base = _qkv_bases(qkv_ptr, batch, head, stride_qkv_b, num_heads, HEAD_DIM)
     out_base = _head_base(out_ptr, batch, head, stride_out_b, HEAD_DIM)
     lse_base = lse_ptr + batch_head.to(tl.int64) * seq_len
     qk_scale = softmax_scale * LOG2E
     for row0 in tl.static_range(0, LEAD, QUERY_ROWS):
-        _whole_forward_rows(q_base, q_base + model_dim, q_base + 2 * model_dim, out_base, lse_base, row0, seq_len,
+        _whole_forward_rows(q_base, k_base, v_base, out_base, lse_base, row0, seq_len,
                             stride_qkv_n, stride_out_n, qk_scale, QUERY_ROWS, LEAD, TAIL, HEAD_DIM, BLOCK_D)
     if TAIL > 0:
-        _whole_forward_rows(q_base, q_base + model_dim, q_base + 2 * model_dim, out_base, lse_base, LEAD, seq_len,
+        _whole_forward_rows(q_base, k_base, v_base, out_base, lse_base, LEAD, seq_len,
                             stride_qkv_n, stride_out_n, qk_scale, TAIL, LEAD, TAIL, HEAD_DIM, BLOCK_D)
 
 
@@ -274,12 +282,9 @@ def _attention_whole_backward_kernel(
         dV += P^T dO     dK += dS^T Q (times scale)     dQ = sum over key parts of dS K (times scale)
     """
     batch_head, batch, head = _program_batch_head(num_heads)
-    model_dim = num_heads * HEAD_DIM
-    q_base = _head_base(qkv_ptr, batch, head, stride_qkv_b, HEAD_DIM)
-    k_base = q_base + model_dim
-    v_base = q_base + 2 * model_dim
+    q_base, k_base, v_base = _qkv_bases(qkv_ptr, batch, head, stride_qkv_b, num_heads, HEAD_DIM)
+    dq_base, dk_base, dv_base = _qkv_bases(dqkv_ptr, batch, head, stride_dqkv_b, num_heads, HEAD_DIM)
     dout_base = _head_base(dout_ptr, batch, head, stride_dout_b, HEAD_DIM)
-    dq_base = _head_base(dqkv_ptr, batch, head, stride_dqkv_b, HEAD_DIM)
     lse_base = lse_ptr + batch_head.to(tl.int64) * seq_len
 
     dk_lead = tl.zeros([LEAD, BLOCK_D], dtype=tl.float32)
@@ -300,10 +305,10 @@ def _attention_whole_backward_kernel(
             stride_qkv_n, stride_dout_n, stride_dqkv_n, softmax_scale,
             dk_lead, dv_lead, dk_tail, dv_tail, TAIL, LEAD, TAIL, HEAD_DIM, BLOCK_D)
 
-    _store_key_gradients(dq_base + model_dim, dq_base + 2 * model_dim, dk_lead, dv_lead, 0, seq_len,
+    _store_key_gradients(dk_base, dv_base, dk_lead, dv_lead, 0, seq_len,
                          stride_dqkv_n, softmax_scale, LEAD, HEAD_DIM, BLOCK_D)
     if TAIL > 0:
-        _store_key_gradients(dq_base + model_dim, dq_base + 2 * model_dim, dk_tail, dv_tail, LEAD, seq_len,
+        _store_key_gradients(dk_base, dv_base, dk_tail, dv_tail, LEAD, seq_len,
                              stride_dqkv_n, softmax_scale, TAIL, HEAD_DIM, BLOCK_D)
 
 
@@ -322,11 +327,7 @@ def _attention_forward_kernel(
 ):
     query_block = tl.program_id(1)
     batch_head, batch, head = _program_batch_head(num_heads)
-    model_dim = num_heads * HEAD_DIM
-
-    q_base = _head_base(qkv_ptr, batch, head, stride_qkv_b, HEAD_DIM)
-    k_base = q_base + model_dim
-    v_base = q_base + 2 * model_dim
+    q_base, k_base, v_base = _qkv_bases(qkv_ptr, batch, head, stride_qkv_b, num_heads, HEAD_DIM)
 
     offs_m = query_block * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
@@ -375,13 +376,9 @@ def _attention_backward_dkdv_kernel(
     Transposed tiles (keys along rows), as in the whole-sequence backward."""
     key_block = tl.program_id(1)
     batch_head, batch, head = _program_batch_head(num_heads)
-    model_dim = num_heads * HEAD_DIM
-
-    q_base = _head_base(qkv_ptr, batch, head, stride_qkv_b, HEAD_DIM)
-    k_base = q_base + model_dim
-    v_base = q_base + 2 * model_dim
+    q_base, k_base, v_base = _qkv_bases(qkv_ptr, batch, head, stride_qkv_b, num_heads, HEAD_DIM)
+    _, dk_base, dv_base = _qkv_bases(dqkv_ptr, batch, head, stride_dqkv_b, num_heads, HEAD_DIM)
     dout_base = _head_base(dout_ptr, batch, head, stride_dout_b, HEAD_DIM)
-    dq_base = _head_base(dqkv_ptr, batch, head, stride_dqkv_b, HEAD_DIM)
     row_stats_base = batch_head.to(tl.int64) * seq_len
 
     offs_d = tl.arange(0, BLOCK_D)
@@ -405,7 +402,7 @@ def _attention_backward_dkdv_kernel(
         dv += tl.dot(probs_t.to(dout.dtype), dout, input_precision="ieee")
         dk += tl.dot(dscores_t.to(q.dtype), q, input_precision="ieee")
 
-    _store_key_gradients(dq_base + model_dim, dq_base + 2 * model_dim, dk, dv, key0, seq_len,
+    _store_key_gradients(dk_base, dv_base, dk, dv, key0, seq_len,
                          stride_dqkv_n, softmax_scale, BLOCK_N, HEAD_DIM, BLOCK_D)
 
 
@@ -428,11 +425,7 @@ def _attention_backward_dq_kernel(
     """
     query_block = tl.program_id(1)
     batch_head, batch, head = _program_batch_head(num_heads)
-    model_dim = num_heads * HEAD_DIM
-
-    q_base = _head_base(qkv_ptr, batch, head, stride_qkv_b, HEAD_DIM)
-    k_base = q_base + model_dim
-    v_base = q_base + 2 * model_dim
+    q_base, k_base, v_base = _qkv_bases(qkv_ptr, batch, head, stride_qkv_b, num_heads, HEAD_DIM)
     out_base = _head_base(out_ptr, batch, head, stride_out_b, HEAD_DIM)
     dout_base = _head_base(dout_ptr, batch, head, stride_dout_b, HEAD_DIM)
     dq_base = _head_base(dqkv_ptr, batch, head, stride_dqkv_b, HEAD_DIM)
@@ -519,14 +512,13 @@ class _StreamingPlan:
 _HALF_WHOLE_TOKENS = 128
 # Sequences of 65 to 80 tokens (the model's 64 patches and class token) are a 64-token lead
 # and a 16-token tail: 80 x 80 tiles rather than 128 x 128. A 32-token tail (81 to 96 tokens)
-# spilled in the backward at head_dim 32 and 48/64 (4 warps) with 32-row query tiles, so
-# longer sequences take one 128-token part, split into query tiles.
+# spilled in the backward (8-64 bytes at head_dim 32 to 64, 32-row query tiles, 4 or 8
+# warps), so longer sequences take one 128-token part, split into query tiles.
 _LEAD_TOKENS = 64
 _TAIL_TOKENS = 16
 # fp32 inputs take exact fp32 dots, which run on FMA units with both operands in
-# registers: 32-token whole-sequence tiles (P, dP and dS next to dk, dv) spill, so only
-# sequences of up to 16 tokens take that plan, at 2 warps (ptxas spilled it at 1 warp with
-# head_dim 48/64 and at 4 with head_dim 32 and unaligned strides).
+# registers: 32-token whole-sequence tiles (P, dP and dS next to dk, dv) spilled, so only
+# sequences of up to 16 tokens take that plan, at 2 warps (40-80 registers).
 _FP32_WHOLE = _WholeSequencePlan(lead=16, tail=0, forward=_WholeSequenceKernel(16, num_warps=2),
                                  backward=_WholeSequenceKernel(16, num_warps=2))
 _FP32_STREAMING = _LaunchConfig(block_m=32, block_n=32, num_warps=4, num_stages=2)
@@ -540,9 +532,8 @@ def _half_whole_sequence_plan(seq_len: int, head_dim: int) -> _WholeSequencePlan
     """Registers per thread, from ptxas, are in kernels/README.md."""
     tile = max(16, triton.next_power_of_2(seq_len))
     if tile <= _LEAD_TOKENS:
-        # One part. 16- and 32-row tiles run on mma.sync; ptxas spilled them at 1 warp (16
-        # tokens, head_dim 48 forward) and at 4 (32 tokens, head_dim 16 backward), never at 2.
-        # 64-row tiles run on wgmma, in one warpgroup of 4 warps.
+        # One part. 16- and 32-row tiles run on mma.sync at 2 warps (31-130 registers; 1 and
+        # 4 warps spilled in earlier kernels); 64-row tiles on wgmma, one warpgroup (61-138).
         one_tile = _WholeSequenceKernel(query_rows=tile, num_warps=2 if tile < _LEAD_TOKENS else 4)
         return _WholeSequencePlan(lead=tile, tail=0, forward=one_tile, backward=one_tile)
     if seq_len <= _LEAD_TOKENS + _TAIL_TOKENS:

@@ -231,8 +231,9 @@ def test_interpreter_refuses_bf16():
 # ---------------------------------------------------------------------- GPU only
 
 # The model's attention: batch 128, 65 tokens (64 patches + class token), C = 384 in
-# 12 heads of 32. And a longer sequence for the streaming backward.
-GPU_SHAPES = [(128, 65, 12, 32), (8, 257, 6, 64)]
+# 12 heads of 32; the other whole-sequence plans (64 + 16 tokens on two warpgroups at head_dim
+# 64, one 128-token part); and a longer sequence for the streaming backward.
+GPU_SHAPES = [(128, 65, 12, 32), (32, 79, 6, 64), (16, 101, 4, 48), (8, 257, 6, 64)]
 
 
 @pytest.mark.gpu
