@@ -55,6 +55,7 @@ import triton
 import triton.language as tl
 
 from kernels import _common
+from kernels.cost import KernelCost, element_size, reads
 
 # The choice above is deliberate: silence Triton's deprecation notice for it, once per
 # trace, rather than print it into every training and bench log.
@@ -477,6 +478,30 @@ def _row_split(n_rows: int, tiles: int, block_m: int) -> tuple[int, int]:
     return triton.cdiv(row_tiles, row_tiles_per_split), row_tiles_per_split * block_m
 
 
+@dataclass(frozen=True)
+class _BackwardGrids:
+    """The backward kernels' grids for one shape, and the row splits of the weight-gradient ones."""
+    hidden: tuple[int, int]  # (row tiles, hidden tiles)
+    input: tuple[int]  # (row tiles,)
+    w1: tuple[int, int, int]  # (hidden tiles, column tiles, row splits)
+    w1_rows_per_split: int
+    w2: tuple[int, int, int]  # (column tiles, hidden tiles, row splits)
+    w2_rows_per_split: int
+
+
+def _backward_grids(n_rows: int, n_cols: int, n_hidden: int) -> _BackwardGrids:
+    hidden_cfg, input_cfg, w1_cfg, w2_cfg = _BACKWARD_HIDDEN, _BACKWARD_INPUT, _BACKWARD_W1, _BACKWARD_W2
+    w1_tiles = (triton.cdiv(n_hidden, w1_cfg.block_h), triton.cdiv(n_cols, w1_cfg.block_n))
+    w1_splits, w1_rows_per_split = _row_split(n_rows, w1_tiles[0] * w1_tiles[1], w1_cfg.block_m)
+    w2_tiles = (triton.cdiv(n_cols, w2_cfg.block_n), triton.cdiv(n_hidden, w2_cfg.block_h))
+    w2_splits, w2_rows_per_split = _row_split(n_rows, w2_tiles[0] * w2_tiles[1], w2_cfg.block_m)
+    return _BackwardGrids(
+        hidden=(triton.cdiv(n_rows, hidden_cfg.block_m), triton.cdiv(n_hidden, hidden_cfg.block_h)),
+        input=(triton.cdiv(n_rows, input_cfg.block_m),),
+        w1=(*w1_tiles, w1_splits), w1_rows_per_split=w1_rows_per_split,
+        w2=(*w2_tiles, w2_splits), w2_rows_per_split=w2_rows_per_split)
+
+
 def _launch(kernel, config: _KernelConfig, grid, matmul_dtype: torch.dtype, *args):
     kernel[grid](*args, **config.block_arguments(kernel), INPUT_PRECISION=_input_precision(matmul_dtype),
                  num_warps=config.num_warps, num_stages=config.stages_for(matmul_dtype))
@@ -549,12 +574,10 @@ class LayerNormMLPFunction(torch.autograd.Function):
         dy2d = _rows_with_unit_column_stride(dy, n_cols)
 
         hidden_cfg, input_cfg, w1_cfg, w2_cfg = _BACKWARD_HIDDEN, _BACKWARD_INPUT, _BACKWARD_W1, _BACKWARD_W2
-        hidden_grid = (triton.cdiv(n_rows, hidden_cfg.block_m), triton.cdiv(n_hidden, hidden_cfg.block_h))
-        input_grid = (triton.cdiv(n_rows, input_cfg.block_m),)
-        w1_tiles = (triton.cdiv(n_hidden, w1_cfg.block_h), triton.cdiv(n_cols, w1_cfg.block_n))
-        w1_splits, w1_rows_per_split = _row_split(n_rows, w1_tiles[0] * w1_tiles[1], w1_cfg.block_m)
-        w2_tiles = (triton.cdiv(n_cols, w2_cfg.block_n), triton.cdiv(n_hidden, w2_cfg.block_h))
-        w2_splits, w2_rows_per_split = _row_split(n_rows, w2_tiles[0] * w2_tiles[1], w2_cfg.block_m)
+        grids = _backward_grids(n_rows, n_cols, n_hidden)
+        hidden_grid, input_grid = grids.hidden, grids.input
+        w1_splits, w1_rows_per_split = grids.w1[2], grids.w1_rows_per_split
+        w2_splits, w2_rows_per_split = grids.w2[2], grids.w2_rows_per_split
 
         d_pre = _common.new_output((n_rows, n_hidden), matmul_dtype, device)
         # The bias and LayerNorm-parameter partials are fp64: see _column_sum.
@@ -574,10 +597,10 @@ class LayerNormMLPFunction(torch.autograd.Function):
                     x2d, dy2d, dx, ln_weight, w1_mm, mean, rstd, d_pre,
                     d_ln_weight_partial, d_ln_bias_partial, db2_partial,
                     n_rows, n_cols, n_hidden, x2d.stride(0), dy2d.stride(0), dx.stride(0))
-            _launch(_ln_mlp_backward_w1_kernel, w1_cfg, (*w1_tiles, w1_splits), matmul_dtype,
+            _launch(_ln_mlp_backward_w1_kernel, w1_cfg, grids.w1, matmul_dtype,
                     x2d, ln_weight, ln_bias, mean, rstd, d_pre, dw1_partial,
                     n_rows, n_cols, n_hidden, x2d.stride(0), w1_rows_per_split)
-            _launch(_ln_mlp_backward_w2_kernel, w2_cfg, (*w2_tiles, w2_splits), matmul_dtype,
+            _launch(_ln_mlp_backward_w2_kernel, w2_cfg, grids.w2, matmul_dtype,
                     x2d, dy2d, ln_weight, ln_bias, w1_mm, b1, mean, rstd, dw2_partial,
                     n_rows, n_cols, n_hidden, x2d.stride(0), dy2d.stride(0), w2_rows_per_split)
         else:  # no rows: every parameter gradient is an empty sum
@@ -629,6 +652,126 @@ def layernorm_mlp(x, ln_weight, ln_bias, w1, b1, w2, b2, eps: float = 1e-5) -> t
     """
     _validate(x, ln_weight, ln_bias, w1, b1, w2, b2)
     return LayerNormMLPFunction.apply(x, ln_weight, ln_bias, w1, b1, w2, b2, float(eps))
+
+
+# ---------------------------------------------------------------------------------------------
+# Cost model (see kernels/cost.py for the counting rules)
+# ---------------------------------------------------------------------------------------------
+
+def launch_costs(rows: int, dim: int, hidden: int, dtype: torch.dtype, matmul_dtype: torch.dtype | None = None,
+                 parameter_dtype: torch.dtype | None = None) -> list[KernelCost]:
+    """Every launch of one layernorm_mlp call, forward then backward, derived from the kernels'
+    tilings and grids: x [rows, dim] of `dtype`, `hidden` hidden units, matmuls in
+    `matmul_dtype` (default: dtype; the autocast dtype under autocast) and parameters in
+    `parameter_dtype` (default: dtype).
+
+    Useful FLOPs: fc1 and fc2 forward; backward, the input and weight gradients of both
+    (dy @ w2, d_pre @ w1, dW1, dW2). Executed: every dot at its padded tile, with fc1
+    recomputed by every output-column tile of the forward, by the hidden-gradient kernel and
+    by every column tile of dW2, and d_pre @ w1 run twice (the input-gradient kernel's passes).
+    """
+    matmul_dtype = matmul_dtype or dtype
+    parameter_dtype = parameter_dtype or dtype
+    x_size, mm_size, param_size = (element_size(t) for t in (dtype, matmul_dtype, parameter_dtype))
+    n_rows, n_cols, n_hidden = rows, dim, hidden
+    # Bytes of each tensor the kernels touch.
+    x = dy = n_rows * n_cols * x_size
+    weight = n_hidden * n_cols * mm_size  # w1 or w2 in the matmul dtype
+    d_pre = n_rows * n_hidden * mm_size
+    statistics = n_rows * 2 * 4  # fp32 mean and rstd
+    ln_parameters = 2 * n_cols * param_size
+    b1, b2 = n_hidden * param_size, n_cols * param_size
+    partial_size = 8  # fp64 column-sum partials (see _column_sum)
+    matmul = 2 * n_rows * n_cols * n_hidden  # each of the op's [rows, C] x [C, H]-sized products
+
+    def padded(size, block):
+        return triton.cdiv(size, block) * block
+
+    def kernel_cost(kernel, phase, read, written, useful, executed):
+        return KernelCost(op="layernorm_mlp", kernel=kernel.__name__, phase=phase, launches=1, **read,
+                          bytes_written=written, useful_flops=useful, executed_flops=executed)
+
+    def torch_cost(name, phase, read, written):
+        return KernelCost(op="layernorm_mlp", kernel=name, phase=phase, launches=1, bytes_read=read,
+                          bytes_written=written, useful_flops=0, executed_flops=0, library="torch")
+
+    costs = []
+    if matmul_dtype != parameter_dtype:  # the wrapper casts the weights once per call
+        costs += [torch_cost(f"aten._to_copy: {name} to the matmul dtype", "forward",
+                             n_hidden * n_cols * param_size, weight) for name in ("w1", "w2")]
+
+    # Forward, grid (row tiles, output-column tiles): each program loads its rows of x, all of
+    # w1, its columns of w2, the LayerNorm parameters and biases; column tile 0 writes the
+    # statistics.
+    cfg = _FORWARD
+    row_tiles, col_tiles = triton.cdiv(n_rows, cfg.block_m), triton.cdiv(n_cols, cfg.block_n)
+    programs = row_tiles * col_tiles
+    costs.append(kernel_cost(
+        _ln_mlp_forward_kernel, "forward",
+        reads((x, col_tiles), (weight, programs), (weight, row_tiles), (ln_parameters + b1, programs),
+              (b2, row_tiles)),
+        written=x + statistics, useful=2 * matmul,
+        executed=programs * (2 * cfg.block_m * padded(n_hidden, cfg.block_h) * padded(n_cols, cfg.block_k)
+                             + 2 * cfg.block_m * padded(n_hidden, cfg.block_h) * cfg.block_n)))
+
+    grids = _backward_grids(n_rows, n_cols, n_hidden)
+    # Hidden gradient, grid (row tiles, hidden tiles): rows of x and dy, a hidden chunk of w1,
+    # w2 and b1, the LayerNorm parameters and statistics; writes d_pre and db1 partials.
+    cfg = _BACKWARD_HIDDEN
+    row_tiles, hidden_tiles = grids.hidden
+    costs.append(kernel_cost(
+        _ln_mlp_backward_hidden_kernel, "backward",
+        reads((x + dy + statistics, hidden_tiles), (2 * weight + b1, row_tiles), (ln_parameters, row_tiles * hidden_tiles)),
+        written=d_pre + row_tiles * n_hidden * partial_size,
+        useful=matmul,  # dy @ w2; fc1 is recomputed
+        executed=row_tiles * hidden_tiles * 2 * (2 * cfg.block_m * cfg.block_h * padded(n_cols, cfg.block_k))))
+    # Input gradient, grid (row tiles,): its rows of d_pre, x, dy and statistics, all of w1
+    # and gamma; writes dx and three column-sum partials. d_pre @ w1 runs in both passes.
+    cfg = _BACKWARD_INPUT
+    (row_tiles,) = grids.input
+    costs.append(kernel_cost(
+        _ln_mlp_backward_input_kernel, "backward",
+        reads((d_pre + x + dy + statistics, 1), (weight + n_cols * param_size, row_tiles)),
+        written=x + row_tiles * 3 * n_cols * partial_size,
+        useful=matmul,
+        executed=row_tiles * 2 * (2 * cfg.block_m * padded(n_cols, cfg.block_n) * padded(n_hidden, cfg.block_h))))
+    # dW1, grid (hidden tiles, column tiles, row splits): each program loads its split's rows
+    # of d_pre (its hidden chunk), of x (its columns) and of the statistics, and its columns
+    # of the LayerNorm parameters; writes its fp32 partial tile.
+    cfg = _BACKWARD_W1
+    hidden_tiles, col_tiles, splits = grids.w1
+    costs.append(kernel_cost(
+        _ln_mlp_backward_w1_kernel, "backward",
+        reads((d_pre, col_tiles), (x, hidden_tiles), (statistics, hidden_tiles * col_tiles),
+              (ln_parameters, splits * hidden_tiles)),
+        written=splits * n_hidden * n_cols * 4, useful=matmul,
+        executed=2 * padded(n_rows, cfg.block_m) * padded(n_hidden, cfg.block_h) * padded(n_cols, cfg.block_n)))
+    # dW2, grid (column tiles, hidden tiles, row splits): each program recomputes fc1 for its
+    # split's rows and hidden chunk (rows of x and statistics, w1's and b1's chunk, the
+    # LayerNorm parameters) and loads its columns of dy; writes its fp32 partial tile.
+    cfg = _BACKWARD_W2
+    col_tiles, hidden_tiles, splits = grids.w2
+    row_tiles = triton.cdiv(n_rows, cfg.block_m)
+    costs.append(kernel_cost(
+        _ln_mlp_backward_w2_kernel, "backward",
+        reads((x + statistics, col_tiles * hidden_tiles), (weight + b1, col_tiles * splits),
+              (ln_parameters, col_tiles * hidden_tiles * splits), (dy, hidden_tiles)),
+        written=splits * n_cols * n_hidden * 4, useful=matmul,
+        executed=col_tiles * hidden_tiles * row_tiles * (2 * cfg.block_m * cfg.block_h * padded(n_cols, cfg.block_k)
+                                                         + 2 * cfg.block_n * cfg.block_h * cfg.block_m)))
+
+    # torch sums the partials over their leading dimension, then casts them to the parameters' dtypes.
+    for name, count, width, size in (("d_ln_weight", grids.input[0], n_cols, partial_size),
+                                     ("d_ln_bias", grids.input[0], n_cols, partial_size),
+                                     ("dw1", grids.w1[2], n_hidden * n_cols, 4),
+                                     ("db1", grids.hidden[0], n_hidden, partial_size),
+                                     ("dw2", grids.w2[2], n_cols * n_hidden, 4),
+                                     ("db2", grids.input[0], n_cols, partial_size)):
+        costs.append(torch_cost(f"aten.sum: {name} partials", "backward", count * width * size, width * size))
+        if {8: torch.float64, 4: torch.float32}[size] != parameter_dtype:
+            costs.append(torch_cost(f"aten._to_copy: {name} to the parameter dtype", "backward", width * size,
+                                    width * param_size))
+    return costs
 
 
 # ---------------------------------------------------------------------------------------------
