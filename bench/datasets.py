@@ -76,5 +76,9 @@ def load(kind: str, data_dir: str | None, download: bool) -> BenchData:
                   "random images (throughput only)")
         data_dir = found or Path("data")
     images = load_cifar10(data_dir, download=download)
-    return BenchData("cifar10", str(Path(data_dir).resolve()), f"real CIFAR-10 from {Path(data_dir).resolve()}",
-                     True, images)
+    folder = Path(data_dir).resolve()
+    train, test = len(images.train_labels), len(images.test_labels)
+    note = f"CIFAR-10 read from {folder}"
+    if (train, test) != (TRAIN_IMAGES, TEST_IMAGES):
+        note += f" (a partial set: {train:,} training and {test:,} test images, not CIFAR-10's {TRAIN_IMAGES:,} and {TEST_IMAGES:,})"
+    return BenchData("cifar10", str(folder), note, True, images)

@@ -7,10 +7,10 @@ the plan handed from step 1 to step 2) goes to --work (default .device-data, ign
     python -m bench.gpu_session step1 RESULTS     # the GPU tests, then the kernel bench
     python -m bench.gpu_session step2 RESULTS     # the data, the full training run, the training bench
 
-step1: the tests whose names or markers say gpu, bf16 parity first (pytest -k "gpu and not
-       determinis"), then determinism (-k "gpu and determinis"); then `python -m bench` on
-       synthetic images (kernels at the model's shape, augmentation, the headline training rows,
-       sweeps), which also measures the triton training step that step2 plans with.
+step1: the tests marked gpu, bf16 parity first (pytest -m gpu -k "not determinis"), then
+       determinism (-m gpu -k determinis); then `python -m bench` on
+       synthetic images (kernels at the model's shape, augmentation, the triton training row
+       whose step time step2 plans with, sweeps).
 step2: CIFAR-10 rebuilt from the two parts carried with the commands (device_data.py unpack);
        the default recipe trained with the triton backend by train.py, all 200 epochs if the
        step time measured in step1 says they fit before the training bench's share, else as
@@ -24,8 +24,8 @@ everything passed, 1 when a test, our kernels, our trainer or the full run faile
 usage error.
 
 `--device cpu` is a dry run at tiny sizes (the bench's --quick, a tiny model, the Triton
-interpreter): tests/test_gpu_session.py runs both steps so, to know paths, flags and the file
-limit work before a GPU is lent.
+interpreter): tests/test_gpu_session.py runs both steps so that paths, flags and the file limit
+are known to work before a GPU is lent.
 """
 import argparse
 import csv
@@ -43,13 +43,15 @@ import xml.etree.ElementTree as ElementTree
 from pathlib import Path
 
 from bench.measure import REPO, git_commit
-from bench.run import QUICK_BATCH_SIZE, TINY_MODEL
+from bench.run import QUICK_BATCH_SIZE, TINY_MODEL, positive_float, positive_int
 from vit.environment import atomic_write
 
 MAX_RESULT_FILES = 8  # what the GPU machine sends back from a results folder
 DEFAULT_SECONDS = {"step1": 210, "step2": 480}
 TESTS_SHARE = 0.4  # of step1's time, at most, for the two test groups (the parity group gets 3/4 of it)
-TEST_GROUPS = (("bf16 parity", "gpu and not determinis"), ("determinism", "gpu and determinis"))
+# `pytest -m gpu` in two groups: the bf16 parity tests at the model's shapes first, then the
+# determinism tests (their names say so).
+TEST_GROUPS = (("bf16 parity", "not determinis"), ("determinism", "determinis"))
 # The row step2 plans with; the training peers run in step2, on the real data, with more time.
 STEP1_TRAINING_CONFIGS = "triton"
 BENCH_FILES = {"step1": 6, "step2": 4}  # the bench's share of the 8 files, beside the session's own
@@ -67,6 +69,7 @@ PROBE_SECONDS = 60  # step2 without a plan from step1: a bench row of the triton
 GRACE_SECONDS = 10  # after SIGINT, before SIGKILL
 BENCH_STARTUP_SECONDS = 15  # python -m bench imports torch, Triton and the kernels before its budget starts
 MARGIN_SECONDS = 10  # kept at the end of a step for writing session.json
+MIN_COMMAND_SECONDS = 5  # a command with less time than this left is not started
 
 
 class Session:
@@ -74,7 +77,8 @@ class Session:
 
     def __init__(self, step: str, args):
         self.step, self.args = step, args
-        self.results, self.work = Path(args.results), Path(args.work)
+        # Absolute: the commands run from the repository's root, wherever this was started.
+        self.results, self.work = Path(args.results).resolve(), Path(args.work).resolve()
         self.dry_run = args.device == "cpu"
         self.started = time.perf_counter()
         self.deadline = self.started + args.seconds
@@ -117,6 +121,12 @@ class Session:
         SIGINT, then SIGKILL after GRACE_SECONDS. Returns and records its substep."""
         substep = {"name": name, "command": command, "time_limit_seconds": round(seconds, 1)}
         self.record["substeps"].append(substep)
+        if seconds < MIN_COMMAND_SECONDS:
+            substep.update(exit_code=None, seconds=0.0, stopped_at_time_limit=False,
+                           not_started=f"{max(0.0, seconds):.0f}s left of the step's time")
+            self.say(f"!! {name}: not started, {substep['not_started']}")
+            self.save()
+            return substep
         self.say(f"== {name}: {shlex.join(command)} (at most {seconds:.0f}s)")
         self.save()
         started = time.perf_counter()
@@ -248,7 +258,7 @@ def step1(session: Session) -> None:
         junit = session.work / f"pytest-{index + 1}.xml"
         junit.unlink(missing_ok=True)
         substep = session.run(f"tests: {title}", [
-            sys.executable, "-m", "pytest", "tests", "-k", expression, "-p", "no:cacheprovider", "-q", "-rfEs",
+            sys.executable, "-m", "pytest", "tests", "-m", "gpu", "-k", expression, "-p", "no:cacheprovider", "-q", "-rfEs",
             f"--junitxml={junit}"], until - time.perf_counter())
         substep["tests"] = _junit_summary(junit)
         # pytest exits 5 when nothing was selected: no GPU tests is not a failure of the code.
@@ -282,7 +292,7 @@ def _cifar_sizes(data_dir: Path) -> tuple[int, int]:
 def _real_data(session: Session) -> tuple[Path | None, str]:
     """(folder holding cifar-10-batches-py, how it got there) or (None, why there is none)."""
     if session.args.data_dir:
-        return Path(session.args.data_dir), f"--data-dir {session.args.data_dir}"
+        return Path(session.args.data_dir).resolve(), f"--data-dir {session.args.data_dir}"
     target = session.work / "data"
     if (target / "cifar-10-batches-py" / "test_batch").exists():
         return target, f"unpacked earlier in {target}"
@@ -434,15 +444,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("results", help="folder for the results (on the GPU machine: $OUT); created if missing, must be empty")
     p.add_argument("--work", default=".device-data", help="scratch: device_data.py and the parts, the unpacked data, "
                                                           "the training run, the plan from step1")
-    p.add_argument("--seconds", type=float, default=None,
+    p.add_argument("--seconds", type=positive_float, default=None,
                    help=f"wall-clock budget of the step (default: {DEFAULT_SECONDS['step1']} for step1, "
                         f"{DEFAULT_SECONDS['step2']} for step2)")
     p.add_argument("--device", choices=["cuda", "cpu"], default="cuda",
                    help="cpu: a dry run at tiny sizes, to check paths, flags and the file limit without a GPU")
     p.add_argument("--data-dir", default=None, help="step2: CIFAR-10 already on this machine (no unpacking)")
-    p.add_argument("--bench-seconds", type=float, default=BENCH_SECONDS,
+    p.add_argument("--bench-seconds", type=positive_float, default=BENCH_SECONDS,
                    help="step2: seconds kept for the training bench after the full run")
-    p.add_argument("--max-epochs", type=int, default=RECIPE_EPOCHS,
+    p.add_argument("--max-epochs", type=positive_int, default=RECIPE_EPOCHS,
                    help="step2: at most this many epochs in the full run (the recipe's 200; fewer when they do not fit)")
     p.add_argument("--commit", default=None, help="the commit measured, recorded when the folder is not a git checkout")
     return p

@@ -262,6 +262,7 @@ def test_h100_specs_name_every_kernel_argument():
 GPU_SHAPES = [(128, 65, 12, 32), (8, 257, 6, 64)]
 
 
+@pytest.mark.gpu
 @needs_gpu
 @pytest.mark.parametrize("batch, seq_len, num_heads, head_dim", GPU_SHAPES,
                          ids=[f"B{b}-N{n}-H{h}-D{d}" for b, n, h, d in GPU_SHAPES])
@@ -269,6 +270,7 @@ def test_bf16_matches_reference_on_gpu(batch, seq_len, num_heads, head_dim):
     _check_parity(batch, seq_len, num_heads, head_dim, torch.bfloat16)
 
 
+@pytest.mark.gpu
 @needs_gpu
 @pytest.mark.parametrize("batch, seq_len, num_heads, head_dim", GPU_SHAPES,
                          ids=[f"B{b}-N{n}-H{h}-D{d}" for b, n, h, d in GPU_SHAPES])
@@ -280,6 +282,7 @@ def test_bf16_backward_is_deterministic_on_gpu(batch, seq_len, num_heads, head_d
         assert torch.equal(grad_first, grad_again)
 
 
+@pytest.mark.gpu
 @needs_gpu
 def test_bf16_under_autocast_on_gpu():
     # How the model calls it: the QKV projection's output arrives in bf16 already.

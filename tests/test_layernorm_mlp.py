@@ -286,6 +286,7 @@ def test_cpu_tensors_without_the_interpreter_raise_value_error():
 REAL_SHAPE, REAL_HIDDEN = (128, 65, 384), 384
 
 
+@pytest.mark.gpu
 @needs_cuda
 def test_gpu_bf16_parity_at_real_shapes(generator):
     x, parameters, dy = cast(*random_problem(REAL_SHAPE, REAL_HIDDEN, generator), torch.bfloat16, torch.device("cuda"))
@@ -295,6 +296,7 @@ def test_gpu_bf16_parity_at_real_shapes(generator):
                                     f"bf16 real shapes seed={generator.initial_seed()}")
 
 
+@pytest.mark.gpu
 @needs_cuda
 def test_gpu_autocast_bf16_at_real_shapes(generator):
     """The model's case: fp32 residual stream and parameters, bf16 matmuls under autocast."""
@@ -308,6 +310,7 @@ def test_gpu_autocast_bf16_at_real_shapes(generator):
                                     f"autocast bf16 seed={generator.initial_seed()}")
 
 
+@pytest.mark.gpu
 @needs_cuda
 def test_gpu_backward_is_deterministic_at_real_shapes(generator):
     x, parameters, dy = cast(*random_problem(REAL_SHAPE, REAL_HIDDEN, generator), torch.float32, torch.device("cuda"))
