@@ -534,7 +534,8 @@ def run_config(config: TrainingConfig, settings: TrainingSettings, device: torch
     row.host_work_seconds = host_work["seconds_per_epoch"]
     row.projected_200_epoch_seconds = row.overhead_seconds + RECIPE_EPOCHS * (
         row.epoch_seconds + row.eval_seconds + row.host_work_seconds)
-    if compile_mode is None and settings.count_steps:
+    # Eager steps only: a compiled or graph-replayed step launches what the dispatcher does not see.
+    if compile_mode is None and not config.cuda_graphs and settings.count_steps:
         try:
             row.counts = count_device_work(trainer, inner_loader, settings.count_steps, settings.batch_size,
                                            epoch=row.epochs_run)
