@@ -92,8 +92,9 @@ class TrainingConfig:
 
     @property
     def owner(self) -> str:
-        """"ours": our model and trainer (a failure fails the run); "peer": timm's model."""
-        return "ours" if self.model == "ours" else "peer"
+        """"ours": our model, backends and trainer (a failure fails the run); "peer": what a user
+        could pick instead: timm's model, and torch.compile of the torch reference."""
+        return "peer" if self.model == "timm" or (self.backend == "torch" and self.compile) else "ours"
 
 
 def training_configs(device: torch.device) -> list[TrainingConfig]:
