@@ -43,7 +43,7 @@ import xml.etree.ElementTree as ElementTree
 from pathlib import Path
 
 from bench.measure import REPO, git_commit
-from bench.run import QUICK_BATCH_SIZE, TINY_MODEL, positive_float, positive_int
+from bench.run import QUICK_BATCH_SIZE, TINY_MODEL, HelpFormatter, positive_float, positive_int
 from vit.environment import atomic_write
 
 MAX_RESULT_FILES = 8  # what the GPU machine sends back from a results folder
@@ -439,7 +439,7 @@ def step2(session: Session) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m bench.gpu_session", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False)
+                                formatter_class=HelpFormatter, allow_abbrev=False)
     p.add_argument("step", choices=["step1", "step2"])
     p.add_argument("results", help="folder for the results (on the GPU machine: $OUT); created if missing, must be empty")
     p.add_argument("--work", default=".device-data", help="scratch: device_data.py and the parts, the unpacked data, "

@@ -1,5 +1,5 @@
-"""`python -m bench`: time the kernels and real CIFAR-10 training, side by side with what a
-user would pick instead, check the results are right, and write a report.
+"""`python -m bench`: time the kernels and CIFAR-10 training, side by side with what a user
+would pick instead, check the results are right, and write a report.
 
 Phases, in the order they run, each within its share of the budget:
   1. peaks: the device's matmul FLOP/s and copy bandwidth, measured now;

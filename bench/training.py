@@ -385,9 +385,9 @@ def count_device_work(trainer: Trainer, inner_loader, steps: int, batch_size: in
         trainer.loader = previous
     summary = loader.summary(batch_size, counter.counts.as_dict())
     if not getattr(trainer.optimizer, "defaults", {}).get("fused"):
-        summary["note"] += ("; the optimizer here is not fused Adam (the trainer fuses it on CUDA only), whose step "
-                            "reads each parameter's step count: one sync per parameter tensor that fused Adam on a GPU "
-                            "does not make")
+        summary["note"] += ("; the optimizer here is not fused Adam (the trainer fuses it on CUDA only): its step "
+                            "launches several ops per parameter tensor and reads each one's step count (a sync), where "
+                            "fused Adam on a GPU launches one op and syncs none")
     return summary
 
 
