@@ -33,22 +33,16 @@ configs. `h100_compile_specs()` lists every kernel in every configuration the
 wrapper can pick, for kernels/h100.py to compile for sm_90 and check for spills and
 tensor-core (HGMMA) use.
 """
-import contextlib
 import math
-import os
 from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
-SUPPORTED_HEAD_DIMS = (16, 32, 48, 64)
-SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+from kernels import _common
 
-# When True, outputs and gradients are allocated filled with NaN instead of left
-# uninitialised, so an element a kernel forgets to write shows up in tests. Tests
-# switch it on; the environment variable does the same for a whole run.
-POISON_OUTPUTS = os.environ.get("KERNELS_POISON_OUTPUTS", "0") == "1"
+SUPPORTED_HEAD_DIMS = (16, 32, 48, 64)
 
 # Softmax exponentials use exp2 (one instruction on the GPU), so scores and log-sum-exps
 # are converted to base 2 with log2(e), and back with ln(2).
@@ -376,20 +370,7 @@ def _launch_plan(seq_len: int, head_dim: int, dtype: torch.dtype) -> _LaunchPlan
 # --------------------------------------------------------------------------------------
 def _kernels_are_interpreted() -> bool:
     """True when TRITON_INTERPRET=1 was set before this module was imported (CPU tests)."""
-    from triton.runtime.interpreter import InterpretedFunction
-
-    return isinstance(_attention_forward_kernel, InterpretedFunction)
-
-
-def _new_output(shape, dtype, device) -> torch.Tensor:
-    if POISON_OUTPUTS:
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
-    return torch.empty(shape, dtype=dtype, device=device)
-
-
-def _on_device_of(tensor: torch.Tensor):
-    # Triton launches on the current CUDA device; make it the tensor's (cuda:1 etc.).
-    return torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext()
+    return _common.is_interpreted(_attention_forward_kernel)
 
 
 def _with_unit_last_stride(tensor: torch.Tensor) -> torch.Tensor:
@@ -399,8 +380,7 @@ def _with_unit_last_stride(tensor: torch.Tensor) -> torch.Tensor:
 
 def _validate(qkv, num_heads, scale) -> tuple[int, float]:
     """Check the arguments; returns (head_dim, scale)."""
-    if not isinstance(qkv, torch.Tensor):
-        raise ValueError(f"qkv must be a torch.Tensor, got {type(qkv).__name__}")
+    _common.check_floating("qkv", qkv)
     if isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads <= 0:
         raise ValueError(f"num_heads must be a positive int, got {num_heads!r}")
     if qkv.dim() != 3:
@@ -411,14 +391,9 @@ def _validate(qkv, num_heads, scale) -> tuple[int, float]:
     if head_dim not in SUPPORTED_HEAD_DIMS:
         raise ValueError(f"head_dim {head_dim} (qkv's last dim / (3 * num_heads)) is not supported; "
                          f"supported: {SUPPORTED_HEAD_DIMS}")
-    if qkv.dtype not in SUPPORTED_DTYPES:
-        raise ValueError(f"qkv dtype {qkv.dtype} is not supported; use float16, bfloat16 or float32")
-    if qkv.device.type == "cpu":
-        if not _kernels_are_interpreted():
-            raise ValueError("qkv is on the CPU; the Triton kernels need a CUDA tensor, "
-                             "or TRITON_INTERPRET=1 set before kernels.attention is imported")
-    elif qkv.device.type != "cuda":
-        raise ValueError(f"qkv device {qkv.device} is not supported; use a CUDA tensor")
+    interpreted = _kernels_are_interpreted()
+    _common.check_device("qkv", qkv, interpreted, __name__)
+    _common.refuse_interpreted_bf16("qkv", interpreted, qkv.dtype)
     if scale is None:
         scale = head_dim ** -0.5
     if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
@@ -429,8 +404,8 @@ def _validate(qkv, num_heads, scale) -> tuple[int, float]:
 def _attention_forward(qkv: torch.Tensor, num_heads: int, head_dim: int, scale: float, plan: _LaunchPlan):
     batch, seq_len, _ = qkv.shape
     model_dim = num_heads * head_dim
-    out = _new_output((batch, seq_len, model_dim), qkv.dtype, qkv.device)
-    lse = _new_output((batch * num_heads, seq_len), torch.float32, qkv.device)
+    out = _common.new_output((batch, seq_len, model_dim), qkv.dtype, qkv.device)
+    lse = _common.new_output((batch * num_heads, seq_len), torch.float32, qkv.device)
     if out.numel() == 0:
         return out, lse
     config = plan.forward
@@ -450,7 +425,7 @@ def _attention_forward(qkv: torch.Tensor, num_heads: int, head_dim: int, scale: 
 
 def _attention_backward(qkv, out, lse, dout, num_heads: int, head_dim: int, scale: float, plan: _LaunchPlan):
     batch, seq_len, _ = qkv.shape
-    dqkv = _new_output(qkv.shape, qkv.dtype, qkv.device)
+    dqkv = _common.new_output(qkv.shape, qkv.dtype, qkv.device)
     if dqkv.numel() == 0:
         return dqkv
     block_d = triton.next_power_of_2(head_dim)
@@ -460,7 +435,7 @@ def _attention_backward(qkv, out, lse, dout, num_heads: int, head_dim: int, scal
     if dq_config is None:
         delta = lse  # unused by the fused kernel: delta comes from the tile itself
     else:
-        delta = _new_output((batch_heads, seq_len), torch.float32, qkv.device)
+        delta = _common.new_output((batch_heads, seq_len), torch.float32, qkv.device)
         _attention_backward_dq_kernel[(triton.cdiv(seq_len, dq_config.block_m), batch_heads)](
             qkv, out, dout, dqkv, lse, delta,
             seq_len, num_heads,
@@ -497,7 +472,7 @@ class _FusedAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, qkv, num_heads, head_dim, scale):
         plan = _launch_plan(qkv.shape[1], head_dim, qkv.dtype)
-        with _on_device_of(qkv):
+        with _common.on_device_of(qkv):
             out, lse = _attention_forward(qkv, num_heads, head_dim, scale, plan)
         # Only the split backward reads the output back (for delta); saving it costs no
         # memory, it is the tensor returned.
@@ -510,7 +485,7 @@ class _FusedAttention(torch.autograd.Function):
     def backward(ctx, dout):
         qkv, out, lse = ctx.saved_tensors
         dout = _with_unit_last_stride(dout.to(qkv.dtype))
-        with _on_device_of(qkv):
+        with _common.on_device_of(qkv):
             dqkv = _attention_backward(qkv, out, lse, dout, ctx.num_heads, ctx.head_dim, ctx.scale, ctx.plan)
         return dqkv, None, None, None
 
@@ -530,8 +505,6 @@ def attention(qkv: torch.Tensor, num_heads: int, scale: float | None = None) -> 
 # --------------------------------------------------------------------------------------
 # H100 compile checks (see kernels/h100.py)
 # --------------------------------------------------------------------------------------
-_TRITON_DTYPE_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
-
 # Runtime (non-constexpr) arguments, in order, with their Triton types; "{dtype}" is
 # the input dtype's pointer type.
 _FORWARD_SIGNATURE = {
@@ -561,62 +534,75 @@ _DQ_SIGNATURE = {
     "softmax_scale": "fp32",
 }
 
+# The planner is evaluated at every sequence length up to this one; its choice depends on
+# the smallest power-of-two tile holding the sequence, and is the same for every length
+# past _HALF_MAX_FUSED_TILE, so this covers each branch several times over.
+PLANNED_SEQ_LEN_LIMIT = 2048
 
-# (seq_len, head_dim) pairs checked by default: the model's N = 65 at every head dim
-# (the model's is 32), and N = 257, where the forward streams key blocks and the
-# backward splits into the dq and dk/dv kernels, at the two padded head widths.
-H100_CHECK_SHAPES = tuple((65, head_dim) for head_dim in SUPPORTED_HEAD_DIMS) + ((257, 32), (257, 64))
+
+def launch_plans():
+    """Every (dtype, head_dim, seq_len, plan) the wrapper can launch with, one seq_len per
+    distinct (dtype, head_dim, plan, seq_len as the launcher specializes it)."""
+    from kernels.h100 import launcher_specialization
+
+    seen = set()
+    for dtype in _common.SUPPORTED_DTYPES:
+        for head_dim in SUPPORTED_HEAD_DIMS:
+            for seq_len in range(1, PLANNED_SEQ_LEN_LIMIT + 1):
+                plan = _launch_plan(seq_len, head_dim, dtype)
+                key = (dtype, head_dim, plan, launcher_specialization(seq_len))
+                if key not in seen:
+                    seen.add(key)
+                    yield dtype, head_dim, seq_len, plan
 
 
-def h100_compile_specs(shapes=H100_CHECK_SHAPES, dtypes=(torch.bfloat16,)) -> list:
-    """Every kernel in every configuration the wrapper picks for these shapes.
+def h100_compile_specs() -> list:
+    """Every kernel in every configuration launch_plans() yields, as kernels/h100.py compiles them.
 
-    shapes: (seq_len, head_dim) pairs; the configuration follows from them and the dtype
-    (see _launch_plan). bf16 is what the model trains in (autocast).
+    The integers other than seq_len are those of contiguous tensors: torch's allocations are
+    16-byte aligned, and every supported head_dim is a multiple of 16, so the row strides (3C,
+    C) and batch strides (N * 3C, N * C) are multiples of 16. num_heads is taken as the
+    model's 12 (neither 1 nor a multiple of 16).
     """
-    from kernels.h100 import KernelSpec  # lazily: that module may land after this one
+    from kernels.h100 import KernelSpec, launcher_specialization, matmul_instructions
 
-    specs = []
-    labels = set()
+    specs, labels = [], set()
 
-    def add(kernel, runtime_args, constexprs, config, dtype):
-        dtype_name = _TRITON_DTYPE_NAMES[dtype]
+    def add(kernel, runtime_args, constexprs, config, dtype, seq_len, dot_rows):
+        dtype_name = _common.DTYPE_NAMES[dtype]
+        specialization = launcher_specialization(seq_len)
         described = ",".join(f"{name}={value}" for name, value in constexprs.items())
-        label = f"{dtype_name},{described},warps={config.num_warps},stages={config.num_stages}"
-        if label in labels:  # two shapes that pick the same configuration
+        label = f"{dtype_name},{described},warps={config.num_warps},stages={config.num_stages},seq_len:{specialization}"
+        if (kernel, label) in labels:  # the same kernel configuration chosen for another shape
             return
-        labels.add(label)
+        labels.add((kernel, label))
         signature = {name: kind.format(dtype=dtype_name) for name, kind in runtime_args.items()}
-        pointers = [name for name, kind in signature.items() if kind.startswith("*")]
-        strides = [name for name in signature if name.startswith("stride_")]
+        pinned = {}
+        if specialization == "1":
+            pinned["seq_len"] = 1
+            del signature["seq_len"]
+        divisible = [name for name, kind in signature.items() if kind.startswith("*") or name.startswith("stride_")]
+        if specialization == "16k":
+            divisible.append("seq_len")
         specs.append(KernelSpec(
-            name=kernel.__name__,
-            config=label,
-            fn=kernel,
-            signature=signature,
-            constexprs=dict(constexprs),
-            num_warps=config.num_warps,
-            num_stages=config.num_stages,
-            uses_matmul=True,
-            # As the launcher sees them: torch's allocations are 16-byte aligned, and every
-            # supported head_dim is a multiple of 16, so the row strides (3C, C) and batch
-            # strides (N * 3C, N * C) of contiguous tensors are too.
-            divisible_by_16=tuple(pointers + strides),
+            name=kernel.__name__, config=label, fn=kernel, signature=signature,
+            constexprs={**constexprs, **pinned}, num_warps=config.num_warps, num_stages=config.num_stages,
+            # fp32 dots run with input_precision="ieee": exact products on the FMA units.
+            instructions=matmul_instructions(dtype_name, "ieee", dot_rows, config.num_warps),
+            divisible_by_16=tuple(divisible),
         ))
 
-    for dtype in dtypes:
-        for seq_len, head_dim in shapes:
-            head = {"HEAD_DIM": head_dim, "BLOCK_D": triton.next_power_of_2(head_dim)}
-            plan = _launch_plan(seq_len, head_dim, dtype)
-            add(_attention_forward_kernel, _FORWARD_SIGNATURE,
-                {**head, "BLOCK_M": plan.forward.block_m, "BLOCK_N": plan.forward.block_n},
-                plan.forward, dtype)
-            add(_attention_backward_dkdv_kernel, _DKDV_SIGNATURE,
-                {**head, "BLOCK_M": plan.dkdv.block_m, "BLOCK_N": plan.dkdv.block_n,
-                 "FUSE_DQ": plan.dq is None},
-                plan.dkdv, dtype)
-            if plan.dq is not None:
-                add(_attention_backward_dq_kernel, _DQ_SIGNATURE,
-                    {**head, "BLOCK_M": plan.dq.block_m, "BLOCK_N": plan.dq.block_n},
-                    plan.dq, dtype)
+    for dtype, head_dim, seq_len, plan in launch_plans():
+        head = {"HEAD_DIM": head_dim, "BLOCK_D": triton.next_power_of_2(head_dim)}
+        forward, dkdv, dq = plan.forward, plan.dkdv, plan.dq
+        # The rows (M side) of each kernel's tl.dot calls decide which tensor-core instruction fits.
+        add(_attention_forward_kernel, _FORWARD_SIGNATURE,
+            {**head, "BLOCK_M": forward.block_m, "BLOCK_N": forward.block_n}, forward, dtype, seq_len,
+            dot_rows=(forward.block_m,))
+        add(_attention_backward_dkdv_kernel, _DKDV_SIGNATURE,
+            {**head, "BLOCK_M": dkdv.block_m, "BLOCK_N": dkdv.block_n, "FUSE_DQ": dq is None}, dkdv, dtype, seq_len,
+            dot_rows=(dkdv.block_n,) if dq is not None else (dkdv.block_n, dkdv.block_m))
+        if dq is not None:
+            add(_attention_backward_dq_kernel, _DQ_SIGNATURE,
+                {**head, "BLOCK_M": dq.block_m, "BLOCK_N": dq.block_n}, dq, dtype, seq_len, dot_rows=(dq.block_m,))
     return specs

@@ -8,33 +8,48 @@ NVIDIA tools shipped inside Triton's wheel tell us what the hardware would see:
   shared memory. We re-run ptxas ourselves with the flags Triton's own make_cubin uses,
   because Triton only prints that log on a cache miss and never keeps it.
 * cuobjdump -sass on Triton's cubin: HGMMA instructions mean the Hopper warpgroup tensor
-  cores (wgmma) are used; HMMA alone means a matmul fell back to Ampere-style mma.sync.
+  cores (wgmma) are used; HMMA alone means a matmul fell back to Ampere-style mma.sync;
+  neither, with FFMA, means the dots ran on the FMA units.
 * Triton's metadata "shared": the dynamic shared memory the kernel will request.
 
 Each op module listed in OP_MODULES describes its kernels by a function
-h100_compile_specs() -> list[KernelSpec]; all_specs() collects them, and
-`python -m kernels.report` / tests/test_h100_compile.py check them.
+h100_compile_specs() -> list[KernelSpec], generated from its launch planner so that every
+configuration the planner can pick is compiled; collect_specs() gathers them, and
+`python -m kernels.report` / tests/test_h100_compile.py check them against
+check_result()'s rules.
+
+Compiles run where Triton's interpreter has never run: once a kernel has run interpreted
+(TRITON_INTERPRET=1, how the CPU tests run), the interpreter leaves triton.language's
+builtins patched for the rest of the process, and lowering any kernel that calls tl.zeros,
+tl.sum, tl.max... then fails. compile_isolated() therefore compiles in a fresh Python
+process without TRITON_INTERPRET (`python -m kernels.h100`), which imports the spec
+factories by name; compile_for_h100() is the in-process step that process runs, and
+refuses to run in an interpreted process.
 """
 from __future__ import annotations
 
-import contextlib
+import argparse
 import importlib
 import importlib.util
 import inspect
+import json
+import multiprocessing
+import os
 import re
 import subprocess
 import sys
 import tempfile
-import types
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import triton
 import triton.language as tl
 from triton import knobs
 from triton.backends.compiler import GPUTarget
 from triton.runtime.jit import JITFunction
+
+REPO = Path(__file__).resolve().parents[1]
 
 # Every module here must define h100_compile_specs() once it exists. A new op module is
 # added to this one tuple and nothing else.
@@ -68,7 +83,7 @@ class KernelSpec:
         human string such as "BLOCK_M=64,BLOCK_N=64,HEAD_DIM=32". (name, config) must be
         unique across all specs.
     fn: the @triton.jit function (a triton.autotune / triton.heuristics wrapper around one
-        is unwrapped). Works whether or not TRITON_INTERPRET=1 is set; see compilable().
+        is unwrapped). It must not be an interpreted kernel: see compile_isolated().
     signature: every runtime argument of fn, name -> Triton type string, e.g.
         {"x_ptr": "*bf16", "out_ptr": "*fp32", "n_rows": "i32", "eps": "fp32"}.
         Types: "*bf16", "*fp16", "*fp32", "*i32", "*i64" (pointers), "i1", "i32", "i64",
@@ -85,7 +100,8 @@ class KernelSpec:
           not in `signature` (the launcher does this for integer arguments equal to 1).
         Every argument of fn must be in exactly one of the two dicts.
     num_warps, num_stages: the launch options, as passed to the kernel at run time.
-    uses_matmul: the kernel calls tl.dot, so on an H100 it must use HGMMA (wgmma).
+    instructions: what the kernel's matmuls must compile to, one of INSTRUCTION_CLASSES
+        ("HGMMA", "HMMA", "FMA", "none"); matmul_instructions() derives it from the tiles.
     divisible_by_16: the arguments the launcher would see as multiples of 16 (pointers
         to 16-byte-aligned data, integer strides/sizes like 384). None means "every pointer
         argument", which holds for tensors torch allocates; name integer arguments too when
@@ -99,8 +115,13 @@ class KernelSpec:
     constexprs: dict[str, Any]
     num_warps: int
     num_stages: int
-    uses_matmul: bool
+    instructions: str
     divisible_by_16: tuple[str, ...] | None = None
+
+    def __post_init__(self):
+        if self.instructions not in INSTRUCTION_CLASSES:
+            raise ValueError(f"{self.name}[{self.config}]: instructions {self.instructions!r} is not one of "
+                             f"{INSTRUCTION_CLASSES}")
 
     @property
     def label(self) -> str:
@@ -117,6 +138,7 @@ class CompileResult:
     uses_hgmma: bool  # Hopper warpgroup MMA in the SASS
     sass_path: Path | None  # where the SASS was written, if a directory was given
     uses_hmma: bool = False  # Ampere-style mma.sync in the SASS (what a matmul falls back to)
+    uses_ffma: bool = False  # fp32 fused multiply-adds in the SASS
     stack_frame_bytes: int = 0
 
     @property
@@ -157,166 +179,65 @@ def toolchain_missing_reason() -> str | None:
     return None
 
 
-# ------------------------------------------------------------- interpreter-mode kernels
+# ---------------------------------------------------------------- what a spec declares
 
 
-def unwrap_kernel(kernel):
-    """The @triton.jit function inside triton.autotune / triton.heuristics wrappers."""
-    # Both wrappers keep what they wrap in .fn; so does JITFunction (the raw Python
-    # function), hence the type checks first.
-    while not isinstance(kernel, JITFunction) and not _is_interpreted(kernel) and hasattr(kernel, "fn"):
-        kernel = kernel.fn
-    if not isinstance(kernel, JITFunction) and not _is_interpreted(kernel):
-        raise TypeError(f"{kernel!r} is not a @triton.jit function")
-    return kernel
+def launcher_specialization(value: int) -> str:
+    """How Triton's launcher specializes an integer argument, and so which binary runs: "1"
+    (compiled as the constant 1), "16k" (compiled knowing it is a multiple of 16, which can
+    change vectorization and registers) or "plain"."""
+    if value == 1:
+        return "1"
+    return "16k" if value % 16 == 0 else "plain"
 
 
-def _is_interpreted(obj) -> bool:
-    # Imported lazily: nothing else here needs the interpreter (or numpy).
-    from triton.runtime.interpreter import InterpretedFunction
-    return isinstance(obj, InterpretedFunction)
+# What a kernel's matmuls compile to on an H100, as a KernelSpec declares it:
+#   HGMMA: Hopper's warpgroup MMA (wgmma), the full-rate tensor-core path;
+#   HMMA: Ampere's mma.sync, which Triton falls back to for tiles wgmma cannot take;
+#   FMA: no tensor cores, dots on the FMA units (exact fp32, input_precision="ieee");
+#   none: the kernel has no tl.dot.
+INSTRUCTION_CLASSES = ("HGMMA", "HMMA", "FMA", "none")
+# wgmma works on a warpgroup of 4 warps and 64 rows at a time.
+_WGMMA_ROWS, _WARPGROUP = 64, 4
 
 
-@contextlib.contextmanager
-def compilable(kernel):
-    """Yield a JITFunction for kernel that triton.compile can lower, in either mode.
+def matmul_instructions(operand_dtype: str, input_precision: str, dot_rows, num_warps: int) -> str:
+    """The instruction class Triton picks for a kernel's tl.dot calls on sm_90a.
 
-    Without TRITON_INTERPRET this is just the kernel. With TRITON_INTERPRET=1 (how the
-    test suite runs) every @triton.jit in the process was made an InterpretedFunction,
-    and that includes triton.language's own library (tl.zeros, tl.sum, tl.max,
-    tl.softmax, tensor methods like x.sum() ... are @jit functions in
-    triton/language/standard.py). The compiler calls an InterpretedFunction it meets as
-    plain Python, which runs the interpreter's numpy code on IR values and fails.
-
-    So for the duration of the block, every InterpretedFunction the kernel can reach is
-    replaced, where it is referenced, by a JITFunction built from the same Python
-    function: in the globals and closure cells of the kernel and its helpers, in modules
-    those globals name (so `helpers.softmax(...)` works), in every triton.language
-    module, and among tl.tensor's methods. Everything is put back on exit, so the
-    interpreter works as before. Not thread-safe against the interpreter running kernels
-    concurrently in the same process.
+    operand_dtype: "fp16", "bf16" or "fp32"; input_precision: what fp32 dots ask for
+    ("ieee" runs on the FMA units, "tf32" on tensor cores); dot_rows: the M side of every
+    tl.dot in the kernel. wgmma needs whole warpgroups and M a multiple of 64; smaller tiles
+    fall back to mma.sync.
     """
-    kernel = unwrap_kernel(kernel)
-    if isinstance(kernel, JITFunction):
-        yield kernel
-        return
-    swap = _InterpretedToJit()
-    try:
-        for module_name, module in list(sys.modules.items()):
-            if module_name.startswith("triton.language") and module is not None:
-                swap.module_attributes(module)
-        swap.tensor_methods()
-        yield swap.function(kernel)
-    finally:
-        swap.restore()
-
-
-# JITFunction twins of InterpretedFunctions, made once per function for the process. The
-# InterpretedFunction is kept alive with its twin so that its id() cannot be reused.
-_jit_twins: dict[int, tuple[Any, JITFunction]] = {}
-
-
-def _jit_twin(interpreted) -> JITFunction:
-    entry = _jit_twins.get(id(interpreted))
-    if entry is None:
-        # Same keyword arguments (do_not_specialize, debug, noinline, ...) as @triton.jit got.
-        entry = (interpreted, JITFunction(interpreted.fn, **interpreted.kwargs))
-        _jit_twins[id(interpreted)] = entry
-    return entry[1]
-
-
-class _InterpretedToJit:
-    """Swaps InterpretedFunctions for their JITFunction twins and remembers how to undo it."""
-
-    def __init__(self):
-        self._undo: list[Callable[[], None]] = []
-        self._visited: set[int] = set()
-
-    def function(self, interpreted) -> JITFunction:
-        """The twin of interpreted, with everything its body refers to swapped too."""
-        twin = _jit_twin(interpreted)
-        raw = interpreted.fn
-        if id(raw) not in self._visited:
-            self._visited.add(id(raw))
-            # The twin compiles the same function object, so it sees these very globals.
-            self._namespace(raw.__globals__)
-            for cell in raw.__closure__ or ():
-                self._cell(cell)
-        return twin
-
-    def module_attributes(self, module: types.ModuleType):
-        if id(module) in self._visited:
-            return
-        self._visited.add(id(module))
-        for name, value in list(vars(module).items()):
-            if _is_interpreted(value):
-                self._set(vars(module), name, self.function(value))
-
-    def tensor_methods(self):
-        # Under the interpreter, triton.language.core._tensor_member_fn attaches a plain
-        # wrapper closing over the InterpretedFunction (for a JITFunction it attaches the
-        # function itself, which is what the compiler expects).
-        for name, method in list(vars(tl.tensor).items()):
-            wrapped = [cell.cell_contents for cell in getattr(method, "__closure__", None) or ()
-                       if _is_interpreted(_cell_contents(cell))]
-            if wrapped:
-                self._setattr(tl.tensor, name, self.function(wrapped[0]))
-
-    def restore(self):
-        while self._undo:
-            self._undo.pop()()
-
-    def _namespace(self, namespace: dict):
-        if id(namespace) in self._visited:
-            return
-        self._visited.add(id(namespace))
-        for name, value in list(namespace.items()):
-            if _is_interpreted(value):
-                self._set(namespace, name, self.function(value))
-            elif isinstance(value, types.ModuleType):
-                self.module_attributes(value)
-
-    def _cell(self, cell):
-        contents = _cell_contents(cell)
-        if _is_interpreted(contents):
-            twin = self.function(contents)
-            cell.cell_contents = twin
-            self._undo.append(lambda: setattr(cell, "cell_contents", contents))
-
-    def _set(self, namespace: dict, name: str, value):
-        original = namespace[name]
-        namespace[name] = value
-        self._undo.append(lambda: namespace.__setitem__(name, original))
-
-    def _setattr(self, owner, name: str, value):
-        original = vars(owner)[name]
-        setattr(owner, name, value)
-        self._undo.append(lambda: setattr(owner, name, original))
-
-
-def _cell_contents(cell):
-    try:
-        return cell.cell_contents
-    except ValueError:  # an empty cell: a name assigned after the closure was made
-        return None
+    if operand_dtype == "fp32" and input_precision == "ieee":
+        return "FMA"
+    if num_warps % _WARPGROUP == 0 and all(rows % _WGMMA_ROWS == 0 for rows in dot_rows):
+        return "HGMMA"
+    return "HMMA"
 
 
 # ------------------------------------------------------------------------- compilation
 
 
+class InterpreterActiveError(RuntimeError):
+    """A compile was asked of a process whose kernels run through Triton's interpreter."""
+
+
 def compile_for_h100(spec: KernelSpec, sass_dir: Path | str | None = None) -> CompileResult:
-    """Compile spec for sm_90a and read registers, spills, shared memory and tensor-core use.
+    """Compile spec for sm_90a in this process and read registers, spills, shared memory and
+    the matmul instructions.
 
     Writes the SASS to sass_dir/<name>__<config>.sass when sass_dir is given. Raises
-    ToolchainMissingError without ptxas/cuobjdump, ValueError for a malformed spec, and
-    Triton's own errors when the kernel does not compile.
+    ToolchainMissingError without ptxas/cuobjdump, InterpreterActiveError when spec.fn is an
+    interpreted kernel (use compile_isolated), ValueError for a malformed spec, and Triton's
+    own errors when the kernel does not compile.
     """
     toolchain = find_toolchain()
-    with compilable(spec.fn) as jit_function:
-        signature, constexprs, attrs = _triton_source_arguments(spec, jit_function)
-        source = triton.compiler.ASTSource(fn=jit_function, signature=signature, constexprs=constexprs, attrs=attrs)
-        compiled = triton.compile(source, target=H100_TARGET,
-                                  options={"num_warps": spec.num_warps, "num_stages": spec.num_stages})
+    jit_function = unwrap_kernel(spec.fn)
+    signature, constexprs, attrs = _triton_source_arguments(spec, jit_function)
+    source = triton.compiler.ASTSource(fn=jit_function, signature=signature, constexprs=constexprs, attrs=attrs)
+    compiled = triton.compile(source, target=H100_TARGET,
+                              options={"num_warps": spec.num_warps, "num_stages": spec.num_stages})
 
     usage = _ptxas_resource_usage(toolchain.ptxas, compiled.asm["ptx"], compiled.metadata)
     cubin_registers = _cubin_registers(toolchain.cuobjdump, compiled.asm["cubin"])
@@ -341,9 +262,63 @@ def compile_for_h100(spec: KernelSpec, sass_dir: Path | str | None = None) -> Co
         shared_bytes=(compiled.metadata.shared or 0) + usage.static_shared_bytes,
         uses_hgmma=_sass_has_opcode(sass, "HGMMA"),
         uses_hmma=_sass_has_opcode(sass, "HMMA"),
+        uses_ffma=_sass_has_opcode(sass, "FFMA"),
         sass_path=sass_path,
         stack_frame_bytes=usage.stack_frame_bytes,
     )
+
+
+# Registers per thread at which a kernel is flagged in the report (not failed): close to the
+# 255 a thread can have, so a compiler upgrade or a small change may start spilling.
+REGISTER_WARNING = 240
+
+
+def found_instructions(result: CompileResult) -> str:
+    """The instruction class the SASS shows, in KernelSpec.instructions' terms."""
+    if result.uses_hgmma:
+        return "HGMMA"
+    if result.uses_hmma:
+        return "HMMA"
+    return "FMA" if result.uses_ffma else "none"
+
+
+def check_result(spec: KernelSpec, result: CompileResult) -> list[str]:
+    """What makes this compiled kernel unfit for an H100, in words (empty when fine): spills,
+    shared memory over the limit, or matmuls on another instruction class than declared."""
+    problems = []
+    if result.spills:
+        problems.append(f"{result.spills} bytes of register spills ({result.registers} registers)")
+    if result.shared_bytes > SHARED_MEMORY_LIMIT:
+        problems.append(f"{result.shared_bytes} bytes of shared memory, over the H100's {SHARED_MEMORY_LIMIT}")
+    found = found_instructions(result)
+    # An FMA kernel may hold no FFMA when its dots were folded away; it must never hold tensor-core ops.
+    expected = {spec.instructions} | ({"none"} if spec.instructions == "FMA" else set())
+    if found not in expected:
+        problems.append(f"matmuls compiled to {found}, declared {spec.instructions}")
+    return problems
+
+
+def unwrap_kernel(kernel) -> JITFunction:
+    """The @triton.jit function inside triton.autotune / triton.heuristics wrappers."""
+    # Both wrappers keep what they wrap in .fn; so does JITFunction (the raw Python
+    # function), hence the type check first.
+    while not isinstance(kernel, JITFunction) and hasattr(kernel, "fn") and not _is_interpreted(kernel):
+        kernel = kernel.fn
+    if _is_interpreted(kernel):
+        raise InterpreterActiveError(
+            f"{kernel.fn.__name__} was defined under TRITON_INTERPRET=1, and once the interpreter has run in a "
+            "process Triton cannot lower kernels there; compile with compile_isolated() (a fresh process)")
+    if not isinstance(kernel, JITFunction):
+        raise TypeError(f"{kernel!r} is not a @triton.jit function")
+    return kernel
+
+
+def _is_interpreted(obj) -> bool:
+    try:
+        from triton.runtime.interpreter import InterpretedFunction
+    except ImportError:  # a Triton without the interpreter
+        return False
+    return isinstance(obj, InterpretedFunction)
 
 
 def _triton_source_arguments(spec: KernelSpec, jit_function: JITFunction):
@@ -487,39 +462,143 @@ def _file_safe(text: str) -> str:
 # --------------------------------------------------------------------- collecting specs
 
 
-def op_module_exists(module_name: str) -> bool:
-    return importlib.util.find_spec(module_name) is not None
-
-
-def specs_from_module(module_name: str) -> list[KernelSpec]:
-    """The specs an existing op module declares; an error if it declares none."""
+def specs_from_source(source: str) -> list[KernelSpec]:
+    """The specs a source declares: "package.module" (its h100_compile_specs()) or
+    "package.module:function" (any function returning KernelSpecs). An error if it declares none."""
+    module_name, _, function_name = source.partition(":")
     module = importlib.import_module(module_name)
-    declare = getattr(module, "h100_compile_specs", None)
+    declare = getattr(module, function_name or "h100_compile_specs", None)
     if declare is None:
-        raise LookupError(f"{module_name} defines no h100_compile_specs(); every op module in "
+        raise LookupError(f"{module_name} defines no {function_name or 'h100_compile_specs'}(); every op module in "
                           f"kernels.h100.OP_MODULES must list its kernels for the H100 compile check")
     specs = list(declare())
     if not specs:
-        raise LookupError(f"{module_name}.h100_compile_specs() returned no specs")
+        raise LookupError(f"{source} returned no specs")
     for spec in specs:
         if not isinstance(spec, KernelSpec):
-            raise TypeError(f"{module_name}.h100_compile_specs() returned {spec!r}, not a KernelSpec")
+            raise TypeError(f"{source} returned {spec!r}, not a KernelSpec")
     return specs
 
 
-def missing_op_modules() -> list[str]:
-    """Op modules in OP_MODULES that are not written yet."""
-    return [name for name in OP_MODULES if not op_module_exists(name)]
-
-
-def all_specs() -> list[KernelSpec]:
-    """Every spec of every op module that exists (see missing_op_modules for the rest).
-
-    Raises when an existing module declares no specs, or two specs share name and config.
-    """
-    specs = [spec for name in OP_MODULES if op_module_exists(name) for spec in specs_from_module(name)]
+def collect_specs(sources=OP_MODULES) -> list[KernelSpec]:
+    """Every spec of every source; raises when two specs share name and config."""
+    specs = [spec for source in sources for spec in specs_from_source(source)]
     labels = [spec.label for spec in specs]
     duplicates = sorted({label for label in labels if labels.count(label) > 1})
     if duplicates:
         raise ValueError(f"kernel specs share name and config: {duplicates}")
     return specs
+
+
+# -------------------------------------------------------------- compiling in a fresh process
+
+
+@dataclass
+class CompileOutcome:
+    """One spec's compile in compile_isolated: its result and problems, or the error."""
+    name: str
+    config: str
+    instructions: str  # declared
+    num_warps: int
+    num_stages: int
+    seconds: float
+    result: CompileResult | None = None
+    problems: list | None = None  # check_result's, when it compiled
+    error: str | None = None  # type and message, when it did not
+
+    @property
+    def label(self) -> str:
+        return f"{self.name}[{self.config}]"
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None and not self.problems
+
+
+def compile_isolated(sources=OP_MODULES, jobs: int | None = None, sass_dir: Path | str | None = None,
+                     python_path=(), timeout: float = 3600) -> list[CompileOutcome]:
+    """Compile every spec of `sources` (see specs_from_source) for sm_90a in a fresh Python
+    process that has never run Triton's interpreter, `jobs` compiles at a time (default: one
+    per CPU). python_path: extra import roots for the sources (the repository is always one).
+    Returns one outcome per spec, in the sources' order; raises when the process fails as a
+    whole (a source that cannot be imported, a toolchain that is missing)."""
+    environment = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
+    roots = [str(REPO), *map(str, python_path)]
+    if environment.get("PYTHONPATH"):
+        roots.append(environment["PYTHONPATH"])
+    environment["PYTHONPATH"] = os.pathsep.join(roots)
+    with tempfile.TemporaryDirectory(prefix="h100_compile_") as workdir:
+        output = Path(workdir) / "outcomes.json"
+        command = [sys.executable, "-m", "kernels.h100", "--json", str(output), "--jobs", str(jobs or os.cpu_count() or 1)]
+        if sass_dir is not None:
+            command += ["--sass-dir", str(Path(sass_dir).resolve())]
+        finished = subprocess.run(command + list(sources), env=environment, cwd=REPO, capture_output=True, text=True,
+                                  timeout=timeout)
+        if finished.returncode != 0 or not output.exists():
+            raise RuntimeError(f"compiling {', '.join(sources)} in a fresh process failed "
+                               f"({finished.returncode}):\n{finished.stderr[-4000:]}")
+        records = json.loads(output.read_text())
+    outcomes = []
+    for record in records:
+        result = record.pop("result")
+        if result is not None:
+            result["sass_path"] = Path(result["sass_path"]) if result["sass_path"] else None
+            result = CompileResult(**result)
+        outcomes.append(CompileOutcome(**record, result=result))
+    return outcomes
+
+
+_SPECS_TO_COMPILE: list[KernelSpec] = []  # the worker processes' share of main()'s specs (fork)
+
+
+def _compile_one(index: int, sass_dir: str | None) -> dict:
+    import time
+
+    spec = _SPECS_TO_COMPILE[index]
+    started = time.perf_counter()
+    record = {"name": spec.name, "config": spec.config, "instructions": spec.instructions,
+              "num_warps": spec.num_warps, "num_stages": spec.num_stages, "result": None, "problems": None,
+              "error": None}
+    try:
+        result = compile_for_h100(spec, sass_dir=sass_dir)
+    except ToolchainMissingError:
+        raise
+    except Exception as error:  # a kernel that does not compile is an outcome, not the end of the run
+        lines = [line for line in str(error).strip().splitlines() if line.strip()]
+        record["error"] = f"{type(error).__name__}: {lines[0] if lines else ''}"
+    else:
+        record["result"] = {**asdict(result), "sass_path": str(result.sass_path) if result.sass_path else None}
+        record["problems"] = check_result(spec, result)
+    record["seconds"] = round(time.perf_counter() - started, 2)
+    return record
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m kernels.h100 --json OUT [--jobs N] [--sass-dir DIR] SOURCE...`: what
+    compile_isolated runs. Writes one record per spec to OUT."""
+    parser = argparse.ArgumentParser(prog="python -m kernels.h100", description=main.__doc__.splitlines()[0])
+    parser.add_argument("sources", nargs="+", help='"package.module" or "package.module:function"')
+    parser.add_argument("--json", type=Path, required=True)
+    parser.add_argument("--jobs", type=int, default=1)
+    parser.add_argument("--sass-dir", default=None)
+    args = parser.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        parser.error("TRITON_INTERPRET=1 is set: kernels would be defined interpreted and could not be lowered")
+    find_toolchain()  # fail once, clearly, rather than once per spec
+    _SPECS_TO_COMPILE[:] = collect_specs(args.sources)
+    indices = range(len(_SPECS_TO_COMPILE))
+    if args.jobs > 1:
+        # Forked workers inherit the specs; nothing here has touched a GPU or started threads.
+        with multiprocessing.get_context("fork").Pool(args.jobs) as pool:
+            records = pool.starmap(_compile_one, [(index, args.sass_dir) for index in indices], chunksize=1)
+    else:
+        records = [_compile_one(index, args.sass_dir) for index in indices]
+    args.json.write_text(json.dumps(records, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    # Run as kernels.h100, not __main__, so that the specs the op modules build are instances of
+    # this module's KernelSpec.
+    from kernels.h100 import main as module_main
+    sys.exit(module_main())

@@ -54,15 +54,11 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels import _common
+
 # The choice above is deliberate: silence Triton's deprecation notice for it, once per
 # trace, rather than print it into every training and bench log.
 warnings.filterwarnings("ignore", message="tl.make_block_ptr is deprecated", category=UserWarning)
-
-# Tests set this: outputs and scratch buffers are then filled with NaN instead of left
-# uninitialized, so that an element a kernel forgets to write fails the comparison.
-DEBUG_POISON_OUTPUTS = False
-
-_SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -447,7 +443,7 @@ class _KernelConfig:
         blocks = [f"{name}={value}" for name, value in
                   (("BLOCK_M", self.block_m), ("BLOCK_N", self.block_n), ("BLOCK_K", self.block_k),
                    ("BLOCK_H", self.block_h)) if value]
-        return " ".join(blocks + [f"warps={self.num_warps}", f"stages={self.num_stages}"])
+        return " ".join(blocks + [f"warps={self.num_warps}"])
 
 
 # Compiled for sm_90 at the model's shapes (bf16 matmuls, C = hidden = 384) with kernels.h100:
@@ -492,12 +488,6 @@ def _input_precision(matmul_dtype: torch.dtype) -> str:
     return "ieee" if matmul_dtype == torch.float32 else "tf32"
 
 
-def _new_buffer(shape, dtype, device) -> torch.Tensor:
-    if DEBUG_POISON_OUTPUTS:
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
-    return torch.empty(shape, dtype=dtype, device=device)
-
-
 def _rows_with_unit_column_stride(t: torch.Tensor, n_cols: int) -> torch.Tensor:
     """t as [rows, n_cols]: a view when its columns are contiguous (the kernels take any row
     stride), a contiguous copy otherwise."""
@@ -508,8 +498,7 @@ def _rows_with_unit_column_stride(t: torch.Tensor, n_cols: int) -> torch.Tensor:
 
 
 def _kernels_interpreted() -> bool:
-    from triton.runtime.interpreter import InterpretedFunction
-    return isinstance(_ln_mlp_forward_kernel, InterpretedFunction)
+    return _common.is_interpreted(_ln_mlp_forward_kernel)
 
 
 def _matmul_dtype(x: torch.Tensor) -> torch.dtype:
@@ -536,9 +525,9 @@ class LayerNormMLPFunction(torch.autograd.Function):
         w2_mm = w2.to(matmul_dtype).contiguous()
         ln_weight, ln_bias, b1, b2 = (t.contiguous() for t in (ln_weight, ln_bias, b1, b2))
 
-        y = _new_buffer((n_rows, n_cols), x.dtype, x.device)
-        mean = _new_buffer((n_rows,), torch.float32, x.device)
-        rstd = _new_buffer((n_rows,), torch.float32, x.device)
+        y = _common.new_output((n_rows, n_cols), x.dtype, x.device)
+        mean = _common.new_output((n_rows,), torch.float32, x.device)
+        rstd = _common.new_output((n_rows,), torch.float32, x.device)
         if n_rows > 0:
             cfg = _FORWARD
             grid = (triton.cdiv(n_rows, cfg.block_m), triton.cdiv(n_cols, cfg.block_n))
@@ -567,15 +556,15 @@ class LayerNormMLPFunction(torch.autograd.Function):
         w2_tiles = (triton.cdiv(n_cols, w2_cfg.block_n), triton.cdiv(n_hidden, w2_cfg.block_h))
         w2_splits, w2_rows_per_split = _row_split(n_rows, w2_tiles[0] * w2_tiles[1], w2_cfg.block_m)
 
-        d_pre = _new_buffer((n_rows, n_hidden), matmul_dtype, device)
+        d_pre = _common.new_output((n_rows, n_hidden), matmul_dtype, device)
         # The bias and LayerNorm-parameter partials are fp64: see _column_sum.
-        db1_partial = _new_buffer((hidden_grid[0], n_hidden), torch.float64, device)
-        dx = _new_buffer((n_rows, n_cols), x2d.dtype, device)
-        d_ln_weight_partial = _new_buffer((input_grid[0], n_cols), torch.float64, device)
-        d_ln_bias_partial = _new_buffer((input_grid[0], n_cols), torch.float64, device)
-        db2_partial = _new_buffer((input_grid[0], n_cols), torch.float64, device)
-        dw1_partial = _new_buffer((w1_splits, n_hidden, n_cols), torch.float32, device)
-        dw2_partial = _new_buffer((w2_splits, n_cols, n_hidden), torch.float32, device)
+        db1_partial = _common.new_output((hidden_grid[0], n_hidden), torch.float64, device)
+        dx = _common.new_output((n_rows, n_cols), x2d.dtype, device)
+        d_ln_weight_partial = _common.new_output((input_grid[0], n_cols), torch.float64, device)
+        d_ln_bias_partial = _common.new_output((input_grid[0], n_cols), torch.float64, device)
+        db2_partial = _common.new_output((input_grid[0], n_cols), torch.float64, device)
+        dw1_partial = _common.new_output((w1_splits, n_hidden, n_cols), torch.float32, device)
+        dw2_partial = _common.new_output((w2_splits, n_cols, n_hidden), torch.float32, device)
 
         if n_rows > 0:
             _launch(_ln_mlp_backward_hidden_kernel, hidden_cfg, hidden_grid, matmul_dtype,
@@ -612,10 +601,7 @@ class LayerNormMLPFunction(torch.autograd.Function):
 def _validate(x, ln_weight, ln_bias, w1, b1, w2, b2):
     named = dict(x=x, ln_weight=ln_weight, ln_bias=ln_bias, w1=w1, b1=b1, w2=w2, b2=b2)
     for name, t in named.items():
-        if not isinstance(t, torch.Tensor):
-            raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dtype not in _SUPPORTED_DTYPES:
-            raise ValueError(f"{name} has dtype {t.dtype}; supported: float32, float16, bfloat16")
+        _common.check_floating(name, t)
         if t.device != x.device:
             raise ValueError(f"{name} is on {t.device} but x is on {x.device}; all must be on one device")
     if x.dim() < 1 or x.shape[-1] == 0:
@@ -630,13 +616,8 @@ def _validate(x, ln_weight, ln_bias, w1, b1, w2, b2):
             raise ValueError(f"{name} must have shape {list(shape)} (C={n_cols} from x, hidden={n_hidden} from w1), "
                              f"got {list(named[name].shape)}")
     interpreted = _kernels_interpreted()
-    if x.device.type != "cuda" and not interpreted:
-        raise ValueError(f"x is on {x.device}: the Triton kernels need a CUDA device, or TRITON_INTERPRET=1 "
-                         "set before kernels is imported to run them on the CPU")
-    if interpreted and _matmul_dtype(x) == torch.bfloat16:
-        # The interpreter's tl.dot on bf16 returns garbage (Triton 3.6-3.8): refuse, not mislead.
-        raise ValueError("x (or autocast) asks for bfloat16 matmuls, which the Triton interpreter "
-                         "computes wrongly; use float32 or float16 under TRITON_INTERPRET=1")
+    _common.check_device("x", x, interpreted, __name__)
+    _common.refuse_interpreted_bf16("x (or autocast)", interpreted, _matmul_dtype(x))
 
 
 def layernorm_mlp(x, ln_weight, ln_bias, w1, b1, w2, b2, eps: float = 1e-5) -> torch.Tensor:
@@ -654,53 +635,71 @@ def layernorm_mlp(x, ln_weight, ln_bias, w1, b1, w2, b2, eps: float = 1e-5) -> t
 # H100 compile check
 # ---------------------------------------------------------------------------------------------
 
-# The model's real shapes: batch 128 of 64 patches + the class token, dim 384, mlp_dim 384.
-_REAL_ROWS, _REAL_C, _REAL_HIDDEN = 128 * 65, 384, 384
-
+# Each kernel with its launch configuration and the M side of its tl.dot calls (which decides
+# the tensor-core instruction; see kernels.h100.matmul_instructions).
 _KERNELS = (
-    ("ln_mlp_forward", _ln_mlp_forward_kernel, _FORWARD),
-    ("ln_mlp_backward_hidden", _ln_mlp_backward_hidden_kernel, _BACKWARD_HIDDEN),
-    ("ln_mlp_backward_input", _ln_mlp_backward_input_kernel, _BACKWARD_INPUT),
-    ("ln_mlp_backward_w1", _ln_mlp_backward_w1_kernel, _BACKWARD_W1),
-    ("ln_mlp_backward_w2", _ln_mlp_backward_w2_kernel, _BACKWARD_W2),
+    ("ln_mlp_forward", _ln_mlp_forward_kernel, _FORWARD, ("block_m",)),
+    ("ln_mlp_backward_hidden", _ln_mlp_backward_hidden_kernel, _BACKWARD_HIDDEN, ("block_m",)),
+    ("ln_mlp_backward_input", _ln_mlp_backward_input_kernel, _BACKWARD_INPUT, ("block_m",)),
+    ("ln_mlp_backward_w1", _ln_mlp_backward_w1_kernel, _BACKWARD_W1, ("block_h",)),
+    ("ln_mlp_backward_w2", _ln_mlp_backward_w2_kernel, _BACKWARD_W2, ("block_m", "block_n")),
 )
+
+# (dtype of x / y / dy / dx, dtype of the matmul operands): fp32 training, autocast to bf16 or
+# fp16 (x and the parameters stay fp32), and x itself in bf16 or fp16 (parameters too).
+_DTYPE_VARIANTS = ((torch.float32, torch.float32), (torch.float32, torch.bfloat16), (torch.float32, torch.float16),
+                   (torch.bfloat16, torch.bfloat16), (torch.float16, torch.float16))
+# Integer arguments other than the row count: C and the hidden size, their row strides, and the
+# rows per split (a multiple of BLOCK_M) -- multiples of 16 for every model the backend runs
+# (C = heads * head_dim with head_dim in 16..64; the MLP sizes used are multiples of 16).
+_DIMENSION_ARGUMENTS = ("n_cols", "n_hidden", "stride_x_row", "stride_y_row", "stride_dy_row", "stride_dx_row",
+                        "rows_per_split")
+# Row counts as the launcher specializes them: 1, a multiple of 16 (a batch of 128 images of 65
+# tokens: 8320), or neither (evaluation batches of 1000 images: 65000 rows, a partial last tile).
+_ROW_COUNTS = (1, 8320, 65000)
 
 
 def h100_compile_specs():
-    """Every kernel, in the one configuration the wrapper launches it with, for kernels.h100 to
-    compile for sm_90. Two dtype variants: the model's (fp32 residual stream and parameters,
-    bf16 matmuls under autocast) and all-bf16."""
-    from kernels.h100 import KernelSpec
-
-    # What the launcher sees at the real shapes: every tensor 16-byte aligned, and every
-    # integer argument a multiple of 16 (8320 rows; 384 columns and hidden units; row
-    # strides of 384; rows per split, a multiple of BLOCK_M) -- it specializes on that.
-    integer_arguments = ("n_rows", "n_cols", "n_hidden", "stride_x_row", "stride_y_row", "stride_dy_row",
-                         "stride_dx_row", "rows_per_split")
-    assert all(n % 16 == 0 for n in (_REAL_ROWS, _REAL_C, _REAL_HIDDEN))
-    assert all(cfg.block_m % 16 == 0 for _, _, cfg in _KERNELS)
-    scalar_types = {**{name: "i32" for name in integer_arguments}, "eps": "fp32"}
+    """Every kernel in the configuration the wrapper launches it with, in every dtype variant
+    and row-count specialization above, for kernels.h100 to compile for sm_90a."""
+    from kernels.h100 import KernelSpec, launcher_specialization, matmul_instructions
 
     specs = []
-    # (variant, dtype of x / y / dy / dx, dtype of the LayerNorm parameters and biases)
-    for variant, activation, parameter in (("autocast x=fp32 mm=bf16", "fp32", "fp32"), ("bf16", "bf16", "bf16")):
+    for activation, matmul in _DTYPE_VARIANTS:
+        parameter = activation  # fp32 under autocast, else x's dtype
+        names = {dtype: _common.DTYPE_NAMES[dtype] for dtype in (activation, matmul)}
+        variant = f"x={names[activation]} mm={names[matmul]}"
         pointer_types = dict(
-            x_ptr=activation, y_ptr=activation, dy_ptr=activation, dx_ptr=activation,
-            ln_weight_ptr=parameter, ln_bias_ptr=parameter, b1_ptr=parameter, b2_ptr=parameter,
-            w1_ptr="bf16", w2_ptr="bf16", d_pre_ptr="bf16",
+            x_ptr=names[activation], y_ptr=names[activation], dy_ptr=names[activation], dx_ptr=names[activation],
+            ln_weight_ptr=_common.DTYPE_NAMES[parameter], ln_bias_ptr=_common.DTYPE_NAMES[parameter],
+            b1_ptr=_common.DTYPE_NAMES[parameter], b2_ptr=_common.DTYPE_NAMES[parameter],
+            w1_ptr=names[matmul], w2_ptr=names[matmul], d_pre_ptr=names[matmul],
             mean_ptr="fp32", rstd_ptr="fp32", db1_partial_ptr="fp64", d_ln_weight_partial_ptr="fp64",
             d_ln_bias_partial_ptr="fp64", db2_partial_ptr="fp64", dw1_partial_ptr="fp32", dw2_partial_ptr="fp32",
         )
-        for name, kernel, cfg in _KERNELS:
-            constexprs = {**cfg.block_arguments(kernel), "INPUT_PRECISION": _input_precision(torch.bfloat16)}
-            signature = {}
-            for argument in kernel.arg_names:
-                if argument in constexprs:
-                    continue
-                signature[argument] = "*" + pointer_types[argument] if argument.endswith("_ptr") else scalar_types[argument]
-            specs.append(KernelSpec(
-                name=name, config=f"{variant} {cfg.describe()}", fn=kernel, signature=signature,
-                constexprs=constexprs, num_warps=cfg.num_warps, num_stages=cfg.stages_for(torch.bfloat16), uses_matmul=True,
-                divisible_by_16=tuple(a for a in signature if a.endswith("_ptr") or a in integer_arguments),
-            ))
+        for n_rows in _ROW_COUNTS:
+            rows = launcher_specialization(n_rows)
+            for name, kernel, cfg, dot_sides in _KERNELS:
+                constexprs = {**cfg.block_arguments(kernel), "INPUT_PRECISION": _input_precision(matmul)}
+                if rows == "1" and "n_rows" in kernel.arg_names:
+                    constexprs["n_rows"] = 1
+                signature = {}
+                for argument in kernel.arg_names:
+                    if argument in constexprs:
+                        continue
+                    if argument.endswith("_ptr"):
+                        signature[argument] = "*" + pointer_types[argument]
+                    else:
+                        signature[argument] = "fp32" if argument == "eps" else "i32"
+                divisible = [a for a in signature if a.endswith("_ptr") or a in _DIMENSION_ARGUMENTS]
+                if rows == "16k" and "n_rows" in signature:
+                    divisible.append("n_rows")
+                num_stages = cfg.stages_for(matmul)
+                specs.append(KernelSpec(
+                    name=name, config=f"{variant} rows:{rows} {cfg.describe()} stages={num_stages}", fn=kernel,
+                    signature=signature, constexprs=constexprs, num_warps=cfg.num_warps, num_stages=num_stages,
+                    instructions=matmul_instructions(names[matmul], _input_precision(matmul),
+                                                     [getattr(cfg, side) for side in dot_sides], cfg.num_warps),
+                    divisible_by_16=tuple(divisible),
+                ))
     return specs

@@ -12,8 +12,40 @@ if not torch.cuda.is_available():
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+# kernels._common imports torch only: importing it here defines no kernel.
+from kernels._common import interpreter_broken_reason  # noqa: E402
+
+HAS_CUDA = torch.cuda.is_available()
+INTERPRETER_BROKEN = interpreter_broken_reason()
+
+
+def pytest_collection_modifyitems(config, items):
+    """`gpu` tests skip without CUDA; `interpreter` tests skip where the interpreter is broken."""
+    for item in items:
+        if "gpu" in item.keywords and not HAS_CUDA:
+            item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU"))
+        if "interpreter" in item.keywords and INTERPRETER_BROKEN:
+            item.add_marker(pytest.mark.skip(reason=INTERPRETER_BROKEN))
+
+
 # CI and developers have the real CIFAR-10 beside the checkout.
 SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+@pytest.fixture
+def generator():
+    """Fresh random inputs every run; generator.initial_seed() (in every failure message)
+    replays them."""
+    import random
+    return torch.Generator().manual_seed(random.SystemRandom().randrange(2**31))
+
+
+@pytest.fixture
+def poisoned_outputs(monkeypatch):
+    """Kernel outputs and scratch buffers start as NaN, so an element no kernel writes fails."""
+    from kernels import _common
+    monkeypatch.setattr(_common, "POISON_OUTPUTS", True)
 
 
 def has_real_cifar() -> bool:

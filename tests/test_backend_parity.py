@@ -9,9 +9,11 @@ import torch
 from vit import ViT, ViTConfig
 from vit.backends import get_backend
 
-pytestmark = pytest.mark.skipif(
-    not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1",
-    reason="the Triton kernels need CUDA or TRITON_INTERPRET=1")
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+pytestmark = [pytest.mark.skipif(not torch.cuda.is_available() and not INTERPRETED,
+                                 reason="the Triton kernels need CUDA or TRITON_INTERPRET=1")]
+# Marks the tests that run the kernels in this process: through the interpreter when it is on.
+interpreted_here = pytest.mark.interpreter if INTERPRETED else (lambda test: test)
 
 
 def gradients(model, images, labels):
@@ -21,6 +23,7 @@ def gradients(model, images, labels):
     return logits.detach(), {name: p.grad.clone() for name, p in model.named_parameters()}
 
 
+@interpreted_here
 @pytest.mark.parametrize("cfg", [
     ViTConfig(image_size=16, patch_size=4, dim=48, depth=2, heads=3, mlp_dim=80),  # N = 17, head dim 16
     ViTConfig(image_size=8, patch_size=2, dim=64, depth=1, heads=2, mlp_dim=64),  # N = 17, head dim 32
@@ -42,12 +45,14 @@ def test_tiny_vit_same_logits_and_gradients_under_both_backends(cfg):
         torch.testing.assert_close(grad, ref_grads[name], rtol=1e-3, atol=1e-5, msg=name)
 
 
+@interpreted_here
 def test_triton_backend_announces_itself():
     backend = get_backend("triton")
     assert backend.name == "triton" and "kernels.attention" in backend.description
     assert backend.unavailable_reason(torch.device("cuda" if torch.cuda.is_available() else "cpu")) is None
 
 
+@pytest.mark.interpreter
 def test_train_py_runs_the_triton_backend_through_the_interpreter(fake_cifar, tmp_path):
     # A small generated data set: the interpreter would take minutes over the real 10,000
     # test images, which the trainer evaluates after the epoch and again at the end.
@@ -76,7 +81,6 @@ def test_triton_without_gpu_or_interpreter_is_a_clear_error(tmp_path):
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_short_real_training_run_tracks_the_torch_backend_on_gpu(real_data_dir, tmp_path):
     """The default model, bf16, 2 epochs on 10,000 real images: same seed, same data order,
     same initial weights, so the per-epoch losses of both backends differ only by the
@@ -92,3 +96,12 @@ def test_short_real_training_run_tracks_the_torch_backend_on_gpu(real_data_dir, 
     for torch_loss, triton_loss in zip(runs["torch"], runs["triton"]):
         assert abs(triton_loss - torch_loss) < 0.03 * torch_loss, runs
     assert runs["triton"][1] < runs["triton"][0], runs
+
+
+def test_triton_backend_is_unavailable_where_the_interpreter_is_broken(monkeypatch):
+    """On the CPU the backend needs the interpreter; a stack whose interpreter cannot run (Triton
+    3.6 with NumPy 2.4+) makes it unavailable with the reason, rather than failing mid-run."""
+    import kernels._common
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(kernels._common, "interpreter_broken_reason", lambda: "broken for this test")
+    assert get_backend("triton").unavailable_reason(torch.device("cpu")) == "broken for this test"

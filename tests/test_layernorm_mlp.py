@@ -3,17 +3,12 @@
 Without a GPU the kernels run in the Triton interpreter (TRITON_INTERPRET=1, set by
 conftest.py) on CPU tensors; with one they run on it, and the GPU-only tests add bf16 at the
 model's real shapes. The interpreter computes bf16 tl.dot wrongly, so it is tested in fp32 and
-fp16 only.
-
-Accuracy is judged against torch's own: both the kernel and torch's unfused reference, run in
-the dtype under test, are compared with a float64 reference computed from the same (rounded)
-inputs, and the kernel may be off by at most twice torch's error, plus one unit in the last
-place of the dtype at the reference's scale (the rounding of the result itself). Inputs are
-fresh random numbers each run; the seed is in every failure message.
+fp16 only. Accuracy follows tests/parity.py's rule: at most twice PyTorch's own error against
+float64 plus one rounding of the result, on fresh random inputs whose seed is in every failure
+message, with NaN-poisoned outputs.
 """
 import math
 import os
-import random
 import subprocess
 import sys
 import textwrap
@@ -22,8 +17,8 @@ from pathlib import Path
 import pytest
 import torch
 
-import kernels.layernorm_mlp as layernorm_mlp_module
 from kernels.layernorm_mlp import layernorm_mlp
+from parity import assert_parity, randn
 from vit.backends import torch_layernorm_mlp
 
 REPO = Path(__file__).resolve().parents[1]
@@ -36,8 +31,8 @@ pytestmark = [
     # The kernels use tl.make_block_ptr on purpose (see the module docstring); Triton 3.8
     # marks it deprecated.
     pytest.mark.filterwarnings("ignore:tl.make_block_ptr is deprecated"),
-]
-needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+    pytest.mark.usefixtures("poisoned_outputs"),
+] + ([pytest.mark.interpreter] if INTERPRETED else [])
 
 # Where the kernels run: the interpreter copies tensors to the host either way, but CPU
 # tensors are what it is meant for; a GPU runs them natively.
@@ -47,33 +42,17 @@ PARAMETER_NAMES = ("ln_weight", "ln_bias", "w1", "b1", "w2", "b2")
 RESULT_NAMES = ("y", "dx") + tuple("d" + name for name in PARAMETER_NAMES)
 
 
-@pytest.fixture(autouse=True)
-def poisoned_outputs(monkeypatch):
-    """Kernel outputs start as NaN, so an element no kernel writes fails every comparison."""
-    monkeypatch.setattr(layernorm_mlp_module, "DEBUG_POISON_OUTPUTS", True)
-
-
-@pytest.fixture
-def generator():
-    """Fresh inputs every run; generator.initial_seed() reproduces them."""
-    return torch.Generator().manual_seed(random.SystemRandom().randrange(2**31))
-
-
 def random_problem(shape, hidden, generator):
     """Float64 CPU tensors: x with a nonzero mean (so the variance pass matters), LayerNorm
     parameters near (1, 0), Linear weights scaled like nn.Linear's, and an output gradient."""
     n_cols = shape[-1]
-
-    def randn(*size):
-        return torch.randn(*size, generator=generator, dtype=torch.float64)
-
-    x = 0.5 + 2.0 * randn(*shape)
+    x = randn(generator, *shape, scale=2.0, shift=0.5)
     parameters = dict(
-        ln_weight=1.0 + 0.2 * randn(n_cols), ln_bias=0.2 * randn(n_cols),
-        w1=randn(hidden, n_cols) / math.sqrt(n_cols), b1=0.2 * randn(hidden),
-        w2=randn(n_cols, hidden) / math.sqrt(hidden), b2=0.2 * randn(n_cols),
+        ln_weight=randn(generator, n_cols, scale=0.2, shift=1.0), ln_bias=randn(generator, n_cols, scale=0.2),
+        w1=randn(generator, hidden, n_cols, scale=1 / math.sqrt(n_cols)), b1=randn(generator, hidden, scale=0.2),
+        w2=randn(generator, n_cols, hidden, scale=1 / math.sqrt(hidden)), b2=randn(generator, n_cols, scale=0.2),
     )
-    dy = randn(*shape)
+    dy = randn(generator, *shape)
     return x, parameters, dy
 
 
@@ -96,19 +75,6 @@ def float64_reference(x, parameters, dy, eps=1e-5):
     return run(torch_layernorm_mlp, x, parameters, dy, eps)
 
 
-def assert_within_twice_torch_error(kernel, torch_result, reference, dtype, context):
-    problems = []
-    for name in RESULT_NAMES:
-        exact = reference[name]
-        kernel_error = (kernel[name].detach().double().cpu() - exact).abs().max().item()
-        torch_error = (torch_result[name].detach().double().cpu() - exact).abs().max().item()
-        last_place = torch.finfo(dtype).eps * exact.abs().max().item()
-        # Written so that a NaN kernel error fails too.
-        if not kernel_error <= 2 * torch_error + last_place:
-            problems.append(f"{name}: kernel error {kernel_error:.3g} > 2 x torch's {torch_error:.3g} + {last_place:.2g}")
-    assert not problems, f"{context}: " + "; ".join(problems)
-
-
 def check_parity(shape, hidden, dtype, generator, eps=1e-5):
     x, parameters, dy = cast(*random_problem(shape, hidden, generator), dtype)
     kernel = run(layernorm_mlp, x, parameters, dy, eps)
@@ -118,7 +84,7 @@ def check_parity(shape, hidden, dtype, generator, eps=1e-5):
         assert kernel["d" + name].shape == parameter.shape and kernel["d" + name].dtype == dtype
     torch_result = run(torch_layernorm_mlp, x, parameters, dy, eps)
     context = f"shape={list(shape)} hidden={hidden} {dtype} eps={eps} seed={generator.initial_seed()}"
-    assert_within_twice_torch_error(kernel, torch_result, float64_reference(x, parameters, dy, eps), dtype, context)
+    assert_parity(kernel, torch_result, float64_reference(x, parameters, dy, eps), dtype, context)
 
 
 # ------------------------------------------------------------------------ interpreter parity
@@ -174,7 +140,7 @@ def test_non_contiguous_inputs(generator):
     torch_result = run(torch_layernorm_mlp, x, parameters, dy)
     for x_view in (x_strided, x_transposed):
         kernel = run(layernorm_mlp, x_view, parameters_strided, dy_strided)
-        assert_within_twice_torch_error(kernel, torch_result, reference, torch.float32,
+        assert_parity(kernel, torch_result, reference, torch.float32,
                                         f"x strides {x_view.stride()} seed={generator.initial_seed()}")
 
 
@@ -203,7 +169,7 @@ def test_autocast_runs_matmuls_in_the_autocast_dtype(generator):
     for name in RESULT_NAMES:
         assert kernel[name].dtype == torch.float32, f"{name} is {kernel[name].dtype} under autocast"
     torch_result = run(torch_layernorm_mlp, x, parameters, dy, autocast_dtype=torch.float16)
-    assert_within_twice_torch_error(kernel, torch_result, float64_reference(x, parameters, dy), torch.float16,
+    assert_parity(kernel, torch_result, float64_reference(x, parameters, dy), torch.float16,
                                     f"autocast fp16 seed={generator.initial_seed()}")
     # And the matmuls really ran in fp16: far from the fp32 kernel, not within fp32 rounding.
     full_precision = run(layernorm_mlp, x, parameters, dy)
@@ -276,7 +242,7 @@ def test_cpu_tensors_without_the_interpreter_raise_value_error():
     finished = subprocess.run([sys.executable, "-c", script], env=environment, cwd=REPO,
                               capture_output=True, text=True, timeout=300)
     assert finished.returncode == 0, finished.stderr
-    assert "x is on cpu" in finished.stdout and "TRITON_INTERPRET=1" in finished.stdout, finished.stdout
+    assert "x is on the CPU" in finished.stdout and "TRITON_INTERPRET=1" in finished.stdout, finished.stdout
 
 
 # --------------------------------------------------------------------------------- GPU only
@@ -287,17 +253,15 @@ REAL_SHAPE, REAL_HIDDEN = (128, 65, 384), 384
 
 
 @pytest.mark.gpu
-@needs_cuda
 def test_gpu_bf16_parity_at_real_shapes(generator):
     x, parameters, dy = cast(*random_problem(REAL_SHAPE, REAL_HIDDEN, generator), torch.bfloat16, torch.device("cuda"))
     kernel = run(layernorm_mlp, x, parameters, dy)
     torch_result = run(torch_layernorm_mlp, x, parameters, dy)
-    assert_within_twice_torch_error(kernel, torch_result, float64_reference(x, parameters, dy), torch.bfloat16,
+    assert_parity(kernel, torch_result, float64_reference(x, parameters, dy), torch.bfloat16,
                                     f"bf16 real shapes seed={generator.initial_seed()}")
 
 
 @pytest.mark.gpu
-@needs_cuda
 def test_gpu_autocast_bf16_at_real_shapes(generator):
     """The model's case: fp32 residual stream and parameters, bf16 matmuls under autocast."""
     x, parameters, dy = cast(*random_problem(REAL_SHAPE, REAL_HIDDEN, generator), torch.float32, torch.device("cuda"))
@@ -306,12 +270,11 @@ def test_gpu_autocast_bf16_at_real_shapes(generator):
         assert kernel[name].dtype == torch.float32, f"{name} is {kernel[name].dtype} under autocast"
     torch_result = run(torch_layernorm_mlp, x, parameters, dy, autocast_dtype=torch.bfloat16)
     assert torch_result["y"].dtype == torch.float32
-    assert_within_twice_torch_error(kernel, torch_result, float64_reference(x, parameters, dy), torch.bfloat16,
+    assert_parity(kernel, torch_result, float64_reference(x, parameters, dy), torch.bfloat16,
                                     f"autocast bf16 seed={generator.initial_seed()}")
 
 
 @pytest.mark.gpu
-@needs_cuda
 def test_gpu_backward_is_deterministic_at_real_shapes(generator):
     x, parameters, dy = cast(*random_problem(REAL_SHAPE, REAL_HIDDEN, generator), torch.float32, torch.device("cuda"))
     first = run(layernorm_mlp, x, parameters, dy, autocast_dtype=torch.bfloat16)

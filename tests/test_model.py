@@ -85,6 +85,35 @@ def test_from_timm_takes_a_model_trained_in_timm():
         torch.testing.assert_close(model(images), timm_model(images), rtol=1e-5, atol=1e-5)
 
 
+def test_stock_timm_model_round_trips_with_its_layer_norm_eps():
+    """timm's VisionTransformer uses LayerNorm eps 1e-6: from_timm keeps it, so timm -> ours ->
+    timm is the same function to fp32 rounding (with 1e-5 the logits moved by ~7e-5 relative)."""
+    pytest.importorskip("timm")
+    from timm.models.vision_transformer import VisionTransformer
+    torch.manual_seed(0)
+    timm_model = VisionTransformer(img_size=32, patch_size=4, num_classes=10, embed_dim=64, depth=2, num_heads=4,
+                                   mlp_ratio=1.0).eval()
+    assert timm_model.norm.eps == 1e-6
+    ours = from_timm(timm_model).eval()
+    assert ours.cfg.layer_norm_eps == 1e-6
+    back = to_timm(ours).eval()
+    assert all(m.eps == 1e-6 for m in back.modules() if isinstance(m, torch.nn.LayerNorm))
+    images = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        reference = timm_model(images)
+        torch.testing.assert_close(ours(images), reference, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(back(images), reference, rtol=1e-6, atol=1e-6)
+
+
+def test_from_timm_refuses_mixed_layer_norm_eps():
+    pytest.importorskip("timm")
+    from timm.models.vision_transformer import VisionTransformer
+    timm_model = VisionTransformer(img_size=32, patch_size=4, num_classes=10, embed_dim=64, depth=1, num_heads=4)
+    timm_model.norm.eps = 1e-5
+    with pytest.raises(ValueError, match="one LayerNorm eps"):
+        from_timm(timm_model)
+
+
 def test_set_backend_keeps_weights():
     model = ViT(ViTConfig(dim=32, depth=1, heads=2, mlp_dim=32))
     before = {k: v.clone() for k, v in model.state_dict().items()}

@@ -12,9 +12,6 @@ import torch.nn.functional as F
 
 from vit.backends import get_backend
 
-LAYER_NORM_EPS = 1e-5  # torch's default; timm's models use 1e-6, to_timm passes ours
-
-
 @dataclass
 class ViTConfig:
     image_size: int = 32
@@ -26,6 +23,7 @@ class ViTConfig:
     mlp_dim: int = 384
     dropout: float = 0.0
     backend: str = "torch"
+    layer_norm_eps: float = 1e-5  # torch's default, as the recipe uses; timm's models use 1e-6
 
     def __post_init__(self):
         for name in ("image_size", "patch_size", "num_classes", "dim", "depth", "heads", "mlp_dim"):
@@ -37,6 +35,8 @@ class ViTConfig:
             raise ValueError(f"heads {self.heads} does not divide dim {self.dim}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if not 0.0 < self.layer_norm_eps < 1.0:
+            raise ValueError(f"layer_norm_eps must be in (0, 1), got {self.layer_norm_eps}")
 
     @property
     def num_patches(self) -> int:
@@ -72,9 +72,9 @@ class Block(nn.Module):
 
     def __init__(self, cfg: ViTConfig):
         super().__init__()
-        self.norm1 = nn.LayerNorm(cfg.dim, eps=LAYER_NORM_EPS)
+        self.norm1 = nn.LayerNorm(cfg.dim, eps=cfg.layer_norm_eps)
         self.attn = Attention(cfg)
-        self.norm2 = nn.LayerNorm(cfg.dim, eps=LAYER_NORM_EPS)
+        self.norm2 = nn.LayerNorm(cfg.dim, eps=cfg.layer_norm_eps)
         self.mlp = Mlp(cfg)
         self.dropout = cfg.dropout
 
@@ -87,7 +87,7 @@ class Block(nn.Module):
         return backend.layernorm_mlp(
             x, self.norm2.weight, self.norm2.bias,
             self.mlp.fc1.weight, self.mlp.fc1.bias, self.mlp.fc2.weight, self.mlp.fc2.bias,
-            LAYER_NORM_EPS,
+            self.norm2.eps,
         )
 
 
@@ -101,7 +101,7 @@ class ViT(nn.Module):
         self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, cfg.num_patches + 1, cfg.dim))
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.depth))
-        self.norm = nn.LayerNorm(cfg.dim, eps=LAYER_NORM_EPS)
+        self.norm = nn.LayerNorm(cfg.dim, eps=cfg.layer_norm_eps)
         self.head = nn.Linear(cfg.dim, cfg.num_classes)
         self.reset_parameters()
 

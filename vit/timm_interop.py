@@ -8,7 +8,7 @@ from functools import partial
 
 import torch.nn as nn
 
-from vit.model import LAYER_NORM_EPS, ViT, ViTConfig
+from vit.model import ViT, ViTConfig
 
 
 def to_timm(model: ViT):
@@ -19,7 +19,7 @@ def to_timm(model: ViT):
         img_size=cfg.image_size, patch_size=cfg.patch_size, num_classes=cfg.num_classes,
         embed_dim=cfg.dim, depth=cfg.depth, num_heads=cfg.heads, mlp_ratio=cfg.mlp_dim / cfg.dim,
         qkv_bias=True, drop_rate=cfg.dropout, proj_drop_rate=cfg.dropout,
-        norm_layer=partial(nn.LayerNorm, eps=LAYER_NORM_EPS),
+        norm_layer=partial(nn.LayerNorm, eps=cfg.layer_norm_eps),
     )
     timm_model.load_state_dict(model.state_dict())
     return timm_model.to(next(model.parameters()).device)
@@ -32,10 +32,14 @@ def from_timm(timm_model, backend: str = "torch") -> ViT:
     block = timm_model.blocks[0]
     if timm_model.global_pool != "token" or timm_model.cls_token is None:
         raise ValueError("from_timm needs a class-token model (global_pool='token')")
+    # Every LayerNorm of the model shares one eps (timm's default 1e-6); ours carries it.
+    norm_eps = {module.eps for module in timm_model.modules() if isinstance(module, nn.LayerNorm)}
+    if len(norm_eps) != 1:
+        raise ValueError(f"from_timm needs one LayerNorm eps throughout the model, found {sorted(norm_eps)}")
     cfg = ViTConfig(
         image_size=image, patch_size=patch, num_classes=timm_model.num_classes,
         dim=timm_model.embed_dim, depth=len(timm_model.blocks), heads=block.attn.num_heads,
-        mlp_dim=block.mlp.fc1.out_features, backend=backend,
+        mlp_dim=block.mlp.fc1.out_features, backend=backend, layer_norm_eps=norm_eps.pop(),
     )
     model = ViT(cfg)
     # strict: any extra module in the timm model (layer scale, qk norm, fc_norm) fails here.

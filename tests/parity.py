@@ -1,0 +1,53 @@
+"""One rule for every kernel's parity tests: as accurate as PyTorch, judged against float64.
+
+The kernel and PyTorch's own computation run in the same dtype on the same (rounded) inputs;
+both are compared with a float64 computation of the reference on those inputs. The kernel may
+be at most twice as far off as PyTorch, plus one rounding of the result itself
+(eps(dtype) * max|exact|), which covers the cases where PyTorch happens to be exact (one
+token, a single product). A NaN or infinity fails: outputs are NaN-poisoned in tests
+(the `poisoned_outputs` fixture), so an element no kernel writes cannot pass.
+
+Inputs are fresh random numbers each run (the `generator` fixture); every failure message
+carries the seed, so `torch.Generator().manual_seed(seed)` replays it.
+"""
+import torch
+
+
+def error_floor(dtype: torch.dtype, exact: torch.Tensor) -> float:
+    """One unit in the last place of dtype at the scale of the exact values."""
+    return torch.finfo(dtype).eps * exact.abs().max().item() if exact.numel() else 0.0
+
+
+def max_error(value: torch.Tensor, exact: torch.Tensor) -> float:
+    return (value.detach().double().cpu() - exact.detach().double().cpu()).abs().max().item() if exact.numel() else 0.0
+
+
+def parity_problems(kernel: dict, torch_results: dict, exact: dict, dtype: torch.dtype) -> list[str]:
+    """For each named result, why the kernel's value breaks the rule (empty when none does).
+    kernel, torch_results: name -> tensor in the dtype under test; exact: name -> float64."""
+    problems = []
+    for name, reference in exact.items():
+        value = kernel[name]
+        if value.shape != reference.shape:
+            problems.append(f"{name}: shape {tuple(value.shape)}, expected {tuple(reference.shape)}")
+            continue
+        if value.numel() and not torch.isfinite(value).all():
+            problems.append(f"{name}: NaN or infinity (an element was not written, or overflowed)")
+            continue
+        kernel_error = max_error(value, reference)
+        torch_error = max_error(torch_results[name], reference)
+        floor = error_floor(dtype, reference)
+        if not kernel_error <= 2 * torch_error + floor:
+            problems.append(f"{name}: kernel error {kernel_error:.3g} > 2 x torch's {torch_error:.3g} + {floor:.2g}")
+    return problems
+
+
+def assert_parity(kernel: dict, torch_results: dict, exact: dict, dtype: torch.dtype, context: str):
+    """parity_problems as an assertion; context must name the seed and the case."""
+    problems = parity_problems(kernel, torch_results, exact, dtype)
+    assert not problems, f"{context}: " + "; ".join(problems)
+
+
+def randn(generator: torch.Generator, *shape, scale: float = 1.0, shift: float = 0.0) -> torch.Tensor:
+    """float64 normal numbers on the CPU from the test's generator."""
+    return shift + scale * torch.randn(*shape, generator=generator, dtype=torch.float64)
