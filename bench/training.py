@@ -233,8 +233,8 @@ class TimedLoader:
 
 class CountingLoader:
     """Wraps a train loader for one counted epoch of `steps` steps: snapshots the counter's
-    totals when the loop asks for a batch and when it gets it, so the work of each step
-    (ask to next ask) and of the loader alone (ask to handed over) can be told apart."""
+    totals when the loop asks for a batch and when it gets it, so the training step alone
+    (handed over to the next ask) is told apart from the loader's work."""
 
     def __init__(self, inner, steps: int, counter: DeviceWorkCounter):
         self.inner, self.steps, self.counter = inner, steps, counter
@@ -255,31 +255,32 @@ class CountingLoader:
             yield batch
         self.asks.append(self.counter.counts.as_dict())  # the end of the last step
 
-    def summary(self, batch_size: int, total: dict) -> dict:
-        def delta(a, b, key):
-            return b[key] - a[key]
-
-        steps = list(zip(self.asks, self.asks[1:]))
-        data = list(zip(self.asks, self.handed))
+    def summary(self, total: dict) -> dict:
+        """The training step's own device work (the fewest over the counted steps: a step without
+        a progress point) and the counted epoch's syncs."""
+        steps = list(zip(self.handed, self.asks[1:]))
 
         def per_step(key):
-            return min(delta(a, b, key) for a, b in steps)  # steps without a progress point
+            return min(b[key] - a[key] for a, b in steps)
 
-        data_launches = statistics.median(delta(a, b, "launches") for a, b in data)
-        return {
-            "steps_counted": self.steps,
-            "launches_per_step": per_step("launches"),
-            "aten_launches_per_step": per_step("aten_launches"),
-            "triton_launches_per_step": per_step("triton_launches"),
-            "syncs_per_step": per_step("syncs"),
-            "host_to_device_copies_per_step": per_step("host_to_device_copies"),
-            "syncs_in_counted_epoch": total["syncs"],
-            "loader_launches_per_batch": data_launches,
-            "augmentation_launches_per_image": data_launches / batch_size,
-            "note": f"one epoch of {self.steps} steps counted by dispatch (bench/counts.py); per step: the fewest "
-                    "of its steps (a step without a progress point), the loader's batch included; the epoch's "
-                    "syncs include its progress point and its end",
-        }
+        return {"steps_counted": self.steps, "launches_per_step": per_step("launches"),
+                "aten_launches_per_step": per_step("aten_launches"),
+                "triton_launches_per_step": per_step("triton_launches"), "syncs_per_step": per_step("syncs"),
+                "host_to_device_copies_per_step": per_step("host_to_device_copies"),
+                "syncs_in_counted_epoch": total["syncs"]}
+
+
+def count_loader_epoch(loader, epoch: int) -> dict:
+    """The loader's device work over one whole epoch (augmenting in chunks, its work per image
+    is only right over whole chunks): launches per image, syncs and host-to-device copies."""
+    loader.set_epoch(epoch)
+    images = 0
+    with DeviceWorkCounter() as counter:
+        for batch, _ in loader:
+            images += len(batch)
+    counts = counter.counts
+    return {"loader_launches_per_image": counts.launches / images, "loader_syncs_per_epoch": counts.syncs,
+            "loader_host_to_device_copies_per_epoch": counts.host_to_device_copies, "loader_images_counted": images}
 
 
 # --------------------------------------------------------------------------- the Trainer
@@ -373,8 +374,9 @@ def measure_host_work(trainer: Trainer, device: torch.device) -> dict:
 
 
 def count_device_work(trainer: Trainer, inner_loader, steps: int, batch_size: int, epoch: int) -> dict:
-    """Launches, syncs and copies of `steps` training steps run by Trainer.train_epoch, counted by
-    dispatch (bench/counts.py). Trains the model further: run it after the measurements."""
+    """Launches, syncs and copies of `steps` training steps run by Trainer.train_epoch, and of the
+    loader over a whole epoch, counted by dispatch (bench/counts.py). Trains the model further:
+    run it after the measurements."""
     counter = DeviceWorkCounter()
     loader = CountingLoader(inner_loader, min(steps, len(inner_loader)), counter)
     previous, trainer.loader = trainer.loader, loader
@@ -383,7 +385,13 @@ def count_device_work(trainer: Trainer, inner_loader, steps: int, batch_size: in
             trainer.train_epoch(epoch)
     finally:
         trainer.loader = previous
-    summary = loader.summary(batch_size, counter.counts.as_dict())
+    summary = {**loader.summary(counter.counts.as_dict()), **count_loader_epoch(inner_loader, epoch + 1)}
+    summary["launches_per_step_with_loader"] = (summary["launches_per_step"]
+                                                + summary["loader_launches_per_image"] * batch_size)
+    summary["note"] = (f"counted by dispatch (bench/counts.py): the training step alone, the fewest over an epoch "
+                       f"of {summary['steps_counted']} steps (a step without a progress point); the loader over a "
+                       f"whole epoch of {summary['loader_images_counted']:,} images, per image; with the loader: the "
+                       f"step plus a batch's share of the loader")
     if not getattr(trainer.optimizer, "defaults", {}).get("fused"):
         summary["note"] += ("; the optimizer here is not fused Adam (the trainer fuses it on CUDA only): its step "
                             "launches several ops per parameter tensor and reads each one's step count (a sync), where "

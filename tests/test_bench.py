@@ -208,8 +208,10 @@ def test_every_training_configuration_is_measured_or_skipped_with_a_reason(smoke
         counts = row["counts"]
         assert counts["steps_counted"] == results["settings"]["training"]["count_steps"]
         assert counts["launches_per_step"] == counts["aten_launches_per_step"] + counts["triton_launches_per_step"]
-        assert counts["launches_per_step"] > counts["loader_launches_per_batch"] > 0
-        assert counts["augmentation_launches_per_image"] == pytest.approx(counts["loader_launches_per_batch"] / 8)
+        assert counts["launches_per_step"] > 0 and counts["loader_launches_per_image"] > 0
+        assert counts["loader_images_counted"] == 48  # the whole (--quick) epoch
+        assert counts["launches_per_step_with_loader"] == pytest.approx(
+            counts["launches_per_step"] + 8 * counts["loader_launches_per_image"])
         assert (counts["triton_launches_per_step"] > 0) == (row["backend"] == "triton" and row["model"] == "ours")
         assert counts["syncs_in_counted_epoch"] >= counts["syncs_per_step"] * counts["steps_counted"]
     for row in rows.values():
@@ -487,25 +489,33 @@ def test_timed_loader_stops_at_the_deadline_after_the_minimum_steps():
     assert len(steps) == 3
 
 
-def test_counting_loader_tells_the_loader_from_the_step():
+class _Batches(_FakeLoader):
+    """Batches of 4 images made in a chunk of two batches: the loader's work falls on every other step."""
+
+    def __iter__(self):
+        for step in range(self.steps):
+            if step % 2 == 0:
+                chunk = torch.ones(8) * step  # 2 launches (ones, mul) for two batches
+            yield chunk[4 * (step % 2):4 * (step % 2 + 1)], None
+
+
+def test_counting_loader_tells_the_step_from_the_loader():
     from bench.counts import DeviceWorkCounter
 
-    class Batches(_FakeLoader):
-        def __iter__(self):
-            for step in range(self.steps):
-                yield torch.ones(4) * step  # 1 launch per batch (the multiplication)
-
     counter = DeviceWorkCounter()
-    loader = tb.CountingLoader(Batches(steps=5, fetch_seconds=0), steps=3, counter=counter)
+    loader = tb.CountingLoader(_Batches(steps=6, fetch_seconds=0), steps=3, counter=counter)
     assert len(loader) == 3
     with counter:
-        for batch in loader:
-            (batch + 1).sum().item()  # the "step": 2 launches and a sync
+        for images, _ in loader:
+            (images + 1).sum().item()  # the "step": 2 launches and a sync
         torch.zeros(1).item()  # after the steps: the epoch's own sync
-    summary = loader.summary(batch_size=4, total=counter.counts.as_dict())
-    assert summary["steps_counted"] == 3 and summary["loader_launches_per_batch"] == 2  # ones, mul
-    assert summary["launches_per_step"] == 4 and summary["syncs_per_step"] == 1
-    assert summary["syncs_in_counted_epoch"] == 4 and summary["augmentation_launches_per_image"] == 0.5
+    summary = loader.summary(total=counter.counts.as_dict())
+    assert summary["steps_counted"] == 3 and summary["launches_per_step"] == 2 and summary["syncs_per_step"] == 1
+    assert summary["syncs_in_counted_epoch"] == 4
+    # The loader over its whole epoch: 3 chunks of 2 launches for 24 images.
+    whole = tb.count_loader_epoch(_Batches(steps=6, fetch_seconds=0), epoch=1)
+    assert whole == {"loader_launches_per_image": 0.25, "loader_syncs_per_epoch": 0,
+                     "loader_host_to_device_copies_per_epoch": 0, "loader_images_counted": 24}
 
 
 def test_sweep_points_measure_each_shape_once_with_the_model_shape_first():
