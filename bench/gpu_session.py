@@ -252,6 +252,7 @@ def plan_from_bench(results_json: Path) -> dict | None:
 
 
 def step1(session: Session) -> None:
+    (session.work / "plan.json").unlink(missing_ok=True)  # a plan is this step's, or none
     for index, (title, expression) in enumerate(TEST_GROUPS):
         # The parity group may not take all of the determinism group's time.
         until = session.started + (0.75 if index == 0 else 1.0) * TESTS_SHARE * session.args.seconds
@@ -294,7 +295,7 @@ def _real_data(session: Session) -> tuple[Path | None, str]:
     if session.args.data_dir:
         return Path(session.args.data_dir).resolve(), f"--data-dir {session.args.data_dir}"
     target = session.work / "data"
-    if (target / "cifar-10-batches-py" / "test_batch").exists():
+    if (target / "cifar-10-batches-py" / "batches.meta").exists():  # device_data.py writes it last
         return target, f"unpacked earlier in {target}"
     tool = session.work / "device_data.py"
     parts = [session.work / f"part{k}.xz" for k in range(2)]
@@ -420,14 +421,20 @@ def step2(session: Session) -> None:
         session.record["full_run"] = {"skipped": f"no real CIFAR-10: {how}"}
         session.failed = True
     else:
-        plan_path = session.work / "plan.json"
-        plan = json.loads(plan_path.read_text()) if plan_path.exists() else _probe(session, data_dir)
-        session.record["plan"] = plan or {"missing": "no triton training step could be measured"}
-        if plan is None:
-            session.record["full_run"] = {"skipped": "no measured triton step to plan with"}
+        try:
+            plan_path = session.work / "plan.json"
+            plan = json.loads(plan_path.read_text()) if plan_path.exists() else _probe(session, data_dir)
+            session.record["plan"] = plan or {"missing": "no triton training step could be measured"}
+            if plan is None:
+                session.record["full_run"] = {"skipped": "no measured triton step to plan with"}
+                session.failed = True
+            else:
+                full_run(session, data_dir, plan)
+        except Exception as error:  # the training bench still gets its time
+            session.record["full_run"] = {"error": f"{type(error).__name__}: {error}"}
             session.failed = True
-        else:
-            full_run(session, data_dir, plan)
+            session.say(f"!! full run: {type(error).__name__}: {error}")
+            session.save()
     data_flags = ["--data-dir", str(data_dir)] if data_dir else ["--data", "synthetic"]
     substep = session.run_bench("training bench", session.results / "bench", session.left() - MARGIN_SECONDS,
                                 BENCH_FILES["step2"], "--only", "training", *data_flags)
