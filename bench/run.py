@@ -152,16 +152,16 @@ def main(argv=None) -> int:
         args.quick = True
         notes.append("--device cpu runs at --quick sizes: the Triton interpreter would take hours at the model's")
     quick = args.quick
-    if smoke:
-        # One thread: with several, OpenMP's barriers stall for tens of ms whenever another
-        # process holds a core (CI runners, shared machines), and the smoke run crawls.
-        torch.set_num_threads(1)
     phases = ONLY[args.only]
     keys = [k.strip() for k in args.training_configs.split(",") if k.strip()] if args.training_configs else None
     try:
         configs = training_bench.select_configs(training_bench.training_configs(device), keys)
     except ValueError as error:
         parser.error(str(error))
+    if smoke:
+        # One thread: with several, OpenMP's barriers stall for tens of ms whenever another
+        # process holds a core (CI runners, shared machines), and the smoke run crawls.
+        torch.set_num_threads(1)
 
     # The data first: a run that cannot get its images stops before writing anything.
     data = None

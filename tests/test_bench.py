@@ -359,7 +359,7 @@ def test_real_data_missing_stops_before_writing_and_never_downloads(monkeypatch,
     assert not out.exists() and not (tmp_path / "nowhere").exists()
 
 
-def test_unknown_training_configuration_is_a_usage_error(capsys):
+def test_unknown_training_configuration_is_a_usage_error(capsys, keep_threads):
     with pytest.raises(SystemExit) as exit_info:
         bench_run.main(["--device", "cpu", "--training-configs", "triton,warp-drive"])
     assert exit_info.value.code == 2
