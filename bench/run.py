@@ -49,7 +49,7 @@ ONLY = {"all": PHASES, "kernels": ("kernels", "sweeps"), "training": ("augmentat
 COMPILE_SKIPPED_IN_QUICK_CPU = "skipped in a --quick CPU smoke: compile time dominates"
 # Patches of 8: 17 tokens, like the quick kernel shape. With the model's 65 tokens one step of
 # the Triton interpreter takes ~20 s on a CPU core; with 17, about one.
-TINY_MODEL = {"image_size": 32, "patch_size": 8, "num_classes": 10, "dim": 32, "depth": 1, "heads": 2,
+TINY_MODEL = {"image_size": 32, "patch_size": 8, "num_classes": 10, "dim": 32, "depth": 7, "heads": 2,
               "mlp_dim": 32, "dropout": 0.0}
 FULL_MODEL = {"image_size": 32, "patch_size": 4, "num_classes": 10, "dim": 384, "depth": 7, "heads": 12,
               "mlp_dim": 384, "dropout": 0.0}
