@@ -1,99 +1,113 @@
 """Train the ViT on CIFAR-10.
 
-    torchrun --nproc_per_node=8 train.py             # data-parallel; --batch-size stays global
-
     python train.py                                  # the full recipe, defaults below
     python train.py --device cpu --epochs 2 --train-subset 2000 --depth 2 --dim 64 --heads 4 --mlp-dim 64
     python train.py --resume runs/20261125-101500    # continue an interrupted run
+    torchrun --nproc_per_node=8 train.py             # data-parallel; --batch-size stays global
 """
-import argparse
+import signal
 import sys
-import time
-from dataclasses import asdict, fields
-from pathlib import Path
 
-import torch
+if __name__ == "__main__":
+    # Ctrl-C while the imports below load (torch takes seconds): no run exists yet, leave quietly.
+    signal.signal(signal.SIGINT, lambda signum, frame: sys.exit(130))
 
-from vit import distributed
-from vit.backends import backend_names, get_backend
-from vit.data import DataError
-from vit.environment import parse_device
-from vit.model import ViTConfig
-from vit.trainer import NonFiniteLoss, TrainConfig, Trainer, read_config, write_config
+import argparse  # noqa: E402
+import os  # noqa: E402
+import shlex  # noqa: E402
+import shutil  # noqa: E402
+import time  # noqa: E402
+from dataclasses import asdict, dataclass, fields  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import torch  # noqa: E402
+
+from vit import cli, distributed  # noqa: E402
+from vit.backends import backend_names, get_backend  # noqa: E402
+from vit.data import BatchSizeError  # noqa: E402
+from vit.model import ViTConfig  # noqa: E402
+from vit.trainer import NonFiniteLoss, TrainConfig, Trainer, read_config, write_config  # noqa: E402
 
 MODEL_FLAGS = {"image_size": "--image-size", "patch_size": "--patch-size", "num_classes": "--num-classes", "dim": "--dim",
                "depth": "--depth", "heads": "--heads", "mlp_dim": "--mlp-dim", "dropout": "--dropout",
                "backend": "--backend"}
 # What may differ on --resume: where and how the run executes, never what it computes.
-RESUME_MAY_CHANGE = {"device", "num_workers", "progress", "resume", "data_dir"}
+RESUME_MAY_CHANGE = {"device", "num_workers", "progress", "resume", "data_dir", "cuda_graph"}
+CIFAR10_IMAGE_SIZE = 32  # the images are used as they are, never resized
+CIFAR10_CLASSES = 10
+TRITON_HEAD_DIMS = (16, 32, 48, 64)  # kernels/attention.py's SUPPORTED_HEAD_DIMS
+# Below this many steps an epoch's train loss and accuracy average over a handful of batches,
+# and the warmup and cosine schedule move in large jumps.
+MIN_STEPS_PER_EPOCH = 5
+HAS_CUDA_GRAPH = "cuda_graph" in {f.name for f in fields(TrainConfig)}
 
-
-def positive_int(text):
-    value = int(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
-
-
-def non_negative_int(text):
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be zero or positive, got {text}")
-    return value
-
-
-def non_negative_float(text):
-    value = float(text)
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"must be zero or positive, got {text}")
-    return value
-
-
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows defaults, except the ones that are resolved at run time (None)."""
-
-    def _get_help_string(self, action):
-        return action.help if action.default is None else super()._get_help_string(action)
+EXAMPLES = """\
+examples:
+  python train.py --device cpu --epochs 2 --train-subset 2000 --depth 2 --dim 64 --heads 4 --mlp-dim 64
+      a smoke run on the CPU: a few minutes on 2 cores
+  python train.py --data-dir ~/data
+      the full recipe (200 epochs); on a GPU the backend is triton
+  python train.py --resume runs/20261125-101500
+      continue an interrupted run after its last finished epoch
+  torchrun --nproc_per_node=8 train.py --data-dir ~/data
+      data-parallel on 8 GPUs, --batch-size still global
+"""
 
 
 def build_parser() -> argparse.ArgumentParser:
     m, t = ViTConfig(), TrainConfig()
-    p = argparse.ArgumentParser(description="Train a Vision Transformer from scratch on CIFAR-10.",
-                                formatter_class=HelpFormatter, allow_abbrev=False)
+    p = cli.Parser(prog="train.py", description="Train a Vision Transformer from scratch on CIFAR-10.",
+                   epilog=EXAMPLES)
     g = p.add_argument_group("model")
     g.add_argument("--backend", choices=backend_names(), default=None,
                    help="implementation of attention and LayerNorm+MLP (default: triton on CUDA when available, else torch)")
-    g.add_argument("--image-size", type=positive_int, default=m.image_size, help="input height and width")
-    g.add_argument("--patch-size", type=positive_int, default=m.patch_size, help="patch height and width")
-    g.add_argument("--num-classes", type=positive_int, default=m.num_classes, help=argparse.SUPPRESS)
-    g.add_argument("--dim", type=positive_int, default=m.dim, help="hidden size")
-    g.add_argument("--depth", type=positive_int, default=m.depth, help="number of transformer blocks")
-    g.add_argument("--heads", type=positive_int, default=m.heads, help="attention heads (must divide --dim)")
-    g.add_argument("--mlp-dim", type=positive_int, default=m.mlp_dim, help="MLP hidden size")
-    g.add_argument("--dropout", type=non_negative_float, default=m.dropout, help="dropout on embeddings and attention output")
+    g.add_argument("--image-size", type=cli.positive_int, default=m.image_size,
+                   help=f"input height and width; CIFAR-10's images are {CIFAR10_IMAGE_SIZE}x{CIFAR10_IMAGE_SIZE} and not resized")
+    g.add_argument("--patch-size", type=cli.positive_int, default=m.patch_size, help="patch height and width")
+    g.add_argument("--num-classes", type=cli.positive_int, default=m.num_classes,
+                   help=f"outputs of the classifier head, at least CIFAR-10's {CIFAR10_CLASSES}")
+    g.add_argument("--dim", type=cli.positive_int, default=m.dim, help="hidden size")
+    g.add_argument("--depth", type=cli.positive_int, default=m.depth, help="number of transformer blocks")
+    g.add_argument("--heads", type=cli.positive_int, default=m.heads, help="attention heads, a divisor of --dim")
+    g.add_argument("--mlp-dim", type=cli.positive_int, default=m.mlp_dim, help="MLP hidden size")
+    g.add_argument("--dropout", type=cli.fraction, default=m.dropout, help="dropout on embeddings and attention output")
     g = p.add_argument_group("recipe")
-    g.add_argument("--epochs", type=positive_int, default=t.epochs)
-    g.add_argument("--batch-size", type=positive_int, default=t.batch_size, help="global batch size")
-    g.add_argument("--lr", type=non_negative_float, default=t.lr, help="peak learning rate")
-    g.add_argument("--min-lr", type=non_negative_float, default=t.min_lr, help="learning rate at the last step")
-    g.add_argument("--warmup-epochs", type=non_negative_float, default=t.warmup_epochs, help="linear warmup, per step")
-    g.add_argument("--weight-decay", type=non_negative_float, default=t.weight_decay, help="Adam's coupled L2")
-    g.add_argument("--label-smoothing", type=non_negative_float, default=t.label_smoothing)
+    g.add_argument("--epochs", type=cli.positive_int, default=t.epochs,
+                   help="passes over the training set; the cosine schedule ends with the last")
+    g.add_argument("--batch-size", type=cli.positive_int, default=t.batch_size,
+                   help="images per step, over all processes together")
+    g.add_argument("--lr", type=cli.positive_float, default=t.lr, help="peak learning rate, reached at the end of warmup")
+    g.add_argument("--min-lr", type=cli.non_negative_float, default=t.min_lr,
+                   help="learning rate at the last step (at most --lr)")
+    g.add_argument("--warmup-epochs", type=cli.non_negative_float, default=t.warmup_epochs,
+                   help="linear warmup to --lr, per step; fractions allowed")
+    g.add_argument("--weight-decay", type=cli.non_negative_float, default=t.weight_decay, help="Adam's coupled L2")
+    g.add_argument("--label-smoothing", type=cli.fraction, default=t.label_smoothing,
+                   help="label smoothing of the cross-entropy (train and test loss)")
     g.add_argument("--precision", choices=["bf16", "fp16", "fp32"], default=None,
                    help="autocast precision (default: bf16 on CUDA, fp32 on the CPU)")
-    g.add_argument("--seed", type=non_negative_int, default=t.seed, help="seeds python, numpy, torch and the data order")
+    g.add_argument("--seed", type=cli.seed, default=t.seed, help="seeds python, numpy, torch and the data order")
     g = p.add_argument_group("run")
-    g.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: cuda when available)")
+    g.add_argument("--device", type=cli.device, default="auto", help=cli.DEVICE_HELP)
     g.add_argument("--data-dir", default=t.data_dir,
                    help="folder holding cifar-10-batches-py, or that folder itself; downloaded there if missing")
-    g.add_argument("--out-dir", default=None, help="run directory (default: runs/<timestamp>); never overwritten")
-    g.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue the run in RUN_DIR from its last.pt")
-    g.add_argument("--num-workers", type=non_negative_int, default=t.num_workers, help="DataLoader workers (--augment cpu)")
+    g.add_argument("--out-dir", default=None,
+                   help="run directory, never overwritten (default: runs/<timestamp>, with -2, -3, ... if taken)")
+    g.add_argument("--resume", default=None, metavar="RUN_DIR",
+                   help="continue the run in RUN_DIR after its last finished epoch, or from its start if none "
+                        "finished; the recipe stays the saved one (default: a new run)")
+    g.add_argument("--num-workers", type=cli.non_negative_int, default=t.num_workers,
+                   help=f"DataLoader workers for --augment cpu (default: the CPU count, at most 4; here {t.num_workers})")
     g.add_argument("--augment", choices=["gpu", "cpu"], default=None,
-                   help="batched augmentation on the device, or torchvision per image in workers (default: gpu on CUDA)")
-    g.add_argument("--train-subset", type=positive_int, default=None, metavar="N", help="train on the first N images only")
+                   help="batched augmentation on the device, or torchvision per image in workers (default: gpu on CUDA, "
+                        "else cpu)")
+    g.add_argument("--train-subset", type=cli.positive_int, default=None, metavar="N",
+                   help="train on the first N images only (default: all of them)")
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
-    g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    g.add_argument("--cuda-graph", action="store_true",
+                   help="capture the training step in a CUDA graph (CUDA only"
+                        + ("" if HAS_CUDA_GRAPH else "; not supported by this trainer") + ")")
+    g.add_argument("--no-progress", dest="progress", action="store_false", help="no live progress bar")
     return p
 
 
@@ -103,8 +117,10 @@ def typed_flags(parser: argparse.ArgumentParser, argv: list[str]) -> set[str]:
             if any(arg == opt or arg.startswith(opt + "=") for arg in argv)}
 
 
-def resolve(args, parser, device: torch.device, ctx: distributed.Context) -> tuple[ViTConfig, TrainConfig, Path]:
-    """Fill the defaults that depend on the machine and check what argparse cannot."""
+# ---------------------------------------------------------------------------- a new run
+
+def resolve(args, parser, device: torch.device, ctx: distributed.Context) -> tuple[ViTConfig, TrainConfig]:
+    """Fill the defaults that depend on the machine and refuse, before any work, what cannot train."""
     if args.backend is None:
         # Triton's interpreter (TRITON_INTERPRET=1) can run the kernels on the CPU, but only for
         # checking them: the CPU default stays the torch reference.
@@ -120,71 +136,245 @@ def resolve(args, parser, device: torch.device, ctx: distributed.Context) -> tup
         parser.error(f"--precision {args.precision} needs CUDA; use --precision fp32 on the CPU")
     if args.augment is None:
         args.augment = "gpu" if device.type == "cuda" else "cpu"
+    if args.image_size != CIFAR10_IMAGE_SIZE:
+        parser.error(f"--image-size {args.image_size}: CIFAR-10's images are {CIFAR10_IMAGE_SIZE}x{CIFAR10_IMAGE_SIZE} "
+                     f"and are not resized; leave --image-size at {CIFAR10_IMAGE_SIZE}")
+    if args.num_classes < CIFAR10_CLASSES:
+        parser.error(f"--num-classes {args.num_classes} is fewer than CIFAR-10's {CIFAR10_CLASSES} classes")
     if args.dim % args.heads:
         parser.error(f"--heads {args.heads} does not divide --dim {args.dim}")
     if args.image_size % args.patch_size:
         parser.error(f"--patch-size {args.patch_size} does not divide --image-size {args.image_size}")
+    if args.backend == "triton" and args.dim // args.heads not in TRITON_HEAD_DIMS:
+        parser.error(f"--backend triton supports heads of {', '.join(map(str, TRITON_HEAD_DIMS))} dimensions; "
+                     f"--dim {args.dim} / --heads {args.heads} gives {args.dim // args.heads}")
     if args.min_lr > args.lr:
-        parser.error(f"--min-lr {args.min_lr} is above --lr {args.lr}")
-    if args.dropout >= 1:
-        parser.error(f"--dropout must be below 1, got {args.dropout}")
-    try:
-        model_cfg = ViTConfig(**{k: getattr(args, k) for k in MODEL_FLAGS})
-    except ValueError as error:
-        parser.error(str(error))
-    train_fields = {f.name for f in fields(TrainConfig)}
-    values = {k: v for k, v in vars(args).items() if k in train_fields}
-    values["device"] = str(device)
-    train_cfg = TrainConfig(**values)
+        parser.error(f"--min-lr {args.min_lr} is above --lr {args.lr}; the schedule only decays")
+    if args.cuda_graph and not HAS_CUDA_GRAPH:
+        parser.error("--cuda-graph: this trainer cannot capture CUDA graphs yet (TrainConfig has no cuda_graph); "
+                     "train without --cuda-graph")
+    if args.cuda_graph and device.type != "cuda":
+        parser.error(f"--cuda-graph needs CUDA; the device is {device}")
     if args.train_subset is not None and args.train_subset < args.batch_size:
         parser.error(f"--train-subset {args.train_subset} is smaller than one batch of {args.batch_size}")
     if args.batch_size % ctx.world_size:
         parser.error(f"--batch-size {args.batch_size} (global) is not divisible by the {ctx.world_size} processes")
-    # Rank 0 names and claims the directory; the others take its word (their clocks differ).
-    run_dir = None
-    if ctx.is_main:
-        run_dir = Path(args.out_dir or Path("runs") / time.strftime("%Y%m%d-%H%M%S"))
-        if run_dir.exists() and any(run_dir.iterdir()):
-            parser.error(f"run directory {run_dir} exists and is not empty; pick another --out-dir, or --resume it")
-    run_dir = Path(distributed.broadcast_object(str(run_dir) if run_dir else None))
-    train_cfg.out_dir = str(run_dir)
-    return model_cfg, train_cfg, run_dir
+    model_cfg = ViTConfig(**{k: getattr(args, k) for k in MODEL_FLAGS})
+    train_fields = {f.name for f in fields(TrainConfig)}
+    train_cfg = TrainConfig(**{k: v for k, v in vars(args).items() if k in train_fields and k != "device"},
+                            device=str(device))
+    return model_cfg, train_cfg
 
+
+def claim_run_dir(out_dir: str | None) -> tuple[Path, bool]:
+    """Make a run directory this process's alone: (path, whether this process created it).
+
+    The claim is the exclusive creation of the directory's config.json (O_CREAT | O_EXCL: of
+    two runs that try at once, exactly one succeeds), left empty until the trainer is built and
+    the real config replaces it. A directory holding anything else is never claimed. The default
+    runs/<timestamp> takes a -2, -3, ... suffix when the name is taken. Raises ValueError with a
+    one-line message.
+    """
+    if out_dir is not None:
+        candidates = [Path(out_dir)]
+    else:
+        stamp = Path("runs") / time.strftime("%Y%m%d-%H%M%S")
+        candidates = [stamp] + [stamp.with_name(f"{stamp.name}-{n}") for n in range(2, 1000)]
+    for path in candidates:
+        name = f"--out-dir {path}" if out_dir is not None else f"run directory {path}"
+        advice = "pick a folder you can write to" if out_dir is not None else "pass an --out-dir you can write to"
+        problem = cli.dir_problem(path)
+        if problem:
+            raise ValueError(f"{name}: {problem}; {advice}")
+        try:
+            path.mkdir(parents=True)
+            created = True
+        except FileExistsError:
+            created = False
+        except OSError as error:
+            raise ValueError(f"{name}: cannot create it ({error.strerror}); {advice}") from None
+        try:
+            if created or not any(path.iterdir()):
+                os.close(os.open(path / "config.json", os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+                return path, created
+        except FileExistsError:
+            pass  # another run claimed it first
+        except OSError as error:
+            raise ValueError(f"{name}: cannot write in it ({error.strerror}); {advice}") from None
+        if out_dir is not None:
+            raise ValueError(f"{name} exists and is not empty; pick another --out-dir, or --resume it")
+    raise ValueError(f"every run directory name from {candidates[0]} to {candidates[-1]} is taken; pass --out-dir")
+
+
+def release_run_dir(path: Path, created: bool):
+    """Undo claim_run_dir for a run that stopped before it wrote anything."""
+    config = path / "config.json"
+    if config.exists() and config.stat().st_size == 0:
+        config.unlink()
+    if created:
+        try:
+            path.rmdir()
+        except OSError:
+            pass  # something was written there after all: keep it
+
+
+def claim_on_rank_0(args, parser, ctx: distributed.Context) -> tuple[Path, bool]:
+    """Rank 0 names and claims the directory; the others take its word (their clocks differ)."""
+    claim, problem = (None, False), None
+    if ctx.is_main:
+        try:
+            claim = claim_run_dir(args.out_dir)
+        except ValueError as error:
+            problem = str(error)
+    path, problem = distributed.broadcast_object((str(claim[0]) if claim[0] else None, problem))
+    if problem:
+        if ctx.is_main:
+            parser.error(problem)
+        sys.exit(2)
+    return Path(path), claim[1]
+
+
+# ---------------------------------------------------------------------------- --resume
 
 def resolve_resume(args, parser, typed: set[str], device: torch.device,
-                   ctx: distributed.Context) -> tuple[ViTConfig, TrainConfig, Path]:
+                   ctx: distributed.Context) -> tuple[ViTConfig, TrainConfig, Path, bool]:
+    """The saved run's configs, its directory, and whether it has a checkpoint to continue from."""
     run_dir = Path(args.resume)
-    if not (run_dir / "config.json").exists() or not (run_dir / "last.pt").exists():
-        parser.error(f"--resume {run_dir}: needs a run directory with config.json and last.pt")
-    model_cfg, train_cfg = read_config(run_dir)
+    config_path = run_dir / "config.json"
+    if not run_dir.is_dir():
+        parser.error(f"--resume {run_dir}: no such run directory")
+    if not config_path.is_file():
+        parser.error(f"--resume {run_dir}: not a run directory (it has no config.json); start a new run instead")
+    if config_path.stat().st_size == 0:
+        raise cli.RunError(f"{config_path} is empty: the run was stopped before it wrote its config, so there is "
+                           f"nothing to resume; start it again as a new run")
+    try:
+        model_cfg, train_cfg = read_config(run_dir)
+    except (ValueError, KeyError, TypeError) as error:  # broken JSON, missing sections, unknown fields
+        raise cli.RunError(f"{config_path}: unreadable ({cli.one_line(error)}); the run cannot be resumed, "
+                           f"start a new one") from None
     saved = {**asdict(model_cfg), **asdict(train_cfg)}
+    if "epochs" in typed and args.epochs != train_cfg.epochs:
+        parser.error(f"--resume continues the saved recipe of {train_cfg.epochs} epochs, whose learning-rate schedule "
+                     f"ends there; to train {args.epochs} epochs, start a new run with --epochs {args.epochs}")
     conflicts = sorted(f"--{k.replace('_', '-')}" for k in typed - RESUME_MAY_CHANGE
                        if k in saved and getattr(args, k) != saved[k])
     if conflicts:
         parser.error(f"--resume continues the saved recipe; these flags differ from it: {', '.join(conflicts)}")
     for k in RESUME_MAY_CHANGE & typed:
-        if k in saved:
+        if k in saved and k != "device":
             setattr(train_cfg, k, getattr(args, k))
     if "device" not in typed and torch.device(train_cfg.device).type == "cuda" and not torch.cuda.is_available():
         parser.error(f"the run trained on {train_cfg.device}; pass --device cpu to resume it here")
     if train_cfg.batch_size % ctx.world_size:
         parser.error(f"the run's global batch {train_cfg.batch_size} is not divisible by the {ctx.world_size} processes")
+    if getattr(train_cfg, "cuda_graph", False) and device.type != "cuda":
+        if "cuda_graph" in typed:
+            parser.error(f"--cuda-graph needs CUDA; the device is {device}")
+        train_cfg.cuda_graph = False  # an execution choice of the saved run that this device cannot make
     train_cfg.device = str(device)
     reason = get_backend(model_cfg.backend).unavailable_reason(device)
     if reason:
         parser.error(f"the run's backend {model_cfg.backend} cannot run here: {reason}")
-    return model_cfg, train_cfg, run_dir
+    return model_cfg, train_cfg, run_dir, (run_dir / "last.pt").exists()
 
+
+# ---------------------------------------------------------------------------- what the user reads
+
+def startup_warnings(cfg: TrainConfig, typed: set[str], num_images: int, steps_per_epoch: int) -> list[str]:
+    """Settings that run but make little sense together; num_images: the training set's size."""
+    warnings = []
+    if cfg.warmup_epochs >= cfg.epochs:
+        warnings.append(f"--warmup-epochs {cfg.warmup_epochs:g} is not shorter than --epochs {cfg.epochs}: "
+                        f"the learning rate rises for the whole run and never decays")
+    if cfg.train_subset is not None and cfg.train_subset > num_images:
+        warnings.append(f"--train-subset {cfg.train_subset} is more than the {num_images:,} training images; "
+                        f"training on all of them")
+    if steps_per_epoch < MIN_STEPS_PER_EPOCH:
+        warnings.append(f"only {steps_per_epoch} step{'s' * (steps_per_epoch != 1)} of {cfg.batch_size} images per "
+                        f"epoch: each epoch's numbers rest on a handful of batches; use more training images or a "
+                        f"smaller --batch-size")
+    if cfg.augment == "gpu" and "num_workers" in typed:
+        warnings.append(f"--num-workers {cfg.num_workers} has no effect with --augment gpu (workers serve --augment cpu)")
+    if cfg.augment == "cpu" and cfg.num_workers == 0 and torch.device(cfg.device).type == "cuda":
+        warnings.append("--augment cpu with --num-workers 0 augments in the training process: the GPU waits for "
+                        "every batch")
+    return warnings
+
+
+def shell_command(*words) -> str:
+    """A command line to copy: this interpreter and script as they can be typed from here."""
+    def short(path: str) -> str:
+        path = os.path.abspath(path)
+        relative = os.path.relpath(path)
+        return path if relative.startswith("..") else relative
+
+    python = "python" if shutil.which("python") == sys.executable else short(sys.executable)
+    return " ".join(shlex.quote(str(w)) for w in (python, *words))
+
+
+def script() -> str:
+    path = os.path.abspath(__file__)
+    relative = os.path.relpath(path)
+    return path if relative.startswith("..") else relative
+
+
+def duration(seconds: float) -> str:
+    seconds = round(seconds)
+    hours, rest = divmod(seconds, 3600)
+    minutes, seconds = divmod(rest, 60)
+    return f"{hours}h {minutes:02d}m {seconds:02d}s" if hours else f"{minutes}m {seconds:02d}s" if minutes else f"{seconds}s"
+
+
+@dataclass
+class RunSummary:
+    """The fields of a finished fit() that the final lines show."""
+    best_acc: float
+    best_epoch: int  # 1-based
+    last_acc: float
+    epochs: int  # the recipe's total
+    wall_seconds: float  # this process's fit
+    images_per_second: float  # training images per second over this process's epochs
+
+
+def run_summary(result, trainer, wall_seconds: float) -> RunSummary:
+    """fit()'s result as a RunSummary. A fit() that returns a plain dict ({"best_acc", "epochs"})
+    leaves the rest to be read from trainer.metrics; one that returns a summary passes through."""
+    if not isinstance(result, dict):
+        return result
+    rows = trainer.metrics
+    accuracies = [float(r["test_acc"]) for r in rows]
+    best = accuracies.index(max(accuracies))
+    here = [r for r in rows if int(r["epoch"]) > trainer.start_epoch]
+    seconds = sum(float(r["epoch_seconds"]) for r in here)
+    images = sum(float(r["images_per_second"]) * float(r["epoch_seconds"]) for r in here)
+    return RunSummary(best_acc=accuracies[best], best_epoch=int(rows[best]["epoch"]), last_acc=accuracies[-1],
+                      epochs=result["epochs"], wall_seconds=wall_seconds,
+                      images_per_second=images / seconds if seconds else 0.0)
+
+
+def final_lines(summary: RunSummary, run_dir: Path, resumed: bool) -> list[str]:
+    return [
+        f"best test accuracy {summary.best_acc:.2%} at epoch {summary.best_epoch} of {summary.epochs}; "
+        f"last epoch {summary.last_acc:.2%}",
+        f"wall time {duration(summary.wall_seconds)}{' since resuming' if resumed else ''}; "
+        + (f"{summary.images_per_second:,.0f} training images/s" if summary.images_per_second else "no epoch trained"),
+        f"run directory {run_dir}; curves {run_dir / 'curves.png'}; evaluation of best.pt {run_dir / 'eval.json'}",
+        f"evaluate it again: {shell_command('-m', 'vit.evaluate', run_dir)}",
+    ]
+
+
+# ---------------------------------------------------------------------------- main
 
 def main(argv=None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+    return cli.run(_main, argv)
+
+
+def _main(argv: list[str]) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     typed = typed_flags(parser, argv)
-    try:
-        device = parse_device(args.device)
-    except ValueError as error:
-        parser.error(str(error))
+    device = args.device
     ctx = distributed.setup(device.type)
     if ctx.enabled and device.type == "cuda":
         device = torch.device("cuda", ctx.local_rank)  # one GPU per process
@@ -195,33 +385,79 @@ def main(argv=None) -> int:
 
 
 def run(args, parser, typed, device, ctx) -> int:
-    say = print if ctx.is_main else (lambda *a, **k: None)
+    def say(*lines, file=sys.stdout):
+        if ctx.is_main:
+            print(*lines, file=file, flush=True)
+
     if args.resume:
-        model_cfg, train_cfg, run_dir = resolve_resume(args, parser, typed, device, ctx)
+        model_cfg, train_cfg, run_dir, has_checkpoint = resolve_resume(args, parser, typed, device, ctx)
+        created = False
     else:
-        model_cfg, train_cfg, run_dir = resolve(args, parser, device, ctx)
+        model_cfg, train_cfg = resolve(args, parser, device, ctx)
+        run_dir, created = claim_on_rank_0(args, parser, ctx)
+        train_cfg.out_dir = str(run_dir)
+        has_checkpoint = False
+    resume_line = f"interrupted; continue with: {shell_command(script(), '--resume', run_dir)}"
     try:
-        trainer = Trainer(model_cfg, train_cfg, run_dir, resume=bool(args.resume), ctx=ctx)
-    except DataError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
+        trainer = start(args, parser, model_cfg, train_cfg, run_dir, has_checkpoint, ctx, say)
+    except BaseException as error:
+        if not args.resume and ctx.is_main:  # a new run that did not start gives its directory back
+            release_run_dir(run_dir, created)
+        if not isinstance(error, KeyboardInterrupt):
+            raise
+        cli.exit_on_next_interrupt()
+        say(resume_line if args.resume else "interrupted before the run started; nothing was saved", file=sys.stderr)
+        return 130
+    try:
+        return train(trainer, train_cfg, typed, run_dir, has_checkpoint, say)
+    except KeyboardInterrupt:
+        cli.exit_on_next_interrupt()
+        say(("\n" if sys.stderr.isatty() else "") + resume_line, file=sys.stderr)
+        return 130
+
+
+def start(args, parser, model_cfg, train_cfg, run_dir, has_checkpoint, ctx, say) -> Trainer:
+    """The trainer, with a new run's config.json written before its first step."""
+    try:
+        # build_trainer(...) once vit.trainer has it: the same arguments
+        trainer = Trainer(model_cfg, train_cfg, run_dir, resume=has_checkpoint, ctx=ctx, log=say)
+    except BatchSizeError as error:
+        parser.error(f"--batch-size {train_cfg.batch_size}: {error}; pass a smaller one")
+    except RuntimeError as error:
+        if not has_checkpoint or isinstance(error, cli.EXPECTED_ERRORS):
+            raise
+        raise cli.RunError(f"cannot resume {run_dir}: {cli.one_line(error)}") from None
     if not args.resume and ctx.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
         write_config(run_dir, model_cfg, train_cfg, trainer.data.class_names, trainer.device)
+    return trainer
+
+
+def train(trainer, cfg: TrainConfig, typed, run_dir: Path, resuming: bool, say) -> int:
+    """Fit, evaluate the best epoch, and say where everything is."""
     say(trainer.describe())
-    say(f"run directory: {run_dir}" + (f" (resuming after epoch {trainer.start_epoch})" if args.resume else ""))
+    if resuming:
+        say(f"run directory {run_dir}; seed {cfg.seed} (resuming after epoch {trainer.start_epoch})")
+    elif "resume" in typed:
+        say(f"run directory {run_dir}; seed {cfg.seed} (it has config.json but no last.pt: it stopped before its "
+            f"first epoch ended, so it starts from the beginning with its saved config)")
+    else:
+        say(f"run directory {run_dir}; seed {cfg.seed}")
+    for warning in startup_warnings(cfg, typed, len(trainer.data.train_images), len(trainer.loader)):
+        say(f"warning: {warning}", file=sys.stderr)
+    if resuming and trainer.start_epoch >= cfg.epochs:
+        say(f"the run already finished its {cfg.epochs} epoch{'s' * (cfg.epochs != 1)}; nothing left to train")
+    started = time.perf_counter()
     try:
-        summary = trainer.fit()
+        result = trainer.fit()
     except NonFiniteLoss as error:
         say(f"error: {error}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        say(f"\ninterrupted; continue with: python train.py --resume {run_dir}", file=sys.stderr)
-        return 130
     trainer.finish()
-    say(f"best test accuracy {summary['best_acc']:.2%}; outputs in {run_dir}")
+    for line in final_lines(run_summary(result, trainer, time.perf_counter() - started), run_dir, resuming):
+        say(line)
     return 0
 
 
 if __name__ == "__main__":
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     sys.exit(main())

@@ -33,6 +33,25 @@ def is_interpreted(kernel) -> bool:
     return isinstance(kernel, InterpretedFunction)
 
 
+def interpreter_broken_reason() -> str | None:
+    """Why Triton's interpreter cannot run on this stack, or None. Triton before 3.7 runs its
+    interpreter on NumPy APIs that NumPy 2.4 removed, so every interpreted kernel fails ("only
+    0-dimensional arrays can be converted to Python scalars"): an upstream bug, and the GPU
+    machine's stack (Triton 3.6, NumPy 2.5) has it."""
+    from importlib.metadata import version
+
+    import numpy
+
+    def major_minor(text):
+        return tuple(int(part) for part in text.split(".")[:2])
+
+    triton_version = version("triton")
+    if major_minor(triton_version) < (3, 7) and major_minor(numpy.__version__) >= (2, 4):
+        return (f"Triton {triton_version}'s interpreter fails with NumPy {numpy.__version__} (an upstream bug; "
+                "Triton 3.8 with NumPy 2.4 works); run on a GPU, or with NumPy < 2.4")
+    return None
+
+
 def on_device_of(tensor: torch.Tensor):
     """Triton launches on the current CUDA device: make it the tensor's (cuda:1 etc.)."""
     return torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext()

@@ -13,29 +13,11 @@ if not torch.cuda.is_available():
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+# kernels._common imports torch only: importing it here defines no kernel.
+from kernels._common import interpreter_broken_reason  # noqa: E402
+
 HAS_CUDA = torch.cuda.is_available()
-
-
-def _interpreter_broken_reason() -> str | None:
-    """Triton before 3.7 runs its interpreter on NumPy APIs that NumPy 2.4 removed (every
-    interpreted kernel fails: "only 0-dimensional arrays can be converted to Python
-    scalars"), an upstream bug; such a stack (the GPU machine's: Triton 3.6, NumPy 2.5) cannot
-    run interpreter tests."""
-    from importlib.metadata import version
-
-    import numpy
-
-    def major_minor(text):
-        return tuple(int(part) for part in text.split(".")[:2])
-
-    triton_version = version("triton")
-    if major_minor(triton_version) < (3, 7) and major_minor(numpy.__version__) >= (2, 4):
-        return (f"Triton {triton_version}'s interpreter fails with NumPy {numpy.__version__} (upstream bug, "
-                "Triton 3.8 with NumPy 2.4 works); run on a GPU, or with NumPy < 2.4")
-    return None
-
-
-INTERPRETER_BROKEN = _interpreter_broken_reason()
+INTERPRETER_BROKEN = interpreter_broken_reason()
 
 
 def pytest_collection_modifyitems(config, items):
@@ -45,6 +27,8 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU"))
         if "interpreter" in item.keywords and INTERPRETER_BROKEN:
             item.add_marker(pytest.mark.skip(reason=INTERPRETER_BROKEN))
+
+
 # CI and developers have the real CIFAR-10 beside the checkout.
 SHARED_DATA = REPO.parent / "shared" / "data"
 

@@ -201,7 +201,7 @@ def reference_train_augment(images, params):
 
 def test_train_augment_matches_torchvision_transforms(random_images):
     images = synthetic_images(400, seed=2)
-    params = augment.draw_train_params(len(images), torch.Generator().manual_seed(3), "cpu")
+    params = augment.draw_train_params(torch.arange(len(images)), seed=3, epoch=0)
     # Every sub-policy, with both of its ops applied, in each sign, so that each of the
     # policy's (op, magnitude, sign) cases occurs.
     params["sub_policy"][:200] = torch.arange(200) % 25
@@ -212,7 +212,7 @@ def test_train_augment_matches_torchvision_transforms(random_images):
 
 def test_train_augment_matches_torchvision_transforms_on_real_images(real_cifar):
     images = real_cifar.train_images[1000:1300]
-    params = augment.draw_train_params(len(images), torch.Generator().manual_seed(4), "cpu")
+    params = augment.draw_train_params(torch.arange(len(images)), seed=4, epoch=0)
     assert torch.equal(augment.apply_train_augment(images, params), reference_train_augment(images, params))
 
 
@@ -224,7 +224,7 @@ DRAWS = 100_000
 
 @pytest.fixture(scope="module")
 def many_params():
-    return augment.draw_train_params(DRAWS, torch.Generator().manual_seed(5), "cpu")
+    return augment.draw_train_params(torch.arange(DRAWS), seed=5, epoch=0)
 
 
 def chi_square_p_value(counts, expected):
@@ -283,12 +283,12 @@ def test_crop_offsets_and_flips(many_params):
 
 
 def test_samples_of_one_batch_draw_their_own_augmentation():
-    params = augment.draw_train_params(128, torch.Generator().manual_seed(6), "cpu")
+    params = augment.draw_train_params(torch.arange(128), seed=6, epoch=0)
     assert len(params["sub_policy"].unique()) >= 20
     assert len(params["op_applied"].unique(dim=0)) == 4  # all four apply patterns occur
     # One image copied across a batch comes out in many different ways.
     image = synthetic_images(4, seed=7)[1]
-    out = augment.gpu_train_augment(image.expand(128, 3, 32, 32).contiguous(), torch.Generator().manual_seed(8))
+    out = augment.gpu_train_augment(image.expand(128, 3, 32, 32).contiguous(), torch.arange(128), seed=8, epoch=0)
     assert len(out.flatten(1).unique(dim=0)) > 100
 
 
@@ -321,32 +321,34 @@ def test_crop_and_flip_per_sample(random_images):
 # The batch transform's contract
 
 def test_output_dtype_shape_and_range(random_images):
-    out = augment.gpu_train_augment(random_images, torch.Generator().manual_seed(9))
+    out = augment.gpu_train_augment(random_images, torch.arange(len(random_images)), seed=9, epoch=0)
     assert out.dtype == torch.uint8 and out.shape == random_images.shape and out.device == random_images.device
     assert 0 < out.float().mean() < 255 and not torch.equal(out, random_images)
 
 
 def test_batch_of_one(random_images):
-    out = augment.gpu_train_augment(random_images[:1], torch.Generator().manual_seed(10))
+    out = augment.gpu_train_augment(random_images[:1], torch.arange(1), seed=10, epoch=0)
     assert out.shape == (1, 3, 32, 32) and out.dtype == torch.uint8
 
 
-def test_same_seed_same_output_different_seed_different_output(random_images):
-    first = augment.gpu_train_augment(random_images, torch.Generator().manual_seed(11))
-    again = augment.gpu_train_augment(random_images, torch.Generator().manual_seed(11))
-    other = augment.gpu_train_augment(random_images, torch.Generator().manual_seed(12))
+def test_same_keys_same_output_other_seed_or_epoch_other_output(random_images):
+    indices = torch.arange(len(random_images))
+    first = augment.gpu_train_augment(random_images, indices, seed=11, epoch=0)
+    again = augment.gpu_train_augment(random_images, indices, seed=11, epoch=0)
+    other_seed = augment.gpu_train_augment(random_images, indices, seed=12, epoch=0)
+    other_epoch = augment.gpu_train_augment(random_images, indices, seed=11, epoch=1)
     assert torch.equal(first, again)
-    assert not torch.equal(first, other)
+    assert not torch.equal(first, other_seed) and not torch.equal(first, other_epoch)
 
 
 def test_gpu_train_augment_is_draw_then_apply(random_images):
-    params = augment.draw_train_params(len(random_images), torch.Generator().manual_seed(13), "cpu")
-    assert torch.equal(augment.gpu_train_augment(random_images, torch.Generator().manual_seed(13)),
+    params = augment.draw_train_params(torch.arange(len(random_images)), seed=13, epoch=0)
+    assert torch.equal(augment.gpu_train_augment(random_images, torch.arange(len(random_images)), seed=13, epoch=0),
                        augment.apply_train_augment(random_images, params))
 
 
 def test_shards_of_params_give_shards_of_the_batch(random_images):
-    params = augment.draw_train_params(len(random_images), torch.Generator().manual_seed(14), "cpu")
+    params = augment.draw_train_params(torch.arange(len(random_images)), seed=14, epoch=0)
     full = augment.apply_train_augment(random_images, params)
     for lo, hi in ((0, 8), (8, 16), (16, 24), (5, 6)):
         shard = augment.apply_train_augment(random_images[lo:hi], {k: v[lo:hi] for k, v in params.items()})

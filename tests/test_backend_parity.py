@@ -45,6 +45,7 @@ def test_tiny_vit_same_logits_and_gradients_under_both_backends(cfg):
         torch.testing.assert_close(grad, ref_grads[name], rtol=1e-3, atol=1e-5, msg=name)
 
 
+@interpreted_here
 def test_triton_backend_announces_itself():
     backend = get_backend("triton")
     assert backend.name == "triton" and "kernels.attention" in backend.description
@@ -95,3 +96,12 @@ def test_short_real_training_run_tracks_the_torch_backend_on_gpu(real_data_dir, 
     for torch_loss, triton_loss in zip(runs["torch"], runs["triton"]):
         assert abs(triton_loss - torch_loss) < 0.03 * torch_loss, runs
     assert runs["triton"][1] < runs["triton"][0], runs
+
+
+def test_triton_backend_is_unavailable_where_the_interpreter_is_broken(monkeypatch):
+    """On the CPU the backend needs the interpreter; a stack whose interpreter cannot run (Triton
+    3.6 with NumPy 2.4+) makes it unavailable with the reason, rather than failing mid-run."""
+    import kernels._common
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(kernels._common, "interpreter_broken_reason", lambda: "broken for this test")
+    assert get_backend("triton").unavailable_reason(torch.device("cpu")) == "broken for this test"

@@ -253,4 +253,5 @@ def test_evaluate_without_the_data_set_is_a_one_line_error(tiny_model, tmp_path)
 
 def test_usage_error_exits_with_2(bad_runs):
     result = run_cli("vit.predict", bad_runs["good"])  # no IMAGE
-    assert result.returncode == 2 and "usage:" in result.stderr and "Traceback" not in result.stderr
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.count("\n") == 1 and "required: IMAGE" in result.stderr and "--help" in result.stderr

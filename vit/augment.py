@@ -1,20 +1,33 @@
 """Training augmentation: RandomCrop(32, padding=4), RandomHorizontalFlip, AutoAugment
-(torchvision's CIFAR10 policy), then normalization. Test images are only normalized.
+(CIFAR10 policy), then normalization. Test images are only normalized.
 
 All functions take uint8 images [..., 3, H, W]; normalize() is the only step that
 turns them into floats.
 
 Two implementations of the same augmentation:
 - cpu_train_transform(): torchvision's per-image transforms, the reference;
-- draw_train_params() + apply_train_augment() (or gpu_train_augment()): the whole batch at
-  once on whatever device holds it, each sample with its own crop, flip, sub-policy, apply
-  decisions and signs, drawn from the same distributions as the reference.
+- draw_train_params() + apply_train_augment() (or gpu_train_augment()): any number of
+  samples at once on whatever device holds them, each sample with its own crop, flip,
+  sub-policy, apply decisions and signs, drawn from the same distributions as the reference.
+  The draws are a function of (seed, epoch, sample index) alone (vit/keyed_random.py), so a
+  sample's augmentation is the same whether it is augmented in a batch, in a chunk of many
+  batches, or in one process's share of a batch.
+
+Two AutoAugment variants (AUTO_AUGMENT_VARIANTS), in both implementations:
+- "torchvision" (the default): torchvision's AutoAugment exactly: zero fill, Rotate by
+  +-theta, every geometric op with nearest interpolation;
+- "reference": what the reference ViT-on-CIFAR-10 code ran: grey 128 fill, Rotate always by
+  +theta, ShearX/ShearY with bicubic interpolation; the rest as torchvision.
 
 The batched ops compute what torchvision's per-image tensor ops compute (the functions
 `AutoAugment._apply_op` calls, on a uint8 [3, H, W] tensor) pixel for pixel; every op is
-bit-identical on CPU, which tests/test_augment.py checks on random and real images:
+bit-identical on CPU, which tests/test_augment.py and tests/test_augment_variants.py check
+on random and real images:
 - ShearX, ShearY, TranslateX, TranslateY, Rotate: the same float32 sampling grid, built
-  from the same float64 inverse matrix, and the same F.grid_sample (nearest, zero fill);
+  from the same float64 inverse matrix, and the same nearest F.grid_sample (with a fill, the
+  same sampled mask channel). The reference variant's bicubic shears have no tensor
+  counterpart in torchvision, which runs them through PIL: they follow PIL's bicubic
+  filter (Geometry.c) in float64 operation for operation, as the reference code ran it;
 - Brightness, Color, Contrast, Sharpness: the same float32 blend `ratio * img + (1 - ratio)
   * degenerate`, truncated to uint8. Sharpness's blur is computed from exact integer sums
   (see _blurred_degenerate), which rounds as torchvision's float convolution does;
@@ -23,16 +36,17 @@ bit-identical on CPU, which tests/test_augment.py checks on random and real imag
   Equalize).
 The batched ops use only elementwise IEEE arithmetic (no fused multiply-adds, no matmul,
 no convolution library), grid_sample, and integer sums and histograms, so that a GPU
-computes the same pixels and no TF32 setting can change them. (Checked on CPU only: no
-GPU was at hand when this was written.)
+computes the same pixels and no TF32 setting can change them.
 
 Speed: no loop over images, no host synchronization (no .item(), no data-dependent
 shapes), and after the first call per device and image size (which builds the cached
 tables), no host-to-device copies, so that apply_train_augment can run ahead of the GPU
 and be captured in a CUDA graph after a warm-up call. Each slot of a sub-policy runs one
-pass per op family over the whole batch (geometric: one grid_sample; blends: one blend;
-lookup ops: one gather), and torch.where keeps each sample's own op: about 200 small
-kernels per batch whatever its size.
+pass per op family over all samples (geometric: one grid_sample, and the bicubic shears in
+the reference variant; blends: one blend; lookup ops: one gather), and torch.where keeps
+each sample's own op: about 240 small kernels per call (320 for the reference variant),
+draws included, whatever the number of samples, which is why the train loader augments
+many batches per call.
 """
 import functools
 import math
@@ -41,7 +55,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torchvision import transforms
-from torchvision.transforms.autoaugment import AutoAugment, AutoAugmentPolicy
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms import functional as TF
+from torchvision.transforms.autoaugment import AutoAugment, AutoAugmentPolicy, _apply_op
+
+from vit import keyed_random
 
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
@@ -60,16 +78,6 @@ def normalize(images: torch.Tensor) -> torch.Tensor:
     # place on the one new float tensor.
     mean, std = _normalize_constants(images.device)
     return images.float().div_(255.0).sub_(mean).div_(std)
-
-
-def cpu_train_transform():
-    """torchvision's per-image transforms on one uint8 [3, H, W] tensor; they draw from
-    torch's global RNG."""
-    return transforms.Compose([
-        transforms.RandomCrop(32, padding=4),
-        transforms.RandomHorizontalFlip(),
-        transforms.AutoAugment(transforms.AutoAugmentPolicy.CIFAR10),
-    ])
 
 
 # ---------------------------------------------------------------------------------------
@@ -95,6 +103,106 @@ _SLOT_OPS = tuple(frozenset(sub_policy[slot][0] for sub_policy in SUB_POLICIES)
 # Python's math.degrees and math.radians multiply by these two doubles.
 _DEGREES_PER_RADIAN = 180.0 / math.pi
 _RADIANS_PER_DEGREE = math.pi / 180.0
+SHEAR_OPS = frozenset({"ShearX", "ShearY"})
+
+
+@dataclass(frozen=True)
+class AutoAugmentVariant:
+    """How the policy's ops are carried out; the sub-policies, probabilities and magnitudes
+    are torchvision's CIFAR10 policy in every variant."""
+    fill: int | None  # grey level of pixels that come from outside the image (None: 0, unblended)
+    signed_rotate: bool  # Rotate by -theta half the time (torchvision) or always by +theta
+    shear_interpolation: str  # "nearest" or "bicubic"; the other geometric ops are always nearest
+
+    @property
+    def bicubic_ops(self) -> frozenset:
+        return SHEAR_OPS if self.shear_interpolation == "bicubic" else frozenset()
+
+
+AUTO_AUGMENT_VARIANTS = {
+    "torchvision": AutoAugmentVariant(fill=None, signed_rotate=True, shear_interpolation="nearest"),
+    "reference": AutoAugmentVariant(fill=128, signed_rotate=False, shear_interpolation="bicubic"),
+}
+
+
+def auto_augment_variant(name: str) -> AutoAugmentVariant:
+    if name not in AUTO_AUGMENT_VARIANTS:
+        raise ValueError(f"unknown AutoAugment variant {name!r}; expected one of {', '.join(AUTO_AUGMENT_VARIANTS)}")
+    return AUTO_AUGMENT_VARIANTS[name]
+
+
+def _augmentation_space(variant: AutoAugmentVariant, height: int, width: int) -> dict:
+    """torchvision's {op name: (magnitudes per bin, signed)}, with Rotate unsigned where the
+    variant always rotates by +theta."""
+    space = dict(_AUTO_AUGMENT._augmentation_space(NUM_MAGNITUDE_BINS, (height, width)))
+    if not variant.signed_rotate:
+        space["Rotate"] = (space["Rotate"][0], False)
+    return space
+
+
+# ---------------------------------------------------------------------------------------
+# The per-image reference: torchvision's transforms
+
+def torchvision_op(image: torch.Tensor, op_name: str, magnitude: float, auto_augment: str = "torchvision") -> torch.Tensor:
+    """One AutoAugment op on one uint8 [3, H, W] image: torchvision's `_apply_op` with the
+    variant's interpolation and fill (magnitude in `_apply_op`'s units and sign).
+
+    torchvision's tensor ops have no bicubic affine, so bicubic ops go through a PIL image:
+    torchvision's F.affine then runs PIL's Image.transform with BICUBIC, as the reference
+    code's shears did."""
+    variant = auto_augment_variant(auto_augment)
+    fill = None if variant.fill is None else [float(variant.fill)] * image.shape[-3]
+    if op_name in variant.bicubic_ops:
+        resampled = _apply_op(TF.to_pil_image(image), op_name, magnitude, interpolation=InterpolationMode.BICUBIC,
+                              fill=fill)
+        return TF.pil_to_tensor(resampled)
+    return _apply_op(image, op_name, magnitude, interpolation=InterpolationMode.NEAREST, fill=fill)
+
+
+class VariantAutoAugment(AutoAugment):
+    """torchvision's AutoAugment (CIFAR10 policy, the same draws from torch's global RNG)
+    carried out as a variant says. forward is AutoAugment.forward with each op applied by
+    torchvision_op, because torchvision gives one interpolation to every op."""
+
+    def __init__(self, auto_augment: str):
+        variant = auto_augment_variant(auto_augment)
+        super().__init__(AutoAugmentPolicy.CIFAR10, interpolation=InterpolationMode.NEAREST, fill=variant.fill)
+        self.variant, self.auto_augment = variant, auto_augment
+
+    def _augmentation_space(self, num_bins: int, image_size: tuple[int, int]) -> dict:
+        if num_bins != NUM_MAGNITUDE_BINS:
+            raise ValueError(f"the CIFAR10 policy uses {NUM_MAGNITUDE_BINS} magnitude bins, got {num_bins}")
+        return _augmentation_space(self.variant, *image_size)
+
+    def forward(self, img: torch.Tensor) -> torch.Tensor:
+        """img: uint8 [3, H, W]."""
+        transform_id, probs, signs = self.get_params(len(self.policies))
+        space = self._augmentation_space(NUM_MAGNITUDE_BINS, tuple(img.shape[-2:]))
+        for i, (op_name, p, magnitude_id) in enumerate(self.policies[transform_id]):
+            if probs[i] <= p:
+                magnitudes, signed = space[op_name]
+                magnitude = float(magnitudes[magnitude_id].item()) if magnitude_id is not None else 0.0
+                if signed and signs[i] == 0:
+                    magnitude *= -1.0
+                img = torchvision_op(img, op_name, magnitude, self.auto_augment)
+        return img
+
+
+def auto_augment_transform(auto_augment: str = "torchvision") -> torch.nn.Module:
+    """The per-image AutoAugment of a variant; the default is torchvision's own class."""
+    if auto_augment_variant(auto_augment) == AUTO_AUGMENT_VARIANTS["torchvision"]:
+        return AutoAugment(AutoAugmentPolicy.CIFAR10)
+    return VariantAutoAugment(auto_augment)
+
+
+def cpu_train_transform(auto_augment: str = "torchvision"):
+    """torchvision's per-image transforms on one uint8 [3, H, W] tensor; they draw from
+    torch's global RNG."""
+    return transforms.Compose([
+        transforms.RandomCrop(32, padding=CROP_PADDING),
+        transforms.RandomHorizontalFlip(),
+        auto_augment_transform(auto_augment),
+    ])
 
 
 # ---------------------------------------------------------------------------------------
@@ -125,24 +233,28 @@ class _OpArguments:
     blend_complement: torch.Tensor  # float32 [N], 1 - factor, rounded as _blend rounds it
     solarize_threshold: torch.Tensor  # float32 [N]
     posterize_mask: torch.Tensor  # uint8 [N], the bits Posterize keeps
+    # float64 [N, 6]: the inverse affine matrix torchvision hands to PIL's Image.transform for
+    # a shear (pivot at pixel corner (0, 0)), used by the bicubic shears (identity otherwise).
+    pil_matrix: torch.Tensor
 
-    # All fields as float32 columns of one tensor (integers here are small, so exact), so
-    # that a batch's rows come out of a table in one indexing operation.
+    # All fields as float64 columns of one tensor (the integers and float32 values here are
+    # exact in float64), so that a batch's rows come out of a table in one indexing operation.
     def pack(self) -> torch.Tensor:
         columns = [self.op_code, self.family, self.grid_coefficients.flatten(1), self.blend_ratio,
-                   self.blend_complement, self.solarize_threshold, self.posterize_mask]
-        return torch.cat([c.to(torch.float32).view(len(self.op_code), -1) for c in columns], dim=1)
+                   self.blend_complement, self.solarize_threshold, self.posterize_mask, self.pil_matrix]
+        return torch.cat([c.to(torch.float64).view(len(self.op_code), -1) for c in columns], dim=1)
 
     @staticmethod
     def unpack(packed: torch.Tensor) -> "_OpArguments":
         return _OpArguments(
             op_code=packed[:, 0].to(torch.int64),
             family=packed[:, 1].to(torch.int64),
-            grid_coefficients=packed[:, 2:8].unflatten(1, (2, 3)),
-            blend_ratio=packed[:, 8],
-            blend_complement=packed[:, 9],
-            solarize_threshold=packed[:, 10],
+            grid_coefficients=packed[:, 2:8].to(torch.float32).unflatten(1, (2, 3)),
+            blend_ratio=packed[:, 8].to(torch.float32),
+            blend_complement=packed[:, 9].to(torch.float32),
+            solarize_threshold=packed[:, 10].to(torch.float32),
             posterize_mask=packed[:, 11].to(torch.uint8),
+            pil_matrix=packed[:, 12:18],
         )
 
 
@@ -191,6 +303,10 @@ def _op_arguments(op_code: torch.Tensor, magnitude: torch.Tensor, height: int, w
     ).to(torch.float32)
     # _gen_affine_grid's rescaled theta: row 0 (grid x) over W/2, row 1 (grid y) over H/2.
     half_size = torch.tensor([[0.5 * width], [0.5 * height]], dtype=torch.float32, device=device)
+    # F.affine on a PIL image takes center=[0, 0] as pixel coordinates, not relative ones.
+    pil_matrix = _inverse_affine_matrices(angle=zero, translate_x=zero, translate_y=zero,
+                                          shear_x=where_op("ShearX", shear_degrees),
+                                          shear_y=where_op("ShearY", shear_degrees), center_x=zero, center_y=zero)
 
     # F.adjust_*(img, 1.0 + magnitude); _blend computes ratio * img1 + (1.0 - ratio) * img2
     # with both Python floats becoming float32 scalars.
@@ -207,6 +323,7 @@ def _op_arguments(op_code: torch.Tensor, magnitude: torch.Tensor, height: int, w
         # F.solarize compares uint8 pixels with a Python float: in float32.
         solarize_threshold=m.to(torch.float32),
         posterize_mask=posterize_mask.to(torch.uint8),
+        pil_matrix=pil_matrix.view(-1, 6),
     )
 
 
@@ -222,18 +339,111 @@ def _pixel_centers(height: int, width: int, device: torch.device):
     return x.view(1, 1, width, 1), y.view(1, height, 1, 1)
 
 
-def _affine(pixels: torch.Tensor, grid_coefficients: torch.Tensor) -> torch.Tensor:
-    """float32 [B, C, H, W] -> uint8: nearest-neighbour resampling with zero fill, as
-    torchvision's tensor affine and rotate do per image."""
-    H, W = pixels.shape[-2:]
-    x, y = _pixel_centers(H, W, pixels.device)
+def _sampling_grid(grid_coefficients: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """float32 [B, H, W, 2]: each sample's grid_sample coordinates, as torchvision's
+    _gen_affine_grid computes them per image."""
+    x, y = _pixel_centers(height, width, grid_coefficients.device)
     per_sample = grid_coefficients[:, None, None]  # [B, 1, 1, 2 (grid x, y), 3]
     # grid = [x, y, 1] @ rescaled theta, written out elementwise in the order the matmul
     # sums (x term + y term, then the constant) so it rounds the same, and so no matmul
     # precision setting (TF32) can touch it.
-    grid = x * per_sample[..., 0] + y * per_sample[..., 1] + per_sample[..., 2]  # [B, H, W, 2]
+    return x * per_sample[..., 0] + y * per_sample[..., 1] + per_sample[..., 2]
+
+
+def _nearest(pixels: torch.Tensor, grid_coefficients: torch.Tensor, fill: int | None) -> torch.Tensor:
+    """float32 [B, C, H, W] -> uint8: torchvision's _apply_grid_transform in nearest mode on a
+    batch. With a fill, a channel of ones is sampled along (as torchvision does), and pixels
+    whose sampled mask is below 1/2 came from outside the image and take the fill."""
+    H, W = pixels.shape[-2:]
+    if fill is not None:
+        pixels = torch.cat([pixels, torch.ones_like(pixels[:, :1])], dim=1)
+    grid = _sampling_grid(grid_coefficients, H, W)
     sampled = F.grid_sample(pixels, grid, mode="nearest", padding_mode="zeros", align_corners=False)
-    return sampled.to(torch.uint8)  # nearest samples are the input's integers or the zero fill
+    if fill is not None:
+        sampled = torch.where(sampled[:, -1:] < 0.5, float(fill), sampled[:, :-1])
+    return sampled.to(torch.uint8)  # nearest samples are the input's integers or the fill
+
+
+def _cubic(v1, v2, v3, v4, d):
+    """PIL's BICUBIC macro (Geometry.c): the cubic through four taps at offset d in [0, 1)
+    (float64), evaluated in its order, so that it rounds as its C doubles do. Integer taps
+    give exact integer coefficients p2..p4, as in its C ints."""
+    p2 = v3 - v1
+    p3 = 2 * (v1 - v2) + v3 - v4
+    p4 = v2 - v1 - v3 + v4
+    return (d * p4).add_(p3).mul_(d).add_(p2).mul_(d).add_(v2)  # v2 + d * (p2 + d * (p3 + d * p4))
+
+
+@functools.lru_cache(maxsize=None)
+def _pil_pixel_centers(height: int, width: int, device: torch.device):
+    """x + 0.5 and y + 0.5 in float64, as PIL's affine_transform computes them."""
+    x = torch.arange(width, dtype=torch.float64, device=device) + 0.5
+    y = torch.arange(height, dtype=torch.float64, device=device) + 0.5
+    return x, y.view(height, 1)
+
+
+def _pil_bicubic_shears(images: torch.Tensor, arguments: _OpArguments, ops: frozenset,
+                        fill: int | None) -> torch.Tensor:
+    """uint8 [B, C, H, W] -> uint8: each sample's ShearX or ShearY (ops: which occur) as PIL's
+    Image.transform(AFFINE, matrix, BICUBIC, fillcolor) computes it, which is what
+    torchvision's F.affine does to a PIL image with bicubic interpolation.
+
+    Geometry.c's bicubic_filter32RGB: the source point of output pixel (x, y) is
+    matrix @ (x + 1/2, y + 1/2, 1) in float64; points outside the image take the fill; the
+    others interpolate the 4 x 4 taps around them (indices clamped to the border) with PIL's
+    cubic, rows first, and clamp to 0..255 and truncate. A shear's matrix moves points along
+    one axis only: for ShearX the source row is exactly y + 1/2, so PIL's vertical offset is
+    0 and its vertical cubic returns the middle row's value unchanged; for ShearY the same
+    holds across columns. So one 4-tap cubic along the sheared axis gives PIL's result
+    exactly, with a quarter of the taps.
+    """
+    B, C, H, W = images.shape
+    x, y = _pil_pixel_centers(H, W, images.device)
+    a = arguments.pil_matrix.view(B, 6, 1, 1)
+    source_x = a[:, 0] * x + a[:, 1] * y + a[:, 2]  # [B, H, W]
+    source_y = a[:, 3] * x + a[:, 4] * y + a[:, 5]
+    inside = (source_x >= 0) & (source_x < W) & (source_y >= 0) & (source_y < H)
+    source_x, source_y = source_x - 0.5, source_y - 0.5
+    flat = images.view(B, C, H * W)
+
+    def cubic_along(moving, other_axis_offset, stride, size):
+        start = moving.floor()
+        offset = (moving - start).unsqueeze(1)  # [B, 1, H, W]
+        start = start.to(torch.int64)
+        taps = []
+        for k in (-1, 0, 1, 2):
+            index = ((start + k).clamp_(0, size - 1) * stride + other_axis_offset).view(B, 1, H * W)
+            taps.append(flat.gather(2, index.expand(B, C, H * W)).view(B, C, H, W).to(torch.int16))
+        return _cubic(*taps, offset)
+
+    out = None
+    if "ShearX" in ops:  # along rows: the row is fixed
+        out = cubic_along(source_x, source_y.floor().to(torch.int64).clamp_(0, H - 1) * W, 1, W)
+    if "ShearY" in ops:  # along columns: the column is fixed
+        along_columns = cubic_along(source_y, source_x.floor().to(torch.int64).clamp_(0, W - 1), W, H)
+        if out is None:
+            out = along_columns
+        else:
+            out = torch.where((arguments.op_code == OP_CODES["ShearY"]).view(B, 1, 1, 1), along_columns, out)
+    out = out.clamp_(0, 255).to(torch.uint8)  # <= 0 -> 0, >= 255 -> 255, else truncated
+    return torch.where(inside.unsqueeze(1), out, 0 if fill is None else fill)
+
+
+def _geometric_ops(images: torch.Tensor, pixels: torch.Tensor, arguments: _OpArguments, ops: frozenset,
+                   variant: AutoAugmentVariant) -> torch.Tensor:
+    """ShearX/Y, TranslateX/Y and Rotate of uint8 images [B, C, H, W] (pixels: the same as
+    float32) -> uint8: one resampling per interpolation the ops need, each sample kept from
+    its own op's."""
+    bicubic_ops = ops & variant.bicubic_ops
+    out = _nearest(pixels, arguments.grid_coefficients, variant.fill) if ops - bicubic_ops else None
+    if bicubic_ops:
+        bicubic = _pil_bicubic_shears(images, arguments, bicubic_ops, variant.fill)
+        if out is None:
+            out = bicubic
+        else:
+            is_bicubic = functools.reduce(torch.logical_or, [arguments.op_code == OP_CODES[name] for name in bicubic_ops])
+            out = torch.where(is_bicubic.view(-1, 1, 1, 1), bicubic, out)
+    return out
 
 
 def _grayscale(images: torch.Tensor) -> torch.Tensor:
@@ -358,7 +568,8 @@ def _lookup_ops(images, arguments: _OpArguments, ops: frozenset) -> torch.Tensor
     return tables.expand(B, C, 256).gather(2, pixels).view(B, C, H, W)
 
 
-def _apply_ops(images: torch.Tensor, arguments: _OpArguments, possible_ops: frozenset) -> torch.Tensor:
+def _apply_ops(images: torch.Tensor, arguments: _OpArguments, possible_ops: frozenset,
+               variant: AutoAugmentVariant) -> torch.Tensor:
     """Each sample through its own op (arguments.op_code; Identity for none). Only the
     families of possible_ops are computed; each runs over the whole batch and its result is
     kept for the samples whose op belongs to it."""
@@ -367,7 +578,7 @@ def _apply_ops(images: torch.Tensor, arguments: _OpArguments, possible_ops: froz
     pixels = images.float() if geometric or blend else None
     out = images
     if geometric:
-        out = torch.where(family == GEOMETRIC, _affine(pixels, arguments.grid_coefficients), out)
+        out = torch.where(family == GEOMETRIC, _geometric_ops(images, pixels, arguments, geometric, variant), out)
     if blend:
         out = torch.where(family == BLEND, _blend_ops(images, pixels, arguments, blend), out)
     if lookup:
@@ -382,17 +593,19 @@ def _check_images(images: torch.Tensor):
         raise ValueError(f"expected images of shape [B, 3, H, W], got {list(images.shape)}")
 
 
-def apply_op(images: torch.Tensor, op_name: str, magnitude) -> torch.Tensor:
+def apply_op(images: torch.Tensor, op_name: str, magnitude, auto_augment: str = "torchvision") -> torch.Tensor:
     """One AutoAugment op on every image of uint8 [B, 3, H, W], with torchvision's
     `_apply_op` names, units and signs: degrees for Rotate (counter-clockwise) and pixels for
     Translate (truncated to int), the shear coefficient for ShearX/Y (torchvision shears by
     math.degrees(math.atan(magnitude))), bits for Posterize, the threshold for Solarize,
     factor - 1 for Brightness, Color, Contrast and Sharpness; ignored by AutoContrast,
-    Equalize, Invert and Identity. Nearest interpolation, zero fill (AutoAugment's defaults).
+    Equalize, Invert and Identity. Interpolation and fill as the AutoAugment variant says
+    (the default: nearest, zero fill); the magnitude's sign is used as given.
 
     magnitude: a float for all images, or a [B] tensor, one per image.
     """
     _check_images(images)
+    variant = auto_augment_variant(auto_augment)
     if op_name not in OP_CODES:
         raise ValueError(f"unknown op {op_name!r}; expected one of {', '.join(OP_NAMES)}")
     batch, _, height, width = images.shape
@@ -403,7 +616,7 @@ def apply_op(images: torch.Tensor, op_name: str, magnitude) -> torch.Tensor:
     else:
         magnitude = torch.full((batch,), float(magnitude), dtype=torch.float64, device=images.device)
     op_code = torch.full((batch,), OP_CODES[op_name], dtype=torch.int64, device=images.device)
-    return _apply_ops(images, _op_arguments(op_code, magnitude, height, width), frozenset({op_name}))
+    return _apply_ops(images, _op_arguments(op_code, magnitude, height, width), frozenset({op_name}), variant)
 
 
 # ---------------------------------------------------------------------------------------
@@ -435,17 +648,15 @@ class _PolicyTables:
     # Packed _OpArguments. Row 0: no op, for slots whose op is not applied; row
     # 1 + 4 * sub_policy + 2 * slot + negated: that slot's op at that sign.
     arguments: torch.Tensor
-    # float32 [25, 2]: each slot's apply probability, compared as AutoAugment compares it.
-    probability: torch.Tensor
     # int64 [2]: the row of (sub-policy 0, slot, not negated) for each slot.
     slot_rows: torch.Tensor
 
 
 @functools.lru_cache(maxsize=None)
-def _policy_tables(height: int, width: int, device: torch.device) -> _PolicyTables:
+def _policy_tables(height: int, width: int, device: torch.device, auto_augment: str) -> _PolicyTables:
     """Every (sub-policy, slot, sign) op's arguments, computed once on the host the way
     AutoAugment.forward computes the magnitude, then kept on the device."""
-    space = _AUTO_AUGMENT._augmentation_space(NUM_MAGNITUDE_BINS, (height, width))
+    space = _augmentation_space(auto_augment_variant(auto_augment), height, width)
     op_codes, magnitudes = [IDENTITY], [0.0]
     for sub_policy in SUB_POLICIES:
         for op_name, _, magnitude_bin in sub_policy:
@@ -455,51 +666,70 @@ def _policy_tables(height: int, width: int, device: torch.device) -> _PolicyTabl
                 op_codes.append(OP_CODES[op_name])
                 magnitudes.append(magnitude * -1.0 if signed and negated else magnitude)
     arguments = _op_arguments(torch.tensor(op_codes), torch.tensor(magnitudes, dtype=torch.float64), height, width)
-    # probs = torch.rand((2,)) (float32) is compared with the Python float p: in float32.
-    probability = torch.tensor([[p for _, p, _ in sub_policy] for sub_policy in SUB_POLICIES], dtype=torch.float32)
-    return _PolicyTables(arguments.pack().to(device), probability.to(device), torch.tensor([1, 3], device=device))
+    return _PolicyTables(arguments.pack().to(device), torch.tensor([1, 3], device=device))
 
 
-def draw_train_params(batch_size: int, generator: torch.Generator, device) -> dict[str, torch.Tensor]:
-    """All randomness of the train augmentation of batch_size samples, drawn from generator
-    (which must live on device), with the distributions of cpu_train_transform():
-    - crop_top, crop_left: int64 [B], uniform in 0..8 (RandomCrop(32, padding=4)),
-    - flip: bool [B], probability 1/2,
-    - sub_policy: int64 [B], uniform over the 25 sub-policies,
-    - op_applied: bool [B, 2], uniform u <= the slot's probability, as AutoAugment decides,
-    - op_negated: bool [B, 2], probability 1/2 (used by the signed ops only).
-    Every tensor's first dimension is the sample, so params[k][lo:hi] are a shard's params.
+@functools.lru_cache(maxsize=None)
+def _apply_probability(device: torch.device) -> torch.Tensor:
+    """float32 [25, 2]: each slot's apply probability. AutoAugment compares its float32
+    torch.rand draw with the Python float p, so in float32."""
+    return torch.tensor([[p for _, p, _ in sub_policy] for sub_policy in SUB_POLICIES], dtype=torch.float32,
+                        device=device)
+
+
+# Draw slots of one sample, in the keyed stream of the augmentation.
+_CROP_TOP, _CROP_LEFT, _FLIP, _SUB_POLICY, _APPLY_U, _NEGATE = 0, 1, 2, 3, 4, 6  # _APPLY_U and _NEGATE: 2 each
+_TRAIN_DRAW_SLOTS = 8
+
+
+def draw_train_params(indices: torch.Tensor, seed: int, epoch: int) -> dict[str, torch.Tensor]:
+    """All randomness of the train augmentation of the samples indices (int64 [N], on the
+    device that will augment them), a function of (seed, epoch, index) alone, with the
+    distributions of cpu_train_transform():
+    - crop_top, crop_left: int64 [N], uniform in 0..8 (RandomCrop(32, padding=4)),
+    - flip: bool [N], probability 1/2,
+    - sub_policy: int64 [N], uniform over the 25 sub-policies,
+    - op_applied: bool [N, 2], u <= the slot's probability with u uniform on [0, 1) in steps
+      of 2^-24, as AutoAugment decides with a float32 torch.rand,
+    - op_negated: bool [N, 2], probability 1/2 (used by the signed ops only).
+    Every tensor's first dimension is the sample, so params[k][lo:hi] are the params of
+    indices[lo:hi]. Integer draws are unbiased to within 25 / 2^32 (keyed_random.below).
     """
-    device = torch.device(device)
-    draw = {"generator": generator, "device": device}
-    crop_top = torch.randint(0, 2 * CROP_PADDING + 1, (batch_size,), **draw)
-    crop_left = torch.randint(0, 2 * CROP_PADDING + 1, (batch_size,), **draw)
-    flip = torch.rand(batch_size, **draw) < 0.5
-    sub_policy = torch.randint(0, len(SUB_POLICIES), (batch_size,), **draw)
-    # The probabilities do not depend on the image size; any size's table has them.
-    probability = _policy_tables(32, 32, device).probability
-    op_applied = torch.rand(batch_size, OPS_PER_SUB_POLICY, **draw) <= probability[sub_policy]
-    op_negated = torch.randint(0, 2, (batch_size, OPS_PER_SUB_POLICY), **draw) == 0
+    bits = keyed_random.random_bits(indices, _TRAIN_DRAW_SLOTS,
+                                    keyed_random.stream_keys(seed, epoch, keyed_random.AUGMENT_STREAM))
+    crop_top = keyed_random.below(bits[:, _CROP_TOP], 2 * CROP_PADDING + 1)
+    crop_left = keyed_random.below(bits[:, _CROP_LEFT], 2 * CROP_PADDING + 1)
+    flip = keyed_random.coin(bits[:, _FLIP])
+    sub_policy = keyed_random.below(bits[:, _SUB_POLICY], len(SUB_POLICIES))
+    apply_u = keyed_random.uniform_float32(bits[:, _APPLY_U:_APPLY_U + OPS_PER_SUB_POLICY])
+    op_applied = apply_u <= _apply_probability(indices.device)[sub_policy]
+    op_negated = keyed_random.coin(bits[:, _NEGATE:_NEGATE + OPS_PER_SUB_POLICY])
     return {"crop_top": crop_top, "crop_left": crop_left, "flip": flip,
             "sub_policy": sub_policy, "op_applied": op_applied, "op_negated": op_negated}
 
 
-def apply_train_augment(images: torch.Tensor, params: dict[str, torch.Tensor]) -> torch.Tensor:
+def apply_train_augment(images: torch.Tensor, params: dict[str, torch.Tensor],
+                        auto_augment: str = "torchvision") -> torch.Tensor:
     """uint8 [B, 3, H, W] -> uint8 [B, 3, H, W]: crop and flip, then each sample's AutoAugment
-    sub-policy; deterministic given params (from draw_train_params, or a slice of them).
-    For 32x32 images this is cpu_train_transform() with the same draws."""
+    sub-policy as the variant carries it out; deterministic given params (from
+    draw_train_params, or a slice of them), and each sample's result depends on its own
+    image and params alone. For 32x32 images this is cpu_train_transform(auto_augment) with
+    the same draws."""
     _check_images(images)
+    variant = auto_augment_variant(auto_augment)
     _, _, height, width = images.shape
     images = crop_and_flip(images, params["crop_top"], params["crop_left"], params["flip"])
-    tables = _policy_tables(height, width, images.device)
+    tables = _policy_tables(height, width, images.device, auto_augment)
     rows = params["sub_policy"].unsqueeze(1) * 4 + tables.slot_rows + params["op_negated"]
     rows = torch.where(params["op_applied"], rows, 0)
     arguments = tables.arguments[rows]  # [B, 2 slots, packed]
     for slot in range(OPS_PER_SUB_POLICY):
-        images = _apply_ops(images, _OpArguments.unpack(arguments[:, slot]), _SLOT_OPS[slot])
+        images = _apply_ops(images, _OpArguments.unpack(arguments[:, slot]), _SLOT_OPS[slot], variant)
     return images
 
 
-def gpu_train_augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """The train augmentation of a batch in one call, on the device that holds it."""
-    return apply_train_augment(images, draw_train_params(len(images), generator, images.device))
+def gpu_train_augment(images: torch.Tensor, indices: torch.Tensor, seed: int, epoch: int,
+                      auto_augment: str = "torchvision") -> torch.Tensor:
+    """The train augmentation of images (uint8 [N, 3, H, W]), which are the samples indices
+    (int64 [N]), in one call on the device that holds them."""
+    return apply_train_augment(images, draw_train_params(indices, seed, epoch), auto_augment)

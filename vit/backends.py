@@ -54,8 +54,11 @@ def _torch_backend() -> Backend:
 
 
 def _triton_unavailable(device: torch.device) -> str | None:
-    if device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
+    if device.type == "cuda":
         return None
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        from kernels._common import interpreter_broken_reason
+        return interpreter_broken_reason()
     return ("the Triton kernels need a CUDA GPU; on the CPU they run only through Triton's interpreter "
             "(set TRITON_INTERPRET=1, slow, for checking)")
 

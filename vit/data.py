@@ -4,16 +4,20 @@ The whole data set is read once into uint8 tensors [N, 3, 32, 32] (180 MB). Trai
 batches come from one of two pipelines with the same sampling:
 - CPUTrainLoader: a DataLoader whose workers augment each image with torchvision's
   per-image transforms (vit/augment.py), the reference path;
-- GPUTrainLoader: the images stay on the device and each batch is augmented there as
-  one batched tensor operation.
+- GPUTrainLoader: the images stay on the device and are augmented there by batched
+  tensor operations over chunks of many batches at once.
 Both shuffle with a permutation seeded by (seed, epoch) and give each sample
 randomness seeded by (seed, epoch, sample index) alone, so the data a run sees does
-not depend on the number of workers or processes, and a resumed run sees what an
-uninterrupted one would.
+not depend on the number of workers, processes or (GPU) chunks, and a resumed run sees
+what an uninterrupted one would.
 """
+import math
 import os
 import pickle
+import signal
 import tarfile
+import threading
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +25,7 @@ import numpy as np
 import torch
 
 from vit import augment
+from vit.mixing import MixConfig, mix_batch
 
 FOLDER = "cifar-10-batches-py"
 TRAIN_FILES = [f"data_batch_{i}" for i in range(1, 6)]
@@ -32,6 +37,11 @@ ARCHIVE_MD5 = "c58f30108f718f92721af3b95e74349a"
 
 class DataError(RuntimeError):
     """The data set is missing or unreadable; the message says which file and what to do."""
+
+
+class BatchSizeError(ValueError):
+    """The batch does not fit the data: more images than the training set, or a global batch
+    that does not divide among the processes."""
 
 
 @dataclass
@@ -81,12 +91,123 @@ def _download(data_dir: Path):
         tar.extractall(data_dir, filter="data")
 
 
+# What a CIFAR-10 file may refer to: numpy's uint8 array reconstruction (under numpy 1's module
+# names and numpy 2's), and bytes as Python 3 writes them at pickle protocol 2. Everything else
+# (dicts, lists, strings, bytes, ints) needs no lookup at all.
+_ARRAY_RECONSTRUCT = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct")}
+_ARRAY_FROMBUFFER = {("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer")}
+
+
+class _NotCIFAR(Exception):
+    """Raised while unpickling: the file asks for something the CIFAR-10 layout never holds."""
+
+
+class _Array:
+    """A uint8 array as the pickle describes it; only turned into numpy once the whole file
+    has been read and checked, so numpy never runs on an unchecked state."""
+
+    def __init__(self, shape=None, data=None, fortran=False):
+        self.shape, self.data, self.fortran = shape, data, fortran
+
+    def __setstate__(self, state):  # ndarray's state: ([version,] shape, dtype, is_fortran, raw bytes)
+        if not isinstance(state, tuple) or len(state) not in (4, 5):
+            raise _NotCIFAR("an array state numpy never writes")
+        shape, dtype, fortran, data = state[-4:]
+        if not isinstance(dtype, _Uint8):
+            raise _NotCIFAR("an array that is not uint8")
+        self.shape, self.data, self.fortran = shape, data, fortran
+
+    def to_numpy(self) -> np.ndarray:
+        shape, data = self.shape, self.data
+        if not (isinstance(shape, tuple) and all(type(n) is int and n >= 0 for n in shape)):
+            raise _NotCIFAR("an array without a valid shape")
+        if not isinstance(data, (bytes, bytearray)) or len(data) != math.prod(shape):
+            raise _NotCIFAR("an array whose bytes do not match its shape")
+        return np.frombuffer(data, dtype=np.uint8).reshape(shape, order="F" if self.fortran else "C")
+
+
+class _Uint8:
+    """numpy.dtype("u1") and nothing else."""
+
+    def __setstate__(self, state):  # (version, byte order, subarray, names, fields, ...)
+        if not (isinstance(state, tuple) and len(state) >= 5 and state[1] in ("|", b"|")
+                and state[2:5] == (None, None, None)):
+            raise _NotCIFAR("a dtype that is not plain uint8")
+
+
+def _dtype(name, align=False, copy=True):
+    if name not in ("u1", b"u1", "uint8", b"uint8"):
+        raise _NotCIFAR(f"an array of dtype {name!r}, not uint8")
+    return _Uint8()
+
+
+def _reconstruct(cls, shape, typecode):
+    if cls is not _Array:
+        raise _NotCIFAR("an array of a class other than numpy.ndarray")
+    return _Array()
+
+
+def _frombuffer(buffer, dtype, shape, order):
+    if not isinstance(dtype, _Uint8):
+        raise _NotCIFAR("an array that is not uint8")
+    return _Array(shape, bytes(buffer) if isinstance(buffer, memoryview) else buffer, order == "F")
+
+
+def _latin1_bytes(text, encoding):
+    if not (isinstance(text, str) and encoding in ("latin1", "latin-1")):
+        raise _NotCIFAR("_codecs.encode used for something other than bytes")
+    return text.encode("latin1")
+
+
+class _CIFARUnpickler(pickle.Unpickler):
+    """Builds only dicts, lists, tuples, strings, bytes, numbers and uint8 arrays: every other
+    global a pickle names is refused before it is looked up, so nothing in the file runs."""
+
+    def find_class(self, module, name):
+        if (module, name) in _ARRAY_RECONSTRUCT:
+            return _reconstruct
+        if (module, name) in _ARRAY_FROMBUFFER:
+            return _frombuffer
+        if (module, name) == ("numpy", "ndarray"):
+            return _Array
+        if (module, name) == ("numpy", "dtype"):
+            return _dtype
+        if (module, name) == ("_codecs", "encode"):
+            return _latin1_bytes
+        raise _NotCIFAR(f"it asks for {module}.{name}")
+
+    def persistent_load(self, pid):
+        raise _NotCIFAR("it refers to objects outside the file")
+
+
+def _to_numpy(value, done: dict):
+    """The unpickled structure with every _Array made a numpy array (shared objects stay shared)."""
+    if id(value) in done:
+        return done[id(value)]
+    if isinstance(value, _Array):
+        result = value.to_numpy()
+    elif isinstance(value, dict):
+        result = {key: _to_numpy(item, done) for key, item in value.items()}
+    elif isinstance(value, (list, tuple)):
+        result = type(value)(_to_numpy(item, done) for item in value)
+    elif isinstance(value, (_Uint8,)) or not isinstance(value, (str, bytes, bytearray, int, float, bool, type(None))):
+        raise _NotCIFAR(f"a {type(value).__name__} where data was expected")
+    else:
+        result = value
+    done[id(value)] = result
+    return result
+
+
 def _unpickle(path: Path) -> dict:
+    """A CIFAR-10 python-version file, read without running anything it contains."""
     if not path.exists():
         raise DataError(f"{path}: file missing; the CIFAR-10 folder needs {', '.join(TRAIN_FILES + [TEST_FILE, META_FILE])}")
     try:
         with open(path, "rb") as f:
-            return pickle.load(f, encoding="bytes")
+            return _to_numpy(_CIFARUnpickler(f, encoding="bytes").load(), {})
+    except _NotCIFAR as error:
+        raise DataError(f"{path}: not a CIFAR-10 file ({error}); nothing in it was run; "
+                        f"replace it with the official file") from None
     except Exception as error:  # truncated or corrupt: pickle raises many different types
         raise DataError(f"{path}: truncated or corrupt CIFAR-10 file ({type(error).__name__}: {error}); replace it") from None
 
@@ -98,7 +219,10 @@ def _read_batch(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
         raise DataError(f"{path}: not a CIFAR-10 batch (expected b'data' as uint8 of shape (n, 3072))")
     if labels is None or len(labels) != data.shape[0]:
         raise DataError(f"{path}: b'labels' missing or not one per image")
-    labels = torch.as_tensor(np.asarray(labels, dtype=np.int64))
+    try:
+        labels = torch.as_tensor(np.asarray(labels, dtype=np.int64))
+    except (TypeError, ValueError):
+        raise DataError(f"{path}: b'labels' are not integers") from None
     if labels.numel() and (labels.min() < 0 or labels.max() > 9):
         raise DataError(f"{path}: labels outside 0..9")
     # Each row holds the R, G and B planes of 32x32, row-major: exactly [3, 32, 32].
@@ -144,10 +268,10 @@ class _AugmentedImages(torch.utils.data.Dataset):
     """Index -> (normalized augmented image, label); the global RNG is seeded per sample
     because torchvision's per-image transforms draw from it."""
 
-    def __init__(self, images, labels, seed):
+    def __init__(self, images, labels, seed, auto_augment="torchvision"):
         self.images, self.labels, self.seed = images, labels, seed
         self.epoch = 0
-        self.transform = augment.cpu_train_transform()
+        self.transform = augment.cpu_train_transform(auto_augment)
 
     def __len__(self):
         return len(self.images)
@@ -176,9 +300,9 @@ class TrainLoader:
 
     def __init__(self, images, labels, batch_size, seed, device, rank=0, world_size=1):
         if batch_size % world_size:
-            raise ValueError(f"global batch size {batch_size} is not divisible by the world size {world_size}")
+            raise BatchSizeError(f"global batch size {batch_size} is not divisible by the world size {world_size}")
         if len(images) < batch_size:
-            raise ValueError(f"{len(images)} training images are fewer than one batch of {batch_size}")
+            raise BatchSizeError(f"{len(images)} training images are fewer than one batch of {batch_size}")
         self.images, self.labels = images, labels
         self.batch_size, self.seed, self.device = batch_size, seed, torch.device(device)
         self.rank, self.world_size = rank, world_size
@@ -188,19 +312,51 @@ class TrainLoader:
     def set_epoch(self, epoch: int):
         self.epoch = epoch
 
-    def local_batches(self):
+    def local_order(self) -> torch.Tensor:
+        """int64 [steps, share] on the host: this rank's sample indices at each step of the epoch."""
         share = self.batch_size // self.world_size
-        for batch in global_batches(len(self.images), self.batch_size, self.seed, self.epoch):
-            yield batch[self.rank * share:(self.rank + 1) * share]
+        batches = torch.stack(global_batches(len(self.images), self.batch_size, self.seed, self.epoch))
+        return batches[:, self.rank * share:(self.rank + 1) * share].contiguous()
+
+    def local_batches(self):
+        yield from self.local_order()
 
     def __len__(self):
         return self.steps_per_epoch
 
 
+@contextmanager
+def _interrupts_held():
+    """Ctrl-C is held while the DataLoader forks its workers and raised once they exist. Raised
+    during the fork, the KeyboardInterrupt would land in Python's after-fork hooks, which print
+    it and swallow it (the run went on), or in a worker before it ignores SIGINT."""
+    previous = signal.getsignal(signal.SIGINT)
+    if threading.current_thread() is not threading.main_thread() or previous is None:  # None: set outside Python
+        yield
+        return
+    received = []
+    signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if received and callable(previous):
+            previous(signal.SIGINT, None)
+        elif received and previous == signal.SIG_DFL:
+            raise KeyboardInterrupt
+
+
+def _leave_interrupts_to_the_trainer(worker_id: int):
+    """Ctrl-C reaches every process of the terminal's group. The training process stops the
+    workers itself; left to Python's default, each worker would print its own traceback."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 class CPUTrainLoader(TrainLoader):
-    def __init__(self, images, labels, batch_size, seed, device, num_workers=0, rank=0, world_size=1):
+    def __init__(self, images, labels, batch_size, seed, device, num_workers=0, rank=0, world_size=1,
+                 auto_augment="torchvision"):
         super().__init__(images, labels, batch_size, seed, device, rank, world_size)
-        self.dataset = _AugmentedImages(images, labels, seed)
+        self.dataset = _AugmentedImages(images, labels, seed, auto_augment)
         self.num_workers = num_workers
 
     def __iter__(self):
@@ -208,34 +364,73 @@ class CPUTrainLoader(TrainLoader):
         loader = torch.utils.data.DataLoader(
             self.dataset, batch_sampler=_BatchSampler(self), num_workers=self.num_workers,
             pin_memory=self.device.type == "cuda", persistent_workers=False,
+            worker_init_fn=_leave_interrupts_to_the_trainer if self.num_workers else None,
         )
-        for images, labels in loader:
+        with _interrupts_held():  # iter() forks the workers
+            batches = iter(loader)
+        for images, labels in batches:
             yield images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
 
 
-class GPUTrainLoader(TrainLoader):
-    """Images resident on the device as uint8; each batch augmented there in one go.
+# Images augmented per call of the GPU loader. A call launches a fixed number of kernels,
+# whatever its size: about 250 (480 with the reference variant and mixing), so CIFAR-10's
+# epoch at batch 128, in 4 chunks of about 12,500 images, costs 0.02 (0.04) launches per
+# image, within the 0.05 target. Its intermediates peak at about 90 kB per image (140 kB for
+# the reference variant), 1.5 (2.3) GB at most: small beside a training GPU's memory; CPU
+# runs and tests use smaller data sets or pass a smaller chunk.
+DEFAULT_CHUNK_IMAGES = 16384
 
-    The random draws of a step are made for the whole global batch from a generator
-    seeded by (seed, epoch, step), then sliced to this rank's share, so each sample's
-    augmentation is the same whatever the number of processes.
+
+def chunk_bounds(steps: int, steps_per_chunk: int) -> list[tuple[int, int]]:
+    """[first, last) step ranges covering 0..steps in as few chunks of at most steps_per_chunk
+    steps as possible, their sizes as equal as possible."""
+    count = -(-steps // steps_per_chunk)
+    edges = [k * steps // count for k in range(count + 1)]
+    return list(zip(edges[:-1], edges[1:]))
+
+
+class GPUTrainLoader(TrainLoader):
+    """Images resident on the device as uint8, augmented there in chunks of many steps.
+
+    Each chunk (at most chunk_images of this rank's images, a whole number of steps) is
+    gathered, augmented, normalized (and optionally mixed) by one pass of batched tensor
+    operations, then handed out a step at a time as views. Every sample's draws are a
+    function of (seed, epoch, index) alone, so the images do not depend on the chunk size
+    or on the number of processes (each rank augments its share of each global batch).
+    Per epoch the host sends one tensor, the epoch's sample order (pinned, non-blocking);
+    nothing else crosses, and nothing waits for the device.
+
+    auto_augment: a variant of augment.AUTO_AUGMENT_VARIANTS.
+    mixing: CutMix / MixUp (vit/mixing.py) applied per batch, partners within this rank's
+    share of each step; the labels handed out are then float32 soft targets [B, classes]
+    instead of int64 classes.
     """
 
-    def __init__(self, images, labels, batch_size, seed, device, rank=0, world_size=1):
+    def __init__(self, images, labels, batch_size, seed, device, rank=0, world_size=1, *,
+                 chunk_images: int = DEFAULT_CHUNK_IMAGES, auto_augment: str = "torchvision",
+                 mixing: MixConfig | None = None):
         super().__init__(images, labels, batch_size, seed, device, rank, world_size)
+        if chunk_images < 1:
+            raise ValueError(f"chunk_images must be positive, got {chunk_images}")
+        augment.auto_augment_variant(auto_augment)  # an unknown name fails here, not at the first step
         self.images, self.labels = images.to(self.device), labels.to(self.device)
-        self.generator = torch.Generator(self.device)
+        self.chunk_images, self.auto_augment, self.mixing = chunk_images, auto_augment, mixing
 
     def __iter__(self):
         share = self.batch_size // self.world_size
-        lo, hi = self.rank * share, (self.rank + 1) * share
-        batches = torch.stack(global_batches(len(self.images), self.batch_size, self.seed, self.epoch)).to(self.device)
-        for step, batch in enumerate(batches):
-            self.generator.manual_seed(sample_seed(self.seed, self.epoch, -2 - step))
-            params = augment.draw_train_params(self.batch_size, self.generator, self.device)
-            index = batch[lo:hi]
-            images = augment.apply_train_augment(self.images[index], {k: v[lo:hi] for k, v in params.items()})
-            yield augment.normalize(images), self.labels[index]
+        order = self.local_order()
+        if self.device.type == "cuda":
+            order = order.pin_memory()
+        order = order.to(self.device, non_blocking=True)
+        for first, last in chunk_bounds(self.steps_per_epoch, max(1, self.chunk_images // share)):
+            index = order[first:last].view(-1)
+            images = augment.apply_train_augment(
+                self.images[index], augment.draw_train_params(index, self.seed, self.epoch), self.auto_augment)
+            images, labels = augment.normalize(images), self.labels[index]
+            if self.mixing is not None:
+                images, labels = mix_batch(images, labels, index, self.seed, self.epoch, self.mixing, group_size=share)
+            for start in range(0, len(index), share):
+                yield images[start:start + share], labels[start:start + share]
 
 
 def test_batches(images: torch.Tensor, labels: torch.Tensor, batch_size: int, device):

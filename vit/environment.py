@@ -19,15 +19,18 @@ def default_device() -> str:
 
 def parse_device(name: str | None) -> torch.device:
     """--device's value (None: cuda when available, else cpu) as a device this machine has.
-    ValueError with a one-line message a CLI can show as it is."""
+    ValueError with a one-line message that completes "argument --device: ..."."""
     try:
         device = torch.device(name or default_device())
-    except RuntimeError:
-        raise ValueError(f"--device {name}: use cuda, cuda:N or cpu") from None
+    except (RuntimeError, TypeError):
+        raise ValueError(f"{name!r} is not a device: use cuda, cuda:N or cpu") from None
     if device.type not in ("cuda", "cpu"):
-        raise ValueError(f"--device {name}: use cuda, cuda:N or cpu")
+        raise ValueError(f"{name!r} is not a device to train on: use cuda, cuda:N or cpu")
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
+        raise ValueError(f"{name}: CUDA is not available on this machine; use --device cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"{name}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+                         f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
     return device
 
 

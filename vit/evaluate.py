@@ -15,9 +15,9 @@ training so that a finished run directory holds its own evaluation. The loading 
 here (load_trained_model and friends) are shared with vit/predict.py.
 
 Bad input (a missing or truncated checkpoint, weights that do not fit the config, no
-config.json, no data set) ends with a one-line message on stderr and exit code 1.
+config.json, no data set, an --out-dir that cannot be written) ends with a one-line message on
+stderr and exit code 1; a bad flag with exit code 2 (vit/cli.py's rule).
 """
-import argparse
 import json
 import os
 import sys
@@ -27,10 +27,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from vit import cli
 from vit.augment import normalize
 from vit.backends import backend_names, get_backend
-from vit.data import DataError, load_cifar10
-from vit.environment import atomic_write, default_device, parse_device
+from vit.cli import RunError, one_line
+from vit.data import load_cifar10
+from vit.environment import atomic_write
 from vit.model import ViT, ViTConfig
 
 CHECKPOINT_NAMES = ("best.pt", "last.pt")  # what a run directory is searched for, in this order
@@ -41,25 +43,8 @@ NUM_MISTAKES_SHOWN = 25  # a 5x5 grid in mistakes.png
 LOSS_DEFINITION = "mean cross-entropy over the test images, without label smoothing"
 
 
-class RunError(RuntimeError):
-    """Bad input from the user: the message says what is wrong and with which file, in one line."""
-
-
-def one_line(error: BaseException) -> str:
-    """The first line of an exception's message: torch's errors can run over dozens of lines."""
-    text = str(error).strip().splitlines()
-    return text[0] if text else type(error).__name__
-
-
 # ---------------------------------------------------------------------------------------
 # Loading a trained model: checkpoint + the config.json beside it
-
-
-def resolve_device(name: str) -> torch.device:
-    try:
-        return parse_device(name)
-    except ValueError as error:
-        raise RunError(str(error)) from None
 
 
 def find_checkpoint(path: str | os.PathLike) -> Path:
@@ -297,44 +282,54 @@ def format_summary(report: dict) -> str:
 # Command line
 
 
-def parse_args(argv=None):
-    parser = argparse.ArgumentParser(
-        prog="python -m vit.evaluate",
+EXAMPLES = """\
+examples:
+  python -m vit.evaluate runs/20261125-101500
+      best.pt of a run, against the data set its config.json names
+  python -m vit.evaluate runs/20261125-101500/last.pt --out-dir runs/20261125-101500/eval_last
+      the last epoch's weights, the report in a folder of its own
+"""
+
+
+def build_parser() -> cli.Parser:
+    parser = cli.Parser(
+        prog="python -m vit.evaluate", epilog=EXAMPLES,
         description="Evaluate a trained ViT on the CIFAR-10 test set: accuracy, per-class accuracy, "
                     "loss, confusion matrix and most confident mistakes.",
     )
     parser.add_argument("path", metavar="RUN_DIR_OR_CHECKPOINT",
                         help="a run directory (its best.pt is used, last.pt if there is no best.pt) or a checkpoint "
                              "file; the run's config.json must be next to the checkpoint")
-    parser.add_argument("--data-dir", help="folder holding cifar-10-batches-py (or that folder itself); "
-                                           "default: train.data_dir from the run's config.json (a relative path "
-                                           "is taken from the current directory, as the trainer took it)")
+    parser.add_argument("--data-dir", help="folder holding cifar-10-batches-py, or that folder itself "
+                                           "(default: train.data_dir from the run's config.json, a relative path "
+                                           "taken from the current directory, as the trainer took it)")
     parser.add_argument("--backend", choices=backend_names(),
-                        help="attention/MLP implementation; default: the run's backend if it can run on the device, else torch")
-    parser.add_argument("--device", default=default_device(), help="default: cuda if available, else cpu (now %(default)s)")
-    parser.add_argument("--batch-size", type=int, default=500, help="images per forward pass (default %(default)s)")
-    parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
-                        help="fp32, or bf16 autocast (default %(default)s)")
-    parser.add_argument("--out-dir", help="where to write eval.json, confusion.png and mistakes.png; "
-                                          "default: the checkpoint's directory (which overwrites an earlier evaluation there)")
-    args = parser.parse_args(argv)
-    if args.batch_size <= 0:
-        parser.error(f"--batch-size must be positive, got {args.batch_size}")
-    return args
+                        help="attention/MLP implementation (default: the run's backend if it can run on the device, "
+                             "else torch)")
+    parser.add_argument("--device", type=cli.device, default="auto", help=cli.DEVICE_HELP)
+    parser.add_argument("--batch-size", type=cli.positive_int, default=500, help="images per forward pass")
+    parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="fp32, or bf16 autocast")
+    parser.add_argument("--out-dir", help="where to write eval.json, confusion.png and mistakes.png (default: the "
+                                          "checkpoint's directory, replacing an earlier evaluation there)")
+    return parser
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    device = resolve_device(args.device)
+    return cli.run(_main, argv)
+
+
+def _main(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
+    device = args.device
     # The model first: a bad checkpoint is reported without waiting for the data set to load.
     trained = load_trained_model(args.path, device, args.backend)
+    out_dir = cli.make_dir(args.out_dir, "--out-dir") if args.out_dir else trained.checkpoint_path.parent
     data_dir = args.data_dir or trained.config.get("train", {}).get("data_dir")
     if not data_dir:
         raise RunError(f"{trained.checkpoint_path.parent / CONFIG_NAME} has no train.data_dir; pass --data-dir")
     cifar = load_cifar10(data_dir, download=False)
     if trained.model.cfg.num_classes != len(cifar.class_names):
         raise RunError(f"the model has {trained.model.cfg.num_classes} outputs but CIFAR-10 has {len(cifar.class_names)} classes")
-    out_dir = Path(args.out_dir) if args.out_dir else trained.checkpoint_path.parent
     source = {"checkpoint": str(trained.checkpoint_path), "epoch": trained.epoch, "data_dir": str(data_dir),
               "device": str(device), "backend": trained.model.cfg.backend, "model": asdict(trained.model.cfg)}
     try:
@@ -349,14 +344,5 @@ def main(argv=None) -> int:
     return 0
 
 
-def run_cli(main_function, argv=None) -> int:
-    """Run a CLI's main; bad input becomes one line on stderr and exit code 1, no traceback."""
-    try:
-        return main_function(argv)
-    except (RunError, DataError, OSError) as error:  # OSError: e.g. an --out-dir we may not write to
-        print(f"error: {one_line(error)}", file=sys.stderr)
-        return 1
-
-
 if __name__ == "__main__":
-    sys.exit(run_cli(main))
+    sys.exit(main())

@@ -15,9 +15,9 @@ undistorted, at the cost of the edges of images that are far from square.
 
 CHECKPOINT may be a run directory (its best.pt is used). Class names come from the run's
 config.json ("class_names"), else CIFAR-10's standard ten. Bad input (missing or truncated
-checkpoint, an unreadable image, ...) ends with a one-line message on stderr and exit code 1.
+checkpoint, an unreadable image, ...) ends with a one-line message on stderr and exit code 1;
+a bad flag with exit code 2 (vit/cli.py's rule).
 """
-import argparse
 import json
 import sys
 
@@ -25,10 +25,10 @@ import torch
 from PIL import Image
 from torchvision.transforms import functional as TF
 
+from vit import cli
 from vit.backends import backend_names
-from vit.environment import default_device
-from vit.evaluate import (CONFIG_NAME, RunError, class_names_of, load_trained_model, one_line, predict_logits,
-                          resolve_device, run_cli)
+from vit.cli import RunError, one_line
+from vit.evaluate import CONFIG_NAME, class_names_of, load_trained_model, predict_logits
 
 TOP_K = 3
 PREPROCESSING = ("RGB; shorter side resized to image_size (bilinear, antialiased); "
@@ -47,9 +47,18 @@ def load_image(path: str, image_size: int) -> torch.Tensor:
     return TF.center_crop(pixels, [image_size, image_size])
 
 
-def parse_args(argv=None):
-    parser = argparse.ArgumentParser(
-        prog="python -m vit.predict",
+EXAMPLES = """\
+examples:
+  python -m vit.predict runs/20261125-101500 cat.jpg ship.png
+      the top-3 classes of each image, with best.pt
+  python -m vit.predict runs/20261125-101500/last.pt cat.jpg --json
+      every class's probability, as JSON
+"""
+
+
+def build_parser() -> cli.Parser:
+    parser = cli.Parser(
+        prog="python -m vit.predict", epilog=EXAMPLES,
         description="Classify images with a trained ViT and print the top-3 classes with their probabilities. "
                     "Each image is converted to RGB, resized so that its shorter side is the model's input size "
                     "(bilinear, antialiased; aspect ratio kept), center-cropped to a square of that size and "
@@ -61,14 +70,19 @@ def parse_args(argv=None):
     parser.add_argument("--json", action="store_true",
                         help="print one JSON object: per image, the top-3 and the probabilities of all classes")
     parser.add_argument("--backend", choices=backend_names(),
-                        help="attention/MLP implementation; default: the run's backend if it can run on the device, else torch")
-    parser.add_argument("--device", default=default_device(), help="default: cuda if available, else cpu (now %(default)s)")
-    return parser.parse_args(argv)
+                        help="attention/MLP implementation (default: the run's backend if it can run on the device, "
+                             "else torch)")
+    parser.add_argument("--device", type=cli.device, default="auto", help=cli.DEVICE_HELP)
+    return parser
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    device = resolve_device(args.device)
+    return cli.run(_main, argv)
+
+
+def _main(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
+    device = args.device
     trained = load_trained_model(args.checkpoint, device, args.backend)
     cfg = trained.model.cfg
     class_names = class_names_of(trained.config, cfg.num_classes, trained.checkpoint_path.parent / CONFIG_NAME)
@@ -98,4 +112,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(run_cli(main))
+    sys.exit(main())
