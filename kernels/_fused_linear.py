@@ -44,9 +44,15 @@ import triton.language as tl
 from kernels import _common
 from kernels.cost import KernelCost, element_size
 
-# The widest C the row panels take. Past it the [BLOCK_M, C] accumulators of the row kernels
-# no longer fit in registers at any tile that still uses tensor cores well.
+# The widest C the row panels take: past it the [BLOCK_M, C] fp32 accumulators of the row
+# kernels no longer fit in registers next to anything else at any tile that still uses tensor
+# cores well. With exact fp32 matmuls (FMA dots hold their operands in registers) the
+# weight-gradient kernels spill already at four 128-wide chunks.
 MAX_PANEL_COLUMNS = 512
+MAX_FP32_PANEL_COLUMNS = 384
+# Panels are whole multiples of this many columns (C = 384 is exactly 3): few distinct
+# configurations to compile, and no padding at the model's width.
+PANEL_STEP = 128
 
 # The weight-gradient kernels split the rows so that about this many programs run: one wave
 # on an H100's 132 SMs. A fixed number, not the device's SM count, so that the partial-sum
@@ -68,7 +74,7 @@ TRITON_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.f
 
 @dataclass(frozen=True)
 class Panel:
-    """How C columns are held on chip: num_chunks tiles of block_c columns."""
+    """How a kernel holds C columns on chip: num_chunks tiles of block_c columns."""
     block_c: int
     num_chunks: int
 
@@ -77,23 +83,23 @@ class Panel:
         return self.block_c * self.num_chunks
 
 
-def panel_for(n_cols: int) -> Panel:
-    """The chunking of a C-wide panel: 64 columns for C <= 64, else chunks of 128 (C = 384 is
-    3 x 128, no padding). Raises ValueError past MAX_PANEL_COLUMNS."""
-    if n_cols > MAX_PANEL_COLUMNS:
-        raise ValueError(f"the fused kernels take at most {MAX_PANEL_COLUMNS} features per row (the row panel is "
-                         f"kept on chip), got {n_cols}; use the torch backend for wider models")
-    if n_cols <= 64:
-        return Panel(64, 1)
-    return Panel(128, triton.cdiv(n_cols, 128))
+def panel_width(n_cols: int, matmul_dtype: torch.dtype) -> int:
+    """C rounded up to a multiple of PANEL_STEP; ValueError past the widest the kernels take."""
+    limit = MAX_PANEL_COLUMNS if is_half(matmul_dtype) else MAX_FP32_PANEL_COLUMNS
+    if n_cols > limit:
+        raise ValueError(f"the fused kernels take at most {limit} features per row with {matmul_dtype} matmuls (the "
+                         f"row panel is kept on chip), got {n_cols}; use the torch backend for wider models")
+    return PANEL_STEP * triton.cdiv(n_cols, PANEL_STEP)
 
 
-def panel_widths():
-    """Every panel panel_for can return, one C for each (for the compile check)."""
-    seen = {}
-    for n_cols in range(16, MAX_PANEL_COLUMNS + 1, 16):
-        seen.setdefault(panel_for(n_cols), n_cols)
-    return [(panel, n_cols) for panel, n_cols in seen.items()]
+def panel_widths(matmul_dtype: torch.dtype) -> list[int]:
+    """Every width panel_width can return (for the compile check)."""
+    limit = MAX_PANEL_COLUMNS if is_half(matmul_dtype) else MAX_FP32_PANEL_COLUMNS
+    return list(range(PANEL_STEP, limit + 1, PANEL_STEP))
+
+
+def chunked(width: int, block_c: int) -> Panel:
+    return Panel(block_c, width // block_c)
 
 
 def is_half(matmul_dtype: torch.dtype) -> bool:
@@ -139,6 +145,12 @@ def rows_view(t: torch.Tensor, n_cols: int) -> torch.Tensor:
     return t2d
 
 
+def contiguous(*tensors):
+    """The parameters as the kernels index them (unit stride, row-major); None stays None.
+    A no-op, launching nothing, for the parameters of a model."""
+    return tuple(t if t is None else t.contiguous() for t in tensors)
+
+
 def rows_per_sample(x: torch.Tensor, branch_scale: torch.Tensor | None) -> int:
     """Rows of x's [rows, C] view that belong to one sample (x.shape[0] samples)."""
     if branch_scale is None or x.shape[0] == 0:
@@ -158,11 +170,11 @@ def check_branch_scale(branch_scale, x: torch.Tensor, name: str = "x"):
 
 
 def result_dtype(*dtypes: torch.dtype) -> torch.dtype:
-    """torch's type promotion over the given dtypes (what residual + scale * linear gives)."""
-    out = dtypes[0]
-    for dtype in dtypes[1:]:
-        out = torch.promote_types(out, dtype)
-    return out
+    """torch's type promotion over floating dtypes (what residual + scale * linear gives): one
+    dtype stays itself, fp16 with bf16 gives fp32, anything with fp32 fp32. (Written out, not
+    torch.promote_types, which dispatches as an aten op inside the operators.)"""
+    distinct = set(dtypes)
+    return distinct.pop() if len(distinct) == 1 else torch.float32
 
 
 def launch(kernel, grid, *args, num_warps: int, num_stages: int, **constexprs):

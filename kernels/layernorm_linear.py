@@ -130,7 +130,8 @@ def _ln_linear_backward_input_kernel(
 class _Plan:
     """Tiles and launch options, fixed per (C, matmul dtype); h100_compile_specs compiles
     exactly these."""
-    panel: fl.Panel
+    panel: fl.Panel  # C as the forward and the weight-gradient kernel hold it
+    row_panel: fl.Panel  # C as the row kernel holds it
     half: bool  # bf16/fp16 operands on tensor cores; else exact fp32 on the FMA units
     block_m: int  # rows per program of the forward and the row kernel
     block_n: int  # outputs per forward step
@@ -138,7 +139,8 @@ class _Plan:
     block_r: int  # rows per step of the weight-gradient programs
     block_q: int  # outputs per weight-gradient program
     num_warps: int
-    num_stages: int
+    num_stages: int  # forward and weight-gradient kernel
+    row_stages: int  # row kernel
 
     def forward_constexprs(self, matmul_dtype) -> dict:
         return dict(BLOCK_M=self.block_m, BLOCK_C=self.panel.block_c, NUM_CHUNKS=self.panel.num_chunks,
@@ -149,7 +151,7 @@ class _Plan:
                     BLOCK_Q=self.block_q, **_dtype_constexprs(matmul_dtype))
 
     def input_constexprs(self, matmul_dtype) -> dict:
-        return dict(BLOCK_M=self.block_m, BLOCK_C=self.panel.block_c, NUM_CHUNKS=self.panel.num_chunks,
+        return dict(BLOCK_M=self.block_m, BLOCK_C=self.row_panel.block_c, NUM_CHUNKS=self.row_panel.num_chunks,
                     BLOCK_K=self.block_k, BLOCK_S=fl.REDUCTION_SLAB, BLOCK_N=fl.REDUCTION_BLOCK,
                     **_dtype_constexprs(matmul_dtype))
 
@@ -157,22 +159,27 @@ class _Plan:
         return (f"C={self.panel.num_chunks}x{self.panel.block_c} M={self.block_m} N={self.block_n} K={self.block_k} "
                 f"R={self.block_r} Q={self.block_q} warps={self.num_warps} stages={self.num_stages}")
 
+    def describe_row_kernel(self) -> str:
+        return (f"C={self.row_panel.num_chunks}x{self.row_panel.block_c} M={self.block_m} K={self.block_k} "
+                f"warps={self.num_warps} stages={self.row_stages}")
+
 
 def _dtype_constexprs(matmul_dtype: torch.dtype) -> dict:
     return dict(MATMUL_DTYPE=fl.TRITON_DTYPES[matmul_dtype], INPUT_PRECISION=fl.input_precision(matmul_dtype))
 
 
 def _plan(n_cols: int, matmul_dtype: torch.dtype) -> _Plan:
-    panel = fl.panel_for(n_cols)
+    width = fl.panel_width(n_cols, matmul_dtype)
     if fl.is_half(matmul_dtype):
-        # As kernels/layernorm_mlp.py: 64-row warpgroup tiles over 8 warps, 32 rows (mma.sync)
-        # and 32-wide gradient tiles when C needs four chunks.
-        wide = panel.num_chunks > 3
-        return _Plan(panel, half=True, block_m=32 if wide else 64, block_n=64, block_k=64, block_r=64,
-                     block_q=32 if wide else 64, num_warps=8, num_stages=2)
+        # As kernels/layernorm_mlp.py: 64-row warpgroup tiles over 8 warps (32 rows, mma.sync,
+        # at C = 512); 64 outputs per forward step next to the on-chip panel; the row kernel's
+        # gradient panel in 64-wide chunks, unpipelined, for the LayerNorm backward's room.
+        wide = width > 384
+        return _Plan(fl.chunked(width, 128), fl.chunked(width, 64), half=True, block_m=32 if wide else 64, block_n=64,
+                     block_k=64, block_r=64, block_q=32 if wide else 64, num_warps=8, num_stages=2, row_stages=1)
     # Exact fp32 on the FMA units: operands in registers, so 16-wide steps.
-    return _Plan(panel, half=False, block_m=16, block_n=64, block_k=16, block_r=16, block_q=16, num_warps=8,
-                 num_stages=1)
+    return _Plan(fl.chunked(width, 128), fl.chunked(width, 128), half=False, block_m=16, block_n=64, block_k=16,
+                 block_r=16, block_q=16, num_warps=8, num_stages=1, row_stages=1)
 
 
 def _split(plan: _Plan, n_rows: int, n_out: int) -> fl.Split:
@@ -190,6 +197,7 @@ def _forward(x, ln_weight, ln_bias, weight, bias, eps: float, matmul_dtype: torc
     n_cols, n_out = x.shape[-1], weight.shape[0]
     x2d = fl.rows_view(x, n_cols)
     n_rows = x2d.shape[0]
+    ln_weight, ln_bias, weight, bias = fl.contiguous(ln_weight, ln_bias, weight, bias)
     out = _common.new_output((*x.shape[:-1], n_out), matmul_dtype, x.device)
     mean = _common.new_output((n_rows,), torch.float32, x.device)
     rstd = _common.new_output((n_rows,), torch.float32, x.device)
@@ -208,6 +216,7 @@ def _backward(dout, x, ln_weight, ln_bias, weight, bias, mean, rstd, matmul_dtyp
     x2d = fl.rows_view(x, n_cols)
     dout2d = fl.rows_view(dout, n_out)
     n_rows = x2d.shape[0]
+    ln_weight, ln_bias, weight = fl.contiguous(ln_weight, ln_bias, weight)
     device = x.device
     dx = _common.new_output(x.shape, x.dtype, device)
     grads = [_common.new_output(p.shape, p.dtype, device) for p in (ln_weight, ln_bias, weight, bias)]
@@ -227,7 +236,7 @@ def _backward(dout, x, ln_weight, ln_bias, weight, bias, mean, rstd, matmul_dtyp
                   x2d, dout2d, dx.view(n_rows, n_cols), ln_weight, ln_bias, weight, mean, rstd, g_partial, db_partial,
                   dw, db, d_ln_weight, d_ln_bias,
                   n_rows, n_cols, n_out, x2d.stride(0), dout2d.stride(0), n_cols, split.splits,
-                  num_warps=plan.num_warps, num_stages=plan.num_stages, **plan.input_constexprs(matmul_dtype))
+                  num_warps=plan.num_warps, num_stages=plan.row_stages, **plan.input_constexprs(matmul_dtype))
     return dx, d_ln_weight, d_ln_bias, dw, db
 
 
@@ -263,6 +272,7 @@ def _(dout, x, ln_weight, ln_bias, weight, bias, mean, rstd, matmul_dtype):
 def _setup_context(ctx, inputs, output):
     x, ln_weight, ln_bias, weight, bias, _eps, matmul_dtype = inputs
     _out, mean, rstd = output
+    ctx.set_materialize_grads(False)  # the saved outputs get no gradient: no zeros to launch
     ctx.mark_non_differentiable(mean, rstd)
     ctx.save_for_backward(x, ln_weight, ln_bias, weight, bias, mean, rstd)
     ctx.matmul_dtype = matmul_dtype
@@ -292,8 +302,8 @@ def _validate(x, ln_weight, ln_bias, weight, bias):
         if tuple(named[name].shape) != shape:
             raise ValueError(f"{name} must have shape {list(shape)} (C={n_cols} from x, out={weight.shape[0]} from "
                              f"weight), got {list(named[name].shape)}")
-    fl.panel_for(n_cols)
     _common.check_device("x", x, _INTERPRETED, __name__)
+    fl.panel_width(n_cols, fl.matmul_dtype_of(x))
     _common.refuse_interpreted_bf16("x (or autocast)", _INTERPRETED, fl.matmul_dtype_of(x))
 
 
@@ -366,8 +376,8 @@ def launch_costs(rows: int, cols: int, out_features: int, activation_dtype: torc
         row_kernel.read(slab_cols, parameter_dtype)  # ln_bias
         row_kernel.write(slab_cols * out_features + 2 * slab_cols + (out_features if slab == 0 else 0),
                          parameter_dtype)
-    executed = len(tiles) * triton.cdiv(out_features, plan.block_k) * num_chunks * fl.matmul_flops(
-        plan.block_m, block_c, plan.block_k)
+    executed = len(tiles) * triton.cdiv(out_features, plan.block_k) * plan.row_panel.num_chunks * fl.matmul_flops(
+        plan.block_m, plan.row_panel.block_c, plan.block_k)
     costs.append(fl.kernel_cost(OP_NAME, _ln_linear_backward_input_kernel, "backward", row_kernel, useful, executed))
     return costs
 
@@ -385,8 +395,8 @@ def h100_compile_specs():
             **{name: names[activation] for name in ("ln_weight_ptr", "ln_bias_ptr", "w_ptr", "b_ptr", "dw_ptr",
                                                    "db_ptr", "d_ln_weight_ptr", "d_ln_bias_ptr")})
         variant = f"x={names[activation]} mm={names[matmul]}"
-        for panel, n_cols in fl.panel_widths():
-            plan = _plan(n_cols, matmul)
+        for width in fl.panel_widths(matmul):
+            plan = _plan(width, matmul)
             label = f"{variant} {plan.describe()}"
             specs.append(fl.kernel_spec(
                 "ln_linear_forward", _ln_linear_forward_kernel, label, pointer_types, plan.forward_constexprs(matmul),
@@ -395,9 +405,9 @@ def h100_compile_specs():
             specs.append(fl.kernel_spec(
                 "ln_linear_backward_weight", _ln_linear_backward_weight_kernel, label, pointer_types,
                 plan.weight_constexprs(matmul), plan.num_warps, plan.num_stages,
-                fl.instruction_class(matmul, [panel.block_c], plan.num_warps), dimensions))
+                fl.instruction_class(matmul, [plan.panel.block_c], plan.num_warps), dimensions))
             specs.append(fl.kernel_spec(
-                "ln_linear_backward_input", _ln_linear_backward_input_kernel, label, pointer_types,
-                plan.input_constexprs(matmul), plan.num_warps, plan.num_stages,
+                "ln_linear_backward_input", _ln_linear_backward_input_kernel, f"{variant} {plan.describe_row_kernel()}",
+                pointer_types, plan.input_constexprs(matmul), plan.num_warps, plan.row_stages,
                 fl.instruction_class(matmul, [plan.block_m], plan.num_warps), dimensions))
     return specs

@@ -244,7 +244,8 @@ def _ln_mlp_backward_input_kernel(
 class _Plan:
     """Tiles and launch options, fixed per (C, matmul dtype) rather than autotuned: the
     interpreter cannot run triton.autotune, and h100_compile_specs compiles exactly these."""
-    panel: fl.Panel
+    panel: fl.Panel  # C as the forward and the weight-gradient kernel hold it
+    row_panel: fl.Panel  # C as the row kernel holds it
     half: bool  # bf16/fp16 operands on tensor cores; else exact fp32 on the FMA units
     block_m: int  # rows per program of the forward and the row kernel
     block_k: int  # contraction step over a streamed dimension (C in fp32 fc1, H in the row kernel)
@@ -252,7 +253,8 @@ class _Plan:
     block_r: int  # rows per step of the weight-gradient programs
     block_q: int  # hidden units per weight-gradient program
     num_warps: int
-    num_stages: int
+    num_stages: int  # forward and weight-gradient kernel
+    row_stages: int  # row kernel
 
     def forward_constexprs(self, second_gelu: bool, matmul_dtype: torch.dtype) -> dict:
         return dict(BLOCK_M=self.block_m, BLOCK_C=self.panel.block_c, NUM_CHUNKS=self.panel.num_chunks,
@@ -265,7 +267,7 @@ class _Plan:
                     **_dtype_constexprs(matmul_dtype))
 
     def input_constexprs(self, matmul_dtype: torch.dtype) -> dict:
-        return dict(BLOCK_M=self.block_m, BLOCK_C=self.panel.block_c, NUM_CHUNKS=self.panel.num_chunks,
+        return dict(BLOCK_M=self.block_m, BLOCK_C=self.row_panel.block_c, NUM_CHUNKS=self.row_panel.num_chunks,
                     BLOCK_K=self.block_k, BLOCK_S=fl.REDUCTION_SLAB, BLOCK_N=fl.REDUCTION_BLOCK,
                     **_dtype_constexprs(matmul_dtype))
 
@@ -273,26 +275,36 @@ class _Plan:
         return (f"C={self.panel.num_chunks}x{self.panel.block_c} M={self.block_m} K={self.block_k} H={self.block_h} "
                 f"R={self.block_r} Q={self.block_q} warps={self.num_warps} stages={self.num_stages}")
 
+    def describe_row_kernel(self) -> str:
+        return (f"C={self.row_panel.num_chunks}x{self.row_panel.block_c} M={self.block_m} K={self.block_k} "
+                f"warps={self.num_warps} stages={self.row_stages}")
+
 
 def _dtype_constexprs(matmul_dtype: torch.dtype) -> dict:
     return dict(MATMUL_DTYPE=fl.TRITON_DTYPES[matmul_dtype], INPUT_PRECISION=fl.input_precision(matmul_dtype))
 
 
 def _plan(n_cols: int, matmul_dtype: torch.dtype) -> _Plan:
-    panel = fl.panel_for(n_cols)
+    width = fl.panel_width(n_cols, matmul_dtype)
     if fl.is_half(matmul_dtype):
-        # 64-row tiles: the smallest a warpgroup MMA takes; 8 warps split the [64, C] fp32
-        # accumulator panel (96 registers a thread at C = 384). Four chunks (C > 384) do not
-        # fit next to the rest at 64 rows: 32 rows (mma.sync) and 32-wide gradient tiles.
-        wide = panel.num_chunks > 3
-        return _Plan(panel, half=True, block_m=32 if wide else 64, block_k=64,
-                     # 32 hidden units per forward step: with 64 every configuration spilled
-                     # (the fc1 and fc2 tiles of a step are live together).
-                     block_h=32, block_r=64, block_q=32 if wide else 64, num_warps=8, num_stages=2)
+        # Compiled for sm_90 (kernels/README.md has the history):
+        # - 64-row tiles, the smallest a warpgroup MMA takes, over 8 warps, which split the
+        #   [64, C] fp32 accumulators (96 registers a thread at C = 384); at C = 512 that no
+        #   longer fits next to the rest: 32 rows (mma.sync).
+        # - forward: 32 hidden units a step; with 64 every variant spilled (a step's fc1 and
+        #   fc2 tiles are live together).
+        # - weight-gradient kernel: 32-wide hidden tiles (64 spilled with the second GELU), 16
+        #   at C = 512.
+        # - row kernel: the gradient panel in 64-wide chunks, unpipelined; 128-wide chunks or
+        #   two stages left the LayerNorm backward's temporaries no room.
+        wide = width > 384
+        return _Plan(fl.chunked(width, 128), fl.chunked(width, 64), half=True, block_m=32 if wide else 64,
+                     block_k=64, block_h=32, block_r=64, block_q=16 if wide else 32, num_warps=8, num_stages=2,
+                     row_stages=1)
     # Exact fp32 on the FMA units: an FMA dot holds its operands in registers, so tiles and
     # contraction steps stay at 16.
-    return _Plan(panel, half=False, block_m=16, block_k=16, block_h=16, block_r=16, block_q=16, num_warps=8,
-                 num_stages=1)
+    return _Plan(fl.chunked(width, 128), fl.chunked(width, 128), half=False, block_m=16, block_k=16, block_h=16,
+                 block_r=16, block_q=16, num_warps=8, num_stages=1, row_stages=1)
 
 
 @dataclass(frozen=True)
@@ -328,6 +340,7 @@ def _forward(x, ln_weight, ln_bias, w1, b1, w2, b2, branch_scale, eps: float, se
     n_cols, n_hidden = x.shape[-1], w1.shape[0]
     x2d = fl.rows_view(x, n_cols)
     n_rows = x2d.shape[0]
+    ln_weight, ln_bias, w1, b1, w2, b2, branch_scale = fl.contiguous(ln_weight, ln_bias, w1, b1, w2, b2, branch_scale)
     out_dtype = _output_dtype(x.dtype, matmul_dtype, branch_scale)
     y = _common.new_output(x.shape, out_dtype, x.device)
     mean = _common.new_output((n_rows,), torch.float32, x.device)
@@ -352,6 +365,7 @@ def _backward(dy, x, ln_weight, ln_bias, w1, b1, w2, b2, mean, rstd, pre, z, bra
     n_cols, n_hidden = x.shape[-1], w1.shape[0]
     x2d = fl.rows_view(x, n_cols)
     dy2d = fl.rows_view(dy, n_cols)
+    ln_weight, ln_bias, w1, w2, branch_scale = fl.contiguous(ln_weight, ln_bias, w1, w2, branch_scale)
     n_rows = x2d.shape[0]
     device = x.device
     dx = _common.new_output(x.shape, x.dtype, device)
@@ -379,7 +393,7 @@ def _backward(dy, x, ln_weight, ln_bias, w1, b1, w2, b2, mean, rstd, pre, z, bra
                   g_partial, db1_partial, dw2_partial, db2_partial,
                   dw1, db1, dw2, db2, d_ln_weight, d_ln_bias,
                   n_rows, n_cols, n_hidden, x2d.stride(0), dy2d.stride(0), n_cols, grid.pre.splits, grid.w2.splits,
-                  num_warps=plan.num_warps, num_stages=plan.num_stages,
+                  num_warps=plan.num_warps, num_stages=plan.row_stages,
                   **plan.input_constexprs(matmul_dtype))
     return dx, d_ln_weight, d_ln_bias, dw1, db1, dw2, db2
 
@@ -432,6 +446,7 @@ def _(dy, x, ln_weight, ln_bias, w1, b1, w2, b2, mean, rstd, pre, z, branch_scal
 def _setup_context(ctx, inputs, output):
     x, ln_weight, ln_bias, w1, b1, w2, b2, branch_scale, _eps, second_gelu, matmul_dtype = inputs
     _y, mean, rstd, pre, z = output
+    ctx.set_materialize_grads(False)  # the saved outputs get no gradient: no zeros to launch
     ctx.mark_non_differentiable(mean, rstd, pre, z)
     ctx.save_for_backward(x, ln_weight, ln_bias, w1, b1, w2, b2, mean, rstd, pre, z, branch_scale)
     ctx.second_gelu, ctx.matmul_dtype = second_gelu, matmul_dtype
@@ -467,8 +482,8 @@ def _validate(x, ln_weight, ln_bias, w1, b1, w2, b2, branch_scale):
             raise ValueError(f"{name} must have shape {list(shape)} (C={n_cols} from x, hidden={n_hidden} from w1), "
                              f"got {list(named[name].shape)}")
     fl.check_branch_scale(branch_scale, x)
-    fl.panel_for(n_cols)
     _common.check_device("x", x, _INTERPRETED, __name__)
+    fl.panel_width(n_cols, fl.matmul_dtype_of(x))
     _common.refuse_interpreted_bf16("x (or autocast)", _INTERPRETED, fl.matmul_dtype_of(x))
 
 
@@ -574,8 +589,8 @@ def launch_costs(rows: int, cols: int, hidden: int, activation_dtype: torch.dtyp
         row_kernel.read(grid.pre.splits * hidden + grid.w2.splits * slab_cols, torch.float64)
         row_kernel.read(slab_cols, parameter_dtype)  # ln_bias
         row_kernel.write(2 * slab_cols * hidden + 3 * slab_cols + (hidden if slab == 0 else 0), parameter_dtype)
-    executed = len(input_tiles) * triton.cdiv(hidden, plan.block_k) * num_chunks * fl.matmul_flops(
-        plan.block_m, block_c, plan.block_k)
+    executed = len(input_tiles) * triton.cdiv(hidden, plan.block_k) * plan.row_panel.num_chunks * fl.matmul_flops(
+        plan.block_m, plan.row_panel.block_c, plan.block_k)
     costs.append(fl.kernel_cost(OP_NAME, _ln_mlp_backward_input_kernel, "backward", row_kernel,
                                 fl.matmul_flops(rows, hidden, cols), executed))
     return costs
@@ -601,8 +616,8 @@ def h100_compile_specs():
                                                    "b2_ptr", "dw1_ptr", "db1_ptr", "dw2_ptr", "db2_ptr",
                                                    "d_ln_weight_ptr", "d_ln_bias_ptr")})
         variant = f"x={names[activation]} mm={names[matmul]}"
-        for panel, n_cols in fl.panel_widths():
-            plan = _plan(n_cols, matmul)
+        for width in fl.panel_widths(matmul):
+            plan = _plan(width, matmul)
             label = f"{variant} {plan.describe()}"
             for second_gelu in (False, True):
                 option = f"{label} second_gelu={second_gelu}"
@@ -613,9 +628,9 @@ def h100_compile_specs():
                 specs.append(fl.kernel_spec(
                     "ln_mlp_backward_weight", _ln_mlp_backward_weight_kernel, option, pointer_types,
                     plan.weight_constexprs(second_gelu, matmul), plan.num_warps, plan.num_stages,
-                    fl.instruction_class(matmul, [plan.block_r, panel.block_c], plan.num_warps), dimensions))
+                    fl.instruction_class(matmul, [plan.block_r, plan.panel.block_c], plan.num_warps), dimensions))
             specs.append(fl.kernel_spec(
-                "ln_mlp_backward_input", _ln_mlp_backward_input_kernel, label, pointer_types,
-                plan.input_constexprs(matmul), plan.num_warps, plan.num_stages,
+                "ln_mlp_backward_input", _ln_mlp_backward_input_kernel, f"{variant} {plan.describe_row_kernel()}",
+                pointer_types, plan.input_constexprs(matmul), plan.num_warps, plan.row_stages,
                 fl.instruction_class(matmul, [plan.block_m], plan.num_warps), dimensions))
     return specs

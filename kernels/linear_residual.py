@@ -164,15 +164,15 @@ def _dtype_constexprs(matmul_dtype: torch.dtype) -> dict:
 
 
 def _plan(panel_cols: int, matmul_dtype: torch.dtype) -> _Plan:
-    panel = fl.panel_for(panel_cols)
+    width = fl.panel_width(panel_cols, matmul_dtype)
     if fl.is_half(matmul_dtype):
-        # As kernels/layernorm_mlp.py: 64-row warpgroup tiles over 8 warps; 32 rows (mma.sync)
-        # and 32-wide gradient tiles when the panel needs four chunks.
-        wide = panel.num_chunks > 3
-        return _Plan(panel, block_m=32 if wide else 64, block_k=64, block_r=64, block_q=32 if wide else 64,
-                     num_warps=8, num_stages=2)
+        # As kernels/layernorm_mlp.py: 64-row warpgroup tiles over 8 warps, 32 rows (mma.sync)
+        # and 32-wide gradient tiles at C = 512.
+        wide = width > 384
+        return _Plan(fl.chunked(width, 128), block_m=32 if wide else 64, block_k=64, block_r=64,
+                     block_q=32 if wide else 64, num_warps=8, num_stages=2)
     # Exact fp32 on the FMA units: operands in registers, so 16-wide steps.
-    return _Plan(panel, block_m=16, block_k=16, block_r=16, block_q=16, num_warps=8, num_stages=1)
+    return _Plan(fl.chunked(width, 128), block_m=16, block_k=16, block_r=16, block_q=16, num_warps=8, num_stages=1)
 
 
 def _split(plan: _Plan, n_rows: int, n_in: int) -> fl.Split:
@@ -195,6 +195,7 @@ def _forward(h, weight, bias, residual, branch_scale, matmul_dtype: torch.dtype)
     h2d = fl.rows_view(h, n_in)
     residual2d = fl.rows_view(residual, n_out)
     n_rows = h2d.shape[0]
+    weight, bias, branch_scale = fl.contiguous(weight, bias, branch_scale)
     out = _common.new_output(residual.shape, _output_dtype(residual.dtype, matmul_dtype, branch_scale), h.device)
     if n_rows > 0:
         plan = _plan(n_out, matmul_dtype)
@@ -213,6 +214,7 @@ def _backward(dy, h, weight, bias, branch_scale, matmul_dtype: torch.dtype):
     h2d = fl.rows_view(h, n_in)
     dy2d = fl.rows_view(dy, n_out)
     n_rows = h2d.shape[0]
+    weight, branch_scale = fl.contiguous(weight, branch_scale)
     device = h.device
     dh = _common.new_output(h.shape, h.dtype, device)
     dw = _common.new_output(weight.shape, weight.dtype, device)
@@ -299,9 +301,8 @@ def _validate(h, weight, bias, residual, branch_scale):
         raise ValueError(f"residual must have shape {[*h.shape[:-1], n_out]} (h's leading dimensions, C_out from "
                          f"weight), got {list(residual.shape)}")
     fl.check_branch_scale(branch_scale, residual, "residual")
-    fl.panel_for(n_in)
-    fl.panel_for(n_out)
     _common.check_device("h", h, _INTERPRETED, __name__)
+    fl.panel_width(max(n_in, n_out), fl.matmul_dtype_of(h))
     _common.refuse_interpreted_bf16("h (or autocast)", _INTERPRETED, fl.matmul_dtype_of(h))
 
 
@@ -405,8 +406,8 @@ def h100_compile_specs():
             dy_ptr=output, scale_ptr=names[activation], dw_partial_ptr="fp32", db_partial_ptr="fp64",
             **{name: names[activation] for name in ("w_ptr", "b_ptr", "dw_ptr", "db_ptr")})
         variant = f"x={names[activation]} mm={names[matmul]}"
-        for panel, n_cols in fl.panel_widths():
-            plan = _plan(n_cols, matmul)
+        for width in fl.panel_widths(matmul):
+            plan = _plan(width, matmul)
             label = f"{variant} {plan.describe()}"
             specs.append(fl.kernel_spec(
                 "linear_residual_forward", _linear_residual_forward_kernel, label, pointer_types,
@@ -415,7 +416,7 @@ def h100_compile_specs():
             specs.append(fl.kernel_spec(
                 "linear_residual_backward_weight", _linear_residual_backward_weight_kernel, label, pointer_types,
                 plan.weight_constexprs(matmul), plan.num_warps, plan.num_stages,
-                fl.instruction_class(matmul, [panel.block_c], plan.num_warps), dimensions))
+                fl.instruction_class(matmul, [plan.panel.block_c], plan.num_warps), dimensions))
             specs.append(fl.kernel_spec(
                 "linear_residual_backward_input", _linear_residual_backward_input_kernel, label, pointer_types,
                 plan.input_constexprs(matmul), plan.num_warps, plan.num_stages,
