@@ -166,11 +166,14 @@ def _dtype_constexprs(matmul_dtype: torch.dtype) -> dict:
 def _plan(panel_cols: int, matmul_dtype: torch.dtype) -> _Plan:
     width = fl.panel_width(panel_cols, matmul_dtype)
     if fl.is_half(matmul_dtype):
-        # As kernels/layernorm_mlp.py: 64-row warpgroup tiles over 8 warps, 32 rows (mma.sync)
-        # and 32-wide gradient tiles at C = 512.
-        wide = width > 384
-        return _Plan(fl.chunked(width, 128), block_m=32 if wide else 64, block_k=64, block_r=64,
-                     block_q=32 if wide else 64, num_warps=8, num_stages=2)
+        # As kernels/layernorm_mlp.py: 64-row warpgroup tiles over 8 warps. At C = 512: 32 rows
+        # (mma.sync), 16-wide gradient tiles and no pipelining (32-wide tiles, or two stages in
+        # the forward, spilled a few bytes).
+        if width > 384:
+            return _Plan(fl.chunked(width, 128), block_m=32, block_k=64, block_r=64, block_q=16, num_warps=8,
+                         num_stages=1)
+        return _Plan(fl.chunked(width, 128), block_m=64, block_k=64, block_r=64, block_q=64, num_warps=8,
+                     num_stages=2)
     # Exact fp32 on the FMA units: operands in registers, so 16-wide steps.
     return _Plan(fl.chunked(width, 128), block_m=16, block_k=16, block_r=16, block_q=16, num_warps=8, num_stages=1)
 
