@@ -301,17 +301,24 @@ def normalized(x_ptr, ln_weight_ptr, ln_bias_ptr, mean, rstd, row0, col0, n_rows
 
 
 @triton.jit
-def normalized_panel(x_ptr, ln_weight_ptr, ln_bias_ptr, mean, rstd, row0, n_rows, n_cols, stride_row,
+def normalized_panel(x_ptr, x_hat_ptr, ln_weight_ptr, ln_bias_ptr, mean, rstd, row0, n_rows, n_cols, stride_row,
                      BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, NUM_CHUNKS: tl.constexpr, PANEL: tl.constexpr,
                      MATMUL_DTYPE: tl.constexpr):
-    """layer_norm(x) for BLOCK_M full rows in the matmul dtype, as NUM_CHUNKS tiles; the
-    empty tuple when the plan recomputes it per contraction step instead (PANEL False)."""
+    """Store x_hat = (x - mean) * rstd of BLOCK_M full rows in the matmul dtype ([rows, C],
+    row stride C: the operand the weight gradient contracts with) and return layer_norm(x) in
+    the matmul dtype as NUM_CHUNKS tiles; the empty tuple when the plan recomputes
+    layer_norm(x) per contraction step instead (PANEL False)."""
     panel = ()
-    if PANEL:
-        for k in tl.static_range(NUM_CHUNKS):
-            tile = normalized(x_ptr, ln_weight_ptr, ln_bias_ptr, mean, rstd, row0, k * BLOCK_C, n_rows, n_cols,
-                              stride_row, BLOCK_M, BLOCK_C)
-            panel = panel + (tile.to(MATMUL_DTYPE),)
+    for k in tl.static_range(NUM_CHUNKS):
+        col0 = k * BLOCK_C
+        x = load_tile(x_ptr, row0, col0, n_rows, n_cols, stride_row, BLOCK_M, BLOCK_C).to(tl.float32)
+        in_row = (col0 + tl.arange(0, BLOCK_C)) < n_cols
+        x_hat = tl.where(in_row[None, :], (x - mean[:, None]) * rstd[:, None], 0.0)
+        store_tile(x_hat_ptr, x_hat.to(MATMUL_DTYPE), row0, col0, n_rows, n_cols, n_cols, BLOCK_M, BLOCK_C)
+        if PANEL:
+            gamma = load_vector(ln_weight_ptr, col0, n_cols, BLOCK_C)
+            beta = load_vector(ln_bias_ptr, col0, n_cols, BLOCK_C)
+            panel = panel + ((x_hat * gamma[None, :] + beta[None, :]).to(MATMUL_DTYPE),)
     return panel
 
 
@@ -353,16 +360,6 @@ def accumulate_times_weight(acc, a, w_ptr, k0, n_k, n_out, W_IS_OUT_BY_IN: tl.co
             w = load_tile(w_ptr, k0, j * BLOCK_C, n_k, n_out, n_out, BLOCK_K, BLOCK_C)
         updated = updated + (tl.dot(a, w.to(MATMUL_DTYPE), acc[j], input_precision=INPUT_PRECISION),)
     return updated
-
-
-@triton.jit
-def x_hat_transposed(x_ptr, mean, rstd, row0, col0, n_rows, n_cols, stride_row,
-                     BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr):
-    """(x - mean) * rstd for BLOCK_R rows and BLOCK_C columns, transposed ([BLOCK_C, BLOCK_R]),
-    fp32, 0 in columns past C and in rows past the end (their mean and rstd read 0)."""
-    x_t = load_tile_transposed(x_ptr, row0, col0, n_rows, n_cols, stride_row, BLOCK_C, BLOCK_R).to(tl.float32)
-    in_row = (col0 + tl.arange(0, BLOCK_C)) < n_cols
-    return tl.where(in_row[:, None], (x_t - mean[None, :]) * rstd[None, :], 0.0)
 
 
 @triton.jit

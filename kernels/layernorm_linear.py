@@ -43,7 +43,7 @@ OP_NAME = "layernorm_linear"
 
 @triton.jit(do_not_specialize=["n_rows"])
 def _ln_linear_forward_kernel(
-    x_ptr, out_ptr, ln_weight_ptr, ln_bias_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr,
+    x_ptr, out_ptr, ln_weight_ptr, ln_bias_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, x_hat_ptr,
     n_rows, n_cols, n_out, stride_x, stride_out, eps,
     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, NUM_CHUNKS: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_N: tl.constexpr, PANEL: tl.constexpr, MATMUL_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
@@ -53,8 +53,8 @@ def _ln_linear_forward_kernel(
     rows = row0 + tl.arange(0, BLOCK_M)
     tl.store(mean_ptr + rows, mean, mask=rows < n_rows)
     tl.store(rstd_ptr + rows, rstd, mask=rows < n_rows)
-    panel = fl.normalized_panel(x_ptr, ln_weight_ptr, ln_bias_ptr, mean, rstd, row0, n_rows, n_cols, stride_x,
-                                BLOCK_M, BLOCK_C, NUM_CHUNKS, PANEL, MATMUL_DTYPE)
+    panel = fl.normalized_panel(x_ptr, x_hat_ptr, ln_weight_ptr, ln_bias_ptr, mean, rstd, row0, n_rows, n_cols,
+                                stride_x, BLOCK_M, BLOCK_C, NUM_CHUNKS, PANEL, MATMUL_DTYPE)
     for out0 in range(0, n_out, BLOCK_N):
         acc = fl.normalized_times_weight(panel, x_ptr, ln_weight_ptr, ln_bias_ptr, mean, rstd, w_ptr, row0, out0,
                                          n_rows, n_cols, n_out, stride_x, BLOCK_M, BLOCK_C, NUM_CHUNKS, BLOCK_K,
@@ -65,8 +65,8 @@ def _ln_linear_forward_kernel(
 
 @triton.jit(do_not_specialize=["n_rows", "rows_per_split"])
 def _ln_linear_backward_weight_kernel(
-    x_ptr, dout_ptr, mean_ptr, rstd_ptr, g_partial_ptr, db_partial_ptr,
-    n_rows, n_cols, n_out, stride_x, stride_dout, rows_per_split,
+    x_hat_ptr, dout_ptr, g_partial_ptr, db_partial_ptr,
+    n_rows, n_cols, n_out, stride_dout, rows_per_split,
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, NUM_CHUNKS: tl.constexpr, BLOCK_Q: tl.constexpr,
     MATMUL_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
@@ -83,13 +83,11 @@ def _ln_linear_backward_weight_kernel(
         d = fl.load_tile(dout_ptr, row0, out0, n_rows, n_out, stride_dout, BLOCK_R, BLOCK_Q)
         db += fl.column_sum(d.to(tl.float32))
         d = d.to(MATMUL_DTYPE)
-        mean = fl.load_row_vector(mean_ptr, row0, n_rows, BLOCK_R)
-        rstd = fl.load_row_vector(rstd_ptr, row0, n_rows, BLOCK_R)
         updated = ()
         for k in tl.static_range(NUM_CHUNKS):
-            x_hat_t = fl.x_hat_transposed(x_ptr, mean, rstd, row0, k * BLOCK_C, n_rows, n_cols, stride_x, BLOCK_C,
-                                          BLOCK_R)
-            updated = updated + (tl.dot(x_hat_t.to(MATMUL_DTYPE), d, acc[k], input_precision=INPUT_PRECISION),)
+            # The forward's x_hat: 0 past C and past the last row.
+            x_hat_t = fl.load_tile_transposed(x_hat_ptr, row0, k * BLOCK_C, n_rows, n_cols, n_cols, BLOCK_C, BLOCK_R)
+            updated = updated + (tl.dot(x_hat_t, d, acc[k], input_precision=INPUT_PRECISION),)
         acc = updated
     fl.store_panel_partial(acc, g_partial_ptr, split, out0, n_cols, n_out, BLOCK_C, NUM_CHUNKS, BLOCK_Q)
     outs = out0 + tl.arange(0, BLOCK_Q)
@@ -201,17 +199,18 @@ def _forward(x, ln_weight, ln_bias, weight, bias, eps: float, matmul_dtype: torc
     out = _common.new_output((*x.shape[:-1], n_out), matmul_dtype, x.device)
     mean = _common.new_output((n_rows,), torch.float32, x.device)
     rstd = _common.new_output((n_rows,), torch.float32, x.device)
+    x_hat = _common.new_output((n_rows, n_cols), matmul_dtype, x.device)
     if n_rows > 0:
         plan = _plan(n_cols, matmul_dtype)
         with _common.on_device_of(x):
             fl.launch(_ln_linear_forward_kernel, (triton.cdiv(n_rows, plan.block_m),),
-                      x2d, out, ln_weight, ln_bias, weight, bias, mean, rstd,
+                      x2d, out, ln_weight, ln_bias, weight, bias, mean, rstd, x_hat,
                       n_rows, n_cols, n_out, x2d.stride(0), n_out, eps,
                       num_warps=plan.num_warps, num_stages=plan.num_stages, **plan.forward_constexprs(matmul_dtype))
-    return out, mean, rstd
+    return out, mean, rstd, x_hat
 
 
-def _backward(dout, x, ln_weight, ln_bias, weight, bias, mean, rstd, matmul_dtype: torch.dtype):
+def _backward(dout, x, ln_weight, ln_bias, weight, bias, mean, rstd, x_hat, matmul_dtype: torch.dtype):
     n_cols, n_out = x.shape[-1], weight.shape[0]
     x2d = fl.rows_view(x, n_cols)
     dout2d = fl.rows_view(dout, n_out)
@@ -229,8 +228,8 @@ def _backward(dout, x, ln_weight, ln_bias, weight, bias, mean, rstd, matmul_dtyp
     db_partial = _common.new_output((split.splits, n_out), torch.float64, device)
     with _common.on_device_of(x):
         fl.launch(_ln_linear_backward_weight_kernel, (triton.cdiv(n_out, plan.block_q) * split.splits,),
-                  x2d, dout2d, mean, rstd, g_partial, db_partial,
-                  n_rows, n_cols, n_out, x2d.stride(0), dout2d.stride(0), split.rows_per_split,
+                  x_hat, dout2d, g_partial, db_partial,
+                  n_rows, n_cols, n_out, dout2d.stride(0), split.rows_per_split,
                   num_warps=plan.num_warps, num_stages=plan.num_stages, **plan.weight_constexprs(matmul_dtype))
         fl.launch(_ln_linear_backward_input_kernel, (triton.cdiv(n_rows, plan.block_m),),
                   x2d, dout2d, dx.view(n_rows, n_cols), ln_weight, ln_bias, weight, mean, rstd, g_partial, db_partial,
@@ -243,8 +242,8 @@ def _backward(dout, x, ln_weight, ln_bias, weight, bias, mean, rstd, matmul_dtyp
 @torch.library.custom_op("vit_kernels::layernorm_linear", mutates_args=())
 def _layernorm_linear_op(x: torch.Tensor, ln_weight: torch.Tensor, ln_bias: torch.Tensor, weight: torch.Tensor,
                          bias: torch.Tensor, eps: float, matmul_dtype: torch.dtype
-                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(out, mean, rstd)."""
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(out, mean, rstd, x_hat): the output and what the backward reads."""
     return _forward(x, ln_weight, ln_bias, weight, bias, eps, matmul_dtype)
 
 
@@ -252,29 +251,31 @@ def _layernorm_linear_op(x: torch.Tensor, ln_weight: torch.Tensor, ln_bias: torc
 def _(x, ln_weight, ln_bias, weight, bias, eps, matmul_dtype):
     n_rows = x.numel() // x.shape[-1]
     return (x.new_empty((*x.shape[:-1], weight.shape[0]), dtype=matmul_dtype),
-            x.new_empty((n_rows,), dtype=torch.float32), x.new_empty((n_rows,), dtype=torch.float32))
+            x.new_empty((n_rows,), dtype=torch.float32), x.new_empty((n_rows,), dtype=torch.float32),
+            x.new_empty((n_rows, x.shape[-1]), dtype=matmul_dtype))
 
 
 @torch.library.custom_op("vit_kernels::layernorm_linear_backward", mutates_args=())
 def _layernorm_linear_backward_op(dout: torch.Tensor, x: torch.Tensor, ln_weight: torch.Tensor,
                                   ln_bias: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
-                                  mean: torch.Tensor, rstd: torch.Tensor, matmul_dtype: torch.dtype
+                                  mean: torch.Tensor, rstd: torch.Tensor, x_hat: torch.Tensor,
+                                  matmul_dtype: torch.dtype
                                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dx, d_ln_weight, d_ln_bias, dweight, dbias)."""
-    return _backward(dout, x, ln_weight, ln_bias, weight, bias, mean, rstd, matmul_dtype)
+    return _backward(dout, x, ln_weight, ln_bias, weight, bias, mean, rstd, x_hat, matmul_dtype)
 
 
 @_layernorm_linear_backward_op.register_fake
-def _(dout, x, ln_weight, ln_bias, weight, bias, mean, rstd, matmul_dtype):
+def _(dout, x, ln_weight, ln_bias, weight, bias, mean, rstd, x_hat, matmul_dtype):
     return tuple(t.new_empty(t.shape) for t in (x, ln_weight, ln_bias, weight, bias))
 
 
 def _setup_context(ctx, inputs, output):
     x, ln_weight, ln_bias, weight, bias, _eps, matmul_dtype = inputs
-    _out, mean, rstd = output
+    _out, mean, rstd, x_hat = output
     ctx.set_materialize_grads(False)  # the saved outputs get no gradient: no zeros to launch
-    ctx.mark_non_differentiable(mean, rstd)
-    ctx.save_for_backward(x, ln_weight, ln_bias, weight, bias, mean, rstd)
+    ctx.mark_non_differentiable(mean, rstd, x_hat)
+    ctx.save_for_backward(x, ln_weight, ln_bias, weight, bias, mean, rstd, x_hat)
     ctx.matmul_dtype = matmul_dtype
 
 
@@ -339,7 +340,7 @@ def launch_costs(rows: int, cols: int, out_features: int, activation_dtype: torc
     for n in tiles:
         forward.read(n * cols, activation_dtype)
         forward.read(2 * cols + out_features * cols + out_features, parameter_dtype)
-        forward.write(n * out_features, matmul_dtype)
+        forward.write(n * out_features + n * cols, matmul_dtype)  # out, x_hat
         forward.write(2 * n, torch.float32)
     step = (num_chunks * fl.matmul_flops(plan.block_m, plan.block_n, block_c) if plan.half
             else triton.cdiv(cols, plan.block_k) * fl.matmul_flops(plan.block_m, plan.block_n, plan.block_k))
@@ -354,9 +355,7 @@ def launch_costs(rows: int, cols: int, out_features: int, activation_dtype: torc
         n = max(0, min(split.rows_per_split, rows - s * split.rows_per_split))
         for q in range(q_tiles):
             width = min(plan.block_q, out_features - q * plan.block_q)
-            weight.read(n * width, matmul_dtype)  # dout
-            weight.read(n * cols, activation_dtype)  # x
-            weight.read(2 * n, torch.float32)
+            weight.read(n * width + n * cols, matmul_dtype)  # dout, x_hat
             weight.write(cols * width, torch.float32)
             weight.write(width, torch.float64)
             executed += triton.cdiv(n, plan.block_r) * num_chunks * fl.matmul_flops(block_c, plan.block_q,
@@ -391,6 +390,7 @@ def h100_compile_specs():
         names = {dtype: _common.DTYPE_NAMES[dtype] for dtype in (activation, matmul)}
         pointer_types = dict(
             x_ptr=names[activation], dx_ptr=names[activation], out_ptr=names[matmul], dout_ptr=names[matmul],
+            x_hat_ptr=names[matmul],
             mean_ptr="fp32", rstd_ptr="fp32", g_partial_ptr="fp32", db_partial_ptr="fp64",
             **{name: names[activation] for name in ("ln_weight_ptr", "ln_bias_ptr", "w_ptr", "b_ptr", "dw_ptr",
                                                    "db_ptr", "d_ln_weight_ptr", "d_ln_bias_ptr")})

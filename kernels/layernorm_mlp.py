@@ -68,7 +68,7 @@ OP_NAME = "layernorm_mlp"
 @triton.jit(do_not_specialize=["n_rows", "rows_per_sample", "has_scale"])
 def _ln_mlp_forward_kernel(
     x_ptr, y_ptr, ln_weight_ptr, ln_bias_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, scale_ptr,
-    mean_ptr, rstd_ptr, pre_ptr, z_ptr,
+    mean_ptr, rstd_ptr, x_hat_ptr, pre_ptr, z_ptr,
     n_rows, n_cols, n_hidden, stride_x, stride_y, rows_per_sample, has_scale, eps,
     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, NUM_CHUNKS: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_H: tl.constexpr, PANEL: tl.constexpr, SECOND_GELU: tl.constexpr,
@@ -79,8 +79,8 @@ def _ln_mlp_forward_kernel(
     rows = row0 + tl.arange(0, BLOCK_M)
     tl.store(mean_ptr + rows, mean, mask=rows < n_rows)
     tl.store(rstd_ptr + rows, rstd, mask=rows < n_rows)
-    panel = fl.normalized_panel(x_ptr, ln_weight_ptr, ln_bias_ptr, mean, rstd, row0, n_rows, n_cols, stride_x,
-                                BLOCK_M, BLOCK_C, NUM_CHUNKS, PANEL, MATMUL_DTYPE)
+    panel = fl.normalized_panel(x_ptr, x_hat_ptr, ln_weight_ptr, ln_bias_ptr, mean, rstd, row0, n_rows, n_cols,
+                                stride_x, BLOCK_M, BLOCK_C, NUM_CHUNKS, PANEL, MATMUL_DTYPE)
 
     out = (tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float32),) * NUM_CHUNKS
     for hidden0 in range(0, n_hidden, BLOCK_H):
@@ -134,9 +134,9 @@ def _branch_gradient(dy_ptr, z_ptr, scale, row0, col0, n_rows, n_cols, stride_dy
 @triton.jit(do_not_specialize=["n_rows", "rows_per_sample", "has_scale", "pre_splits", "pre_rows_per_split",
                                "w2_rows_per_split"])
 def _ln_mlp_backward_weight_kernel(
-    x_ptr, dy_ptr, w2_ptr, scale_ptr, mean_ptr, rstd_ptr, pre_ptr, z_ptr,
+    x_hat_ptr, dy_ptr, w2_ptr, scale_ptr, pre_ptr, z_ptr,
     d_pre_ptr, g_partial_ptr, db1_partial_ptr, dw2_partial_ptr, db2_partial_ptr,
-    n_rows, n_cols, n_hidden, stride_x, stride_dy, rows_per_sample, has_scale,
+    n_rows, n_cols, n_hidden, stride_dy, rows_per_sample, has_scale,
     pre_splits, pre_rows_per_split, w2_rows_per_split,
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, NUM_CHUNKS: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_Q: tl.constexpr, SECOND_GELU: tl.constexpr, MATMUL_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
@@ -171,13 +171,11 @@ def _ln_mlp_backward_weight_kernel(
             db1 += fl.column_sum(d_pre)
             d_pre = d_pre.to(MATMUL_DTYPE)
             fl.store_tile(d_pre_ptr, d_pre, row0, hidden0, n_rows, n_hidden, n_hidden, BLOCK_R, BLOCK_Q)
-            mean = fl.load_row_vector(mean_ptr, row0, n_rows, BLOCK_R)
-            rstd = fl.load_row_vector(rstd_ptr, row0, n_rows, BLOCK_R)
             updated = ()
             for k in tl.static_range(NUM_CHUNKS):
-                x_hat_t = fl.x_hat_transposed(x_ptr, mean, rstd, row0, k * BLOCK_C, n_rows, n_cols, stride_x, BLOCK_C,
-                                              BLOCK_R)
-                updated = updated + (tl.dot(x_hat_t.to(MATMUL_DTYPE), d_pre, acc[k], input_precision=INPUT_PRECISION),)
+                # The forward's x_hat: 0 past C and past the last row.
+                x_hat_t = fl.load_tile_transposed(x_hat_ptr, row0, k * BLOCK_C, n_rows, n_cols, n_cols, BLOCK_C, BLOCK_R)
+                updated = updated + (tl.dot(x_hat_t, d_pre, acc[k], input_precision=INPUT_PRECISION),)
             acc = updated
         fl.store_panel_partial(acc, g_partial_ptr, split, hidden0, n_cols, n_hidden, BLOCK_C, NUM_CHUNKS, BLOCK_Q)
         units = hidden0 + tl.arange(0, BLOCK_Q)
@@ -345,6 +343,7 @@ def _forward(x, ln_weight, ln_bias, w1, b1, w2, b2, branch_scale, eps: float, se
     y = _common.new_output(x.shape, out_dtype, x.device)
     mean = _common.new_output((n_rows,), torch.float32, x.device)
     rstd = _common.new_output((n_rows,), torch.float32, x.device)
+    x_hat = _common.new_output((n_rows, n_cols), matmul_dtype, x.device)
     pre = _common.new_output((n_rows, n_hidden), matmul_dtype, x.device)
     z = _common.new_output((n_rows, n_cols) if second_gelu else (0,), matmul_dtype, x.device)
     if n_rows > 0:
@@ -352,15 +351,15 @@ def _forward(x, ln_weight, ln_bias, w1, b1, w2, b2, branch_scale, eps: float, se
         scale = branch_scale if branch_scale is not None else mean  # never read without a scale
         with _common.on_device_of(x):
             fl.launch(_ln_mlp_forward_kernel, (triton.cdiv(n_rows, plan.block_m),),
-                      x2d, y, ln_weight, ln_bias, w1, b1, w2, b2, scale, mean, rstd, pre, z,
+                      x2d, y, ln_weight, ln_bias, w1, b1, w2, b2, scale, mean, rstd, x_hat, pre, z,
                       n_rows, n_cols, n_hidden, x2d.stride(0), n_cols, fl.rows_per_sample(x, branch_scale),
                       int(branch_scale is not None), eps,
                       num_warps=plan.num_warps, num_stages=plan.num_stages,
                       **plan.forward_constexprs(second_gelu, matmul_dtype))
-    return y, mean, rstd, pre, z
+    return y, mean, rstd, x_hat, pre, z
 
 
-def _backward(dy, x, ln_weight, ln_bias, w1, b1, w2, b2, mean, rstd, pre, z, branch_scale, second_gelu: bool,
+def _backward(dy, x, ln_weight, ln_bias, w1, b1, w2, b2, mean, rstd, x_hat, pre, z, branch_scale, second_gelu: bool,
               matmul_dtype: torch.dtype):
     n_cols, n_hidden = x.shape[-1], w1.shape[0]
     x2d = fl.rows_view(x, n_cols)
@@ -383,8 +382,8 @@ def _backward(dy, x, ln_weight, ln_bias, w1, b1, w2, b2, mean, rstd, pre, z, bra
     scale = branch_scale if branch_scale is not None else mean  # never read without a scale
     with _common.on_device_of(x):
         fl.launch(_ln_mlp_backward_weight_kernel, (grid.weight_programs,),
-                  x2d, dy2d, w2, scale, mean, rstd, pre, z, d_pre, g_partial, db1_partial, dw2_partial, db2_partial,
-                  n_rows, n_cols, n_hidden, x2d.stride(0), dy2d.stride(0), fl.rows_per_sample(x, branch_scale),
+                  x_hat, dy2d, w2, scale, pre, z, d_pre, g_partial, db1_partial, dw2_partial, db2_partial,
+                  n_rows, n_cols, n_hidden, dy2d.stride(0), fl.rows_per_sample(x, branch_scale),
                   int(branch_scale is not None), grid.pre.splits, grid.pre.rows_per_split, grid.w2.rows_per_split,
                   num_warps=plan.num_warps, num_stages=plan.num_stages,
                   **plan.weight_constexprs(second_gelu, matmul_dtype))
@@ -411,8 +410,8 @@ def _output_dtype(x_dtype, matmul_dtype, branch_scale) -> torch.dtype:
 def _layernorm_mlp_op(x: torch.Tensor, ln_weight: torch.Tensor, ln_bias: torch.Tensor, w1: torch.Tensor,
                       b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor, branch_scale: torch.Tensor | None,
                       eps: float, second_gelu: bool, matmul_dtype: torch.dtype
-                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(y, mean, rstd, pre, z): the output and what the backward reads."""
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(y, mean, rstd, x_hat, pre, z): the output and what the backward reads."""
     return _forward(x, ln_weight, ln_bias, w1, b1, w2, b2, branch_scale, eps, second_gelu, matmul_dtype)
 
 
@@ -422,33 +421,34 @@ def _(x, ln_weight, ln_bias, w1, b1, w2, b2, branch_scale, eps, second_gelu, mat
     n_rows = x.numel() // n_cols
     return (x.new_empty(x.shape, dtype=_output_dtype(x.dtype, matmul_dtype, branch_scale)),
             x.new_empty((n_rows,), dtype=torch.float32), x.new_empty((n_rows,), dtype=torch.float32),
-            x.new_empty((n_rows, n_hidden), dtype=matmul_dtype),
+            x.new_empty((n_rows, n_cols), dtype=matmul_dtype), x.new_empty((n_rows, n_hidden), dtype=matmul_dtype),
             x.new_empty((n_rows, n_cols) if second_gelu else (0,), dtype=matmul_dtype))
 
 
 @torch.library.custom_op("vit_kernels::layernorm_mlp_backward", mutates_args=())
 def _layernorm_mlp_backward_op(dy: torch.Tensor, x: torch.Tensor, ln_weight: torch.Tensor, ln_bias: torch.Tensor,
                                w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor,
-                               mean: torch.Tensor, rstd: torch.Tensor, pre: torch.Tensor, z: torch.Tensor,
-                               branch_scale: torch.Tensor | None, second_gelu: bool, matmul_dtype: torch.dtype
+                               mean: torch.Tensor, rstd: torch.Tensor, x_hat: torch.Tensor, pre: torch.Tensor,
+                               z: torch.Tensor, branch_scale: torch.Tensor | None, second_gelu: bool, matmul_dtype: torch.dtype
                                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                                           torch.Tensor, torch.Tensor]:
     """(dx, d_ln_weight, d_ln_bias, dw1, db1, dw2, db2)."""
-    return _backward(dy, x, ln_weight, ln_bias, w1, b1, w2, b2, mean, rstd, pre, z, branch_scale, second_gelu,
-                     matmul_dtype)
+    return _backward(dy, x, ln_weight, ln_bias, w1, b1, w2, b2, mean, rstd, x_hat, pre, z, branch_scale,
+                     second_gelu, matmul_dtype)
 
 
 @_layernorm_mlp_backward_op.register_fake
-def _(dy, x, ln_weight, ln_bias, w1, b1, w2, b2, mean, rstd, pre, z, branch_scale, second_gelu, matmul_dtype):
+def _(dy, x, ln_weight, ln_bias, w1, b1, w2, b2, mean, rstd, x_hat, pre, z, branch_scale, second_gelu,
+      matmul_dtype):
     return tuple(t.new_empty(t.shape) for t in (x, ln_weight, ln_bias, w1, b1, w2, b2))
 
 
 def _setup_context(ctx, inputs, output):
     x, ln_weight, ln_bias, w1, b1, w2, b2, branch_scale, _eps, second_gelu, matmul_dtype = inputs
-    _y, mean, rstd, pre, z = output
+    _y, mean, rstd, x_hat, pre, z = output
     ctx.set_materialize_grads(False)  # the saved outputs get no gradient: no zeros to launch
-    ctx.mark_non_differentiable(mean, rstd, pre, z)
-    ctx.save_for_backward(x, ln_weight, ln_bias, w1, b1, w2, b2, mean, rstd, pre, z, branch_scale)
+    ctx.mark_non_differentiable(mean, rstd, x_hat, pre, z)
+    ctx.save_for_backward(x, ln_weight, ln_bias, w1, b1, w2, b2, mean, rstd, x_hat, pre, z, branch_scale)
     ctx.second_gelu, ctx.matmul_dtype = second_gelu, matmul_dtype
 
 
@@ -532,7 +532,7 @@ def launch_costs(rows: int, cols: int, hidden: int, activation_dtype: torch.dtyp
         scale_reads(forward, index * plan.block_m, n)
         forward.write(n * cols, out_dtype)
         forward.write(2 * n, torch.float32)
-        forward.write(n * hidden + (n * cols if second_gelu else 0), matmul_dtype)
+        forward.write(n * cols + n * hidden + (n * cols if second_gelu else 0), matmul_dtype)  # x_hat, pre, z
     steps = triton.cdiv(hidden, plan.block_h)
     fc1_dot = (num_chunks * fl.matmul_flops(plan.block_m, plan.block_h, block_c) if plan.half
                else triton.cdiv(cols, plan.block_k) * fl.matmul_flops(plan.block_m, plan.block_h, plan.block_k))
@@ -560,8 +560,7 @@ def launch_costs(rows: int, cols: int, hidden: int, activation_dtype: torch.dtyp
                 panel_dots = row_steps * num_chunks * fl.matmul_flops(block_c, plan.block_q, plan.block_r)
                 if is_pre:
                     weight.read(cols * width, parameter_dtype)  # w2 tile
-                    weight.read(n * cols, activation_dtype)  # x
-                    weight.read(2 * n, torch.float32)  # mean, rstd
+                    weight.read(n * cols, matmul_dtype)  # x_hat
                     weight.write(n * width, matmul_dtype)  # dpre
                     weight.write(cols * width, torch.float32)  # G partial
                     weight.write(width, torch.float64)  # db1 partial
@@ -608,7 +607,7 @@ def h100_compile_specs():
         names = {dtype: _common.DTYPE_NAMES[dtype] for dtype in (activation, matmul, torch.float32)}
         output = _common.DTYPE_NAMES[fl.result_dtype(activation, matmul)]
         pointer_types = dict(
-            x_ptr=names[activation], y_ptr=output, dy_ptr=output, dx_ptr=names[activation],
+            x_ptr=names[activation], y_ptr=output, dy_ptr=output, dx_ptr=names[activation], x_hat_ptr=names[matmul],
             scale_ptr=names[activation], mean_ptr="fp32", rstd_ptr="fp32",
             pre_ptr=names[matmul], z_ptr=names[matmul], d_pre_ptr=names[matmul],
             g_partial_ptr="fp32", dw2_partial_ptr="fp32", db1_partial_ptr="fp64", db2_partial_ptr="fp64",

@@ -27,14 +27,14 @@ def test_layernorm_linear_by_hand():
 
     forward = costs["_ln_linear_forward_kernel"]
     assert forward.bytes_read == 100 * 128 * FP32 + 2 * parameters * FP32
-    assert forward.bytes_written == 100 * 256 * BF16 + 100 * 2 * FP32
+    assert forward.bytes_written == 100 * 256 * BF16 + 100 * 128 * BF16 + 100 * 2 * FP32  # out, x_hat, statistics
     assert forward.useful_flops == useful
     assert forward.executed_flops == 2 * (256 // 64) * 2 * 64 * 64 * 128  # programs x steps x one chunk's dot
 
     weight = costs["_ln_linear_backward_weight_kernel"]
-    # 4 output tiles x 2 splits: each reads its rows of dout (its 64 columns), of x (all
-    # columns) and of the statistics, and writes a [128, 64] fp32 partial and 64 fp64 sums.
-    assert weight.bytes_read == 4 * (100 * 64 * BF16 + 100 * 128 * FP32 + 100 * 2 * FP32)
+    # 4 output tiles x 2 splits: each reads its rows of dout (its 64 columns) and of the saved
+    # x_hat (all columns), and writes a [128, 64] fp32 partial and 64 fp64 sums.
+    assert weight.bytes_read == 4 * (100 * 64 * BF16 + 100 * 128 * BF16)
     assert weight.bytes_written == 8 * (128 * 64 * FP32 + 64 * 8)
     assert weight.useful_flops == useful
     assert weight.executed_flops == 8 * 2 * 128 * 64 * 64
@@ -58,13 +58,14 @@ def test_layernorm_mlp_by_hand():
 
     forward = costs["_ln_mlp_forward_kernel"]
     assert forward.bytes_read == 100 * 128 * FP32 + 2 * parameters * FP32
-    assert forward.bytes_written == 100 * 128 * FP32 + 100 * 2 * FP32 + 100 * 64 * BF16  # y, statistics, pre
+    # y, statistics, x_hat, pre
+    assert forward.bytes_written == 100 * 128 * FP32 + 100 * 2 * FP32 + 100 * 128 * BF16 + 100 * 64 * BF16
     assert forward.useful_flops == 2 * 2 * 100 * 64 * 128
     assert forward.executed_flops == 2 * 2 * (2 * 64 * 32 * 128 + 2 * 64 * 128 * 32)  # programs x steps x (fc1 + fc2)
 
     weight = costs["_ln_mlp_backward_weight_kernel"]
-    pre_programs_read = 2 * (100 * 128 * FP32 + 100 * 32 * BF16 + 100 * 128 * FP32 + 100 * 2 * FP32) + \
-        4 * 128 * 32 * FP32  # per hidden tile: dy, pre, x, statistics; each program its w2 tile
+    pre_programs_read = 2 * (100 * 128 * FP32 + 100 * 32 * BF16 + 100 * 128 * BF16) + \
+        4 * 128 * 32 * FP32  # per hidden tile: dy, pre, x_hat; each program its w2 tile
     w2_programs_read = 2 * (100 * 128 * FP32 + 100 * 32 * BF16)
     assert weight.bytes_read == pre_programs_read + w2_programs_read
     pre_programs_written = 2 * 100 * 32 * BF16 + 4 * (128 * 32 * FP32 + 32 * 8)  # dpre, G partials, db1 sums
