@@ -16,8 +16,9 @@ The backward of every op is the same two launches:
      LayerNorm ops the LayerNorm backward too, with the gradient panel in registers), then
      sums the partials of a slab of C columns over the splits, in split order. Every
      element is written by one program with one fixed order: deterministic, no atomics.
-For the LayerNorm ops the weight-gradient kernel contracts with x_hat = (x - mean) * rstd,
-not with layer_norm(x): G = D^T @ x_hat, and the row kernel's reduction finishes
+For the LayerNorm ops the weight-gradient kernel contracts with x_hat = (x - mean) * rstd
+(saved by the forward in the matmul dtype), not with layer_norm(x): G = D^T @ x_hat, and the
+row kernel's reduction finishes
     dW = G * gamma + db (x) beta,  dgamma = sum_out W * G,  dbeta = sum_out W * db,
 because dgamma = sum_rows (D @ W) * x_hat = sum_out W * (D^T x_hat) and
 dbeta = sum_rows D @ W = db @ W. The row-owning kernel has the full row gradient but cannot
@@ -32,6 +33,15 @@ kernel runs. Two operand classes:
     linear), 16-row tiles and 16-wide contraction steps, and the normalized panel recomputed
     per contraction step: an FMA dot holds both operands in registers, and a 128-wide chunk
     of the panel as the A operand spilled at every tiling tried.
+
+Each op is a PyTorch operator, the same way in all three modules (kernels/README.md has the
+tuning): torch.library.custom_op("vit_kernels::<op>") around the forward launcher, returning the
+output and what the backward reads; register_fake giving only shapes and dtypes, so that a
+trace (torch.compile, fullgraph) never runs the launch planning; a second operator
+"vit_kernels::<op>_backward" around the backward launcher, with its fake; and register_autograd
+whose setup_context saves the inputs and those extra outputs (non-differentiable, gradients not
+materialized: no zeros launched). The public function validates its arguments, takes the matmul
+dtype from autocast (which a trace resolves) and calls the operator.
 """
 from __future__ import annotations
 
@@ -100,6 +110,30 @@ def panel_widths(matmul_dtype: torch.dtype) -> list[int]:
 
 def chunked(width: int, block_c: int) -> Panel:
     return Panel(block_c, width // block_c)
+
+
+@dataclass(frozen=True)
+class RowKernel:
+    """Launch configuration of an op's row kernel: the input gradient of BLOCK_M full rows
+    (the panel), contracted in BLOCK_K steps, then its slabs of the partial sums."""
+    panel: Panel
+    block_m: int
+    block_k: int
+    num_warps: int
+    num_stages: int
+
+    def constexprs(self, matmul_dtype: torch.dtype) -> dict:
+        return dict(BLOCK_M=self.block_m, BLOCK_C=self.panel.block_c, NUM_CHUNKS=self.panel.num_chunks,
+                    BLOCK_K=self.block_k, BLOCK_S=REDUCTION_SLAB, BLOCK_N=REDUCTION_BLOCK,
+                    **dtype_constexprs(matmul_dtype))
+
+    def describe(self) -> str:
+        return (f"C={self.panel.num_chunks}x{self.panel.block_c} M={self.block_m} K={self.block_k} "
+                f"warps={self.num_warps} stages={self.num_stages}")
+
+
+def dtype_constexprs(matmul_dtype: torch.dtype) -> dict:
+    return dict(MATMUL_DTYPE=TRITON_DTYPES[matmul_dtype], INPUT_PRECISION=input_precision(matmul_dtype))
 
 
 def is_half(matmul_dtype: torch.dtype) -> bool:
@@ -370,6 +404,15 @@ def store_panel_partial(acc, partial_ptr, split, out0, n_cols, n_out,
     base = partial_ptr + split.to(tl.int64) * n_cols * n_out
     for k in tl.static_range(NUM_CHUNKS):
         store_tile(base, acc[k], k * BLOCK_C, out0, n_cols, n_out, n_out, BLOCK_C, BLOCK_N)
+
+
+@triton.jit
+def store_vector_partial(values, partial_ptr, split, length, BLOCK_C: tl.constexpr, NUM_CHUNKS: tl.constexpr):
+    """Write NUM_CHUNKS tiles of BLOCK_C sums (a C-long vector) into slot `split` of a
+    [splits, length] partial buffer."""
+    for k in tl.static_range(NUM_CHUNKS):
+        offsets = k * BLOCK_C + tl.arange(0, BLOCK_C)
+        tl.store(partial_ptr + split * length + offsets, values[k], mask=offsets < length)
 
 
 @triton.jit

@@ -6,8 +6,11 @@ with its LayerNorm (W [3C, C]). x is [..., C], seen as [rows, C].
 Forward, one kernel: a program owns BLOCK_M rows, computes their LayerNorm statistics once,
 keeps layer_norm(x) on chip (the row panel, kernels/_fused_linear.py) and walks the outputs
 in BLOCK_N chunks, each a matmul over the whole panel plus the bias: the normalization is the
-matmul's prologue, and the normalized activations never reach memory. Per-row mean and rstd
-are saved for the backward.
+matmul's prologue, and the normalized activations never reach memory. Saved for the
+backward: per-row mean and rstd, and x_hat = (x - mean) * rstd in the matmul dtype, the operand
+of the weight gradient (at the model's shape 6.4 MB written once, where each of the 18 output
+tiles' weight-gradient programs would otherwise re-read fp32 x and the statistics: 115 MB
+instead of 230 MB by kernels/cost.py's count).
 
 Backward, two kernels (the pattern of kernels/_fused_linear.py):
   1. weight-gradient kernel: program (output tile, row split) accumulates
@@ -129,7 +132,7 @@ class _Plan:
     """Tiles and launch options, fixed per (C, matmul dtype); h100_compile_specs compiles
     exactly these."""
     panel: fl.Panel  # C as the forward and the weight-gradient kernel hold it
-    row_panel: fl.Panel  # C as the row kernel holds it
+    row: fl.RowKernel  # the row kernel's configuration
     half: bool  # bf16/fp16 operands on tensor cores; else exact fp32 on the FMA units
     block_m: int  # rows per program of the forward and the row kernel
     block_n: int  # outputs per forward step
@@ -138,32 +141,18 @@ class _Plan:
     block_q: int  # outputs per weight-gradient program
     num_warps: int
     num_stages: int  # forward and weight-gradient kernel
-    row_stages: int  # row kernel
 
     def forward_constexprs(self, matmul_dtype) -> dict:
         return dict(BLOCK_M=self.block_m, BLOCK_C=self.panel.block_c, NUM_CHUNKS=self.panel.num_chunks,
-                    BLOCK_K=self.block_k, BLOCK_N=self.block_n, PANEL=self.half, **_dtype_constexprs(matmul_dtype))
+                    BLOCK_K=self.block_k, BLOCK_N=self.block_n, PANEL=self.half, **fl.dtype_constexprs(matmul_dtype))
 
     def weight_constexprs(self, matmul_dtype) -> dict:
         return dict(BLOCK_R=self.block_r, BLOCK_C=self.panel.block_c, NUM_CHUNKS=self.panel.num_chunks,
-                    BLOCK_Q=self.block_q, **_dtype_constexprs(matmul_dtype))
-
-    def input_constexprs(self, matmul_dtype) -> dict:
-        return dict(BLOCK_M=self.block_m, BLOCK_C=self.row_panel.block_c, NUM_CHUNKS=self.row_panel.num_chunks,
-                    BLOCK_K=self.block_k, BLOCK_S=fl.REDUCTION_SLAB, BLOCK_N=fl.REDUCTION_BLOCK,
-                    **_dtype_constexprs(matmul_dtype))
+                    BLOCK_Q=self.block_q, **fl.dtype_constexprs(matmul_dtype))
 
     def describe(self) -> str:
         return (f"C={self.panel.num_chunks}x{self.panel.block_c} M={self.block_m} N={self.block_n} K={self.block_k} "
                 f"R={self.block_r} Q={self.block_q} warps={self.num_warps} stages={self.num_stages}")
-
-    def describe_row_kernel(self) -> str:
-        return (f"C={self.row_panel.num_chunks}x{self.row_panel.block_c} M={self.block_m} K={self.block_k} "
-                f"warps={self.num_warps} stages={self.row_stages}")
-
-
-def _dtype_constexprs(matmul_dtype: torch.dtype) -> dict:
-    return dict(MATMUL_DTYPE=fl.TRITON_DTYPES[matmul_dtype], INPUT_PRECISION=fl.input_precision(matmul_dtype))
 
 
 def _plan(n_cols: int, matmul_dtype: torch.dtype) -> _Plan:
@@ -172,12 +161,13 @@ def _plan(n_cols: int, matmul_dtype: torch.dtype) -> _Plan:
         # As kernels/layernorm_mlp.py: 64-row warpgroup tiles over 8 warps (32 rows, mma.sync,
         # at C = 512); 64 outputs per forward step next to the on-chip panel; the row kernel's
         # gradient panel in 64-wide chunks, unpipelined, for the LayerNorm backward's room.
-        wide = width > 384
-        return _Plan(fl.chunked(width, 128), fl.chunked(width, 64), half=True, block_m=32 if wide else 64, block_n=64,
-                     block_k=64, block_r=64, block_q=32 if wide else 64, num_warps=8, num_stages=2, row_stages=1)
+        block_m = 32 if width > 384 else 64
+        return _Plan(fl.chunked(width, 128), fl.RowKernel(fl.chunked(width, 64), block_m, 64, 8, num_stages=1),
+                     half=True, block_m=block_m, block_n=64, block_k=64, block_r=64,
+                     block_q=32 if width > 384 else 64, num_warps=8, num_stages=2)
     # Exact fp32 on the FMA units: operands in registers, so 16-wide steps.
-    return _Plan(fl.chunked(width, 128), fl.chunked(width, 128), half=False, block_m=16, block_n=64, block_k=16,
-                 block_r=16, block_q=16, num_warps=8, num_stages=1, row_stages=1)
+    return _Plan(fl.chunked(width, 128), fl.RowKernel(fl.chunked(width, 128), 16, 16, 8, num_stages=1), half=False,
+                 block_m=16, block_n=64, block_k=16, block_r=16, block_q=16, num_warps=8, num_stages=1)
 
 
 def _split(plan: _Plan, n_rows: int, n_out: int) -> fl.Split:
@@ -235,7 +225,7 @@ def _backward(dout, x, ln_weight, ln_bias, weight, bias, mean, rstd, x_hat, matm
                   x2d, dout2d, dx.view(n_rows, n_cols), ln_weight, ln_bias, weight, mean, rstd, g_partial, db_partial,
                   dw, db, d_ln_weight, d_ln_bias,
                   n_rows, n_cols, n_out, x2d.stride(0), dout2d.stride(0), n_cols, split.splits,
-                  num_warps=plan.num_warps, num_stages=plan.row_stages, **plan.input_constexprs(matmul_dtype))
+                  num_warps=plan.num_warps, num_stages=plan.row.num_stages, **plan.row.constexprs(matmul_dtype))
     return dx, d_ln_weight, d_ln_bias, dw, db
 
 
@@ -311,7 +301,8 @@ def _validate(x, ln_weight, ln_bias, weight, bias):
 def layernorm_linear(x, ln_weight, ln_bias, weight, bias, eps: float = 1e-5) -> torch.Tensor:
     """linear(layer_norm(x)), fused; see the module docstring.
 
-    x: [..., C] with C <= 512; ln_weight, ln_bias: [C]; weight: [out, C]; bias: [out]. Returns
+    x: [..., C] with C <= 512 (384 with fp32 matmuls); ln_weight, ln_bias: [C]; weight: [out, C];
+    bias: [out]. Returns
     [..., out] in the matmul dtype, differentiable in x and the four parameters. Raises
     ValueError for inconsistent shapes, unsupported dtypes or devices.
     """
@@ -375,8 +366,8 @@ def launch_costs(rows: int, cols: int, out_features: int, activation_dtype: torc
         row_kernel.read(slab_cols, parameter_dtype)  # ln_bias
         row_kernel.write(slab_cols * out_features + 2 * slab_cols + (out_features if slab == 0 else 0),
                          parameter_dtype)
-    executed = len(tiles) * triton.cdiv(out_features, plan.block_k) * plan.row_panel.num_chunks * fl.matmul_flops(
-        plan.block_m, plan.row_panel.block_c, plan.block_k)
+    executed = len(tiles) * triton.cdiv(out_features, plan.block_k) * plan.row.panel.num_chunks * fl.matmul_flops(
+        plan.block_m, plan.row.panel.block_c, plan.block_k)
     costs.append(fl.kernel_cost(OP_NAME, _ln_linear_backward_input_kernel, "backward", row_kernel, useful, executed))
     return costs
 
@@ -407,7 +398,7 @@ def h100_compile_specs():
                 plan.weight_constexprs(matmul), plan.num_warps, plan.num_stages,
                 fl.instruction_class(matmul, [plan.panel.block_c], plan.num_warps), dimensions))
             specs.append(fl.kernel_spec(
-                "ln_linear_backward_input", _ln_linear_backward_input_kernel, f"{variant} {plan.describe_row_kernel()}",
-                pointer_types, plan.input_constexprs(matmul), plan.num_warps, plan.row_stages,
+                "ln_linear_backward_input", _ln_linear_backward_input_kernel, f"{variant} {plan.row.describe()}",
+                pointer_types, plan.row.constexprs(matmul), plan.num_warps, plan.row.num_stages,
                 fl.instruction_class(matmul, [plan.block_m], plan.num_warps), dimensions))
     return specs

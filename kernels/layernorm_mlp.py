@@ -12,14 +12,16 @@ and walks the hidden units once in BLOCK_H chunks: fc1 for the chunk, GELU, and 
 into fc2's [BLOCK_M, C] accumulator. fc1 is never recomputed. Then bias, the optional second
 GELU, the branch scale and the residual, and y is written.
 
-What the backward needs is saved, not recomputed: the pre-activation fc1(layer_norm(x)) in the
-matmul dtype ([rows, H]), and with the second GELU fc2's output z ([rows, C]), plus the
-per-row mean and rstd. At the model's shape (8,320 rows, C = H = 384, bf16 matmuls):
-saving pre costs 6.4 MB written here and 6.4 MB read by each of the two backward kernels
-(19.2 MB, 5.8 us at 3.3 TB/s); recomputing it in both would be two more fc1 matmuls
-(2 x 2.45 GFLOP, 6.2 us at 790 TFLOP/s) and 25% more executed FLOPs in the sub-block's
-training step. Saved, it also makes the backward use exactly the (rounded) activations the
-forward used, as torch does.
+What the backward needs is saved, not recomputed: per-row mean and rstd; x_hat =
+(x - mean) * rstd and the pre-activation fc1(layer_norm(x)), both in the matmul dtype; with
+the second GELU also fc2's output z. At the model's shape (8,320 rows, C = H = 384, bf16): pre
+is 6.4 MB, written here and read by the two kinds of weight-gradient program (19.2 MB in all,
+5.8 us at 3.3 TB/s); recomputing it there would be two more fc1 matmuls (4.9 GFLOP, 6.2 us at
+790 TFLOP/s, a third more executed FLOPs in the sub-block's training step) on top of the
+LayerNorm. x_hat (6.4 MB written) is what the dpre programs contract with: each of the 12
+hidden tiles reads it in bf16, 77 MB in all by kernels/cost.py's count, where fp32 x and the
+statistics would be 154 MB. Saved, the backward also uses exactly the rounded activations the
+forward used, as torch's autograd does.
 
 Backward, two kernels (the pattern of kernels/_fused_linear.py):
   1. weight-gradient kernel, two kinds of program, each over a split of the rows and a
@@ -27,7 +29,7 @@ Backward, two kernels (the pattern of kernels/_fused_linear.py):
        - dpre programs: dz = s * dy (* gelu'(z)), dpre = (dz @ w2) * gelu'(pre) for the tile,
          written in the matmul dtype for kernel 2; G^T += x_hat^T @ dpre over the split and
          db1 partials;
-       - dW2 programs: dW2^T... i.e. dW2[:, tile] += dz^T @ gelu(pre) and db2 partials.
+       - dW2 programs: dW2[:, tile] += dz^T @ gelu(pre) over the split, and db2 partials.
      A dpre program does two matmuls per row step and a dW2 program one, so the dW2
      programs take twice the splits (half the rows each).
   2. row kernel: d_normalized = dpre @ w1 for BLOCK_M full rows, the LayerNorm backward with
@@ -174,7 +176,8 @@ def _ln_mlp_backward_weight_kernel(
             updated = ()
             for k in tl.static_range(NUM_CHUNKS):
                 # The forward's x_hat: 0 past C and past the last row.
-                x_hat_t = fl.load_tile_transposed(x_hat_ptr, row0, k * BLOCK_C, n_rows, n_cols, n_cols, BLOCK_C, BLOCK_R)
+                x_hat_t = fl.load_tile_transposed(x_hat_ptr, row0, k * BLOCK_C, n_rows, n_cols, n_cols, BLOCK_C,
+                                                  BLOCK_R)
                 updated = updated + (tl.dot(x_hat_t, d_pre, acc[k], input_precision=INPUT_PRECISION),)
             acc = updated
         fl.store_panel_partial(acc, g_partial_ptr, split, hidden0, n_cols, n_hidden, BLOCK_C, NUM_CHUNKS, BLOCK_Q)
@@ -198,9 +201,7 @@ def _ln_mlp_backward_weight_kernel(
             db2 = sums
         fl.store_panel_partial(acc, dw2_partial_ptr, split, hidden0, n_cols, n_hidden, BLOCK_C, NUM_CHUNKS, BLOCK_Q)
         if hidden0 == 0:  # every hidden tile sums the same dz; the first one writes it
-            for k in tl.static_range(NUM_CHUNKS):
-                cols = k * BLOCK_C + tl.arange(0, BLOCK_C)
-                tl.store(db2_partial_ptr + split * n_cols + cols, db2[k], mask=cols < n_cols)
+            fl.store_vector_partial(db2, db2_partial_ptr, split, n_cols, BLOCK_C, NUM_CHUNKS)
 
 
 @triton.jit(do_not_specialize=["n_rows", "pre_splits", "w2_splits"])
@@ -243,7 +244,7 @@ class _Plan:
     """Tiles and launch options, fixed per (C, matmul dtype) rather than autotuned: the
     interpreter cannot run triton.autotune, and h100_compile_specs compiles exactly these."""
     panel: fl.Panel  # C as the forward and the weight-gradient kernel hold it
-    row_panel: fl.Panel  # C as the row kernel holds it
+    row: fl.RowKernel  # the row kernel's configuration
     half: bool  # bf16/fp16 operands on tensor cores; else exact fp32 on the FMA units
     block_m: int  # rows per program of the forward and the row kernel
     block_k: int  # contraction step over a streamed dimension (C in fp32 fc1, H in the row kernel)
@@ -252,34 +253,20 @@ class _Plan:
     block_q: int  # hidden units per weight-gradient program
     num_warps: int
     num_stages: int  # forward and weight-gradient kernel
-    row_stages: int  # row kernel
 
     def forward_constexprs(self, second_gelu: bool, matmul_dtype: torch.dtype) -> dict:
         return dict(BLOCK_M=self.block_m, BLOCK_C=self.panel.block_c, NUM_CHUNKS=self.panel.num_chunks,
                     BLOCK_K=self.block_k, BLOCK_H=self.block_h, PANEL=self.half, SECOND_GELU=second_gelu,
-                    **_dtype_constexprs(matmul_dtype))
+                    **fl.dtype_constexprs(matmul_dtype))
 
     def weight_constexprs(self, second_gelu: bool, matmul_dtype: torch.dtype) -> dict:
         return dict(BLOCK_R=self.block_r, BLOCK_C=self.panel.block_c, NUM_CHUNKS=self.panel.num_chunks,
                     BLOCK_K=self.block_k, BLOCK_Q=self.block_q, SECOND_GELU=second_gelu,
-                    **_dtype_constexprs(matmul_dtype))
-
-    def input_constexprs(self, matmul_dtype: torch.dtype) -> dict:
-        return dict(BLOCK_M=self.block_m, BLOCK_C=self.row_panel.block_c, NUM_CHUNKS=self.row_panel.num_chunks,
-                    BLOCK_K=self.block_k, BLOCK_S=fl.REDUCTION_SLAB, BLOCK_N=fl.REDUCTION_BLOCK,
-                    **_dtype_constexprs(matmul_dtype))
+                    **fl.dtype_constexprs(matmul_dtype))
 
     def describe(self) -> str:
         return (f"C={self.panel.num_chunks}x{self.panel.block_c} M={self.block_m} K={self.block_k} H={self.block_h} "
                 f"R={self.block_r} Q={self.block_q} warps={self.num_warps} stages={self.num_stages}")
-
-    def describe_row_kernel(self) -> str:
-        return (f"C={self.row_panel.num_chunks}x{self.row_panel.block_c} M={self.block_m} K={self.block_k} "
-                f"warps={self.num_warps} stages={self.row_stages}")
-
-
-def _dtype_constexprs(matmul_dtype: torch.dtype) -> dict:
-    return dict(MATMUL_DTYPE=fl.TRITON_DTYPES[matmul_dtype], INPUT_PRECISION=fl.input_precision(matmul_dtype))
 
 
 def _plan(n_cols: int, matmul_dtype: torch.dtype) -> _Plan:
@@ -295,14 +282,14 @@ def _plan(n_cols: int, matmul_dtype: torch.dtype) -> _Plan:
         #   at C = 512.
         # - row kernel: the gradient panel in 64-wide chunks, unpipelined; 128-wide chunks or
         #   two stages left the LayerNorm backward's temporaries no room.
-        wide = width > 384
-        return _Plan(fl.chunked(width, 128), fl.chunked(width, 64), half=True, block_m=32 if wide else 64,
-                     block_k=64, block_h=32, block_r=64, block_q=16 if wide else 32, num_warps=8, num_stages=2,
-                     row_stages=1)
+        block_m = 32 if width > 384 else 64
+        return _Plan(fl.chunked(width, 128), fl.RowKernel(fl.chunked(width, 64), block_m, 64, 8, num_stages=1),
+                     half=True, block_m=block_m, block_k=64, block_h=32, block_r=64,
+                     block_q=16 if width > 384 else 32, num_warps=8, num_stages=2)
     # Exact fp32 on the FMA units: an FMA dot holds its operands in registers, so tiles and
     # contraction steps stay at 16.
-    return _Plan(fl.chunked(width, 128), fl.chunked(width, 128), half=False, block_m=16, block_k=16, block_h=16,
-                 block_r=16, block_q=16, num_warps=8, num_stages=1, row_stages=1)
+    return _Plan(fl.chunked(width, 128), fl.RowKernel(fl.chunked(width, 128), 16, 16, 8, num_stages=1), half=False,
+                 block_m=16, block_k=16, block_h=16, block_r=16, block_q=16, num_warps=8, num_stages=1)
 
 
 @dataclass(frozen=True)
@@ -392,8 +379,8 @@ def _backward(dy, x, ln_weight, ln_bias, w1, b1, w2, b2, mean, rstd, x_hat, pre,
                   g_partial, db1_partial, dw2_partial, db2_partial,
                   dw1, db1, dw2, db2, d_ln_weight, d_ln_bias,
                   n_rows, n_cols, n_hidden, x2d.stride(0), dy2d.stride(0), n_cols, grid.pre.splits, grid.w2.splits,
-                  num_warps=plan.num_warps, num_stages=plan.row_stages,
-                  **plan.input_constexprs(matmul_dtype))
+                  num_warps=plan.num_warps, num_stages=plan.row.num_stages,
+                  **plan.row.constexprs(matmul_dtype))
     return dx, d_ln_weight, d_ln_bias, dw1, db1, dw2, db2
 
 
@@ -429,7 +416,8 @@ def _(x, ln_weight, ln_bias, w1, b1, w2, b2, branch_scale, eps, second_gelu, mat
 def _layernorm_mlp_backward_op(dy: torch.Tensor, x: torch.Tensor, ln_weight: torch.Tensor, ln_bias: torch.Tensor,
                                w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor,
                                mean: torch.Tensor, rstd: torch.Tensor, x_hat: torch.Tensor, pre: torch.Tensor,
-                               z: torch.Tensor, branch_scale: torch.Tensor | None, second_gelu: bool, matmul_dtype: torch.dtype
+                               z: torch.Tensor, branch_scale: torch.Tensor | None, second_gelu: bool,
+                               matmul_dtype: torch.dtype
                                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                                           torch.Tensor, torch.Tensor]:
     """(dx, d_ln_weight, d_ln_bias, dw1, db1, dw2, db2)."""
@@ -491,7 +479,8 @@ def layernorm_mlp(x, ln_weight, ln_bias, w1, b1, w2, b2, eps: float = 1e-5, *, s
                   branch_scale: torch.Tensor | None = None) -> torch.Tensor:
     """x + s * act2(fc2(gelu(fc1(layer_norm(x))))), fused; see the module docstring.
 
-    x: [..., C] with C <= 512; ln_weight, ln_bias: [C]; w1: [H, C]; b1: [H]; w2: [C, H]; b2: [C].
+    x: [..., C] with C <= 512 (384 with fp32 matmuls); ln_weight, ln_bias: [C]; w1: [H, C]; b1: [H];
+    w2: [C, H]; b2: [C].
     second_gelu: act2 is GELU (else the identity). branch_scale: None, or [x.shape[0]] scales,
     one per sample (needs no gradient). Returns a tensor of x's shape, differentiable in x and
     the six parameters. Raises ValueError for inconsistent shapes, unsupported dtypes or devices.
@@ -588,8 +577,8 @@ def launch_costs(rows: int, cols: int, hidden: int, activation_dtype: torch.dtyp
         row_kernel.read(grid.pre.splits * hidden + grid.w2.splits * slab_cols, torch.float64)
         row_kernel.read(slab_cols, parameter_dtype)  # ln_bias
         row_kernel.write(2 * slab_cols * hidden + 3 * slab_cols + (hidden if slab == 0 else 0), parameter_dtype)
-    executed = len(input_tiles) * triton.cdiv(hidden, plan.block_k) * plan.row_panel.num_chunks * fl.matmul_flops(
-        plan.block_m, plan.row_panel.block_c, plan.block_k)
+    executed = len(input_tiles) * triton.cdiv(hidden, plan.block_k) * plan.row.panel.num_chunks * fl.matmul_flops(
+        plan.block_m, plan.row.panel.block_c, plan.block_k)
     costs.append(fl.kernel_cost(OP_NAME, _ln_mlp_backward_input_kernel, "backward", row_kernel,
                                 fl.matmul_flops(rows, hidden, cols), executed))
     return costs
@@ -629,7 +618,7 @@ def h100_compile_specs():
                     plan.weight_constexprs(second_gelu, matmul), plan.num_warps, plan.num_stages,
                     fl.instruction_class(matmul, [plan.block_r, plan.panel.block_c], plan.num_warps), dimensions))
             specs.append(fl.kernel_spec(
-                "ln_mlp_backward_input", _ln_mlp_backward_input_kernel, f"{variant} {plan.describe_row_kernel()}",
-                pointer_types, plan.input_constexprs(matmul), plan.num_warps, plan.row_stages,
+                "ln_mlp_backward_input", _ln_mlp_backward_input_kernel, f"{variant} {plan.row.describe()}",
+                pointer_types, plan.row.constexprs(matmul), plan.num_warps, plan.row.num_stages,
                 fl.instruction_class(matmul, [plan.block_m], plan.num_warps), dimensions))
     return specs

@@ -94,9 +94,7 @@ def _linear_residual_backward_weight_kernel(
         db = sums
     fl.store_panel_partial(acc, dw_partial_ptr, split, in0, n_out, n_in, BLOCK_C, NUM_CHUNKS, BLOCK_Q)
     if in0 == 0:  # every input tile sums the same D; the first one writes it
-        for k in tl.static_range(NUM_CHUNKS):
-            cols = k * BLOCK_C + tl.arange(0, BLOCK_C)
-            tl.store(db_partial_ptr + split * n_out + cols, db[k], mask=cols < n_out)
+        fl.store_vector_partial(db, db_partial_ptr, split, n_out, BLOCK_C, NUM_CHUNKS)
 
 
 @triton.jit(do_not_specialize=["n_rows", "rows_per_sample", "has_scale", "n_splits"])
@@ -143,24 +141,20 @@ class _Plan:
 
     def forward_constexprs(self, matmul_dtype) -> dict:
         return dict(BLOCK_M=self.block_m, BLOCK_C=self.panel.block_c, NUM_CHUNKS=self.panel.num_chunks,
-                    BLOCK_K=self.block_k, **_dtype_constexprs(matmul_dtype))
+                    BLOCK_K=self.block_k, **fl.dtype_constexprs(matmul_dtype))
 
     def weight_constexprs(self, matmul_dtype) -> dict:
         return dict(BLOCK_R=self.block_r, BLOCK_C=self.panel.block_c, NUM_CHUNKS=self.panel.num_chunks,
-                    BLOCK_Q=self.block_q, **_dtype_constexprs(matmul_dtype))
+                    BLOCK_Q=self.block_q, **fl.dtype_constexprs(matmul_dtype))
 
-    def input_constexprs(self, matmul_dtype) -> dict:
-        return dict(BLOCK_M=self.block_m, BLOCK_C=self.panel.block_c, NUM_CHUNKS=self.panel.num_chunks,
-                    BLOCK_K=self.block_k, BLOCK_S=fl.REDUCTION_SLAB, BLOCK_N=fl.REDUCTION_BLOCK,
-                    **_dtype_constexprs(matmul_dtype))
+    @property
+    def row(self) -> fl.RowKernel:
+        """The row kernel's configuration, when this plan's panel is C_in."""
+        return fl.RowKernel(self.panel, self.block_m, self.block_k, self.num_warps, self.num_stages)
 
     def describe(self) -> str:
         return (f"C={self.panel.num_chunks}x{self.panel.block_c} M={self.block_m} K={self.block_k} R={self.block_r} "
                 f"Q={self.block_q} warps={self.num_warps} stages={self.num_stages}")
-
-
-def _dtype_constexprs(matmul_dtype: torch.dtype) -> dict:
-    return dict(MATMUL_DTYPE=fl.TRITON_DTYPES[matmul_dtype], INPUT_PRECISION=fl.input_precision(matmul_dtype))
 
 
 def _plan(panel_cols: int, matmul_dtype: torch.dtype) -> _Plan:
@@ -242,7 +236,7 @@ def _backward(dy, h, weight, bias, branch_scale, matmul_dtype: torch.dtype):
                   dy2d, weight, scale, dh.view(n_rows, n_in), dw_partial, db_partial, dw, db,
                   n_rows, n_in, n_out, dy2d.stride(0), n_in, per_sample, has_scale, split.splits,
                   num_warps=input_plan.num_warps, num_stages=input_plan.num_stages,
-                  **input_plan.input_constexprs(matmul_dtype))
+                  **input_plan.row.constexprs(matmul_dtype))
     return dh, dw, db
 
 
@@ -313,7 +307,7 @@ def linear_residual(h, weight, bias, residual, branch_scale: torch.Tensor | None
     """residual + s * linear(h), fused; see the module docstring.
 
     h: [..., C_in]; weight: [C_out, C_in]; bias: [C_out]; residual: [..., C_out]; C_in, C_out
-    <= 512. branch_scale: None, or [residual.shape[0]] per-sample scales (needs no gradient).
+    <= 512 (384 with fp32 matmuls). branch_scale: None, or [residual.shape[0]] per-sample scales (needs no gradient).
     Returns residual's shape, differentiable in h, weight, bias and residual. Raises ValueError
     for inconsistent shapes, unsupported dtypes or devices.
     """
@@ -422,6 +416,6 @@ def h100_compile_specs():
                 fl.instruction_class(matmul, [plan.panel.block_c], plan.num_warps), dimensions))
             specs.append(fl.kernel_spec(
                 "linear_residual_backward_input", _linear_residual_backward_input_kernel, label, pointer_types,
-                plan.input_constexprs(matmul), plan.num_warps, plan.num_stages,
+                plan.row.constexprs(matmul), plan.num_warps, plan.num_stages,
                 fl.instruction_class(matmul, [plan.block_m], plan.num_warps), dimensions))
     return specs

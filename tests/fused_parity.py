@@ -57,7 +57,7 @@ def check(kernel, reference, inputs64: dict, dy64, dtype, context: str, autocast
     expected = run(reference, inputs, dy, autocast_dtype, **options_dtype)
     for name, value in got.items():
         assert value.shape == expected[name].shape, f"{context}: {name} has shape {tuple(value.shape)}"
-        assert value.dtype == expected[name].dtype, f"{context}: {name} is {value.dtype}, torch's {expected[name].dtype}"
+        assert value.dtype == expected[name].dtype, f"{context}: {name} is {value.dtype}, not {expected[name].dtype}"
     exact = float64_results(reference, {k: v for k, v in inputs.items()}, dy, options_64)
     assert_parity(got, expected, exact, autocast_dtype or dtype, context)
     return got
