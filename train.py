@@ -17,16 +17,18 @@ import os  # noqa: E402
 import shlex  # noqa: E402
 import shutil  # noqa: E402
 import time  # noqa: E402
-from dataclasses import asdict, dataclass, fields  # noqa: E402
+from dataclasses import asdict, fields  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
 
 from vit import cli, distributed  # noqa: E402
 from vit.backends import backend_names, get_backend  # noqa: E402
+from vit.checkpoint import read_config, write_config  # noqa: E402
 from vit.data import BatchSizeError  # noqa: E402
 from vit.model import ViTConfig  # noqa: E402
-from vit.trainer import NonFiniteLoss, TrainConfig, Trainer, read_config, write_config  # noqa: E402
+from vit.trainer import (NonFiniteLoss, RunSummary, TrainConfig, Trainer, build_trainer,  # noqa: E402
+                         cuda_graph_unsupported_reason)
 
 MODEL_FLAGS = {"image_size": "--image-size", "patch_size": "--patch-size", "num_classes": "--num-classes", "dim": "--dim",
                "depth": "--depth", "heads": "--heads", "mlp_dim": "--mlp-dim", "dropout": "--dropout",
@@ -39,7 +41,6 @@ TRITON_HEAD_DIMS = (16, 32, 48, 64)  # kernels/attention.py's SUPPORTED_HEAD_DIM
 # Below this many steps an epoch's train loss and accuracy average over a handful of batches,
 # and the warmup and cosine schedule move in large jumps.
 MIN_STEPS_PER_EPOCH = 5
-HAS_CUDA_GRAPH = "cuda_graph" in {f.name for f in fields(TrainConfig)}
 
 EXAMPLES = """\
 examples:
@@ -105,8 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="train on the first N images only (default: all of them)")
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
     g.add_argument("--cuda-graph", action="store_true",
-                   help="capture the training step in a CUDA graph (CUDA only"
-                        + ("" if HAS_CUDA_GRAPH else "; not supported by this trainer") + ")")
+                   help="capture the whole training step in a CUDA graph and replay it each step (CUDA only; "
+                        "bf16 or fp32, one process, not with --compile)")
     g.add_argument("--no-progress", dest="progress", action="store_false", help="no live progress bar")
     return p
 
@@ -150,11 +151,6 @@ def resolve(args, parser, device: torch.device, ctx: distributed.Context) -> tup
                      f"--dim {args.dim} / --heads {args.heads} gives {args.dim // args.heads}")
     if args.min_lr > args.lr:
         parser.error(f"--min-lr {args.min_lr} is above --lr {args.lr}; the schedule only decays")
-    if args.cuda_graph and not HAS_CUDA_GRAPH:
-        parser.error("--cuda-graph: this trainer cannot capture CUDA graphs yet (TrainConfig has no cuda_graph); "
-                     "train without --cuda-graph")
-    if args.cuda_graph and device.type != "cuda":
-        parser.error(f"--cuda-graph needs CUDA; the device is {device}")
     if args.train_subset is not None and args.train_subset < args.batch_size:
         parser.error(f"--train-subset {args.train_subset} is smaller than one batch of {args.batch_size}")
     if args.batch_size % ctx.world_size:
@@ -163,6 +159,10 @@ def resolve(args, parser, device: torch.device, ctx: distributed.Context) -> tup
     train_fields = {f.name for f in fields(TrainConfig)}
     train_cfg = TrainConfig(**{k: v for k, v in vars(args).items() if k in train_fields and k != "device"},
                             device=str(device))
+    if train_cfg.cuda_graph:
+        reason = cuda_graph_unsupported_reason(train_cfg, device, ctx.world_size)
+        if reason:
+            parser.error(reason)
     return model_cfg, train_cfg
 
 
@@ -268,7 +268,7 @@ def resolve_resume(args, parser, typed: set[str], device: torch.device,
         parser.error(f"the run trained on {train_cfg.device}; pass --device cpu to resume it here")
     if train_cfg.batch_size % ctx.world_size:
         parser.error(f"the run's global batch {train_cfg.batch_size} is not divisible by the {ctx.world_size} processes")
-    if getattr(train_cfg, "cuda_graph", False) and device.type != "cuda":
+    if train_cfg.cuda_graph and device.type != "cuda":
         if "cuda_graph" in typed:
             parser.error(f"--cuda-graph needs CUDA; the device is {device}")
         train_cfg.cuda_graph = False  # an execution choice of the saved run that this device cannot make
@@ -324,33 +324,6 @@ def duration(seconds: float) -> str:
     hours, rest = divmod(seconds, 3600)
     minutes, seconds = divmod(rest, 60)
     return f"{hours}h {minutes:02d}m {seconds:02d}s" if hours else f"{minutes}m {seconds:02d}s" if minutes else f"{seconds}s"
-
-
-@dataclass
-class RunSummary:
-    """The fields of a finished fit() that the final lines show."""
-    best_acc: float
-    best_epoch: int  # 1-based
-    last_acc: float
-    epochs: int  # the recipe's total
-    wall_seconds: float  # this process's fit
-    images_per_second: float  # training images per second over this process's epochs
-
-
-def run_summary(result, trainer, wall_seconds: float) -> RunSummary:
-    """fit()'s result as a RunSummary. A fit() that returns a plain dict ({"best_acc", "epochs"})
-    leaves the rest to be read from trainer.metrics; one that returns a summary passes through."""
-    if not isinstance(result, dict):
-        return result
-    rows = trainer.metrics
-    accuracies = [float(r["test_acc"]) for r in rows]
-    best = accuracies.index(max(accuracies))
-    here = [r for r in rows if int(r["epoch"]) > trainer.start_epoch]
-    seconds = sum(float(r["epoch_seconds"]) for r in here)
-    images = sum(float(r["images_per_second"]) * float(r["epoch_seconds"]) for r in here)
-    return RunSummary(best_acc=accuracies[best], best_epoch=int(rows[best]["epoch"]), last_acc=accuracies[-1],
-                      epochs=result["epochs"], wall_seconds=wall_seconds,
-                      images_per_second=images / seconds if seconds else 0.0)
 
 
 def final_lines(summary: RunSummary, run_dir: Path, resumed: bool) -> list[str]:
@@ -419,8 +392,7 @@ def run(args, parser, typed, device, ctx) -> int:
 def start(args, parser, model_cfg, train_cfg, run_dir, has_checkpoint, ctx, say) -> Trainer:
     """The trainer, with a new run's config.json written before its first step."""
     try:
-        # build_trainer(...) once vit.trainer has it: the same arguments
-        trainer = Trainer(model_cfg, train_cfg, run_dir, resume=has_checkpoint, ctx=ctx, log=say)
+        trainer = build_trainer(model_cfg, train_cfg, run_dir, resume=has_checkpoint, ctx=ctx, log=say)
     except BatchSizeError as error:
         parser.error(f"--batch-size {train_cfg.batch_size}: {error}; pass a smaller one")
     except RuntimeError as error:
@@ -428,7 +400,7 @@ def start(args, parser, model_cfg, train_cfg, run_dir, has_checkpoint, ctx, say)
             raise
         raise cli.RunError(f"cannot resume {run_dir}: {cli.one_line(error)}") from None
     if not args.resume and ctx.is_main:
-        write_config(run_dir, model_cfg, train_cfg, trainer.data.class_names, trainer.device)
+        write_config(run_dir, model_cfg, train_cfg, trainer.test_set.class_names, trainer.device)
     return trainer
 
 
@@ -442,18 +414,17 @@ def train(trainer, cfg: TrainConfig, typed, run_dir: Path, resuming: bool, say) 
             f"first epoch ended, so it starts from the beginning with its saved config)")
     else:
         say(f"run directory {run_dir}; seed {cfg.seed}")
-    for warning in startup_warnings(cfg, typed, len(trainer.data.train_images), len(trainer.loader)):
+    for warning in startup_warnings(cfg, typed, len(trainer.loader.images), len(trainer.loader)):
         say(f"warning: {warning}", file=sys.stderr)
     if resuming and trainer.start_epoch >= cfg.epochs:
         say(f"the run already finished its {cfg.epochs} epoch{'s' * (cfg.epochs != 1)}; nothing left to train")
-    started = time.perf_counter()
     try:
-        result = trainer.fit()
+        summary = trainer.fit()
     except NonFiniteLoss as error:
         say(f"error: {error}", file=sys.stderr)
         return 1
     trainer.finish()
-    for line in final_lines(run_summary(result, trainer, time.perf_counter() - started), run_dir, resuming):
+    for line in final_lines(summary, run_dir, resuming):
         say(line)
     return 0
 

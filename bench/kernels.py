@@ -2,21 +2,25 @@
 backward and forward+backward, for every provider a user could pick, at the model's
 shapes and over a sweep of batch size and sequence length.
 
-Providers
-- attention: our Triton kernel (kernels.attention); the torch reference (eager
-  matmul-softmax-matmul, vit.backends.torch_attention); torch's
-  scaled_dot_product_attention forced onto each of its backends (flash, efficient,
-  cudnn, math) with torch.nn.attention.sdpa_kernel, including the permutes from the
-  model's [B, N, 3C] layout to [B, H, N, D] and back, which a user of SDPA pays too;
-  torch.compile of the reference.
+Providers, in the order they are measured (the headline comparisons first)
+- attention: our Triton kernel (kernels.attention); torch's scaled_dot_product_attention
+  forced onto each of its backends (flash, efficient, cudnn, math) with
+  torch.nn.attention.sdpa_kernel, including the permutes from the model's [B, N, 3C] layout
+  to [B, H, N, D] and back, which a user of SDPA pays too; the torch reference (eager
+  matmul-softmax-matmul, vit.backends.torch_attention);
 - layernorm_mlp: our Triton kernels (kernels.layernorm_mlp); the torch reference
-  (vit.backends.torch_layernorm_mlp); torch.compile of the reference.
-A provider that cannot run here (module missing, no CUDA, no kernel for the shape,
-compile failing) becomes a row with status "skipped" and the reason, never nothing.
+  (vit.backends.torch_layernorm_mlp);
+- then, budgeted (bench/compiling.py), torch.compile of each reference, the row naming its mode.
+Each row says whose code it times: "ours" (our kernels and our torch reference) or "peer".
+A peer that cannot run here (no CUDA, no SDPA kernel for the case, compile not affordable)
+is a row with status "skipped" and the reason; a crash is a row with status "failed" and the
+reason, and a failure of ours makes the run exit non-zero.
 
 Every provider is also checked for correctness at every shape it is timed at: fresh
 random inputs (another seed than the timed ones), forward and all input gradients
-compared with the torch reference evaluated in float64, max absolute error reported.
+compared with the torch reference evaluated in float64, max absolute error reported. Our
+kernel fails its row when its error exceeds ERROR_FACTOR_ALLOWED times the eager
+reference's own error in the same dtype: a fast wrong kernel is not a result.
 
 Precision: bf16 on CUDA (the model's training precision). On the CPU everything runs in
 fp32, because the Triton interpreter computes bf16 matmuls wrongly (kernels/layernorm_mlp.py
@@ -33,12 +37,19 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from bench.compiling import CompilePolicy, uses_cuda_graphs
 from bench.measure import describe_error, synchronize, time_fn
 from vit.backends import torch_attention, torch_layernorm_mlp
 
 LAYER_NORM_EPS = 1e-5
 OPS = ("attention", "layernorm_mlp")
 MODES = ("forward", "backward", "forward+backward")
+OURS = "triton (ours)"
+EAGER = "torch (eager)"
+# An error of our kernel above this many times the eager reference's own error in the same
+# dtype (both against float64, same inputs) is a wrong kernel, not rounding.
+ERROR_FACTOR_ALLOWED = 10.0
+ERROR_FLOOR = 1e-6  # slack where the reference happens to be exact
 
 
 @dataclass(frozen=True)
@@ -150,10 +161,14 @@ class Provider:
     description: str
     # shape -> fn(*inputs) -> output; raises Unavailable (or anything) when it cannot run.
     build: Callable[[KernelShape], Callable]
+    owner: str = "peer"  # "ours": a failure is the project's and fails the run; "peer": what a user could pick instead
     # Entered around every call of fn (sdpa_kernel for SDPA); outside the timed region.
     context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
-    is_compile: bool = False
-    skip_reason: str | None = None  # known before trying (e.g. --quick CPU skips compile)
+    compile_mode: str | None = None  # the torch.compile mode of a compiled provider
+
+    @property
+    def is_compile(self) -> bool:
+        return self.compile_mode is not None
 
 
 def _import_kernel(module_name: str, function_name: str):
@@ -175,7 +190,7 @@ def _triton_provider(op: str, device: torch.device) -> Provider:
         return lambda *tensors: layernorm_mlp(*tensors, eps=LAYER_NORM_EPS)
 
     where = "compiled for this GPU" if device.type == "cuda" else "run by the Triton interpreter (TRITON_INTERPRET=1)"
-    return Provider("triton (ours)", op, f"{module}, {where}", build)
+    return Provider(OURS, op, f"{module}, {where}", build, owner="ours")
 
 
 def _sdpa_provider(backend_name: str) -> Provider:
@@ -199,15 +214,8 @@ def _sdpa_provider(backend_name: str) -> Provider:
                     f"permutes from and to [B, N, 3C]", build, context=lambda: sdpa_kernel(backend))
 
 
-def compile_mode(device: torch.device) -> str:
-    # max-autotune on GPU: the project's speed targets compare against it. On the CPU it would
-    # only add autotuning of C++ GEMM templates; the default mode is what a CPU user gets.
-    return "max-autotune" if device.type == "cuda" else "default"
-
-
-def _compile_provider(op: str, device: torch.device, skip_reason: str | None) -> Provider:
-    mode = compile_mode(device)
-
+def compile_provider(op: str, device: torch.device, mode: str) -> Provider:
+    """torch.compile of the reference in one mode (bench/compiling.py), a fresh compile per shape."""
     def build(s: KernelShape):
         import torch._dynamo
 
@@ -215,27 +223,28 @@ def _compile_provider(op: str, device: torch.device, skip_reason: str | None) ->
         # otherwise make later shapes of a sweep silently run eagerly.
         torch._dynamo.reset()
         compiled = torch.compile(reference(op, s), mode=None if mode == "default" else mode, dynamic=False)
-        if device.type != "cuda":
+        if device.type != "cuda" or not uses_cuda_graphs(mode):
             return compiled
 
         def step(*tensors):
-            # max-autotune records CUDA graphs; each call is a new step, so outputs of a
-            # previous call whose backward never ran (forward-only timing) are released.
+            # This mode records CUDA graphs; each call is a new step, so outputs of a previous
+            # call whose backward never ran (forward-only timing) are released.
             torch.compiler.cudagraph_mark_step_begin()
             return compiled(*tensors)
         return step
 
     return Provider(f"torch.compile ({mode})", op, f"torch.compile(reference, mode={mode!r}, dynamic=False)",
-                    build, is_compile=True, skip_reason=skip_reason)
+                    build, compile_mode=mode)
 
 
-def providers(op: str, device: torch.device, compile_skip_reason: str | None = None) -> list[Provider]:
-    eager = Provider("torch (eager)", op, "vit.backends reference, eager", lambda s: reference(op, s))
-    out = [_triton_provider(op, device), eager]
+def providers(op: str, device: torch.device) -> list[Provider]:
+    """The providers of one op that need no compile, in the order they are measured: ours,
+    then the peers of the headline comparison (SDPA's backends), then the eager reference."""
+    eager = Provider(EAGER, op, "vit.backends reference, eager", lambda s: reference(op, s), owner="ours")
+    out = [_triton_provider(op, device)]
     if op == "attention":
         out += [_sdpa_provider(name) for name in ("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "CUDNN_ATTENTION", "MATH")]
-    out.append(_compile_provider(op, device, compile_skip_reason))
-    return out
+    return out + [eager]
 
 
 # ------------------------------------------------------------------------ timed callables
@@ -285,8 +294,10 @@ class KernelRow:
     shape: dict
     dtype: str
     in_sweeps: list[str]
-    status: str  # "ok" | "skipped" (cannot run here, or trimmed) | "failed" (crashed; the reason says how)
-    skipped_reason: str | None = None
+    status: str  # "ok" | "skipped" (cannot run here, or trimmed) | "failed" (crashed or wrong; the reason says how)
+    owner: str = "peer"  # "ours" | "peer"
+    compile_mode: str | None = None  # torch.compile mode of a compiled provider; None: not compiled
+    skipped_reason: str | None = None  # why skipped or failed
     median_ms: float | None = None
     p20_ms: float | None = None
     p80_ms: float | None = None
@@ -305,19 +316,35 @@ class KernelRow:
     compile_seconds: float | None = None  # the first forward+backward of a torch.compile provider
 
 
+def _is_unavailable(error: BaseException) -> bool:
+    """A peer that cannot run here, as opposed to one that crashed."""
+    if isinstance(error, Unavailable):
+        return True
+    # SDPA forced onto a backend that has no kernel for this device, dtype or shape.
+    text = str(error)
+    return isinstance(error, RuntimeError) and ("No available kernel" in text or "No viable backend" in text)
+
+
+def _shape_dict(s: KernelShape) -> dict:
+    return {**asdict(s), "head_dim": s.head_dim}
+
+
+def not_measured(op: str, s: KernelShape, provider: Provider, modes, dtype, in_sweeps, reason: str,
+                 status: str = "skipped", **extra) -> list[KernelRow]:
+    """Rows for a provider that did not run at this shape, with the reason."""
+    return [KernelRow(op=op, mode=mode, provider=provider.name, provider_description=provider.description,
+                      shape=_shape_dict(s), dtype=str(dtype).removeprefix("torch."), in_sweeps=list(in_sweeps),
+                      status=status, owner=provider.owner, compile_mode=provider.compile_mode,
+                      skipped_reason=reason, flops=flops(op, mode, s),
+                      bytes=bytes_moved(op, mode, s, dtype.itemsize), **extra) for mode in modes]
+
+
 def measure_shape(op: str, s: KernelShape, provider: Provider, modes, dtype, device, peaks: dict,
                   in_sweeps: list[str], quick: bool, seed: int = 0) -> list[KernelRow]:
     """All modes of one provider at one shape: probe (and compile), correctness, timing."""
-    common = dict(op=op, provider=provider.name, provider_description=provider.description,
-                  shape={**asdict(s), "head_dim": s.head_dim}, dtype=str(dtype).removeprefix("torch."),
-                  in_sweeps=list(in_sweeps))
+    def failed(reason, **extra):
+        return not_measured(op, s, provider, modes, dtype, in_sweeps, reason, "failed", **extra)
 
-    def skipped(mode, reason, status="skipped", **extra):
-        return KernelRow(mode=mode, status=status, skipped_reason=reason, flops=flops(op, mode, s),
-                         bytes=bytes_moved(op, mode, s, dtype.itemsize), **common, **extra)
-
-    if provider.skip_reason:
-        return [skipped(mode, provider.skip_reason) for mode in modes]
     inputs = make_inputs(op, s, dtype, device, seed)
     started = time.perf_counter()
     with warnings.catch_warnings(record=True) as caught:
@@ -331,38 +358,62 @@ def measure_shape(op: str, s: KernelShape, provider: Provider, modes, dtype, dev
                 torch.autograd.grad(out, inputs, torch.ones_like(out))
                 synchronize(device)
         except Exception as error:
-            return [skipped(mode, _describe_failure(error, caught)) for mode in modes]
+            reason = _describe_failure(error, caught)
+            if provider.owner == "peer" and _is_unavailable(error):
+                return not_measured(op, s, provider, modes, dtype, in_sweeps, reason)
+            return failed(f"crashed: {reason}")
     compile_seconds = time.perf_counter() - started if provider.is_compile else None
 
     with provider.context():
         try:
             forward_error, grad_error = max_errors(fn, op, s, dtype, device, seed=seed + 1000)
         except Exception as error:
-            return [skipped(mode, f"correctness check crashed: {describe_error(error)}", "failed")
-                    for mode in modes]
+            return failed(f"correctness check crashed: {describe_error(error)}", compile_seconds=compile_seconds)
         grad_out = torch.randn(fn(*inputs).shape, generator=torch.Generator().manual_seed(seed + 2)).to(device, dtype)
         rows = []
         for mode in modes:
             error_of_mode = {"forward": forward_error, "backward": grad_error}.get(mode, max(forward_error, grad_error))
+            errors = dict(max_error=error_of_mode, max_error_forward=forward_error, max_error_grad=grad_error,
+                          compile_seconds=compile_seconds)
             try:
                 call, setup = mode_callable(fn, inputs, mode, grad_out)
                 timing = time_fn(call, device, quick, setup)
             except Exception as error:
-                rows.append(skipped(mode, f"timing crashed: {describe_error(error)}", "failed",
-                                    max_error=error_of_mode, max_error_forward=forward_error,
-                                    max_error_grad=grad_error))
+                rows += not_measured(op, s, provider, [mode], dtype, in_sweeps,
+                                     f"timing crashed: {describe_error(error)}", "failed", **errors)
                 continue
             seconds = timing.median_ms * 1e-3
             work, traffic = flops(op, mode, s), bytes_moved(op, mode, s, dtype.itemsize)
             rows.append(KernelRow(
-                mode=mode, status="ok", median_ms=timing.median_ms, p20_ms=timing.p20_ms, p80_ms=timing.p80_ms,
+                op=op, mode=mode, provider=provider.name, provider_description=provider.description,
+                shape=_shape_dict(s), dtype=str(dtype).removeprefix("torch."), in_sweeps=list(in_sweeps),
+                status="ok", owner=provider.owner, compile_mode=provider.compile_mode,
+                median_ms=timing.median_ms, p20_ms=timing.p20_ms, p80_ms=timing.p80_ms,
                 timed_calls=timing.calls, flops=work, bytes=traffic,
                 tflops=work / seconds / 1e12, gbps=traffic / seconds / 1e9,
                 compute_floor_fraction=work / (peaks["matmul_tflops"] * 1e12) / seconds,
-                memory_floor_fraction=traffic / (peaks["copy_gbps"] * 1e9) / seconds,
-                max_error=error_of_mode, max_error_forward=forward_error, max_error_grad=grad_error,
-                compile_seconds=compile_seconds, **common))
+                memory_floor_fraction=traffic / (peaks["copy_gbps"] * 1e9) / seconds, **errors))
     return rows
+
+
+def fail_wrong_results(rows: list[KernelRow]) -> list[str]:
+    """Marks our kernel's rows failed where its error is beyond ERROR_FACTOR_ALLOWED times the
+    eager reference's at the same op, shape and mode; returns what it failed."""
+    eager = {(r.op, str(r.shape), r.mode): r for r in rows if r.provider == EAGER and r.status == "ok"}
+    failed = []
+    for row in rows:
+        reference_row = eager.get((row.op, str(row.shape), row.mode))
+        if row.provider != OURS or row.status != "ok" or reference_row is None:
+            continue
+        for what, mine, theirs in (("forward", row.max_error_forward, reference_row.max_error_forward),
+                                   ("gradient", row.max_error_grad, reference_row.max_error_grad)):
+            if not mine <= ERROR_FACTOR_ALLOWED * theirs + ERROR_FLOOR:  # NaN fails too
+                row.status = "failed"
+                row.skipped_reason = (f"wrong results: {what} max error {mine:.3g} against float64, the eager "
+                                      f"reference's {theirs:.3g} (at most {ERROR_FACTOR_ALLOWED:g}x allowed)")
+                failed.append(f"{row.op} {row.mode} at {row.shape}")
+                break
+    return failed
 
 
 # ------------------------------------------------------------------------------ the phase
@@ -383,54 +434,89 @@ def sweep_points(base: KernelShape, batch_sizes, seq_lens) -> list[SweepPoint]:
     return [SweepPoint(s, tuple(m)) for s, m in membership.items()]
 
 
-def run_model_shape(points, device, dtype, peaks, quick, compile_skip_reason, log) -> list[KernelRow]:
-    """Every op, provider and mode at the model's shape: never trimmed."""
+def _compile_placeholder(op: str, policy: CompilePolicy) -> Provider:
+    """The compiled peer's identity for rows that never compiled (skipped or trimmed)."""
+    return Provider(f"torch.compile ({policy.requested})", op, "torch.compile of the reference; not compiled, "
+                    "see the reason", lambda s: None)
+
+
+def run_model_shape(points, device, dtype, peaks, quick, policy: CompilePolicy, budget, deadline: float,
+                    log) -> list[KernelRow]:
+    """Every op, provider and mode at the model's shape, ours and the eager peers first, then
+    the compiled peers, each compile started only if it fits before the deadline."""
     base = points[0]
+    shape, in_sweeps = base.shape, list(base.in_sweeps)
     rows = []
     for op in OPS:
-        for provider in providers(op, device, compile_skip_reason):
+        for provider in providers(op, device):
+            if time.perf_counter() > deadline:
+                why = "trimmed by the budget: the kernel phase's share was spent"
+                budget.trim(f"kernels {op} {provider.name} at {shape.label()}", why)
+                rows += not_measured(op, shape, provider, MODES, dtype, in_sweeps, why)
+                log(f"  {op:<14} {provider.name:<30} {why}")
+                continue
             started = time.perf_counter()
-            new = measure_shape(op, base.shape, provider, MODES, dtype, device, peaks, list(base.in_sweeps), quick)
+            new = measure_shape(op, shape, provider, MODES, dtype, device, peaks, in_sweeps, quick)
             rows += new
-            log(f"  {op:<14} {provider.name:<26} {_summary(new)}  ({time.perf_counter() - started:.1f}s)")
+            log(f"  {op:<14} {provider.name:<30} {_summary(new)}  ({time.perf_counter() - started:.1f}s)")
+    for what in fail_wrong_results(rows):
+        log(f"  FAILED: triton (ours) gives wrong results: {what}")
+    for op in OPS:
+        mode, why = policy.choose("kernel", deadline - time.perf_counter())
+        if mode is None:
+            provider = _compile_placeholder(op, policy)
+            if not policy.skip_reason:
+                budget.trim(f"kernels {op} {provider.name} at {shape.label()}", why)
+            rows += not_measured(op, shape, provider, MODES, dtype, in_sweeps, why)
+            log(f"  {op:<14} {provider.name:<30} skipped: {why}")
+            continue
+        provider = compile_provider(op, device, mode)
+        started = time.perf_counter()
+        new = measure_shape(op, shape, provider, MODES, dtype, device, peaks, in_sweeps, quick)
+        if new[0].compile_seconds is not None:
+            policy.record("kernel", mode, new[0].compile_seconds)
+        rows += new
+        log(f"  {op:<14} {provider.name:<30} {_summary(new)}  ({time.perf_counter() - started:.1f}s)")
     return rows
 
 
-def run_sweeps(points, modes, device, dtype, peaks, quick, compile_skip_reason, budget, deadline, log,
-               compile_seconds_seen: list[float] = ()) -> list[KernelRow]:
+def run_sweeps(points, modes, device, dtype, peaks, quick, policy: CompilePolicy, compile_modes: dict,
+               budget, deadline: float, log) -> list[KernelRow]:
     """The other sweep shapes, cheapest providers first: all non-compile providers at every
-    shape, then torch.compile (a recompile per shape) while time is left. A compile is only
-    started when the longest one seen so far (compile_seconds_seen: the model shape's) fits."""
+    shape, then torch.compile (a recompile per shape) in the mode the model shape used for
+    that op (compile_modes: op -> mode), each compile only where its measured time fits."""
     rows = []
-    compile_seconds_per_shape = list(compile_seconds_seen)
-    for compile_pass in (False, True):
-        for point in points[1:]:
-            for op in OPS:
-                for provider in providers(op, device, compile_skip_reason):
-                    if provider.is_compile != compile_pass:
-                        continue
-                    what = f"kernel sweep {op} {provider.name} at {point.shape.label()}"
-                    if provider.is_compile and not provider.skip_reason and compile_seconds_per_shape:
-                        expected = max(compile_seconds_per_shape)
-                        if time.perf_counter() + expected > deadline:
-                            budget.trim(what, f"a torch.compile takes ~{expected:.0f}s here; "
-                                              f"{max(0, deadline - time.perf_counter()):.0f}s of the sweep budget left")
-                            continue
-                    if time.perf_counter() > deadline:
-                        budget.trim(what, "sweep budget spent")
-                        continue
-                    started = time.perf_counter()
-                    new = measure_shape(op, point.shape, provider, modes, dtype, device, peaks,
-                                        list(point.in_sweeps), quick)
-                    if provider.is_compile and any(r.status == "ok" for r in new):
-                        compile_seconds_per_shape.append(time.perf_counter() - started)
-                    rows += new
-                    log(f"  {op:<14} {provider.name:<26} {point.shape.label():<40} {_summary(new)}")
+    for point in points[1:]:
+        for op in OPS:
+            for provider in providers(op, device):
+                if time.perf_counter() > deadline:
+                    budget.trim(f"kernel sweep {op} {provider.name} at {point.shape.label()}", "sweep budget spent")
+                    continue
+                new = measure_shape(op, point.shape, provider, modes, dtype, device, peaks,
+                                    list(point.in_sweeps), quick)
+                rows += new
+                log(f"  {op:<14} {provider.name:<30} {point.shape.label():<40} {_summary(new)}")
+    for what in fail_wrong_results(rows):
+        log(f"  FAILED: triton (ours) gives wrong results: {what}")
+    for point in points[1:]:
+        for op, mode in compile_modes.items():
+            what = f"kernel sweep {op} torch.compile ({mode}) at {point.shape.label()}"
+            expected, source = policy.estimate("kernel", mode)
+            if time.perf_counter() + expected > deadline:
+                budget.trim(what, f"a torch.compile ({mode}) takes ~{expected:.0f}s here ({source}); "
+                                  f"{max(0, deadline - time.perf_counter()):.0f}s of the sweep budget left")
+                continue
+            new = measure_shape(op, point.shape, compile_provider(op, device, mode), modes, dtype, device, peaks,
+                                list(point.in_sweeps), quick)
+            if new[0].compile_seconds is not None:
+                policy.record("kernel", mode, new[0].compile_seconds)
+            rows += new
+            log(f"  {op:<14} torch.compile ({mode}){'':<8} {point.shape.label():<40} {_summary(new)}")
     return rows
 
 
 def _summary(rows: list[KernelRow]) -> str:
     ok = [r for r in rows if r.status == "ok"]
     if not ok:
-        return f"skipped: {rows[0].skipped_reason}" if rows else ""
+        return f"{rows[0].status}: {rows[0].skipped_reason}" if rows else ""
     return "  ".join(f"{r.mode} {r.median_ms * 1e3:,.0f}us" for r in ok) + f"  max err {max(r.max_error for r in ok):.1e}"

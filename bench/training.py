@@ -1,11 +1,16 @@
-"""End-to-end training benchmarks on real CIFAR-10 with the real recipe.
+"""End-to-end training benchmarks: the real recipe, real CIFAR-10 (or synthetic images, labelled).
 
 Every configuration is trained by the project's own loop (vit.trainer.Trainer.train_epoch:
 the same data pipeline, augmentation, optimizer, schedule and autocast) and evaluated
 with vit.trainer.evaluate. timm's VisionTransformer, the external peer, goes through the
-same loop: the bench builds a Trainer, swaps in to_timm(trainer.model) (same
-configuration, same initial weights) and rebuilds the optimizer and schedule around it.
-The trainer itself is not changed.
+same loop: the bench hands the Trainer to_timm(our model) (same configuration, same initial
+weights) with an optimizer built the same way. Every use of the Trainer is in one section
+below ("The Trainer").
+
+Configurations, in the order they run (a budget cut drops the last ones): the headline
+comparison first (our triton backend, eager, against torch bf16 + torch.compile, the
+strongest plain-PyTorch peer), then the torch backend eager, the triton backend compiled,
+timm's model, fp32, and the CUDA-graph variants.
 
 What is measured, per configuration
 - Step times, without adding any synchronization: the train loader is wrapped so that each
@@ -17,29 +22,45 @@ What is measured, per configuration
 - images/s and epoch seconds from the steady state: the first warm-up steps (torch.compile
   compiles during the first, kernels autotune) are excluded; epoch_seconds is the steady
   step time times the steps of a full epoch of the data set.
-- test accuracy after the run (and before training and after each epoch, against
-  wall-clock seconds), so a fast wrong kernel shows. Evaluation runs the uncompiled model with the same weights: a
-  compiled model would recompile for eval mode, which costs budget and adds nothing the
-  compiled training steps have not already exercised.
+- test accuracy after each epoch (and before training), against wall-clock seconds, so a
+  fast wrong kernel shows; each row says what its accuracy is (full epochs, or a short row
+  of a few steps, or meaningless on synthetic images). Evaluation runs the uncompiled model
+  with the same weights: a compiled model would recompile for eval mode.
 - peak GPU memory (torch.cuda.max_memory_allocated) over set-up, training and evaluation.
+- per-epoch host work, measured once per run at this model size with Trainer.fit itself
+  (bench/host_work.py): the gap on the training thread between one epoch's last step and the
+  next one's first, evaluation excluded, and the background write of each epoch's files
+  (checkpoints, metrics.csv, curves.png), which delays training only when it takes longer
+  than an epoch and its evaluation.
 - the projection of the full recipe (200 epochs): one-time overhead (compile, warm-up)
-  plus 200 x (steady epoch + steady evaluation of the full test set).
+  plus 200 x (steady epoch + steady evaluation of the full test set + per-epoch host work
+  at that epoch length).
+- for eager configurations, the device work of a training step counted by dispatch
+  (bench/counts.py): kernel launches per step (aten and Triton), host syncs, and the
+  loader's launches per image. Counts are the same on every machine.
 """
 import gc
 import math
+import statistics
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
 
+from bench.compiling import CompilePolicy
+from bench.counts import DeviceWorkCounter
+from bench.datasets import BenchData
+from bench.host_work import measure_epoch_gap
 from bench.measure import describe_error
 from vit.backends import backend_names, get_backend
-from vit.model import ViTConfig
-from vit.trainer import TrainConfig, Trainer, evaluate, make_scheduler
+from vit.model import ViT, ViTConfig
+from vit.trainer import (EvalSet, TrainConfig, Trainer, cuda_graph_unsupported_reason, evaluate, make_optimizer,
+                         make_train_loader, seed_everything)
 
 RECIPE_EPOCHS = 200
-CUDA_GRAPH_FIELD = "cuda_graphs"  # the TrainConfig switch the bench would use if the trainer had one
+HOST_WORK_EPOCHS = 5  # fit() epochs behind the host-work figures: 4 gaps between epochs, 5 background writes
 
 # The reference implementation's published runs of the same recipe.
 PUBLISHED_RUNS = [
@@ -61,18 +82,48 @@ class TrainingConfig:
         base = f"timm ViT {self.precision}" if self.model == "timm" else f"{self.backend} {self.precision}"
         return base + (" + compile" if self.compile else "") + (" + CUDA graphs" if self.cuda_graphs else "")
 
+    @property
+    def key(self) -> str:
+        """The name in --training-configs. Our triton backend trains in bf16 on a GPU and in fp32
+        through the interpreter: its key leaves the precision out."""
+        base = "triton" if self.backend == "triton" else f"{self.model if self.model == 'timm' else 'torch'}-{self.precision}"
+        return base + ("-compile" if self.compile else "") + ("-graphs" if self.cuda_graphs else "")
+
+    @property
+    def owner(self) -> str:
+        """"ours": our model, backends and trainer (a failure fails the run); "peer": what a user
+        could pick instead: timm's model, and torch.compile of the torch reference."""
+        return "peer" if self.model == "timm" or (self.backend == "torch" and self.compile) else "ours"
+
 
 def training_configs(device: torch.device) -> list[TrainingConfig]:
     """In priority order: what a budget cut drops first comes last."""
     # The Triton interpreter computes bf16 matmuls wrongly, so on the CPU our kernels train in fp32.
     ours = "bf16" if device.type == "cuda" else "fp32"
-    eager = [TrainingConfig("ours", "torch", "bf16", False), TrainingConfig("ours", "triton", ours, False),
-             TrainingConfig("timm", "torch", "bf16", False), TrainingConfig("ours", "torch", "fp32", False)]
-    compiled = [TrainingConfig("ours", "triton", ours, True), TrainingConfig("ours", "torch", "bf16", True),
-                TrainingConfig("timm", "torch", "bf16", True), TrainingConfig("ours", "torch", "fp32", True)]
-    graphs = [TrainingConfig("ours", "triton", ours, False, cuda_graphs=True),
-              TrainingConfig("ours", "torch", "bf16", False, cuda_graphs=True)]
-    return eager + compiled + graphs
+    return [
+        TrainingConfig("ours", "triton", ours, False),  # the headline: ours ...
+        TrainingConfig("ours", "torch", "bf16", True),  # ... against the strongest plain-PyTorch peer
+        TrainingConfig("ours", "torch", "bf16", False),
+        TrainingConfig("ours", "triton", ours, True),
+        TrainingConfig("timm", "torch", "bf16", False),
+        TrainingConfig("timm", "torch", "bf16", True),
+        TrainingConfig("ours", "torch", "fp32", False),
+        TrainingConfig("ours", "torch", "fp32", True),
+        TrainingConfig("ours", "triton", ours, False, cuda_graphs=True),
+        TrainingConfig("ours", "torch", "bf16", False, cuda_graphs=True),
+    ]
+
+
+def select_configs(configs: list[TrainingConfig], keys: list[str] | None) -> list[TrainingConfig]:
+    """The configurations named by --training-configs, in the priority order; ValueError
+    naming the known keys for an unknown one."""
+    if not keys:
+        return configs
+    known = {c.key for c in configs}
+    unknown = [k for k in keys if k not in known]
+    if unknown:
+        raise ValueError(f"--training-configs: unknown {', '.join(unknown)}; known: {', '.join(c.key for c in configs)}")
+    return [c for c in configs if c.key in keys]
 
 
 @dataclass
@@ -80,24 +131,23 @@ class TrainingSettings:
     model: dict  # ViTConfig fields except backend
     epochs: int
     batch_size: int
-    data_dir: str
     train_subset: int | None
     test_subset: int | None
     warmup_steps: int  # steps excluded from the steady state
     min_measured_steps: int  # steady steps a configuration runs even past its time slice
+    count_steps: int  # steps of the epoch counted with DeviceWorkCounter (eager configurations)
     augment: str = "gpu"
-    num_workers: int = 4
-    data_note: str = ""
+    num_workers: int = 0
+    data: dict = field(default_factory=dict)  # BenchData.describe()
 
 
-def unavailable_reason(config: TrainingConfig, device: torch.device, compile_skip_reason: str | None) -> str | None:
+def unavailable_reason(config: TrainingConfig, device: torch.device, policy: CompilePolicy) -> str | None:
     if config.cuda_graphs:
-        if CUDA_GRAPH_FIELD not in {f.name for f in fields(TrainConfig)}:
-            return "trainer has no CUDA-graph mode"
-        if device.type != "cuda":
-            return "CUDA graphs need a CUDA device"
-    if config.compile and compile_skip_reason:
-        return compile_skip_reason
+        reason = cuda_graph_unsupported_reason(TrainConfig(precision=config.precision), device)
+        if reason:
+            return reason
+    if config.compile and policy.skip_reason:
+        return policy.skip_reason
     if config.model == "timm":
         try:
             import timm.models.vision_transformer  # noqa: F401
@@ -179,42 +229,159 @@ class TimedLoader:
         return steps, waits
 
 
+class CountingLoader:
+    """Wraps a train loader for one counted epoch of `steps` steps: snapshots the counter's
+    totals when the loop asks for a batch and when it gets it, so the training step alone
+    (handed over to the next ask) is told apart from the loader's work."""
+
+    def __init__(self, inner, steps: int, counter: DeviceWorkCounter):
+        self.inner, self.steps, self.counter = inner, steps, counter
+        self.asks, self.handed = [], []
+
+    def __len__(self):
+        return self.steps  # the trainer's progress point (a host sync) falls on the last step, as in a real epoch
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def __iter__(self):
+        batches = iter(self.inner)
+        for _ in range(self.steps):
+            self.asks.append(self.counter.counts.as_dict())
+            batch = next(batches)
+            self.handed.append(self.counter.counts.as_dict())
+            yield batch
+        self.asks.append(self.counter.counts.as_dict())  # the end of the last step
+
+    def summary(self, total: dict) -> dict:
+        """The training step's own device work (the fewest over the counted steps: a step without
+        a progress point) and the counted epoch's syncs."""
+        steps = list(zip(self.handed, self.asks[1:]))
+
+        def per_step(key):
+            return min(b[key] - a[key] for a, b in steps)
+
+        return {"steps_counted": self.steps, "launches_per_step": per_step("launches"),
+                "aten_launches_per_step": per_step("aten_launches"),
+                "triton_launches_per_step": per_step("triton_launches"), "syncs_per_step": per_step("syncs"),
+                "host_to_device_copies_per_step": per_step("host_to_device_copies"),
+                "syncs_in_counted_epoch": total["syncs"]}
+
+
+def count_loader_epoch(loader, epoch: int) -> dict:
+    """The loader's device work over one whole epoch (augmenting in chunks, its work per image
+    is only right over whole chunks): launches per image, syncs and host-to-device copies."""
+    loader.set_epoch(epoch)
+    images = 0
+    with DeviceWorkCounter() as counter:
+        for batch, _ in loader:
+            images += len(batch)
+    counts = counter.counts
+    return {"loader_launches_per_image": counts.launches / images, "loader_syncs_per_epoch": counts.syncs,
+            "loader_host_to_device_copies_per_epoch": counts.host_to_device_copies, "loader_images_counted": images}
+
+
+# --------------------------------------------------------------------------- the Trainer
+# Every use of vit.trainer.Trainer is in this section.
+
+def make_trainer(config: TrainingConfig, settings: TrainingSettings, device: torch.device, data: BenchData,
+                 compile_mode: str | None) -> Trainer:
+    """A Trainer for the configuration over the bench's data set in memory (real or synthetic): our
+    ViT, or timm's VisionTransformer of the same configuration and initial weights."""
+    train_cfg = TrainConfig(
+        epochs=settings.epochs, batch_size=settings.batch_size, precision=config.precision, device=str(device),
+        compile=compile_mode == "default", cuda_graph=config.cuda_graphs, data_dir="(in memory)",
+        train_subset=settings.train_subset, augment=settings.augment, num_workers=settings.num_workers,
+        progress=False, seed=0)
+    seed_everything(train_cfg.seed)
+    images, labels = data.images.train_images, data.images.train_labels
+    if train_cfg.train_subset:
+        images, labels = images[:train_cfg.train_subset], labels[:train_cfg.train_subset]
+    loader = make_train_loader(train_cfg, images, labels, device)
+    test_set = EvalSet(data.images.test_images.to(device), data.images.test_labels.to(device), data.images.class_names)
+    model = ViT(ViTConfig(**settings.model, backend=config.backend)).to(device)
+    if config.model == "timm":
+        from vit.timm_interop import to_timm
+        model = to_timm(model).train()
+    trainer = Trainer(model, loader, test_set, make_optimizer(model.parameters(), train_cfg, device), train_cfg,
+                      tempfile.gettempdir(), log=lambda line: None)
+    if compile_mode not in (None, "default"):  # TrainConfig.compile is torch.compile's default mode
+        trainer.step_model = torch.compile(model, mode=compile_mode)
+    return trainer
+
+
+def measure_host_work(model_cfg: dict, device: torch.device, precision: str) -> dict:
+    """Trainer.fit's per-epoch host work at this model size (bench.host_work.measure_epoch_gap): the
+    gap between epochs on the training thread, and the background write of each epoch's files.
+    Medians over HOST_WORK_EPOCHS epochs."""
+    measured = measure_epoch_gap(ViTConfig(**model_cfg), epochs=HOST_WORK_EPOCHS, device=str(device),
+                                 precision=precision)
+    gap, write = measured["median_seconds"], statistics.median(measured["write_seconds"])
+    return {"gap_seconds": gap, "write_seconds": write, "gaps_seconds": measured["gaps_seconds"],
+            "note": f"Trainer.fit at this model size ({measured['parameters']:,} parameters), median of "
+                    f"{HOST_WORK_EPOCHS} epochs: {gap * 1e3:.1f} ms on the training thread between epochs (evaluation "
+                    f"excluded); {write:.3g} s writing each epoch's checkpoint, metrics.csv and curves.png on a "
+                    f"background thread, which delays training only when it outlasts an epoch and its evaluation"}
+
+
+def host_seconds_per_epoch(host_work: dict, epoch_and_eval_seconds: float) -> float:
+    """What the host work adds to an epoch of this length: the gap, and the part of the background
+    write that outlasts the epoch (the next epoch's files wait for it)."""
+    return host_work["gap_seconds"] + max(0.0, host_work["write_seconds"] - epoch_and_eval_seconds)
+
+
+def count_device_work(trainer: Trainer, inner_loader, steps: int, batch_size: int, epoch: int) -> dict:
+    """Launches, syncs and copies of `steps` training steps run by Trainer.train_epoch (of the given
+    epoch of the recipe, run again), and of the loader over a whole epoch, counted by dispatch
+    (bench/counts.py). Trains the model further: run it after the measurements."""
+    counter = DeviceWorkCounter()
+    loader = CountingLoader(inner_loader, min(steps, len(inner_loader)), counter)
+    previous, trainer.loader = trainer.loader, loader
+    try:
+        with counter:
+            trainer.train_epoch(epoch)
+    finally:
+        trainer.loader = previous
+    summary = {**loader.summary(counter.counts.as_dict()), **count_loader_epoch(inner_loader, epoch + 1)}
+    summary["launches_per_step_with_loader"] = (summary["launches_per_step"]
+                                                + summary["loader_launches_per_image"] * batch_size)
+    summary["note"] = (f"counted by dispatch (bench/counts.py): the training step alone, the fewest over an epoch "
+                       f"of {summary['steps_counted']} steps (a step without a progress point); the loader over a "
+                       f"whole epoch of {summary['loader_images_counted']:,} images, per image; with the loader: the "
+                       f"step plus a batch's share of the loader")
+    return summary
+
+
 # --------------------------------------------------------------------------- one configuration
-
-def use_timm_model(trainer: Trainer, compile_model: bool):
-    """Train timm's VisionTransformer of the same configuration and initial weights in this
-    trainer: same loop, data, autocast; optimizer and schedule rebuilt with the same settings."""
-    from vit.timm_interop import to_timm
-
-    timm_model = to_timm(trainer.model)
-    timm_model.train()
-    trainer.model = timm_model
-    trainer.step_model = torch.compile(timm_model) if compile_model else timm_model
-    previous = trainer.optimizer
-    trainer.optimizer = type(previous)(timm_model.parameters(), **previous.defaults)
-    trainer.scheduler = make_scheduler(trainer.optimizer, trainer.cfg, len(trainer.loader))
-
 
 @dataclass
 class TrainingRow:
     name: str
+    key: str
     model: str
     backend: str
     precision: str
     compile: bool
     cuda_graphs: bool
     status: str  # "ok" | "skipped" (cannot run here, or trimmed) | "failed" (crashed; the reason says how)
+    owner: str = "ours"  # "ours" | "peer"
+    compile_mode: str | None = None  # torch.compile mode; None: eager
     skipped_reason: str | None = None
     images_per_second: float | None = None
+    step_ms: float | None = None  # steady, the loader's batch included
     epoch_seconds: float | None = None  # steady state, a full epoch of the data set
     test_acc: float | None = None
+    accuracy_valid: bool = True  # False on synthetic images
+    accuracy_note: str | None = None  # what test_acc is: after full epochs, after a few steps, or meaningless
     data_wait_share: float | None = None
     peak_memory: int | None = None  # bytes, torch.cuda.max_memory_allocated
     peak_memory_note: str | None = None
+    host_work_seconds: float | None = None  # per epoch, measured once per run (see "host_work" in results.json)
     projected_200_epoch_seconds: float | None = None
     eval_seconds: float | None = None  # steady, the full test set
     overhead_seconds: float | None = None  # one-time: compile, warm-up, first evaluation
     setup_seconds: float | None = None
+    wall_seconds: float | None = None  # this configuration from start to end, counting included
     epochs_run: int = 0
     steps_run: int = 0
     measured_steps: int = 0
@@ -225,6 +392,7 @@ class TrainingRow:
     test_images: int | None = None
     stopped_early: bool = False
     accuracy_curve: list = field(default_factory=list)  # [seconds since training began, test_acc]
+    counts: dict | None = None  # device work of a step (eager configurations); room for the trainer's own figures
 
 
 def _free_memory(device: torch.device):
@@ -243,149 +411,205 @@ def _timed_evaluate(model, images, labels, device, cfg) -> tuple[float, float]:
     return accuracy, time.perf_counter() - started
 
 
-def run_config(config: TrainingConfig, settings: TrainingSettings, device: torch.device,
-               stop_at: float, log) -> TrainingRow:
-    row = TrainingRow(name=config.name, model=config.model, backend=config.backend, precision=config.precision,
-                      compile=config.compile, cuda_graphs=config.cuda_graphs, status="ok")
-    _free_memory(device)
-    train_cfg = TrainConfig(
-        epochs=settings.epochs, batch_size=settings.batch_size, precision=config.precision, device=str(device),
-        compile=config.compile and config.model == "ours", data_dir=settings.data_dir,
-        train_subset=settings.train_subset, augment=settings.augment, num_workers=settings.num_workers,
-        progress=False, seed=0)
-    if config.cuda_graphs:
-        setattr(train_cfg, CUDA_GRAPH_FIELD, True)
-    model_cfg = ViTConfig(**settings.model, backend=config.backend)
+def _accuracy_note(row: TrainingRow, settings: TrainingSettings, data: BenchData) -> str:
+    if not data.accuracy_valid:
+        return "meaningless: synthetic images"
+    on = f"on {row.test_images:,} test images"
+    if row.epochs_run == settings.epochs and not row.stopped_early and not settings.train_subset:
+        return f"after {row.epochs_run} full epoch(s), {on}"
+    fraction = row.steps_run / row.steps_per_full_epoch
+    return (f"a short row: after {row.steps_run} steps ({fraction:.2g} of an epoch), {on}; "
+            f"not the recipe's accuracy")
 
+
+def run_config(config: TrainingConfig, settings: TrainingSettings, device: torch.device, data: BenchData,
+               compile_mode: str | None, stop_at: float, host_work: dict | None, log) -> tuple[TrainingRow, dict]:
+    """One configuration: train, evaluate, count. Returns the row and the per-epoch host work
+    (measured here when host_work is None)."""
+    row = TrainingRow(name=config.name, key=config.key, model=config.model, backend=config.backend,
+                      precision=config.precision, compile=config.compile, cuda_graphs=config.cuda_graphs,
+                      status="ok", owner=config.owner, compile_mode=compile_mode,
+                      accuracy_valid=data.accuracy_valid)
+    _free_memory(device)
     started = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="bench-run-") as run_dir:  # train_epoch writes nothing there
-        trainer = Trainer(model_cfg, train_cfg, run_dir, log=lambda line: None)
-        if config.model == "timm":
-            use_timm_model(trainer, config.compile)
-        test_images, test_labels = trainer.test_images, trainer.test_labels
-        if settings.test_subset:
-            test_images, test_labels = test_images[:settings.test_subset], test_labels[:settings.test_subset]
-        loader = TimedLoader(trainer.loader, device)
-        trainer.loader = loader
-        full_steps = len(trainer.data.train_images) // settings.batch_size
-        row.steps_per_full_epoch, row.test_images = full_steps, len(test_labels)
-        row.setup_seconds = time.perf_counter() - started
+    trainer = make_trainer(config, settings, device, data, compile_mode)
+    test_images, test_labels = trainer.test_set.images, trainer.test_set.labels
+    if settings.test_subset:
+        test_images, test_labels = test_images[:settings.test_subset], test_labels[:settings.test_subset]
+    inner_loader = trainer.loader
+    loader = TimedLoader(inner_loader, device)
+    trainer.loader = loader
+    full_steps = len(data.images.train_labels) // settings.batch_size
+    row.steps_per_full_epoch, row.test_images = full_steps, len(test_labels)
+    row.setup_seconds = time.perf_counter() - started
 
-        # Accuracy before any training: where the accuracy-against-time curve starts.
-        untrained_accuracy, first_eval = _timed_evaluate(trainer.model, test_images, test_labels, device, train_cfg)
-        row.accuracy_curve.append([0.0, untrained_accuracy])
-        train_started = time.perf_counter()
-        for epoch in range(settings.epochs):
-            if epoch > 0 and time.perf_counter() > stop_at:
-                row.stopped_early = True  # an epoch that would stop at once would train on nothing
-                break
-            loader.stop_at = stop_at
-            loader.min_steps = settings.warmup_steps + settings.min_measured_steps
-            metrics = trainer.train_epoch(epoch)
-            row.epoch_wall_seconds.append(metrics["epoch_seconds"])
-            row.train_loss, row.train_acc = metrics["train_loss"], metrics["train_acc"]
-            accuracy, _ = _timed_evaluate(trainer.model, test_images, test_labels, device, train_cfg)
-            row.test_acc = accuracy
-            row.accuracy_curve.append([time.perf_counter() - train_started, accuracy])
-            row.epochs_run = epoch + 1
-            log(f"    epoch {epoch + 1}: {len(loader.asks)} steps so far, train loss {metrics['train_loss']:.3f}, "
-                f"test acc {accuracy:.2%}")
-            if loader.stopped_early:
-                row.stopped_early = True
-                break
-        # Timed once more when everything is warm: the first evaluation carries one-time costs
-        # (cuDNN heuristics, allocator growth), counted in the overhead instead.
-        _, steady_eval = _timed_evaluate(trainer.model, test_images, test_labels, device, train_cfg)
-        if device.type == "cuda":
-            row.peak_memory = torch.cuda.max_memory_allocated(device)
-        else:
-            row.peak_memory_note = "torch.cuda.max_memory_allocated needs CUDA; not measured on the CPU"
+    # Accuracy before any training: where the accuracy-against-time curve starts.
+    untrained_accuracy, first_eval = _timed_evaluate(trainer.model, test_images, test_labels, device, trainer.cfg)
+    row.accuracy_curve.append([0.0, untrained_accuracy])
+    train_started = time.perf_counter()
+    for epoch in range(settings.epochs):
+        if epoch > 0 and time.perf_counter() > stop_at:
+            row.stopped_early = True  # an epoch that would stop at once would train on nothing
+            break
+        loader.stop_at = stop_at
+        loader.min_steps = settings.warmup_steps + settings.min_measured_steps
+        metrics = trainer.train_epoch(epoch)
+        row.epoch_wall_seconds.append(metrics["epoch_seconds"])
+        row.train_loss, row.train_acc = metrics["train_loss"], metrics["train_acc"]
+        accuracy, _ = _timed_evaluate(trainer.model, test_images, test_labels, device, trainer.cfg)
+        row.test_acc = accuracy
+        row.accuracy_curve.append([time.perf_counter() - train_started, accuracy])
+        row.epochs_run = epoch + 1
+        log(f"    epoch {epoch + 1}: {len(loader.asks)} steps so far, train loss {metrics['train_loss']:.3f}, "
+            f"test acc {accuracy:.2%}" + ("" if data.accuracy_valid else " (synthetic images: meaningless)"))
+        if loader.stopped_early:
+            row.stopped_early = True
+            break
+    # Timed once more when everything is warm: the first evaluation carries one-time costs
+    # (cuDNN heuristics, allocator growth), counted in the overhead instead.
+    _, steady_eval = _timed_evaluate(trainer.model, test_images, test_labels, device, trainer.cfg)
+    if device.type == "cuda":
+        row.peak_memory = torch.cuda.max_memory_allocated(device)
+    else:
+        row.peak_memory_note = "torch.cuda.max_memory_allocated needs CUDA; not measured on the CPU"
 
-        steps, waits = loader.step_times()
-        row.steps_run = len(steps)
-        measured = slice(settings.warmup_steps, None) if len(steps) > settings.warmup_steps else slice(None)
-        steady_steps, steady_waits = steps[measured], waits[measured]
-        row.measured_steps = len(steady_steps)
-        step_seconds = sum(steady_steps) / len(steady_steps)
-        row.images_per_second = settings.batch_size / step_seconds
-        row.epoch_seconds = step_seconds * full_steps
-        row.data_wait_share = sum(steady_waits) / sum(steady_steps)
-        # Evaluation time grows with the number of test images: scale to the full test set.
-        row.eval_seconds = steady_eval * len(trainer.data.test_labels) / len(test_labels)
-        trained_seconds = sum(row.epoch_wall_seconds)
-        # One-time costs: compile and warm-up (the epochs' wall time beyond their steps at the
-        # steady rate), and the first evaluation's extra time.
-        row.overhead_seconds = (max(0.0, trained_seconds - step_seconds * len(steps))
-                                + max(0.0, first_eval - steady_eval))
-        row.projected_200_epoch_seconds = row.overhead_seconds + RECIPE_EPOCHS * (row.epoch_seconds + row.eval_seconds)
-        del trainer, loader
+    steps, waits = loader.step_times()
+    row.steps_run = len(steps)
+    measured = slice(settings.warmup_steps, None) if len(steps) > settings.warmup_steps else slice(None)
+    steady_steps, steady_waits = steps[measured], waits[measured]
+    row.measured_steps = len(steady_steps)
+    step_seconds = sum(steady_steps) / len(steady_steps)
+    row.step_ms = step_seconds * 1e3
+    row.images_per_second = settings.batch_size / step_seconds
+    row.epoch_seconds = step_seconds * full_steps
+    row.data_wait_share = sum(steady_waits) / sum(steady_steps)
+    # Evaluation time grows with the number of test images: scale to the full test set.
+    row.eval_seconds = steady_eval * len(data.images.test_labels) / len(test_labels)
+    trained_seconds = sum(row.epoch_wall_seconds)
+    # One-time costs: compile and warm-up (the epochs' wall time beyond their steps at the
+    # steady rate), and the first evaluation's extra time.
+    row.overhead_seconds = (max(0.0, trained_seconds - step_seconds * len(steps))
+                            + max(0.0, first_eval - steady_eval))
+    row.accuracy_note = _accuracy_note(row, settings, data)
+    if host_work is None:
+        host_work = measure_host_work(settings.model, device, config.precision)
+    row.host_work_seconds = host_seconds_per_epoch(host_work, row.epoch_seconds + row.eval_seconds)
+    row.projected_200_epoch_seconds = row.overhead_seconds + RECIPE_EPOCHS * (
+        row.epoch_seconds + row.eval_seconds + row.host_work_seconds)
+    # Eager steps only: a compiled or graph-replayed step launches what the dispatcher does not see.
+    if compile_mode is None and not config.cuda_graphs and settings.count_steps:
+        try:
+            row.counts = count_device_work(trainer, inner_loader, settings.count_steps, settings.batch_size,
+                                           epoch=row.epochs_run - 1)
+        except Exception as error:  # the counter is a measuring aid: its failure is not the trainer's
+            row.counts = {"error": f"not counted: {describe_error(error)}"}
+            log(f"    device work not counted: {describe_error(error)}")
+    del trainer, loader, inner_loader
     _free_memory(device)
-    return row
+    row.wall_seconds = time.perf_counter() - started
+    return row, host_work
 
 
-def skipped_row(config: TrainingConfig, reason: str, status: str = "skipped") -> TrainingRow:
-    return TrainingRow(name=config.name, model=config.model, backend=config.backend, precision=config.precision,
-                       compile=config.compile, cuda_graphs=config.cuda_graphs, status=status, skipped_reason=reason)
+def not_run_row(config: TrainingConfig, reason: str, status: str = "skipped", compile_mode: str | None = None,
+                accuracy_valid: bool = True) -> TrainingRow:
+    return TrainingRow(name=config.name, key=config.key, model=config.model, backend=config.backend,
+                       precision=config.precision, compile=config.compile, cuda_graphs=config.cuda_graphs,
+                       status=status, owner=config.owner, compile_mode=compile_mode, skipped_reason=reason,
+                       accuracy_valid=accuracy_valid)
 
 
 # ------------------------------------------------------------------------------- the phase
 
-# Guesses of what one configuration takes at the least (set-up, warm-up, the minimum steps,
-# two evaluations; for "compiled", a compile of the model's forward and backward), in
-# seconds, by (device type, compiled). Used until the run has measured a configuration
-# of the kind; a configuration is trimmed when even that would not fit in what is left.
-INITIAL_COST_ESTIMATE = {("cuda", False): 20.0, ("cuda", True): 120.0, ("cpu", False): 5.0, ("cpu", True): 180.0}
+# Guesses of what an eager configuration takes at the least (set-up, warm-up, the minimum
+# steps, two evaluations, the host-work timing, the counted steps), in seconds, by device
+# type and backend; replaced by the cheapest one of the backend measured. Our kernels through
+# the Triton interpreter take about a second per step of the --quick model. A compiled
+# configuration adds its compile (bench/compiling.py).
+EAGER_COST_GUESS = {("cuda", "torch"): 20.0, ("cuda", "triton"): 20.0, ("cpu", "torch"): 5.0, ("cpu", "triton"): 15.0}
 
 
-def run_training(settings: TrainingSettings, device: torch.device, budget, deadline: float,
-                 compile_skip_reason: str | None, log) -> list[TrainingRow]:
-    configs = training_configs(device)
-    runnable, rows = [], {}
+def minimum_seconds(configs: list[TrainingConfig], device: torch.device, policy: CompilePolicy) -> float:
+    """What the configurations that can run here take at the least, from the guesses: the time
+    the phases before training must leave it."""
+    total = 0.0
     for config in configs:
-        reason = unavailable_reason(config, device, compile_skip_reason)
+        if unavailable_reason(config, device, policy):
+            continue
+        total += EAGER_COST_GUESS[(device.type, config.backend)]
+        if config.compile:
+            total += policy.estimate("training", policy.candidates("training")[0])[0]
+    return total
+
+
+def run_training(settings: TrainingSettings, configs: list[TrainingConfig], device: torch.device, data: BenchData,
+                 policy: CompilePolicy, budget, deadline: float, log, on_row=lambda rows: None) -> dict:
+    """Every configuration in order, each with an equal share of what is left; on_row(rows) after
+    each one, so the caller can write its results. Returns {"rows": [...], "host_work": {...}}."""
+    rows: dict[TrainingConfig, TrainingRow] = {}
+    runnable = []
+    for config in configs:
+        reason = unavailable_reason(config, device, policy)
         if reason:
-            rows[config] = skipped_row(config, reason)
+            rows[config] = not_run_row(config, reason, accuracy_valid=data.accuracy_valid)
             log(f"  {config.name:<28} skipped: {reason}")
         else:
             runnable.append(config)
 
-    cost = {compiled: INITIAL_COST_ESTIMATE[(device.type, compiled)] for compiled in (False, True)}
-    measured_cost = {False: [], True: []}
+    eager_cost = {backend: EAGER_COST_GUESS[(device.type, backend)] for backend in ("torch", "triton")}
+    eager_measured = {backend: [] for backend in eager_cost}
+    host_work = None
+
+    def ordered():
+        return [asdict(rows[c]) for c in configs if c in rows]
+
     for index, config in enumerate(runnable):
         left = deadline - time.perf_counter()
-        if left < cost[config.compile]:
-            why = (f"{left:.0f}s of the training budget left; {'a compiled' if config.compile else 'an eager'} "
-                   f"configuration took ~{cost[config.compile]:.0f}s at the least")
+        least = eager_cost[config.backend]
+        mode = None
+        if config.compile:
+            mode, why = policy.choose("training", left - least)
+        else:
+            source = "measured" if eager_measured[config.backend] else "a guess"
+            why = "" if left >= least else (f"trimmed by the budget: {max(0.0, left):.0f}s of the training budget "
+                                            f"left; an eager {config.backend}-backend configuration takes "
+                                            f"~{least:.0f}s ({source})")
+        if why:
             budget.trim(f"training {config.name}", why)
-            rows[config] = skipped_row(config, f"trimmed by --budget-seconds: {why}")
-            log(f"  {config.name:<28} trimmed: {why}")
+            rows[config] = not_run_row(config, why, accuracy_valid=data.accuracy_valid)
+            log(f"  {config.name:<28} {why}")
+            on_row(ordered())
             continue
         # An equal share of what is left for each configuration still to run; time one
         # leaves unused goes to the next.
         stop_at = time.perf_counter() + left / (len(runnable) - index)
-        log(f"  {config.name:<28} training (until {stop_at - budget.start:.0f}s into the run at the latest)")
+        log(f"  {config.name:<28} training{f' (torch.compile mode {mode})' if mode else ''} "
+            f"(until {stop_at - budget.start:.0f}s into the run at the latest)")
         started = time.perf_counter()
         try:
-            row = run_config(config, settings, device, stop_at, log)
+            row, host_work = run_config(config, settings, device, data, mode, stop_at, host_work, log)
         except Exception as error:  # a crash of one configuration is a result, not the end of the run
-            row = skipped_row(config, describe_error(error), status="failed")
-            log(f"  {config.name:<28} FAILED: {describe_error(error)}")
+            row = not_run_row(config, f"crashed: {describe_error(error)}", "failed", mode, data.accuracy_valid)
+            log(f"  {config.name:<28} FAILED ({config.owner}): {describe_error(error)}")
             del error  # its traceback holds the trainer: let _free_memory release it
             _free_memory(device)
         else:
-            # The cheapest configuration of the kind seen so far: a budget cut should only drop
-            # what cannot fit even then (the slow ones stop at their share anyway).
-            measured_cost[config.compile].append(time.perf_counter() - started)
-            cost[config.compile] = min(measured_cost[config.compile])
-            log(f"  {config.name:<28} {row.images_per_second:,.0f} img/s, epoch {row.epoch_seconds:.1f}s, "
-                f"test acc {row.test_acc:.2%}, data wait {row.data_wait_share:.0%}, "
-                f"200 epochs ~{row.projected_200_epoch_seconds / 60:.0f} min ({time.perf_counter() - started:.0f}s)")
+            seconds = time.perf_counter() - started
+            if mode:
+                policy.record("training", mode, seconds)
+            else:
+                eager_measured[config.backend].append(seconds)
+                eager_cost[config.backend] = min(eager_measured[config.backend])
+            accuracy = f"{row.test_acc:.2%}" if data.accuracy_valid else "n/a (synthetic)"
+            log(f"  {config.name:<28} {row.images_per_second:,.0f} img/s, {row.step_ms:.2f} ms/step, epoch "
+                f"{row.epoch_seconds:.1f}s, test acc {accuracy}, data wait {row.data_wait_share:.0%}, 200 epochs "
+                f"~{row.projected_200_epoch_seconds / 60:.0f} min ({seconds:.0f}s)")
             if row.stopped_early:
                 budget.trim(f"training {config.name}",
                             f"stopped after {row.steps_run} steps ({row.epochs_run} epoch(s) begun of "
                             f"{settings.epochs}): its share of the budget was spent")
         rows[config] = row
-    return [rows[config] for config in configs]
+        on_row(ordered())
+    return {"rows": ordered(), "host_work": host_work}
 
 
 def settings_dict(settings: TrainingSettings) -> dict:

@@ -5,33 +5,44 @@
 [B, N, 3*C] output (timm's layout: q, k, v blocks of C = heads * head_dim columns,
 heads contiguous inside a block) and writing straight into the [B, N, C] layout the
 output projection reads. No permute or contiguous copies, and the N x N scores never
-leave the chip: the forward keeps a running (online) softmax per query row and saves
-only each row's log-sum-exp (fp32) for the backward, which recomputes the
-probabilities from it.
+leave the chip: the forward saves only each query row's log-sum-exp (fp32) for the
+backward, which recomputes the probabilities from it.
 
-Kernels (one program per tile, the second grid axis is batch * heads):
+Two plans, picked in Python from the shape (`_launch_plan`):
 
-* `_attention_forward_kernel`: one program per (query block, batch, head); loops over
-  key blocks with the online softmax; writes the output and the log-sum-exp.
-* `_attention_backward_dkdv_kernel`: one program per (key block, batch, head); holds
-  its keys and values, loops over every query block and accumulates dk and dv in
-  registers. When a single key block covers the whole sequence (fp16/bf16 with
-  N <= 128, the model's N = 65; fp32 with N <= 16) the program sees complete softmax
-  rows, so it also finishes dq for each query block and writes it (FUSE_DQ): the whole
-  backward is one launch.
-* `_attention_backward_dq_kernel`: only for longer sequences. One program per
-  (query block, batch, head) loops over the key blocks for dq; it also computes
-  delta = rowsum(dout * out), which the dk/dv kernel, launched after it, reads.
+* Whole sequence (fp16/bf16 with N <= 128, the model's N = 65; fp32 with N <= 16): one
+  program per (batch, head) holds every token, one launch forward and one backward.
+  Tokens [0, N) are a lead part and, for 65 to 80 tokens, a 16-token tail part after a
+  64-token lead, on both the query and the key axis: at N = 65 the tiles execute 80 x 80
+  scores where the next power of two would execute 128 x 128 (1.5x the useful matrix and
+  exponential work instead of 3.9x). The lead part's queries go in tiles of a planned
+  height, the tail's in one tile.
+  - `_attention_whole_forward_kernel`: per query tile, the scores against both key parts,
+    an exact softmax over both (every key is in registers, no online rescaling), the
+    output and the log-sum-exp.
+  - `_attention_whole_backward_kernel`: per query tile, P and dP against both key parts
+    (keys along rows, so dk and dv come out of tensor-core dots without transposing
+    register tiles), delta = rowsum(P * dP) summed exactly from them, dq finished and
+    written; dk and dv accumulate in registers for both key parts, written at the end.
+* Streaming (longer sequences): FlashAttention-style tiles.
+  - `_attention_forward_kernel`: one program per (batch, head, query block) loops over
+    key blocks with the online softmax.
+  - `_attention_backward_dq_kernel`: one program per (batch, head, query block) loops over
+    the key blocks for dq and stores delta = rowsum(dout * out).
+  - `_attention_backward_dkdv_kernel`, launched after it: one program per (batch, head,
+    key block) loops over the query blocks for dk and dv, reading delta.
 
 Every gradient element is written by exactly one program with a fixed reduction order
 and no atomics, so the backward is bit-for-bit deterministic; dq, dk and dv land in
-one [B, N, 3*C] tensor laid out like qkv.
+one [B, N, 3*C] tensor laid out like qkv. The launches are PyTorch operators
+(`torch.ops.kernels.attention_forward` / `attention_backward`, see "PyTorch operators"
+below), so torch.compile treats them as opaque calls and never traces the planning.
 
-Block sizes are fixed per shape and dtype in Python (`_launch_plan`); there is no
-@triton.autotune because the interpreter (CPU tests) cannot run one with several
-configs. `h100_compile_specs()` lists every kernel in every configuration the
-wrapper can pick, for kernels/h100.py to compile for sm_90 and check for spills and
-tensor-core (HGMMA) use.
+Block sizes are fixed per shape and dtype in Python; there is no @triton.autotune because
+the interpreter (CPU tests) cannot run one with several configs. `launch_costs()` derives
+the HBM bytes and FLOPs of every launch from the same plan (kernels/cost.py's rules), and
+`h100_compile_specs()` lists every kernel in every configuration the planner can pick,
+for kernels/h100.py to compile for sm_90 and check for spills and tensor-core use.
 """
 import math
 from dataclasses import dataclass
@@ -41,6 +52,7 @@ import triton
 import triton.language as tl
 
 from kernels import _common
+from kernels.cost import KernelCost, element_size, reads
 
 SUPPORTED_HEAD_DIMS = (16, 32, 48, 64)
 
@@ -61,12 +73,14 @@ LN2 = tl.constexpr(0.6931471805599453)
 # and the extra columns are masked to zero, which adds nothing to any dot product.
 # Rows past seq_len are masked the same way; keys past seq_len are excluded from the
 # softmax explicitly, because a zero key still scores exp(0).
+# Grid axis 0 is batch * heads (up to 2^31 - 1 programs); axis 1, where there is one,
+# the query or key block.
 
 
 @triton.jit
 def _program_batch_head(num_heads):
-    """The (batch * heads) index of this program (grid axis 1), its batch and its head."""
-    batch_head = tl.program_id(1)
+    """The (batch * heads) index of this program (grid axis 0), its batch and its head."""
+    batch_head = tl.program_id(0)
     return batch_head, batch_head // num_heads, batch_head % num_heads
 
 
@@ -74,6 +88,15 @@ def _program_batch_head(num_heads):
 def _head_base(ptr, batch, head, stride_b, HEAD_DIM: tl.constexpr):
     """Where `head` of `batch` starts in a [B, N, ...] tensor laid out like qkv or out."""
     return ptr + batch.to(tl.int64) * stride_b + head * HEAD_DIM
+
+
+@triton.jit
+def _qkv_bases(ptr, batch, head, stride_b, num_heads, HEAD_DIM: tl.constexpr):
+    """Where q, k and v of `head` of `batch` start in qkv (or dq, dk and dv in dqkv): blocks
+    of C = num_heads * HEAD_DIM columns."""
+    q_base = _head_base(ptr, batch, head, stride_b, HEAD_DIM)
+    model_dim = num_heads * HEAD_DIM
+    return q_base, q_base + model_dim, q_base + 2 * model_dim
 
 
 @triton.jit
@@ -89,6 +112,209 @@ def _load_rows(base, offs_rows, stride_n, offs_d, mask):
     return tl.load(base + offs_rows[:, None] * stride_n + offs_d[None, :], mask=mask, other=0.0)
 
 
+# ---- whole sequence in one program ---------------------------------------------------
+
+
+@triton.jit
+def _load_key_part(k_base, v_base, key0, seq_len, stride_qkv_n, offs_d, in_head, KEYS: tl.constexpr):
+    """Keys and values [key0, key0 + KEYS), zero past the sequence, and which keys exist."""
+    offs_n = key0 + tl.arange(0, KEYS)
+    key_valid, kv_mask = _row_masks(offs_n, in_head, seq_len)
+    k = _load_rows(k_base, offs_n, stride_qkv_n, offs_d, kv_mask)
+    v = _load_rows(v_base, offs_n, stride_qkv_n, offs_d, kv_mask)
+    return k, v, key_valid
+
+
+@triton.jit
+def _key_part_scores(q, k_base, v_base, key0, seq_len, stride_qkv_n, offs_d, in_head, qk_scale,
+                     KEYS: tl.constexpr):
+    """Base-2 scores of a query tile against keys [key0, key0 + KEYS) (-inf past the
+    sequence), and those keys' values."""
+    k, v, key_valid = _load_key_part(k_base, v_base, key0, seq_len, stride_qkv_n, offs_d, in_head, KEYS)
+    # "ieee" only matters for fp32 inputs: exact fp32 products instead of tf32, so
+    # fp32 matches the reference tightly. fp16/bf16 inputs use tensor cores anyway.
+    scores = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale
+    return tl.where(key_valid[None, :], scores, float("-inf")), v
+
+
+@triton.jit
+def _whole_forward_rows(q_base, k_base, v_base, out_base, lse_base, row0, seq_len, stride_qkv_n, stride_out_n,
+                        qk_scale, ROWS: tl.constexpr, LEAD: tl.constexpr, TAIL: tl.constexpr,
+                        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Output and log-sum-exp of query rows [row0, row0 + ROWS) against every key."""
+    offs_d = tl.arange(0, BLOCK_D)
+    in_head = offs_d < HEAD_DIM
+    offs_m = row0 + tl.arange(0, ROWS)
+    query_valid, row_mask = _row_masks(offs_m, in_head, seq_len)
+    q = _load_rows(q_base, offs_m, stride_qkv_n, offs_d, row_mask)
+
+    # The lead part always holds a valid key, so row_max is finite.
+    scores, v = _key_part_scores(q, k_base, v_base, 0, seq_len, stride_qkv_n, offs_d, in_head, qk_scale, LEAD)
+    row_max = tl.max(scores, axis=1)
+    if TAIL > 0:
+        tail_scores, tail_v = _key_part_scores(q, k_base, v_base, LEAD, seq_len, stride_qkv_n, offs_d, in_head,
+                                               qk_scale, TAIL)
+        row_max = tl.maximum(row_max, tl.max(tail_scores, axis=1))
+    probs = tl.math.exp2(scores - row_max[:, None])
+    row_sum = tl.sum(probs, axis=1)
+    acc = tl.dot(probs.to(v.dtype), v, input_precision="ieee")
+    if TAIL > 0:
+        tail_probs = tl.math.exp2(tail_scores - row_max[:, None])
+        row_sum += tl.sum(tail_probs, axis=1)
+        acc = tl.dot(tail_probs.to(tail_v.dtype), tail_v, acc, input_precision="ieee")
+
+    out = acc / row_sum[:, None]
+    tl.store(out_base + offs_m[:, None] * stride_out_n + offs_d[None, :], out.to(out_base.dtype.element_ty),
+             mask=row_mask)
+    # Saved in natural-log units (log sum_j exp(scale * q.k_j)), the usual meaning.
+    tl.store(lse_base + offs_m, (row_max + tl.math.log2(row_sum)) * LN2, mask=query_valid)
+
+
+@triton.jit
+def _attention_whole_forward_kernel(
+    qkv_ptr, out_ptr, lse_ptr,
+    seq_len, num_heads,
+    stride_qkv_b, stride_qkv_n,
+    stride_out_b, stride_out_n,
+    softmax_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    LEAD: tl.constexpr, TAIL: tl.constexpr, QUERY_ROWS: tl.constexpr,
+):
+    """One (batch, head): tokens [0, LEAD) and [LEAD, LEAD + TAIL) (TAIL = 0: no tail), the
+    lead part's queries in tiles of QUERY_ROWS, the tail's in one tile."""
+    batch_head, batch, head = _program_batch_head(num_heads)
+    q_base, k_base, v_base = _qkv_bases(qkv_ptr, batch, head, stride_qkv_b, num_heads, HEAD_DIM)
+    out_base = _head_base(out_ptr, batch, head, stride_out_b, HEAD_DIM)
+    lse_base = lse_ptr + batch_head.to(tl.int64) * seq_len
+    qk_scale = softmax_scale * LOG2E
+    for row0 in tl.static_range(0, LEAD, QUERY_ROWS):
+        _whole_forward_rows(q_base, k_base, v_base, out_base, lse_base, row0, seq_len,
+                            stride_qkv_n, stride_out_n, qk_scale, QUERY_ROWS, LEAD, TAIL, HEAD_DIM, BLOCK_D)
+    if TAIL > 0:
+        _whole_forward_rows(q_base, k_base, v_base, out_base, lse_base, LEAD, seq_len,
+                            stride_qkv_n, stride_out_n, qk_scale, TAIL, LEAD, TAIL, HEAD_DIM, BLOCK_D)
+
+
+@triton.jit
+def _key_part_probabilities(q, dout, lse_log2, k, v, key_valid, qk_scale):
+    """A key part against a query tile, transposed (keys along rows):
+    P^T = exp(scale * K Q^T - lse) and dP^T = V dO^T."""
+    probs_t = tl.math.exp2(tl.dot(k, tl.trans(q), input_precision="ieee") * qk_scale - lse_log2[None, :])
+    probs_t = tl.where(key_valid[:, None], probs_t, 0.0)  # a zero key still scores exp(0)
+    dprobs_t = tl.dot(v, tl.trans(dout), input_precision="ieee")
+    return probs_t, dprobs_t
+
+
+@triton.jit
+def _key_part_gradients(k, probs_t, dprobs_t, delta, q, dout, dk, dv, dq):
+    """One key part's share: dV += P^T dO, dK += dS^T Q, dQ += dS K (dk and dq unscaled),
+    with dS^T = P^T * (dP^T - delta)."""
+    dscores_t = probs_t * (dprobs_t - delta[None, :])
+    dv = tl.dot(probs_t.to(dout.dtype), dout, dv, input_precision="ieee")
+    dk = tl.dot(dscores_t.to(q.dtype), q, dk, input_precision="ieee")
+    dq = tl.dot(tl.trans(dscores_t.to(k.dtype)), k, dq, input_precision="ieee")
+    return dk, dv, dq
+
+
+@triton.jit
+def _whole_backward_rows(q_base, k_base, v_base, dout_base, dq_base, lse_base, row0, seq_len,
+                         stride_qkv_n, stride_dout_n, stride_dqkv_n, softmax_scale,
+                         dk_lead, dv_lead, dk_tail, dv_tail,
+                         ROWS: tl.constexpr, LEAD: tl.constexpr, TAIL: tl.constexpr,
+                         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Query rows [row0, row0 + ROWS): writes their dq, returns the key parts' dk and dv
+    accumulators with these rows' shares added (the tail's untouched when TAIL = 0)."""
+    offs_d = tl.arange(0, BLOCK_D)
+    in_head = offs_d < HEAD_DIM
+    offs_m = row0 + tl.arange(0, ROWS)
+    query_valid, row_mask = _row_masks(offs_m, in_head, seq_len)
+    q = _load_rows(q_base, offs_m, stride_qkv_n, offs_d, row_mask)
+    dout = _load_rows(dout_base, offs_m, stride_dout_n, offs_d, row_mask)
+    # +inf for padded query rows makes their probabilities exactly 0.
+    lse_log2 = tl.load(lse_base + offs_m, mask=query_valid, other=float("inf")) * LOG2E
+    qk_scale = softmax_scale * LOG2E
+
+    # delta_i = sum_j P_ij dP_ij over every key: both parts first, then the gradients.
+    k, v, key_valid = _load_key_part(k_base, v_base, 0, seq_len, stride_qkv_n, offs_d, in_head, LEAD)
+    probs_t, dprobs_t = _key_part_probabilities(q, dout, lse_log2, k, v, key_valid, qk_scale)
+    delta = tl.sum(probs_t * dprobs_t, axis=0)
+    if TAIL > 0:
+        tail_k, tail_v, tail_valid = _load_key_part(k_base, v_base, LEAD, seq_len, stride_qkv_n, offs_d, in_head,
+                                                    TAIL)
+        tail_probs_t, tail_dprobs_t = _key_part_probabilities(q, dout, lse_log2, tail_k, tail_v, tail_valid,
+                                                              qk_scale)
+        delta += tl.sum(tail_probs_t * tail_dprobs_t, axis=0)
+    dq = tl.zeros([ROWS, BLOCK_D], dtype=tl.float32)
+    dk_lead, dv_lead, dq = _key_part_gradients(k, probs_t, dprobs_t, delta, q, dout, dk_lead, dv_lead, dq)
+    if TAIL > 0:
+        dk_tail, dv_tail, dq = _key_part_gradients(tail_k, tail_probs_t, tail_dprobs_t, delta, q, dout,
+                                                   dk_tail, dv_tail, dq)
+    tl.store(dq_base + offs_m[:, None] * stride_dqkv_n + offs_d[None, :],
+             (dq * softmax_scale).to(dq_base.dtype.element_ty), mask=row_mask)
+    return dk_lead, dv_lead, dk_tail, dv_tail
+
+
+@triton.jit
+def _store_key_gradients(dk_base, dv_base, dk, dv, key0, seq_len, stride_dqkv_n, softmax_scale,
+                         KEYS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_n = key0 + tl.arange(0, KEYS)
+    _, kv_mask = _row_masks(offs_n, offs_d < HEAD_DIM, seq_len)
+    offsets = offs_n[:, None] * stride_dqkv_n + offs_d[None, :]
+    tl.store(dk_base + offsets, (dk * softmax_scale).to(dk_base.dtype.element_ty), mask=kv_mask)
+    tl.store(dv_base + offsets, dv.to(dv_base.dtype.element_ty), mask=kv_mask)
+
+
+@triton.jit
+def _attention_whole_backward_kernel(
+    qkv_ptr, dout_ptr, dqkv_ptr, lse_ptr,
+    seq_len, num_heads,
+    stride_qkv_b, stride_qkv_n,
+    stride_dout_b, stride_dout_n,
+    stride_dqkv_b, stride_dqkv_n,
+    softmax_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    LEAD: tl.constexpr, TAIL: tl.constexpr, QUERY_ROWS: tl.constexpr,
+):
+    """dq, dk and dv of one (batch, head), tokens split as in the forward. Per query tile:
+        P^T  = exp(scale * K Q^T - lse)       dP^T = V dO^T       (each key part)
+        delta = column sums of P^T * dP^T     dS^T = P^T * (dP^T - delta)
+        dV += P^T dO     dK += dS^T Q (times scale)     dQ = sum over key parts of dS K (times scale)
+    """
+    batch_head, batch, head = _program_batch_head(num_heads)
+    q_base, k_base, v_base = _qkv_bases(qkv_ptr, batch, head, stride_qkv_b, num_heads, HEAD_DIM)
+    dq_base, dk_base, dv_base = _qkv_bases(dqkv_ptr, batch, head, stride_dqkv_b, num_heads, HEAD_DIM)
+    dout_base = _head_base(dout_ptr, batch, head, stride_dout_b, HEAD_DIM)
+    lse_base = lse_ptr + batch_head.to(tl.int64) * seq_len
+
+    dk_lead = tl.zeros([LEAD, BLOCK_D], dtype=tl.float32)
+    dv_lead = tl.zeros([LEAD, BLOCK_D], dtype=tl.float32)
+    # Without a tail these are passed through untouched, and never stored.
+    dk_tail, dv_tail = dk_lead, dv_lead
+    if TAIL > 0:
+        dk_tail = tl.zeros([TAIL, BLOCK_D], dtype=tl.float32)
+        dv_tail = tl.zeros([TAIL, BLOCK_D], dtype=tl.float32)
+    for row0 in tl.static_range(0, LEAD, QUERY_ROWS):
+        dk_lead, dv_lead, dk_tail, dv_tail = _whole_backward_rows(
+            q_base, k_base, v_base, dout_base, dq_base, lse_base, row0, seq_len,
+            stride_qkv_n, stride_dout_n, stride_dqkv_n, softmax_scale,
+            dk_lead, dv_lead, dk_tail, dv_tail, QUERY_ROWS, LEAD, TAIL, HEAD_DIM, BLOCK_D)
+    if TAIL > 0:
+        dk_lead, dv_lead, dk_tail, dv_tail = _whole_backward_rows(
+            q_base, k_base, v_base, dout_base, dq_base, lse_base, LEAD, seq_len,
+            stride_qkv_n, stride_dout_n, stride_dqkv_n, softmax_scale,
+            dk_lead, dv_lead, dk_tail, dv_tail, TAIL, LEAD, TAIL, HEAD_DIM, BLOCK_D)
+
+    _store_key_gradients(dk_base, dv_base, dk_lead, dv_lead, 0, seq_len,
+                         stride_dqkv_n, softmax_scale, LEAD, HEAD_DIM, BLOCK_D)
+    if TAIL > 0:
+        _store_key_gradients(dk_base, dv_base, dk_tail, dv_tail, LEAD, seq_len,
+                             stride_dqkv_n, softmax_scale, TAIL, HEAD_DIM, BLOCK_D)
+
+
+# ---- streaming: longer sequences ------------------------------------------------------
+
+
 @triton.jit
 def _attention_forward_kernel(
     qkv_ptr, out_ptr, lse_ptr,
@@ -99,13 +325,9 @@ def _attention_forward_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    query_block = tl.program_id(0)
+    query_block = tl.program_id(1)
     batch_head, batch, head = _program_batch_head(num_heads)
-    model_dim = num_heads * HEAD_DIM
-
-    q_base = _head_base(qkv_ptr, batch, head, stride_qkv_b, HEAD_DIM)
-    k_base = q_base + model_dim
-    v_base = q_base + 2 * model_dim
+    q_base, k_base, v_base = _qkv_bases(qkv_ptr, batch, head, stride_qkv_b, num_heads, HEAD_DIM)
 
     offs_m = query_block * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
@@ -120,16 +342,8 @@ def _attention_forward_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
     for key_start in range(0, seq_len, BLOCK_N):
-        offs_n = key_start + tl.arange(0, BLOCK_N)
-        key_valid, kv_mask = _row_masks(offs_n, in_head, seq_len)
-        k = _load_rows(k_base, offs_n, stride_qkv_n, offs_d, kv_mask)
-        v = _load_rows(v_base, offs_n, stride_qkv_n, offs_d, kv_mask)
-
-        # "ieee" only matters for fp32 inputs: exact fp32 products instead of tf32, so
-        # fp32 matches the reference tightly. fp16/bf16 inputs use tensor cores anyway.
-        scores = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale
-        scores = tl.where(key_valid[None, :], scores, float("-inf"))
-
+        scores, v = _key_part_scores(q, k_base, v_base, key_start, seq_len, stride_qkv_n, offs_d, in_head,
+                                     qk_scale, BLOCK_N)
         # The first key block always holds a valid key, so new_max is finite from the
         # start and exp2(-inf - new_max) = 0 rescales the empty initial state away.
         new_max = tl.maximum(running_max, tl.max(scores, axis=1))
@@ -143,8 +357,6 @@ def _attention_forward_kernel(
     out_base = _head_base(out_ptr, batch, head, stride_out_b, HEAD_DIM)
     tl.store(out_base + offs_m[:, None] * stride_out_n + offs_d[None, :],
              out.to(out_ptr.dtype.element_ty), mask=row_mask)
-
-    # Saved in natural-log units (log sum_j exp(scale * q.k_j)), the usual meaning.
     log_sum_exp = (running_max + tl.math.log2(running_sum)) * LN2
     tl.store(lse_ptr + batch_head.to(tl.int64) * seq_len + offs_m, log_sum_exp, mask=query_valid)
 
@@ -159,39 +371,21 @@ def _attention_backward_dkdv_kernel(
     softmax_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    FUSE_DQ: tl.constexpr,
 ):
-    """dk and dv for one key block; with FUSE_DQ (the block holds every key) also dq.
-
-    Works on transposed tiles (keys along rows, queries along columns) so that dk and
-    dv come out of tensor-core dots without transposing register tiles:
-        P^T  = exp(scale * K Q^T - lse)       dV += P^T dO
-        dP^T = V dO^T                         dS^T = P^T * (dP^T - delta)
-        dK  += dS^T Q  (times scale)          dQ  = (dS^T)^T K  (times scale, FUSE_DQ)
-    delta_i = sum_j P_ij dP_ij. With FUSE_DQ it is summed exactly from the tile; the
-    split path reads the rowsum(dout * out) that the dq kernel stored.
-    """
-    key_block = tl.program_id(0)
+    """dk and dv for one key block, from the delta = rowsum(dout * out) the dq kernel stored.
+    Transposed tiles (keys along rows), as in the whole-sequence backward."""
+    key_block = tl.program_id(1)
     batch_head, batch, head = _program_batch_head(num_heads)
-    model_dim = num_heads * HEAD_DIM
-
-    q_base = _head_base(qkv_ptr, batch, head, stride_qkv_b, HEAD_DIM)
-    k_base = q_base + model_dim
-    v_base = q_base + 2 * model_dim
+    q_base, k_base, v_base = _qkv_bases(qkv_ptr, batch, head, stride_qkv_b, num_heads, HEAD_DIM)
+    _, dk_base, dv_base = _qkv_bases(dqkv_ptr, batch, head, stride_dqkv_b, num_heads, HEAD_DIM)
     dout_base = _head_base(dout_ptr, batch, head, stride_dout_b, HEAD_DIM)
-    dq_base = _head_base(dqkv_ptr, batch, head, stride_dqkv_b, HEAD_DIM)
-    dk_base = dq_base + model_dim
-    dv_base = dq_base + 2 * model_dim
     row_stats_base = batch_head.to(tl.int64) * seq_len
 
-    offs_n = key_block * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     in_head = offs_d < HEAD_DIM
-    key_valid, kv_mask = _row_masks(offs_n, in_head, seq_len)
-    k = _load_rows(k_base, offs_n, stride_qkv_n, offs_d, kv_mask)
-    v = _load_rows(v_base, offs_n, stride_qkv_n, offs_d, kv_mask)
-
+    key0 = key_block * BLOCK_N
     qk_scale = softmax_scale * LOG2E
+    k, v, key_valid = _load_key_part(k_base, v_base, key0, seq_len, stride_qkv_n, offs_d, in_head, BLOCK_N)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
 
@@ -200,32 +394,16 @@ def _attention_backward_dkdv_kernel(
         query_valid, row_mask = _row_masks(offs_m, in_head, seq_len)
         q = _load_rows(q_base, offs_m, stride_qkv_n, offs_d, row_mask)
         dout = _load_rows(dout_base, offs_m, stride_dout_n, offs_d, row_mask)
-        # +inf for padded query rows makes their probabilities exactly 0.
         lse_log2 = tl.load(lse_ptr + row_stats_base + offs_m, mask=query_valid,
                            other=float("inf")) * LOG2E
-
-        scores_t = tl.dot(k, tl.trans(q), input_precision="ieee") * qk_scale
-        probs_t = tl.math.exp2(scores_t - lse_log2[None, :])
-        probs_t = tl.where(key_valid[:, None], probs_t, 0.0)  # a zero key still scores exp(0)
-        dv += tl.dot(probs_t.to(dout.dtype), dout, input_precision="ieee")
-
-        dprobs_t = tl.dot(v, tl.trans(dout), input_precision="ieee")
-        if FUSE_DQ:
-            delta = tl.sum(probs_t * dprobs_t, axis=0)
-        else:
-            delta = tl.load(delta_ptr + row_stats_base + offs_m, mask=query_valid, other=0.0)
+        probs_t, dprobs_t = _key_part_probabilities(q, dout, lse_log2, k, v, key_valid, qk_scale)
+        delta = tl.load(delta_ptr + row_stats_base + offs_m, mask=query_valid, other=0.0)
         dscores_t = probs_t * (dprobs_t - delta[None, :])
+        dv += tl.dot(probs_t.to(dout.dtype), dout, input_precision="ieee")
         dk += tl.dot(dscores_t.to(q.dtype), q, input_precision="ieee")
 
-        if FUSE_DQ:
-            dq = tl.dot(tl.trans(dscores_t.to(k.dtype)), k, input_precision="ieee") * softmax_scale
-            tl.store(dq_base + offs_m[:, None] * stride_dqkv_n + offs_d[None, :],
-                     dq.to(dqkv_ptr.dtype.element_ty), mask=row_mask)
-
-    dk *= softmax_scale
-    grad_offsets = offs_n[:, None] * stride_dqkv_n + offs_d[None, :]
-    tl.store(dk_base + grad_offsets, dk.to(dqkv_ptr.dtype.element_ty), mask=kv_mask)
-    tl.store(dv_base + grad_offsets, dv.to(dqkv_ptr.dtype.element_ty), mask=kv_mask)
+    _store_key_gradients(dk_base, dv_base, dk, dv, key0, seq_len,
+                         stride_dqkv_n, softmax_scale, BLOCK_N, HEAD_DIM, BLOCK_D)
 
 
 @triton.jit
@@ -240,18 +418,14 @@ def _attention_backward_dq_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """dq for one query block (sequences longer than one key block), plus delta.
+    """dq for one query block, plus delta.
 
         delta = rowsum(dO * O)    (= sum_j P_ij dP_ij), stored for the dk/dv kernel
         dQ = scale * sum over key blocks of (P * (dO V^T - delta)) K
     """
-    query_block = tl.program_id(0)
+    query_block = tl.program_id(1)
     batch_head, batch, head = _program_batch_head(num_heads)
-    model_dim = num_heads * HEAD_DIM
-
-    q_base = _head_base(qkv_ptr, batch, head, stride_qkv_b, HEAD_DIM)
-    k_base = q_base + model_dim
-    v_base = q_base + 2 * model_dim
+    q_base, k_base, v_base = _qkv_bases(qkv_ptr, batch, head, stride_qkv_b, num_heads, HEAD_DIM)
     out_base = _head_base(out_ptr, batch, head, stride_out_b, HEAD_DIM)
     dout_base = _head_base(dout_ptr, batch, head, stride_dout_b, HEAD_DIM)
     dq_base = _head_base(dqkv_ptr, batch, head, stride_dqkv_b, HEAD_DIM)
@@ -290,8 +464,29 @@ def _attention_backward_dq_kernel(
 
 
 # --------------------------------------------------------------------------------------
-# Launch configurations, chosen in Python from the shape
+# Launch plans, chosen in Python from the shape
 # --------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class _WholeSequenceKernel:
+    query_rows: int  # the lead part's queries go in tiles of this many rows (the tail's in one)
+    num_warps: int
+
+
+@dataclass(frozen=True)
+class _WholeSequencePlan:
+    """One program per (batch, head) holding every token, in two parts on both axes:
+    tokens [0, lead) and [lead, lead + tail)."""
+    lead: int  # a power of two, 16 to 128: tl.arange needs powers of two, tl.dot at least 16
+    tail: int  # 0 (the sequence fits the lead part) or 16
+    forward: _WholeSequenceKernel
+    backward: _WholeSequenceKernel
+
+    @property
+    def tokens(self) -> int:
+        """Tokens the tiles span, padding included."""
+        return self.lead + self.tail
+
+
 @dataclass(frozen=True)
 class _LaunchConfig:
     block_m: int  # query rows per tile
@@ -301,81 +496,210 @@ class _LaunchConfig:
 
 
 @dataclass(frozen=True)
-class _LaunchPlan:
+class _StreamingPlan:
     forward: _LaunchConfig
+    dq: _LaunchConfig
     dkdv: _LaunchConfig
-    dq: _LaunchConfig | None  # None: dq is fused into the dk/dv kernel (all keys in one block)
 
 
 # The choices below come from compiling every configuration for sm_90a with
-# kernels/h100.py (N = 1 to 257, every head dim, fp16/bf16/fp32, with and without the
+# kernels/h100.py (N = 1 to 2048, every head dim, fp16/bf16/fp32, with and without the
 # launcher's 16-byte alignment hints) and reading ptxas's register counts: none spills.
-# fp16/bf16 tiles of 64+ rows use wgmma (HGMMA); smaller ones use mma.sync (wgmma
-# needs 64 rows), and fp32 uses FMA.
+# fp16/bf16 dots with 64 rows use wgmma (HGMMA); 16- and 32-row ones use mma.sync (wgmma
+# needs 64 rows), and fp32 uses FMA. kernels/README.md has the history.
 
+# fp16/bf16 up to this many tokens take the whole-sequence plan: one launch each way.
+_HALF_WHOLE_TOKENS = 128
+# Sequences of 65 to 80 tokens (the model's 64 patches and class token) are a 64-token lead
+# and a 16-token tail: 80 x 80 tiles rather than 128 x 128. A 32-token tail (81 to 96 tokens)
+# spilled in the backward (8-64 bytes at head_dim 32 to 64, 32-row query tiles, 4 or 8
+# warps), so longer sequences take one 128-token part, split into query tiles.
+_LEAD_TOKENS = 64
+_TAIL_TOKENS = 16
 # fp32 inputs take exact fp32 dots, which run on FMA units with both operands in
-# registers, so tiles must be far smaller than on tensor cores: 32 x 32 at 4 warps
-# holds, 32-key fused tiles (the fused backward's P, dP and dS next to dk, dv) spill,
-# so only sequences of up to 16 tokens take the fused backward.
-_FP32_FUSED_TILE = 16
-_FP32_SPLIT = _LaunchConfig(block_m=32, block_n=32, num_warps=4, num_stages=2)
-
-# fp16/bf16 sequences up to 128 tokens (the model's N = 65) are one key block, and the
-# backward is a single kernel. Longer ones use 64 x 64 tiles (128 query rows in the
-# forward) streamed double-buffered.
-_HALF_MAX_FUSED_TILE = 128
-_HALF_SPLIT_FORWARD = _LaunchConfig(block_m=128, block_n=64, num_warps=8, num_stages=2)
-_HALF_SPLIT_BACKWARD = _LaunchConfig(block_m=64, block_n=64, num_warps=8, num_stages=2)
+# registers: 32-token whole-sequence tiles (P, dP and dS next to dk, dv) spilled, so only
+# sequences of up to 16 tokens take that plan, at 2 warps (40-80 registers).
+_FP32_WHOLE = _WholeSequencePlan(lead=16, tail=0, forward=_WholeSequenceKernel(16, num_warps=2),
+                                 backward=_WholeSequenceKernel(16, num_warps=2))
+_FP32_STREAMING = _LaunchConfig(block_m=32, block_n=32, num_warps=4, num_stages=2)
+# fp16/bf16 past 128 tokens: 64 x 64 tiles (128 query rows in the forward), double-buffered.
+_HALF_STREAMING = _StreamingPlan(forward=_LaunchConfig(block_m=128, block_n=64, num_warps=8, num_stages=2),
+                                 dq=_LaunchConfig(block_m=64, block_n=64, num_warps=8, num_stages=2),
+                                 dkdv=_LaunchConfig(block_m=64, block_n=64, num_warps=8, num_stages=2))
 
 
-def _half_warps_for_tile(tile: int) -> int:
-    # Tiles of 64 and up run on wgmma (HGMMA), which works in warpgroups of 4 warps;
-    # two warpgroups halve the per-thread share of the score tiles, which keeps the
-    # head_dim 48/64 kernels clear of the 255-register limit. Tiles of 16 and 32 run on
-    # mma.sync (wgmma needs 64 rows); ptxas spilled them at 1 warp (16 tokens,
-    # head_dim 48 forward) and at 4 (32 tokens, head_dim 16 backward), never at 2.
-    return 8 if tile >= 64 else 2
-
-
-def _launch_plan(seq_len: int, head_dim: int, dtype: torch.dtype) -> _LaunchPlan:
-    # The tile that holds every token: a power of two (tl.arange), at least 16 (tl.dot).
+def _half_whole_sequence_plan(seq_len: int, head_dim: int) -> _WholeSequencePlan:
+    """Registers per thread, from ptxas, are in kernels/README.md."""
     tile = max(16, triton.next_power_of_2(seq_len))
-    if dtype == torch.float32:
-        if tile <= _FP32_FUSED_TILE:
-            # 2 warps: ptxas spilled this tile at 1 warp (head_dim 48/64) and at 4
-            # (head_dim 32 with unaligned strides).
-            fused = _LaunchConfig(tile, tile, num_warps=2, num_stages=1)
-            return _LaunchPlan(forward=fused, dkdv=fused, dq=None)
-        return _LaunchPlan(forward=_FP32_SPLIT, dkdv=_FP32_SPLIT, dq=_FP32_SPLIT)
+    if tile <= _LEAD_TOKENS:
+        # One part. 16- and 32-row tiles run on mma.sync at 2 warps (31-130 registers; 1 and
+        # 4 warps spilled in earlier kernels); 64-row tiles on wgmma, one warpgroup (61-138).
+        one_tile = _WholeSequenceKernel(query_rows=tile, num_warps=2 if tile < _LEAD_TOKENS else 4)
+        return _WholeSequencePlan(lead=tile, tail=0, forward=one_tile, backward=one_tile)
+    if seq_len <= _LEAD_TOKENS + _TAIL_TOKENS:
+        # The backward holds P and dP of both key parts with the dk, dv accumulators of both:
+        # 64-row query tiles fit one warpgroup at head_dim 32 (174 registers); head_dim 16
+        # takes 32-row tiles (242 registers with 64), head_dim 48/64 two warpgroups (234).
+        backward = _WholeSequenceKernel(query_rows=32, num_warps=4) if head_dim <= 16 else \
+            _WholeSequenceKernel(query_rows=64, num_warps=4 if head_dim <= 32 else 8)
+        return _WholeSequencePlan(lead=_LEAD_TOKENS, tail=_TAIL_TOKENS,
+                                  forward=_WholeSequenceKernel(query_rows=64, num_warps=4), backward=backward)
+    # One 128-token part over two warpgroups: 128-row dots in the forward, 128-key dots and
+    # 64-row query tiles in the backward.
+    return _WholeSequencePlan(lead=2 * _LEAD_TOKENS, tail=0, forward=_WholeSequenceKernel(query_rows=128, num_warps=8),
+                              backward=_WholeSequenceKernel(query_rows=64, num_warps=8))
 
-    if tile > _HALF_MAX_FUSED_TILE:
-        return _LaunchPlan(forward=_HALF_SPLIT_FORWARD, dkdv=_HALF_SPLIT_BACKWARD, dq=_HALF_SPLIT_BACKWARD)
-    warps = _half_warps_for_tile(tile)
-    # Forward: one program per (batch, head) takes all queries; at N = 65 that is 128
-    # padded rows over two warpgroups. Head dims padded to 64 get 64-key blocks (two
-    # loop steps, the same tensor-core work) so that the 128 x 64 output accumulator
-    # next to the score tile fits in registers.
-    keys_per_block = tile if triton.next_power_of_2(head_dim) <= 32 else min(tile, 64)
-    forward = _LaunchConfig(tile, keys_per_block, num_warps=warps, num_stages=1)
-    # Backward: every key in one block, so each program finishes dq as well; queries go
-    # in blocks of up to 64. At N = 65 two 64-row steps do the same tensor-core work as
-    # one 128-row step with half the P and dP registers (128-row steps spill at
-    # head_dim 48 and 64).
-    dkdv = _LaunchConfig(min(tile, 64), tile, num_warps=warps, num_stages=1)
-    return _LaunchPlan(forward=forward, dkdv=dkdv, dq=None)
+
+def _launch_plan(seq_len: int, head_dim: int, dtype: torch.dtype):
+    """The plan for a [B, seq_len, 3 * heads * head_dim] qkv of `dtype`: a _WholeSequencePlan
+    or a _StreamingPlan."""
+    if dtype == torch.float32:
+        if seq_len <= _FP32_WHOLE.tokens:
+            return _FP32_WHOLE
+        return _StreamingPlan(forward=_FP32_STREAMING, dq=_FP32_STREAMING, dkdv=_FP32_STREAMING)
+    if seq_len > _HALF_WHOLE_TOKENS:
+        return _HALF_STREAMING
+    return _half_whole_sequence_plan(seq_len, head_dim)
 
 
 # --------------------------------------------------------------------------------------
-# Python wrapper
+# Launchers
 # --------------------------------------------------------------------------------------
 def _kernels_are_interpreted() -> bool:
     """True when TRITON_INTERPRET=1 was set before this module was imported (CPU tests)."""
-    return _common.is_interpreted(_attention_forward_kernel)
+    return _common.is_interpreted(_attention_whole_forward_kernel)
 
 
 def _with_unit_last_stride(tensor: torch.Tensor) -> torch.Tensor:
     # The kernels assume contiguous rows; other strides are handled in place.
     return tensor if tensor.stride(-1) == 1 else tensor.contiguous()
+
+
+def _attention_forward(qkv: torch.Tensor, num_heads: int, head_dim: int, scale: float, plan):
+    """out [B, N, C] and lse [B * heads, N] (fp32): one launch."""
+    batch, seq_len, _ = qkv.shape
+    out = _common.new_output((batch, seq_len, num_heads * head_dim), qkv.dtype, qkv.device)
+    lse = _common.new_output((batch * num_heads, seq_len), torch.float32, qkv.device)
+    if out.numel() == 0:
+        return out, lse
+    shape_arguments = (seq_len, num_heads, qkv.stride(0), qkv.stride(1), out.stride(0), out.stride(1), scale)
+    head = dict(HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim))
+    if isinstance(plan, _WholeSequencePlan):
+        _attention_whole_forward_kernel[(batch * num_heads,)](
+            qkv, out, lse, *shape_arguments, **head, LEAD=plan.lead, TAIL=plan.tail,
+            QUERY_ROWS=plan.forward.query_rows, num_warps=plan.forward.num_warps, num_stages=1)
+    else:
+        config = plan.forward
+        _attention_forward_kernel[(batch * num_heads, triton.cdiv(seq_len, config.block_m))](
+            qkv, out, lse, *shape_arguments, **head, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
+            num_warps=config.num_warps, num_stages=config.num_stages)
+    return out, lse
+
+
+def _attention_backward(qkv, out, lse, dout, num_heads: int, head_dim: int, scale: float, plan):
+    """dqkv, laid out like qkv: one launch (whole sequence) or two (streaming)."""
+    batch, seq_len, _ = qkv.shape
+    dqkv = _common.new_output(qkv.shape, qkv.dtype, qkv.device)
+    if dqkv.numel() == 0:
+        return dqkv
+    batch_heads = batch * num_heads
+    head = dict(HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim))
+    strides = (qkv.stride(0), qkv.stride(1), dout.stride(0), dout.stride(1), dqkv.stride(0), dqkv.stride(1))
+    if isinstance(plan, _WholeSequencePlan):
+        _attention_whole_backward_kernel[(batch_heads,)](
+            qkv, dout, dqkv, lse, seq_len, num_heads, *strides, scale, **head, LEAD=plan.lead, TAIL=plan.tail,
+            QUERY_ROWS=plan.backward.query_rows, num_warps=plan.backward.num_warps, num_stages=1)
+        return dqkv
+
+    delta = _common.new_output((batch_heads, seq_len), torch.float32, qkv.device)
+    dq_config, dkdv_config = plan.dq, plan.dkdv
+    _attention_backward_dq_kernel[(batch_heads, triton.cdiv(seq_len, dq_config.block_m))](
+        qkv, out, dout, dqkv, lse, delta,
+        seq_len, num_heads,
+        qkv.stride(0), qkv.stride(1),
+        out.stride(0), out.stride(1),
+        dout.stride(0), dout.stride(1),
+        dqkv.stride(0), dqkv.stride(1),
+        scale, **head, BLOCK_M=dq_config.block_m, BLOCK_N=dq_config.block_n,
+        num_warps=dq_config.num_warps, num_stages=dq_config.num_stages)
+    # Launched after the dq kernel on the same stream, so delta is ready.
+    _attention_backward_dkdv_kernel[(batch_heads, triton.cdiv(seq_len, dkdv_config.block_n))](
+        qkv, dout, dqkv, lse, delta, seq_len, num_heads, *strides, scale,
+        **head, BLOCK_M=dkdv_config.block_m, BLOCK_N=dkdv_config.block_n,
+        num_warps=dkdv_config.num_warps, num_stages=dkdv_config.num_stages)
+    return dqkv
+
+
+# --------------------------------------------------------------------------------------
+# PyTorch operators
+# --------------------------------------------------------------------------------------
+# The forward and backward launches are torch.library custom operators, so that
+# torch.compile (fullgraph=True) traces through attention() without a graph break: it sees
+# two opaque calls whose fake implementations give the output shapes, and the launch
+# planning above runs only when an operator really executes, never inside a trace.
+# register_autograd pairs them. The pattern, for every op module:
+#   1. `<op>_forward` and `<op>_backward` custom ops whose bodies plan and launch (plain
+#      launcher functions), each with register_fake returning empty tensors of the outputs'
+#      shapes, dtypes and (contiguous) strides;
+#   2. register_autograd on the forward op: setup_context saves what the backward op needs
+#      (inputs and outputs only), the backward calls the backward op;
+#   3. the public function validates its arguments (metadata only, traceable) and calls
+#      the forward op.
+
+
+@torch.library.custom_op("kernels::attention_forward", mutates_args=())
+def attention_forward_op(qkv: torch.Tensor, num_heads: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out [B, N, C] in qkv's dtype, log-sum-exp [B * num_heads, N] in fp32) of validated arguments."""
+    head_dim = qkv.shape[-1] // (3 * num_heads)
+    plan = _launch_plan(qkv.shape[1], head_dim, qkv.dtype)
+    with _common.on_device_of(qkv):
+        return _attention_forward(_with_unit_last_stride(qkv), num_heads, head_dim, scale, plan)
+
+
+@attention_forward_op.register_fake
+def _attention_forward_fake(qkv, num_heads, scale):
+    batch, seq_len, width = qkv.shape
+    return qkv.new_empty((batch, seq_len, width // 3)), qkv.new_empty((batch * num_heads, seq_len),
+                                                                      dtype=torch.float32)
+
+
+@torch.library.custom_op("kernels::attention_backward", mutates_args=())
+def attention_backward_op(qkv: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, dout: torch.Tensor,
+                          num_heads: int, scale: float) -> torch.Tensor:
+    """The gradient with respect to qkv (contiguous, qkv's shape and dtype); dout in qkv's dtype."""
+    head_dim = qkv.shape[-1] // (3 * num_heads)
+    plan = _launch_plan(qkv.shape[1], head_dim, qkv.dtype)
+    with _common.on_device_of(qkv):
+        return _attention_backward(_with_unit_last_stride(qkv), out, lse, _with_unit_last_stride(dout),
+                                   num_heads, head_dim, scale, plan)
+
+
+@attention_backward_op.register_fake
+def _attention_backward_fake(qkv, out, lse, dout, num_heads, scale):
+    return qkv.new_empty(qkv.shape)
+
+
+def _attention_setup_context(ctx, inputs, output):
+    qkv, num_heads, scale = inputs
+    out, lse = output
+    # The streaming backward reads out (for delta); saving it costs no memory, it is the
+    # tensor attention() returns.
+    ctx.save_for_backward(qkv, out, lse)
+    # lse is an output only so that the backward can have it: no gradient flows into it, and
+    # autograd need not launch a kernel to fill one with zeros.
+    ctx.mark_non_differentiable(lse)
+    ctx.set_materialize_grads(False)
+    ctx.num_heads, ctx.scale = num_heads, scale
+
+
+def _attention_backward_formula(ctx, dout, _dlse):
+    if dout is None:  # out did not reach the loss
+        return None, None, None
+    qkv, out, lse = ctx.saved_tensors
+    return attention_backward_op(qkv, out, lse, dout.to(qkv.dtype), ctx.num_heads, ctx.scale), None, None
+
+
+attention_forward_op.register_autograd(_attention_backward_formula, setup_context=_attention_setup_context)
 
 
 def _validate(qkv, num_heads, scale) -> tuple[int, float]:
@@ -401,95 +725,6 @@ def _validate(qkv, num_heads, scale) -> tuple[int, float]:
     return head_dim, float(scale)
 
 
-def _attention_forward(qkv: torch.Tensor, num_heads: int, head_dim: int, scale: float, plan: _LaunchPlan):
-    batch, seq_len, _ = qkv.shape
-    model_dim = num_heads * head_dim
-    out = _common.new_output((batch, seq_len, model_dim), qkv.dtype, qkv.device)
-    lse = _common.new_output((batch * num_heads, seq_len), torch.float32, qkv.device)
-    if out.numel() == 0:
-        return out, lse
-    config = plan.forward
-    grid = (triton.cdiv(seq_len, config.block_m), batch * num_heads)
-    _attention_forward_kernel[grid](
-        qkv, out, lse,
-        seq_len, num_heads,
-        qkv.stride(0), qkv.stride(1),
-        out.stride(0), out.stride(1),
-        scale,
-        HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim),
-        BLOCK_M=config.block_m, BLOCK_N=config.block_n,
-        num_warps=config.num_warps, num_stages=config.num_stages,
-    )
-    return out, lse
-
-
-def _attention_backward(qkv, out, lse, dout, num_heads: int, head_dim: int, scale: float, plan: _LaunchPlan):
-    batch, seq_len, _ = qkv.shape
-    dqkv = _common.new_output(qkv.shape, qkv.dtype, qkv.device)
-    if dqkv.numel() == 0:
-        return dqkv
-    block_d = triton.next_power_of_2(head_dim)
-    dkdv_config, dq_config = plan.dkdv, plan.dq
-    batch_heads = batch * num_heads
-
-    if dq_config is None:
-        delta = lse  # unused by the fused kernel: delta comes from the tile itself
-    else:
-        delta = _common.new_output((batch_heads, seq_len), torch.float32, qkv.device)
-        _attention_backward_dq_kernel[(triton.cdiv(seq_len, dq_config.block_m), batch_heads)](
-            qkv, out, dout, dqkv, lse, delta,
-            seq_len, num_heads,
-            qkv.stride(0), qkv.stride(1),
-            out.stride(0), out.stride(1),
-            dout.stride(0), dout.stride(1),
-            dqkv.stride(0), dqkv.stride(1),
-            scale,
-            HEAD_DIM=head_dim, BLOCK_D=block_d,
-            BLOCK_M=dq_config.block_m, BLOCK_N=dq_config.block_n,
-            num_warps=dq_config.num_warps, num_stages=dq_config.num_stages,
-        )
-
-    fuse_dq = dq_config is None
-    if fuse_dq:
-        assert dkdv_config.block_n >= seq_len, "fused dq needs every key in one block"
-    # Launched after the dq kernel on the same stream, so delta is ready.
-    _attention_backward_dkdv_kernel[(triton.cdiv(seq_len, dkdv_config.block_n), batch_heads)](
-        qkv, dout, dqkv, lse, delta,
-        seq_len, num_heads,
-        qkv.stride(0), qkv.stride(1),
-        dout.stride(0), dout.stride(1),
-        dqkv.stride(0), dqkv.stride(1),
-        scale,
-        HEAD_DIM=head_dim, BLOCK_D=block_d,
-        BLOCK_M=dkdv_config.block_m, BLOCK_N=dkdv_config.block_n,
-        FUSE_DQ=fuse_dq,
-        num_warps=dkdv_config.num_warps, num_stages=dkdv_config.num_stages,
-    )
-    return dqkv
-
-
-class _FusedAttention(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, qkv, num_heads, head_dim, scale):
-        plan = _launch_plan(qkv.shape[1], head_dim, qkv.dtype)
-        with _common.on_device_of(qkv):
-            out, lse = _attention_forward(qkv, num_heads, head_dim, scale, plan)
-        # Only the split backward reads the output back (for delta); saving it costs no
-        # memory, it is the tensor returned.
-        ctx.save_for_backward(qkv, out if plan.dq is not None else None, lse)
-        ctx.num_heads, ctx.head_dim, ctx.scale, ctx.plan = num_heads, head_dim, scale, plan
-        return out
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, dout):
-        qkv, out, lse = ctx.saved_tensors
-        dout = _with_unit_last_stride(dout.to(qkv.dtype))
-        with _common.on_device_of(qkv):
-            dqkv = _attention_backward(qkv, out, lse, dout, ctx.num_heads, ctx.head_dim, ctx.scale, ctx.plan)
-        return dqkv, None, None, None
-
-
 def attention(qkv: torch.Tensor, num_heads: int, scale: float | None = None) -> torch.Tensor:
     """softmax(q k^T * scale) v over the heads, fused; same contract as torch_attention.
 
@@ -498,8 +733,73 @@ def attention(qkv: torch.Tensor, num_heads: int, scale: float | None = None) -> 
     [B, N, C] in qkv's dtype. scale defaults to head_dim ** -0.5. Raises ValueError for
     arguments the kernels cannot take.
     """
-    head_dim, scale = _validate(qkv, num_heads, scale)
-    return _FusedAttention.apply(_with_unit_last_stride(qkv), num_heads, head_dim, scale)
+    _, scale = _validate(qkv, num_heads, scale)
+    out, _ = attention_forward_op(qkv, num_heads, scale)
+    return out
+
+
+# --------------------------------------------------------------------------------------
+# Cost model (see kernels/cost.py for the counting rules)
+# --------------------------------------------------------------------------------------
+def launch_costs(batch: int, seq_len: int, num_heads: int, head_dim: int, dtype: torch.dtype) -> list[KernelCost]:
+    """Every launch of one attention call, forward then backward, on a [batch, seq_len,
+    3 * num_heads * head_dim] qkv of `dtype`, derived from the launch plan.
+
+    Useful FLOPs: the forward's two matmuls (Q K^T, P V) and the backward's four (dV = P^T dO,
+    dP = dO V^T, dQ = dS K, dK = dS^T Q), at the real sizes. Executed: every tl.dot at its
+    padded tile, with the backward's recomputation of Q K^T and, in the streaming plan, the
+    dq kernel's second dP.
+    """
+    plan = _launch_plan(seq_len, head_dim, dtype)
+    batch_heads = batch * num_heads
+    # One head's [N, head_dim] slice of q, k, v, out, dout..., over every (batch, head), in
+    # bytes, and one fp32 statistic per row (lse, delta).
+    rows = batch_heads * seq_len * head_dim * element_size(dtype)
+    stats = batch_heads * seq_len * 4
+    one_matmul = 2 * batch_heads * seq_len * seq_len * head_dim  # an N x N x head_dim product per head
+    block_d = triton.next_power_of_2(head_dim)
+
+    def cost(kernel, phase, read, written, useful_matmuls, executed):
+        return KernelCost(op="attention", kernel=kernel.__name__, phase=phase, launches=1, **read,
+                          bytes_written=written, useful_flops=useful_matmuls * one_matmul, executed_flops=executed)
+
+    def padded_matmul(query_rows, keys):
+        """An N x N x head_dim product per head with queries and keys padded to tiles."""
+        return 2 * batch_heads * query_rows * keys * block_d
+
+    if isinstance(plan, _WholeSequencePlan):
+        # Each program loads its own head's q, k, v (and dout, lse) once; the tail part's
+        # queries load the keys again from L2 inside the same program.
+        tokens = plan.tokens
+        return [cost(_attention_whole_forward_kernel, "forward", reads((3 * rows, 1)), rows + stats,
+                     2, 2 * padded_matmul(tokens, tokens)),
+                cost(_attention_whole_backward_kernel, "backward", reads((4 * rows + stats, 1)), 3 * rows,
+                     4, 5 * padded_matmul(tokens, tokens))]
+
+    forward, dq, dkdv = plan.forward, plan.dq, plan.dkdv
+
+    def padded(block):
+        return triton.cdiv(seq_len, block) * block
+
+    def programs(block):
+        return triton.cdiv(seq_len, block)
+
+    return [
+        # Each query block loads its q rows and every key and value.
+        cost(_attention_forward_kernel, "forward", reads((rows, 1), (2 * rows, programs(forward.block_m))),
+             rows + stats, 2, 2 * padded_matmul(padded(forward.block_m), padded(forward.block_n))),
+        # Each query block loads its q, out and dout rows and lse, and every key and value;
+        # writes dq and delta. Its dots: Q K^T again, dP again (the dk/dv kernel's is counted
+        # useful) and dQ.
+        cost(_attention_backward_dq_kernel, "backward",
+             reads((3 * rows + stats, 1), (2 * rows, programs(dq.block_m))), rows + stats,
+             1, 3 * padded_matmul(padded(dq.block_m), padded(dq.block_n))),
+        # Each key block loads its k and v rows, and every q, dout, lse and delta; writes dk
+        # and dv. Its dots: Q K^T again, dP, dV and dK.
+        cost(_attention_backward_dkdv_kernel, "backward",
+             reads((2 * rows, 1), (2 * rows + 2 * stats, programs(dkdv.block_n))), 2 * rows,
+             3, 4 * padded_matmul(padded(dkdv.block_m), padded(dkdv.block_n))),
+    ]
 
 
 # --------------------------------------------------------------------------------------
@@ -514,15 +814,15 @@ _FORWARD_SIGNATURE = {
     "stride_out_b": "i32", "stride_out_n": "i32",
     "softmax_scale": "fp32",
 }
-_DKDV_SIGNATURE = {
-    "qkv_ptr": "*{dtype}", "dout_ptr": "*{dtype}", "dqkv_ptr": "*{dtype}",
-    "lse_ptr": "*fp32", "delta_ptr": "*fp32",
+_WHOLE_BACKWARD_SIGNATURE = {
+    "qkv_ptr": "*{dtype}", "dout_ptr": "*{dtype}", "dqkv_ptr": "*{dtype}", "lse_ptr": "*fp32",
     "seq_len": "i32", "num_heads": "i32",
     "stride_qkv_b": "i32", "stride_qkv_n": "i32",
     "stride_dout_b": "i32", "stride_dout_n": "i32",
     "stride_dqkv_b": "i32", "stride_dqkv_n": "i32",
     "softmax_scale": "fp32",
 }
+_DKDV_SIGNATURE = {**_WHOLE_BACKWARD_SIGNATURE, "delta_ptr": "*fp32"}
 _DQ_SIGNATURE = {
     "qkv_ptr": "*{dtype}", "out_ptr": "*{dtype}", "dout_ptr": "*{dtype}", "dqkv_ptr": "*{dtype}",
     "lse_ptr": "*fp32", "delta_ptr": "*fp32",
@@ -535,8 +835,8 @@ _DQ_SIGNATURE = {
 }
 
 # The planner is evaluated at every sequence length up to this one; its choice depends on
-# the smallest power-of-two tile holding the sequence, and is the same for every length
-# past _HALF_MAX_FUSED_TILE, so this covers each branch several times over.
+# the power-of-two tiles holding the sequence, and is the same for every length past
+# _HALF_WHOLE_TOKENS, so this covers each branch several times over.
 PLANNED_SEQ_LEN_LIMIT = 2048
 
 
@@ -568,11 +868,11 @@ def h100_compile_specs() -> list:
 
     specs, labels = [], set()
 
-    def add(kernel, runtime_args, constexprs, config, dtype, seq_len, dot_rows):
+    def add(kernel, runtime_args, constexprs, num_warps, num_stages, dtype, seq_len, dot_rows):
         dtype_name = _common.DTYPE_NAMES[dtype]
         specialization = launcher_specialization(seq_len)
         described = ",".join(f"{name}={value}" for name, value in constexprs.items())
-        label = f"{dtype_name},{described},warps={config.num_warps},stages={config.num_stages},seq_len:{specialization}"
+        label = f"{dtype_name},{described},warps={num_warps},stages={num_stages},seq_len:{specialization}"
         if (kernel, label) in labels:  # the same kernel configuration chosen for another shape
             return
         labels.add((kernel, label))
@@ -586,23 +886,31 @@ def h100_compile_specs() -> list:
             divisible.append("seq_len")
         specs.append(KernelSpec(
             name=kernel.__name__, config=label, fn=kernel, signature=signature,
-            constexprs={**constexprs, **pinned}, num_warps=config.num_warps, num_stages=config.num_stages,
+            constexprs={**constexprs, **pinned}, num_warps=num_warps, num_stages=num_stages,
             # fp32 dots run with input_precision="ieee": exact products on the FMA units.
-            instructions=matmul_instructions(dtype_name, "ieee", dot_rows, config.num_warps),
+            instructions=matmul_instructions(dtype_name, "ieee", dot_rows, num_warps),
             divisible_by_16=tuple(divisible),
         ))
 
     for dtype, head_dim, seq_len, plan in launch_plans():
         head = {"HEAD_DIM": head_dim, "BLOCK_D": triton.next_power_of_2(head_dim)}
-        forward, dkdv, dq = plan.forward, plan.dkdv, plan.dq
         # The rows (M side) of each kernel's tl.dot calls decide which tensor-core instruction fits.
-        add(_attention_forward_kernel, _FORWARD_SIGNATURE,
-            {**head, "BLOCK_M": forward.block_m, "BLOCK_N": forward.block_n}, forward, dtype, seq_len,
-            dot_rows=(forward.block_m,))
-        add(_attention_backward_dkdv_kernel, _DKDV_SIGNATURE,
-            {**head, "BLOCK_M": dkdv.block_m, "BLOCK_N": dkdv.block_n, "FUSE_DQ": dq is None}, dkdv, dtype, seq_len,
-            dot_rows=(dkdv.block_n,) if dq is not None else (dkdv.block_n, dkdv.block_m))
-        if dq is not None:
-            add(_attention_backward_dq_kernel, _DQ_SIGNATURE,
-                {**head, "BLOCK_M": dq.block_m, "BLOCK_N": dq.block_n}, dq, dtype, seq_len, dot_rows=(dq.block_m,))
+        if isinstance(plan, _WholeSequencePlan):
+            # Each dot has a part's rows or a query tile's on its M side: a query tile's in the
+            # forward and in dQ, a key part's in the backward's other four.
+            parts = {**head, "LEAD": plan.lead, "TAIL": plan.tail}
+            for kernel, signature, config, dot_rows in (
+                    (_attention_whole_forward_kernel, _FORWARD_SIGNATURE, plan.forward,
+                     (plan.forward.query_rows, plan.tail)),
+                    (_attention_whole_backward_kernel, _WHOLE_BACKWARD_SIGNATURE, plan.backward,
+                     (plan.backward.query_rows, plan.lead, plan.tail))):
+                add(kernel, signature, {**parts, "QUERY_ROWS": config.query_rows}, config.num_warps, 1, dtype,
+                    seq_len, tuple(rows for rows in dot_rows if rows))
+            continue
+        for kernel, signature, config, dot_rows in (
+                (_attention_forward_kernel, _FORWARD_SIGNATURE, plan.forward, (plan.forward.block_m,)),
+                (_attention_backward_dq_kernel, _DQ_SIGNATURE, plan.dq, (plan.dq.block_m,)),
+                (_attention_backward_dkdv_kernel, _DKDV_SIGNATURE, plan.dkdv, (plan.dkdv.block_n,))):
+            add(kernel, signature, {**head, "BLOCK_M": config.block_m, "BLOCK_N": config.block_n},
+                config.num_warps, config.num_stages, dtype, seq_len, dot_rows)
     return specs

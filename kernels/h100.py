@@ -194,9 +194,11 @@ def launcher_specialization(value: int) -> str:
 # What a kernel's matmuls compile to on an H100, as a KernelSpec declares it:
 #   HGMMA: Hopper's warpgroup MMA (wgmma), the full-rate tensor-core path;
 #   HMMA: Ampere's mma.sync, which Triton falls back to for tiles wgmma cannot take;
+#   HGMMA+HMMA: both, in a kernel with some dots of each kind (say 64-row main tiles and
+#     a 16-row tail tile);
 #   FMA: no tensor cores, dots on the FMA units (exact fp32, input_precision="ieee");
 #   none: the kernel has no tl.dot.
-INSTRUCTION_CLASSES = ("HGMMA", "HMMA", "FMA", "none")
+INSTRUCTION_CLASSES = ("HGMMA", "HGMMA+HMMA", "HMMA", "FMA", "none")
 # wgmma works on a warpgroup of 4 warps and 64 rows at a time.
 _WGMMA_ROWS, _WARPGROUP = 64, 4
 
@@ -207,13 +209,14 @@ def matmul_instructions(operand_dtype: str, input_precision: str, dot_rows, num_
     operand_dtype: "fp16", "bf16" or "fp32"; input_precision: what fp32 dots ask for
     ("ieee" runs on the FMA units, "tf32" on tensor cores); dot_rows: the M side of every
     tl.dot in the kernel. wgmma needs whole warpgroups and M a multiple of 64; smaller tiles
-    fall back to mma.sync.
+    fall back to mma.sync, each dot on its own.
     """
     if operand_dtype == "fp32" and input_precision == "ieee":
         return "FMA"
-    if num_warps % _WARPGROUP == 0 and all(rows % _WGMMA_ROWS == 0 for rows in dot_rows):
+    on_wgmma = [num_warps % _WARPGROUP == 0 and rows % _WGMMA_ROWS == 0 for rows in dot_rows]
+    if all(on_wgmma):
         return "HGMMA"
-    return "HMMA"
+    return "HGMMA+HMMA" if any(on_wgmma) else "HMMA"
 
 
 # ------------------------------------------------------------------------- compilation
@@ -276,7 +279,7 @@ REGISTER_WARNING = 240
 def found_instructions(result: CompileResult) -> str:
     """The instruction class the SASS shows, in KernelSpec.instructions' terms."""
     if result.uses_hgmma:
-        return "HGMMA"
+        return "HGMMA+HMMA" if result.uses_hmma else "HGMMA"
     if result.uses_hmma:
         return "HMMA"
     return "FMA" if result.uses_ffma else "none"

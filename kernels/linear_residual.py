@@ -336,13 +336,13 @@ def launch_costs(rows: int, in_features: int, out_features: int, activation_dtyp
 
     def scale_reads(traffic, row0, n):
         if samples:
-            traffic.read(fl.samples_touched(row0, n, per_sample), activation_dtype)
+            fl.read_scales(traffic, row0, n, per_sample, activation_dtype)
 
     forward = fl.Traffic()
     tiles = fl.rows_in_tiles(rows, forward_plan.block_m)
     for index, n in enumerate(tiles):
         forward.read(n * in_features, input_dtype)
-        forward.read(out_features * in_features + out_features, parameter_dtype)
+        forward.read(out_features * in_features + out_features, parameter_dtype, shared="parameters")
         forward.read(n * out_features, activation_dtype)
         scale_reads(forward, index * forward_plan.block_m, n)
         forward.write(n * out_features, activation_dtype)
@@ -361,7 +361,7 @@ def launch_costs(rows: int, in_features: int, out_features: int, activation_dtyp
         for q in range(q_tiles):
             width = min(forward_plan.block_q, in_features - q * forward_plan.block_q)
             weight.read(n * width, input_dtype)
-            weight.read(n * out_features, activation_dtype)
+            weight.read_rows("dy", row0, n, out_features, activation_dtype)
             scale_reads(weight, row0, n)
             weight.write(out_features * width, torch.float32)
             if q == 0:
@@ -375,7 +375,7 @@ def launch_costs(rows: int, in_features: int, out_features: int, activation_dtyp
     tiles = fl.rows_in_tiles(rows, input_plan.block_m)
     for index, n in enumerate(tiles):
         row_kernel.read(n * out_features, activation_dtype)
-        row_kernel.read(out_features * in_features, parameter_dtype)
+        row_kernel.read(out_features * in_features, parameter_dtype, shared="weight")
         scale_reads(row_kernel, index * input_plan.block_m, n)
         row_kernel.write(n * in_features, input_dtype)
     for slab_rows in fl.rows_in_tiles(out_features, fl.REDUCTION_SLAB):

@@ -1,23 +1,232 @@
-"""Print registers, spills, shared memory and matmul instructions of every kernel on an H100.
+"""Two reports on the kernels, neither needing a GPU: their cost at a transformer block's
+shape, and how every configuration compiles for an H100.
 
-    python -m kernels.report [--json PATH] [--sass-dir DIR] [--jobs N]
+    python -m kernels.report [--only cost|compile] [--batch 128 --seq-len 65 --dim 384 --heads 12
+                             --mlp-dim 384 --depth 7 --matmul-dtype bf16 --residual-dtype fp32]
+                             [--bandwidth 3.3 --peak 790] [--json PATH] [--sass-dir DIR] [--jobs N]
 
-Needs no GPU: every configuration the op modules' launch planners can pick is compiled for
-sm_90a by kernels.h100, in a fresh process (so it works under TRITON_INTERPRET=1 too).
-Exits non-zero when a kernel fails to compile or breaks a rule (spills, shared memory over
+Cost: each launch of one transformer block at the given shape (the model's by default: bf16
+matmuls under autocast with an fp32 residual stream), from the op modules' launch_costs()
+(kernels/cost.py's counting rules): HBM bytes read and written, bytes the programs load,
+useful and executed FLOPs, launches, and the floor (memory or arithmetic time, whichever is
+larger, at --bandwidth TB/s and --peak TFLOP/s); then per block and per training step
+(forward + backward, times depth) beside the targets. The block is composed from BLOCK_OPS;
+the torch ops the model runs around our kernels are rows of their own, marked "torch".
+
+Compile: every configuration the op modules' launch planners can pick, compiled for sm_90a by
+kernels.h100 in a fresh process (so it works under TRITON_INTERPRET=1 too). Exits non-zero
+when a kernel fails to compile or breaks a rule (spills, shared memory over
 SHARED_MEMORY_LIMIT, matmuls on another instruction class than the spec declares), so it
 can gate CI as well. Registers at REGISTER_WARNING or above are flagged, not failed.
 """
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Callable
 
-from kernels.h100 import (OP_MODULES, REGISTER_WARNING, SHARED_MEMORY_LIMIT, CompileOutcome, compile_isolated,
-                          found_instructions, toolchain_missing_reason)
+import torch
+
+from kernels._common import DTYPE_NAMES
+from kernels.cost import DEFAULT_BANDWIDTH, DEFAULT_PEAK_FLOPS, KernelCost, element_size
+from kernels.h100 import (INSTRUCTION_CLASSES, OP_MODULES, REGISTER_WARNING, SHARED_MEMORY_LIMIT, CompileOutcome,
+                          compile_isolated, found_instructions, toolchain_missing_reason)
+
+# ------------------------------------------------------------------------------ the block
+
+
+@dataclass(frozen=True)
+class BlockShape:
+    """A transformer block's sizes and precisions; the defaults are the model's training step."""
+    batch: int = 128
+    seq_len: int = 65  # 64 patches and the class token
+    dim: int = 384
+    heads: int = 12
+    mlp_dim: int = 384
+    depth: int = 7
+    matmul_dtype: torch.dtype = torch.bfloat16  # autocast's
+    residual_dtype: torch.dtype = torch.float32  # the residual stream and the parameters
+
+    @property
+    def rows(self) -> int:
+        return self.batch * self.seq_len
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.heads
+
+
+@dataclass(frozen=True)
+class BlockOp:
+    """One op of the block: what it computes there, where its costs come from ("module" for
+    module.launch_costs, or "module:function"), and the block's shape as its arguments."""
+    computes: str
+    costs: str
+    arguments: Callable[[BlockShape], dict]
+    ours: bool = True  # False: torch ops the model runs, counted by the same rules
+
+
+# vit/model.py's Block.forward, in order: its four seams, each one of our ops.
+BLOCK_OPS = (
+    BlockOp("norm1 + qkv linear", "kernels.layernorm_linear",
+            lambda s: dict(rows=s.rows, cols=s.dim, out_features=3 * s.dim, activation_dtype=s.residual_dtype,
+                           matmul_dtype=s.matmul_dtype, parameter_dtype=s.residual_dtype)),
+    BlockOp("attention", "kernels.attention",
+            lambda s: dict(batch=s.batch, seq_len=s.seq_len, num_heads=s.heads, head_dim=s.head_dim,
+                           dtype=s.matmul_dtype)),
+    BlockOp("proj linear + residual", "kernels.linear_residual",
+            lambda s: dict(rows=s.rows, in_features=s.dim, out_features=s.dim, activation_dtype=s.residual_dtype,
+                           input_dtype=s.matmul_dtype, matmul_dtype=s.matmul_dtype, parameter_dtype=s.residual_dtype)),
+    BlockOp("norm2 + mlp + residual", "kernels.layernorm_mlp",
+            lambda s: dict(rows=s.rows, cols=s.dim, hidden=s.mlp_dim, activation_dtype=s.residual_dtype,
+                           matmul_dtype=s.matmul_dtype, parameter_dtype=s.residual_dtype)),
+    # The block's input feeds norm1 and the projection's residual: autograd adds the two gradients.
+    BlockOp("block input gradient", "kernels.report:torch_gradient_sum_costs",
+            lambda s: dict(numel=s.rows * s.dim, dtype=s.residual_dtype), ours=False),
+)
+
+# Issue 13's targets per block at the model's shape, and the training step's (whole step, all
+# of its launches: the blocks are a part of it).
+BLOCK_FLOOR_TARGET_US = 50.0
+EXECUTED_PER_USEFUL_TARGET = 1.3
+LAUNCH_TARGETS = {"forward": 4, "backward": 8}
+STEP_LAUNCH_TARGET = 120
+
+
+def block_costs(shape: BlockShape, ops=BLOCK_OPS) -> list[tuple[BlockOp, KernelCost]]:
+    """Every launch of one block, forward and backward, with the op it belongs to."""
+    rows = []
+    for op in ops:
+        module_name, _, function_name = op.costs.partition(":")
+        launch_costs = getattr(importlib.import_module(module_name), function_name or "launch_costs")
+        rows += [(op, cost) for cost in launch_costs(**op.arguments(shape))]
+    return rows
+
+
+# -------------------------------------------------------------- torch ops around our kernels
+
+
+def torch_gradient_sum_costs(numel: int, dtype: torch.dtype) -> list[KernelCost]:
+    """Autograd's sum of two gradients of one tensor (backward only)."""
+    size = numel * element_size(dtype)
+    return [KernelCost(op="autograd", kernel="aten.add: gradient sum", phase="backward", launches=1,
+                       bytes_read=2 * size, bytes_written=size, useful_flops=0, executed_flops=0, library="torch")]
+
+
+# ------------------------------------------------------------------------- the cost report
+
+
+@dataclass(frozen=True)
+class Totals:
+    launches: int
+    bytes: int
+    useful_flops: int
+    executed_flops: int
+    floor_seconds: float
+
+    @classmethod
+    def of(cls, costs, bandwidth: float, peak_flops: float) -> Totals:
+        costs = list(costs)
+        return cls(launches=sum(c.launches for c in costs), bytes=sum(c.bytes for c in costs),
+                   useful_flops=sum(c.useful_flops for c in costs),
+                   executed_flops=sum(c.executed_flops for c in costs),
+                   floor_seconds=sum(c.floor_seconds(bandwidth, peak_flops) for c in costs))
+
+    @property
+    def executed_per_useful(self) -> float:
+        return self.executed_flops / self.useful_flops if self.useful_flops else float("nan")
+
+
+def _table(header: tuple[str, ...], rows: list[tuple[str, ...]], right_aligned_from: int) -> str:
+    widths = [max(len(row[column]) for row in [header, *rows]) for column in range(len(header))]
+
+    def line(row):
+        cells = [cell.rjust(width) if column >= right_aligned_from else cell.ljust(width)
+                 for column, (cell, width) in enumerate(zip(row, widths))]
+        return "  ".join(cells).rstrip()
+
+    return "\n".join([line(header), "  ".join("-" * width for width in widths), *map(line, rows)])
+
+
+def _megabytes(count: int | None) -> str:
+    return "-" if count is None else f"{count / 1e6:.2f}"
+
+
+def _gigaflops(count: int) -> str:
+    return f"{count / 1e9:.3f}"
+
+
+def cost_report(shape: BlockShape, bandwidth: float = DEFAULT_BANDWIDTH,
+                peak_flops: float = DEFAULT_PEAK_FLOPS) -> str:
+    """The cost tables at `shape`, as printed by `python -m kernels.report --only cost`."""
+    costs = block_costs(shape)
+    lines = [f"Cost of one transformer block: B={shape.batch} N={shape.seq_len} C={shape.dim} "
+             f"heads={shape.heads}x{shape.head_dim} MLP={shape.mlp_dim} depth={shape.depth}, "
+             f"{DTYPE_NAMES[shape.matmul_dtype]} matmuls, {DTYPE_NAMES[shape.residual_dtype]} residual stream; "
+             f"floor at {bandwidth / 1e12:g} TB/s and {peak_flops / 1e12:g} TFLOP/s "
+             "(kernels/cost.py's counting rules)", ""]
+
+    header = ("block op", "kernel", "phase", "by", "launches", "read MB", "written MB", "loaded MB",
+              "useful GFLOP", "executed GFLOP", "floor us")
+    rows = []
+    for phase in ("forward", "backward"):
+        for op, cost in costs:
+            if cost.phase != phase:
+                continue
+            by = "ours" if op.ours and cost.library == "triton" else ("ours: torch" if op.ours else "torch")
+            rows.append((op.computes, cost.kernel, phase, by, str(cost.launches), _megabytes(cost.bytes_read),
+                         _megabytes(cost.bytes_written), _megabytes(cost.bytes_loaded),
+                         _gigaflops(cost.useful_flops), _gigaflops(cost.executed_flops),
+                         f"{cost.floor_seconds(bandwidth, peak_flops) * 1e6:.2f}"))
+    lines += [_table(header, rows, right_aligned_from=4),
+              "by: ours = our Triton kernels; ours: torch = torch ops our op runs (casts, sums of partials); "
+              "torch = the model's own torch ops. loaded: what the programs load, re-reads included.", ""]
+
+    def summarize(selected):
+        totals = Totals.of(selected, bandwidth, peak_flops)
+        return totals, (f"{totals.launches}", f"{totals.bytes / 1e6:.1f}", _gigaflops(totals.useful_flops),
+                        _gigaflops(totals.executed_flops), f"{totals.executed_per_useful:.2f}",
+                        f"{totals.floor_seconds * 1e6:.1f}")
+
+    header = ("per block", "phase", "launches", "MB", "useful GFLOP", "executed GFLOP", "executed/useful",
+              "floor us", "target")
+    rows = []
+    block_totals = {}
+    for scope, select in (("our ops", lambda op, cost: op.ours), ("whole block", lambda op, cost: True)):
+        for phase in ("forward", "backward", "both"):
+            selected = [cost for op, cost in costs if select(op, cost) and phase in ("both", cost.phase)]
+            totals, cells = summarize(selected)
+            target = ""
+            if scope == "whole block":
+                block_totals[phase] = totals
+                if phase in LAUNCH_TARGETS:
+                    target = f"launches <= {LAUNCH_TARGETS[phase]}"
+                else:
+                    target = (f"floor <= {BLOCK_FLOOR_TARGET_US:g} us, "
+                              f"executed/useful <= {EXECUTED_PER_USEFUL_TARGET:g}")
+            rows.append((scope, phase, *cells, target))
+    lines += [_table(header, rows, right_aligned_from=2), ""]
+
+    both = block_totals["both"]
+    step_launches = both.launches * shape.depth
+    lines.append(f"Per training step (forward + backward of {shape.depth} blocks): {step_launches} launches "
+                 f"(target for the whole step, everything outside the blocks included: <= {STEP_LAUNCH_TARGET}), "
+                 f"{both.bytes * shape.depth / 1e6:.0f} MB, {both.useful_flops * shape.depth / 1e9:.1f} useful and "
+                 f"{both.executed_flops * shape.depth / 1e9:.1f} executed GFLOP, "
+                 f"floor {both.floor_seconds * shape.depth * 1e3:.3f} ms.")
+    met = {"block floor": both.floor_seconds * 1e6 <= BLOCK_FLOOR_TARGET_US,
+           "executed/useful": both.executed_per_useful <= EXECUTED_PER_USEFUL_TARGET,
+           **{f"{phase} launches": block_totals[phase].launches <= limit for phase, limit in LAUNCH_TARGETS.items()},
+           "step launches": step_launches <= STEP_LAUNCH_TARGET}
+    lines.append("Targets met: " + ", ".join(f"{name} {'yes' if ok else 'no'}" for name, ok in met.items()) + ".")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------- the compile report
 
 COLUMNS = ("kernel", "config", "warps", "stages", "registers", "spills (B)", "shared (KiB)", "declared", "found",
            "problems")
@@ -35,20 +244,7 @@ def _row(outcome: CompileOutcome) -> tuple[str, ...]:
                    outcome.instructions, found_instructions(result), "; ".join(notes))
 
 
-def _format_table(rows: list[tuple[str, ...]]) -> str:
-    widths = [max(len(row[column]) for row in [COLUMNS, *rows]) for column in range(len(COLUMNS))]
-    lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in [COLUMNS, *rows]]
-    lines.insert(1, "  ".join("-" * width for width in widths))
-    return "\n".join(lines)
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--json", type=Path, help="also write the results to this JSON file")
-    parser.add_argument("--sass-dir", type=Path, help="write each kernel's SASS into this directory")
-    parser.add_argument("--jobs", type=int, default=None, help="compiles at a time (default: one per CPU)")
-    args = parser.parse_args(argv)
-
+def compile_report(args) -> int:
     missing_tools = toolchain_missing_reason()
     if missing_tools is not None:
         print(f"cannot compile for H100: {missing_tools}", file=sys.stderr)
@@ -59,8 +255,8 @@ def main(argv: list[str] | None = None) -> int:
     flagged = [o for o in outcomes if o.result is not None and o.result.registers >= REGISTER_WARNING]
     print(f"Triton kernels compiled for H100 (sm_90a): every configuration the launch planners of "
           f"{', '.join(OP_MODULES)} can pick; shared memory limit {SHARED_MEMORY_LIMIT // 1024} KiB per block")
-    print(_format_table([_row(outcome) for outcome in outcomes]))
-    by_class = {name: sum(o.instructions == name for o in outcomes) for name in ("HGMMA", "HMMA", "FMA", "none")}
+    print(_table(COLUMNS, [_row(outcome) for outcome in outcomes], right_aligned_from=len(COLUMNS)))
+    by_class = {name: sum(o.instructions == name for o in outcomes) for name in INSTRUCTION_CLASSES}
     print(f"{len(outcomes)} configurations ({', '.join(f'{n} {name}' for name, n in by_class.items() if n)}): "
           f"{len(outcomes) - len(failed)} fit, {len(failed)} do not; {len(flagged)} at {REGISTER_WARNING}+ registers")
 
@@ -73,6 +269,43 @@ def main(argv: list[str] | None = None) -> int:
         args.json.write_text(json.dumps({"target": "sm_90a", "shared_memory_limit": SHARED_MEMORY_LIMIT,
                                          "register_warning": REGISTER_WARNING, "kernels": records}, indent=2) + "\n")
     return 1 if failed else 0
+
+
+# ------------------------------------------------------------------------------------ main
+
+_DTYPES = {name: dtype for dtype, name in DTYPE_NAMES.items()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", choices=("cost", "compile"), help="print one report (default: both)")
+    model = BlockShape()
+    shape = parser.add_argument_group("cost: the block's shape (default: the model's training step)")
+    for name in ("batch", "seq_len", "dim", "heads", "mlp_dim", "depth"):
+        shape.add_argument(f"--{name.replace('_', '-')}", type=int, default=getattr(model, name))
+    shape.add_argument("--matmul-dtype", choices=list(_DTYPES), default=DTYPE_NAMES[model.matmul_dtype])
+    shape.add_argument("--residual-dtype", choices=list(_DTYPES), default=DTYPE_NAMES[model.residual_dtype],
+                       help="the residual stream's and the parameters' dtype")
+    shape.add_argument("--bandwidth", type=float, default=DEFAULT_BANDWIDTH / 1e12, help="HBM bandwidth, TB/s")
+    shape.add_argument("--peak", type=float, default=DEFAULT_PEAK_FLOPS / 1e12, help="matmul peak, TFLOP/s")
+    compiling = parser.add_argument_group("compile")
+    compiling.add_argument("--json", type=Path, help="also write the compile results to this JSON file")
+    compiling.add_argument("--sass-dir", type=Path, help="write each kernel's SASS into this directory")
+    compiling.add_argument("--jobs", type=int, default=None, help="compiles at a time (default: one per CPU)")
+    args = parser.parse_args(argv)
+
+    if args.only != "compile":
+        block = BlockShape(batch=args.batch, seq_len=args.seq_len, dim=args.dim, heads=args.heads,
+                           mlp_dim=args.mlp_dim, depth=args.depth, matmul_dtype=_DTYPES[args.matmul_dtype],
+                           residual_dtype=_DTYPES[args.residual_dtype])
+        if block.dim % block.heads:
+            parser.error(f"--heads {block.heads} does not divide --dim {block.dim}")
+        print(cost_report(block, bandwidth=args.bandwidth * 1e12, peak_flops=args.peak * 1e12))
+        if args.only is None:
+            print()
+    if args.only == "cost":
+        return 0
+    return compile_report(args)
 
 
 if __name__ == "__main__":

@@ -2,10 +2,14 @@
 
 The kernel and PyTorch's own computation run in the same dtype on the same (rounded) inputs;
 both are compared with a float64 computation of the reference on those inputs. The kernel may
-be at most twice as far off as PyTorch, plus one rounding of the result itself
-(eps(dtype) * max|exact|), which covers the cases where PyTorch happens to be exact (one
-token, a single product). A NaN or infinity fails: outputs are NaN-poisoned in tests
-(the `poisoned_outputs` fixture), so an element no kernel writes cannot pass.
+be at most twice as far off as PyTorch (FlashAttention's rule), plus a floor at the scale of
+the exact values (error_floor): one rounding of the result in its own dtype, which covers the
+cases where PyTorch happens to be exact (one token, a single product), and FP32_NOISE_ULPS
+units of float32's last place, the noise of a kernel that accumulates in float32 in another
+order than PyTorch. The second term is negligible next to fp16/bf16 rounding, where the rule
+is the 2x rule; it matters for float32 inputs only. A NaN or infinity fails: outputs are
+NaN-poisoned in tests (the `poisoned_outputs` fixture), so an element no kernel writes cannot
+pass.
 
 Inputs are fresh random numbers each run (the `generator` fixture); every failure message
 carries the seed, so `torch.Generator().manual_seed(seed)` replays it.
@@ -13,9 +17,22 @@ carries the seed, so `torch.Generator().manual_seed(seed)` replays it.
 import torch
 
 
+# Float32 ulps a kernel's float32 result may carry beyond twice PyTorch's error. Measured: the
+# attention backward recomputes the probabilities from the saved log-sum-exp in base 2, whose
+# exponent carries an absolute rounding that grows with the score; over 240 seeds at its
+# noisiest shapes (N=17, float32, a few hundred gradient elements, so the max error is noisy)
+# it needed at most 3.2 ulps beyond 2x PyTorch's error. (With only the result's own rounding as
+# the floor, 1 seed in 30 failed.)
+FP32_NOISE_ULPS = 4
+
+
 def error_floor(dtype: torch.dtype, exact: torch.Tensor) -> float:
-    """One unit in the last place of dtype at the scale of the exact values."""
-    return torch.finfo(dtype).eps * exact.abs().max().item() if exact.numel() else 0.0
+    """One unit in the last place of dtype, plus FP32_NOISE_ULPS of float32's, at the scale of
+    the exact values."""
+    if not exact.numel():
+        return 0.0
+    ulps = torch.finfo(dtype).eps + FP32_NOISE_ULPS * torch.finfo(torch.float32).eps
+    return ulps * exact.abs().max().item()
 
 
 def max_error(value: torch.Tensor, exact: torch.Tensor) -> float:

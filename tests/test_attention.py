@@ -55,12 +55,16 @@ def _check_parity(generator, batch, seq_len, num_heads, head_dim, dtype, scale=N
 
 
 # (batch, seq_len, num_heads, head_dim). C = num_heads * head_dim is rarely a power of two.
+# Sequence lengths are odd: the last tile of every plan is partly masked. fp16 takes the
+# whole-sequence plan up to 128 tokens (fp32 up to 16), with the parts noted.
 PARITY_SHAPES = [
     (1, 1, 3, 16),     # one token: the softmax is exactly 1, C = 48
-    (3, 17, 3, 16),    # odd batch, keys masked inside one tile
-    (1, 65, 12, 32),   # the model's attention (C = 384) at batch 1
+    (3, 17, 3, 16),    # odd batch, keys masked inside one tile (a 32-token lead)
+    (1, 65, 12, 32),   # the model's attention (C = 384) at batch 1: 64 + a 16-token tail
     (3, 65, 2, 48),    # head_dim 48, padded to 64 columns
-    (1, 129, 2, 64),   # past one fused tile: streamed forward, split dq and dk/dv backward
+    (2, 79, 4, 16),    # 64 + 16 again, the backward's queries in 32-row tiles (head_dim 16)
+    (1, 127, 2, 16),   # one 128-token part, the backward's queries in 64-row tiles
+    (1, 129, 2, 64),   # past the whole-sequence plan: streamed forward, dq and dk/dv backward
     (1, 257, 1, 32),   # several key and query blocks per program
 ]
 
@@ -83,7 +87,7 @@ def test_default_scale_is_inverse_sqrt_head_dim(generator):
     assert not torch.equal(attention(qkv, 2), attention(qkv, 2, scale=0.5))
 
 
-@pytest.mark.parametrize("seq_len", [65, 129], ids=["fused-backward", "split-backward"])
+@pytest.mark.parametrize("seq_len", [65, 129], ids=["whole-sequence", "streaming"])
 def test_backward_is_deterministic(seq_len, generator):
     qkv, grad_out = _random_problem(generator, 3, seq_len, 2, 32, torch.float16)
     out_first, grad_first = _forward_backward(attention, qkv, grad_out, 2)
@@ -106,7 +110,7 @@ def _non_contiguous_views(batch, seq_len, width, dtype):
 
 
 # fp16: the interpreter runs its 64-token tiles faster than fp32's 32-token ones, and
-# N = 129 exercises the split backward. Contiguous inputs are checked against the
+# N = 129 exercises the streaming backward. Contiguous inputs are checked against the
 # reference above, so bit-equality with them is the whole check here.
 @pytest.mark.parametrize("layout", ["column-slice", "batch-transposed", "strided-columns"])
 @pytest.mark.parametrize("seq_len", [17, 129])
@@ -227,8 +231,9 @@ def test_interpreter_refuses_bf16():
 # ---------------------------------------------------------------------- GPU only
 
 # The model's attention: batch 128, 65 tokens (64 patches + class token), C = 384 in
-# 12 heads of 32. And a longer sequence for the split backward.
-GPU_SHAPES = [(128, 65, 12, 32), (8, 257, 6, 64)]
+# 12 heads of 32; the other whole-sequence plans (64 + 16 tokens on two warpgroups at head_dim
+# 64, one 128-token part); and a longer sequence for the streaming backward.
+GPU_SHAPES = [(128, 65, 12, 32), (32, 79, 6, 64), (16, 101, 4, 48), (8, 257, 6, 64)]
 
 
 @pytest.mark.gpu

@@ -85,13 +85,13 @@ def test_short_real_training_run_tracks_the_torch_backend_on_gpu(real_data_dir, 
     """The default model, bf16, 2 epochs on 10,000 real images: same seed, same data order,
     same initial weights, so the per-epoch losses of both backends differ only by the
     rounding of bf16 kernels, which compounds but stays small over 156 steps."""
-    from vit.trainer import TrainConfig, Trainer
+    from vit.trainer import TrainConfig, build_trainer
 
     runs = {}
     for backend in ("torch", "triton"):
         cfg = TrainConfig(epochs=2, warmup_epochs=1, device="cuda", precision="bf16", train_subset=10_000,
                           data_dir=str(real_data_dir), progress=False)
-        trainer = Trainer(ViTConfig(backend=backend), cfg, tmp_path / backend, log=lambda line: None)
+        trainer = build_trainer(ViTConfig(backend=backend), cfg, tmp_path / backend, log=lambda line: None)
         runs[backend] = [trainer.train_epoch(epoch)["train_loss"] for epoch in range(cfg.epochs)]
     for torch_loss, triton_loss in zip(runs["torch"], runs["triton"]):
         assert abs(triton_loss - torch_loss) < 0.03 * torch_loss, runs

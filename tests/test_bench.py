@@ -1,77 +1,144 @@
 """The benchmark suite (`python -m bench`) runs end to end on a CPU and writes complete,
-honestly labelled results; its measuring parts compute what they claim.
+honestly labelled results within its file limit; its measuring parts compute what they claim;
+a failure of our own code is a FAILED row and a non-zero exit, a peer that cannot run is
+skipped with its reason.
 
-The smoke run is one subprocess shared by the tests that read its outputs (~40 s alone on
-2 cores, --quick sizes, Triton through its interpreter).
+The smoke run is one subprocess shared by the tests that read its outputs (~60 s alone on
+2 cores, --quick sizes, synthetic images, Triton through its interpreter).
 """
 import csv
+import io
 import json
 import math
+import re
 import subprocess
 import sys
 import time
-from dataclasses import fields
+import zipfile
 from pathlib import Path
 
 import pytest
 import torch
 
 from bench import augmentation as ab
+from bench import datasets
 from bench import kernels as kb
+from bench import run as bench_run
 from bench import training as tb
 from bench.budget import Budget
+from bench.compiling import CompilePolicy
 from bench.measure import _quantile, time_cpu
+from bench.outputs import ARCHIVE, Outputs
+from bench.report import PLOTS, ours_failures
 
 REPO = Path(__file__).resolve().parents[1]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+FILE_NAME = re.compile(r"^[A-Za-z0-9._-]+$")  # what the GPU machine sends back
 
 
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench") / "out"
     started = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "bench", "--quick", "--device", "cpu", "--out", str(out)],
-                          cwd=REPO, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run([sys.executable, "-m", "bench", "--quick", "--device", "cpu", "--data", "synthetic",
+                           "--out", str(out)], cwd=REPO, capture_output=True, text=True, timeout=900)
     seconds = time.perf_counter() - started
     assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
     return {"out": out, "stdout": proc.stdout, "seconds": seconds,
-            "results": json.loads((out / "results.json").read_text())}
+            "results": json.loads((out / "results.json").read_text()),
+            "report": (out / "report.md").read_text()}
+
+
+def _archive(out: Path) -> dict:
+    with zipfile.ZipFile(out / ARCHIVE) as archive:
+        return {name: archive.read(name) for name in archive.namelist()}
 
 
 # ------------------------------------------------------------------------------- the smoke run
 
 def test_smoke_run_is_labelled_and_records_where_it_ran(smoke):
     r = smoke["results"]
-    assert r["label"] == "CPU smoke" and r["smoke"] is True and r["quick"] is True
+    assert r["label"] == "CPU smoke, synthetic images" and r["smoke"] is True and r["quick"] is True
+    assert r["complete"] is True and r["phase_running"] is None
+    assert r["phases_done"] == ["peaks", "kernels", "augmentation", "training", "sweeps"]
     assert r["device"].startswith("cpu") and r["device_type"] == "cpu"
     for package in ("python", "torch", "triton", "cuda"):
         assert package in r["versions"]
     assert r["versions"]["torch"] == torch.__version__ and r["versions"]["triton"]
     assert r["commit"]["commit"] and r["commit"]["commit"] != "unknown"
-    assert r["command"][-5:] == ["--quick", "--device", "cpu", "--out", str(smoke["out"])]
-    assert r["phase_errors"] == []
+    assert r["command"][-7:] == ["--quick", "--device", "cpu", "--data", "synthetic", "--out", str(smoke["out"])]
+    assert r["phase_errors"] == [] and ours_failures(r) == []
     assert isinstance(r["trimmed"], list) and all(t["what"] and t["why"] for t in r["trimmed"])
     assert r["peaks"]["matmul_tflops"] > 0 and r["peaks"]["copy_gbps"] > 0
-    assert "CPU smoke" in smoke["stdout"]
+    assert "CPU smoke" in smoke["stdout"] and "synthetic images: accuracy meaningless" in smoke["stdout"]
     # Budget: the default 510 s, and the run told how long it took.
     assert r["budget_seconds"] == 510 and 0 < r["elapsed_seconds"] < r["budget_seconds"]
+
+
+def test_synthetic_data_is_said_everywhere_and_accuracy_is_never_a_result(smoke):
+    r, report = smoke["results"], smoke["report"]
+    assert r["data"] == {"kind": "synthetic", "source": r["data"]["source"], "note": datasets.SYNTHETIC_NOTE,
+                         "accuracy_valid": False, "train_images": 50_000, "test_images": 10_000}
+    assert "synthetic images" in report.splitlines()[0]
+    assert "**Synthetic images.**" in report and "test accuracy is meaningless" in report
+    for row in r["training"]:
+        assert row["accuracy_valid"] is False
+        if row["status"] == "ok":
+            assert row["accuracy_note"] == "meaningless: synthetic images"
+            assert f"| {row['name']} | {row['owner']} | eager | " in report
+    assert report.count("n/a (synthetic)") == sum(row["status"] == "ok" for row in r["training"])
+    # No accuracy plot of random labels; every CSV row says what it is.
+    assert PLOTS["accuracy_vs_time"] not in r["files"]["archived"]
+    assert "Test accuracy against time: not drawn (synthetic images)." in report
+    table = list(csv.DictReader(io.StringIO(_archive(smoke["out"])["training.csv"].decode())))
+    assert table and all(row["run_label"] == r["label"] and row["data"] == "synthetic" for row in table)
+
+
+def test_the_run_writes_at_most_8_files_with_names_a_gpu_machine_returns(smoke):
+    out, files = smoke["out"], smoke["results"]["files"]
+    on_disk = sorted(p.name for p in out.iterdir())
+    assert all(p.is_file() for p in out.iterdir()) and len(on_disk) <= 8
+    assert on_disk == sorted(files["standalone"]) and all(FILE_NAME.match(name) for name in on_disk)
+    assert files["standalone"][:4] == ["results.json", "report.md", ARCHIVE, "log.txt"]
+    archive = _archive(out)
+    assert set(archive) == {"kernels.csv", "training.csv", "log.txt", *[n for n in files["archived"] if n.endswith(".png")]}
+    assert archive["log.txt"].decode().startswith("bench: CPU smoke, synthetic images")
+    for name in [n for n in on_disk if n.endswith(".png")]:
+        assert (out / name).read_bytes() == archive[name]
+    report = smoke["report"]
+    assert f"Beside this report: {', '.join(files['standalone'])}" in report
+
+
+def test_headline_comparisons_come_first_in_the_report(smoke):
+    report = smoke["report"]
+    sections = [line for line in report.splitlines() if line.startswith("## ")]
+    assert sections[0] == "## Headline"
+    headline = report.split("## Headline")[1].split("\n## ")[0]
+    assert "attention forward+backward: ours" in headline and "SDPA's fastest backend here (sdpa " in headline
+    assert "attention, ours against torch.compile (auto): torch.compile (auto) skipped" in headline
+    assert "whole training step (the loader's batch included), triton fp32:" in headline
+    assert "the full recipe (200 epochs) with triton fp32, projected from this run" in headline
 
 
 def test_every_kernel_provider_is_timed_and_checked_or_skipped_with_a_reason(smoke):
     rows = smoke["results"]["kernels"]
     model_rows = [row for row in rows if "model" in row["in_sweeps"]]
     device = torch.device("cpu")
+    names = {op: [p.name for p in kb.providers(op, device)] + ["torch.compile (auto)"] for op in kb.OPS}
     for op in kb.OPS:
-        for provider in kb.providers(op, device):
+        for name in names[op]:
             for mode in kb.MODES:
-                matching = [row for row in model_rows
-                            if (row["op"], row["provider"], row["mode"]) == (op, provider.name, mode)]
-                assert len(matching) == 1, (op, provider.name, mode)
+                matching = [row for row in model_rows if (row["op"], row["provider"], row["mode"]) == (op, name, mode)]
+                assert len(matching) == 1, (op, name, mode)
+        # The headline order: ours first, the eager reference after SDPA's backends, compile last.
+        order = list(dict.fromkeys(row["provider"] for row in model_rows if row["op"] == op))
+        assert order == names[op]
     for row in rows:
+        assert row["owner"] == ("ours" if row["provider"] in (kb.OURS, kb.EAGER) else "peer")
         if row["status"] == "skipped":
             assert row["skipped_reason"], row
             continue
-        assert row["status"] == "ok"
+        assert row["status"] == "ok", row
         for key in ("median_ms", "p20_ms", "p80_ms", "tflops", "gbps", "compute_floor_fraction",
                     "memory_floor_fraction", "max_error", "max_error_forward", "max_error_grad"):
             assert isinstance(row[key], float) and math.isfinite(row[key]) and row[key] >= 0, (key, row)
@@ -87,14 +154,14 @@ def test_smoke_run_skips_what_cannot_run_here_with_the_reason(smoke):
     rows = smoke["results"]["kernels"]
     compiled = [row for row in rows if row["provider"].startswith("torch.compile")]
     assert compiled and all(row["status"] == "skipped" and "compile time dominates" in row["skipped_reason"]
-                            for row in compiled)
+                            and row["compile_mode"] is None for row in compiled)
     # No CUDA here: SDPA's CUDA-only backends have no kernel, and say so.
     for backend in ("sdpa efficient", "sdpa cudnn"):
         assert all(row["status"] == "skipped" and row["skipped_reason"]
                    for row in rows if row["provider"] == backend)
     # Ours runs through the interpreter; the reference runs everywhere.
     for op in kb.OPS:
-        for provider in ("triton (ours)", "torch (eager)"):
+        for provider in (kb.OURS, kb.EAGER):
             assert any(row["status"] == "ok" for row in rows if row["op"] == op and row["provider"] == provider)
 
 
@@ -104,27 +171,53 @@ def test_kernel_sweeps_cover_batch_size_and_sequence_length(smoke):
                                 ("seq_len", "seq_len", kb.QUICK_SWEEP_SEQ_LENS)):
         for op in kb.OPS:
             measured = {row["shape"][axis] for row in rows
-                        if row["op"] == op and row["provider"] == "torch (eager)" and sweep in row["in_sweeps"]}
+                        if row["op"] == op and row["provider"] == kb.EAGER and sweep in row["in_sweeps"]}
             assert measured == set(values), (sweep, op, measured)
 
 
 def test_every_training_configuration_is_measured_or_skipped_with_a_reason(smoke):
-    rows = {row["name"]: row for row in smoke["results"]["training"]}
-    assert list(rows) == [c.name for c in tb.training_configs(torch.device("cpu"))]
+    results = smoke["results"]
+    rows = {row["name"]: row for row in results["training"]}
+    configs = tb.training_configs(torch.device("cpu"))
+    assert list(rows) == [c.name for c in configs]
+    assert [row["key"] for row in rows.values()] == [c.key for c in configs]
+    # The headline pair first: ours, then torch bf16 + torch.compile.
+    assert [c.key for c in configs[:2]] == ["triton", "torch-bf16-compile"]
     ran = [row for row in rows.values() if row["status"] == "ok"]
-    assert {"torch fp32", "torch bf16", "timm ViT bf16"} <= {row["name"] for row in ran}
+    assert {"triton fp32", "torch fp32", "torch bf16", "timm ViT bf16"} <= {row["name"] for row in ran}
+    host = results["host_work"]
+    assert host["gap_seconds"] > 0 and host["write_seconds"] > 0 and len(host["gaps_seconds"]) == tb.HOST_WORK_EPOCHS - 1
+    warmup = results["settings"]["training"]["warmup_steps"]
     for row in ran:
         assert row["images_per_second"] > 0 and row["epoch_seconds"] > 0 and row["eval_seconds"] > 0
+        assert row["step_ms"] == pytest.approx(1e3 * results["settings"]["training"]["batch_size"]
+                                               / row["images_per_second"])
         assert 0 <= row["test_acc"] <= 1 and 0 <= row["data_wait_share"] <= 1
-        assert "peak_memory" in row and row["peak_memory"] is None and row["peak_memory_note"]
-        assert row["projected_200_epoch_seconds"] >= 200 * (row["epoch_seconds"] + row["eval_seconds"])
-        warmup = smoke["results"]["settings"]["training"]["warmup_steps"]
+        assert row["peak_memory"] is None and row["peak_memory_note"]
+        # The projection adds the per-epoch host work measured in this run, at this row's epoch length.
+        assert row["host_work_seconds"] == pytest.approx(
+            tb.host_seconds_per_epoch(host, row["epoch_seconds"] + row["eval_seconds"]))
+        assert row["host_work_seconds"] >= host["gap_seconds"]
+        assert row["projected_200_epoch_seconds"] == pytest.approx(
+            row["overhead_seconds"] + 200 * (row["epoch_seconds"] + row["eval_seconds"] + row["host_work_seconds"]))
         assert row["measured_steps"] >= 3 and row["steps_run"] == row["measured_steps"] + warmup
         # The accuracy-against-time curve starts untrained at 0 s and ends at the reported accuracy.
         assert row["accuracy_curve"][0][0] == 0.0 and len(row["accuracy_curve"]) == row["epochs_run"] + 1
         assert row["accuracy_curve"][-1][1] == row["test_acc"]
+        # Eager configurations: the device work of a step, counted by dispatch.
+        counts = row["counts"]
+        assert counts["steps_counted"] == results["settings"]["training"]["count_steps"]
+        assert counts["launches_per_step"] == counts["aten_launches_per_step"] + counts["triton_launches_per_step"]
+        assert counts["launches_per_step"] > 0 and counts["loader_launches_per_image"] > 0
+        assert counts["loader_images_counted"] == 48  # the whole (--quick) epoch
+        assert counts["launches_per_step_with_loader"] == pytest.approx(
+            counts["launches_per_step"] + 8 * counts["loader_launches_per_image"])
+        assert (counts["triton_launches_per_step"] > 0) == (row["backend"] == "triton" and row["model"] == "ours")
+        assert counts["syncs_in_counted_epoch"] >= counts["syncs_per_step"] * counts["steps_counted"]
     for row in rows.values():
         assert row["status"] in ("ok", "skipped"), row  # "failed": a configuration crashed
+        assert row["owner"] == ("peer" if row["model"] == "timm" or row["key"].startswith("torch-") and row["compile"]
+                                else "ours")
         if row["status"] != "ok":
             assert row["skipped_reason"], row
         if row["compile"]:
@@ -144,55 +237,179 @@ def test_augmentation_alone_is_timed_at_the_training_batch_size_and_reported(smo
         assert r["status"] == "ok", r
         assert r["p20_ms"] <= r["median_ms"] <= r["p80_ms"]
         assert r["images_per_second"] == pytest.approx(r["batch_size"] / (r["median_ms"] / 1e3))
-    report = (smoke["out"] / "report.md").read_text()
+    report = smoke["report"]
     assert "## Augmentation alone" in report
     share = ab.step_share(rows, results["training"], batch_size)
-    if share is None:
-        assert "Share of a triton-backend training step" in report and "not available" in report
-    else:
-        assert f"**{share[0]:.1%}** of a training step of `{share[1]}`" in report
+    assert share is not None and f"**{share[0]:.1%}** of a training step of `{share[1]}`" in report
 
 
-def test_augmentation_step_share_divides_by_the_eager_triton_step():
-    augmentation = [{"batch_size": 128, "status": "ok", "median_ms": 0.5},
-                    {"batch_size": 512, "status": "ok", "median_ms": 1.0}]
-    training = [
-        {"name": "torch bf16", "status": "ok", "model": "ours", "backend": "torch", "compile": False,
-         "cuda_graphs": False, "images_per_second": 10_000.0},
-        {"name": "triton bf16 compiled", "status": "ok", "model": "ours", "backend": "triton", "compile": True,
-         "cuda_graphs": False, "images_per_second": 64_000.0},
-        {"name": "triton bf16", "status": "ok", "model": "ours", "backend": "triton", "compile": False,
-         "cuda_graphs": False, "images_per_second": 25_600.0},  # 5 ms per step of 128
-    ]
-    assert ab.step_share(augmentation, training, 128) == (pytest.approx(0.1), "triton bf16")
-    assert ab.step_share(augmentation, training, 256) is None  # no augmentation timing there
-    assert ab.step_share(augmentation, training[:1], 128) is None  # no triton row
-
-
-def test_plots_and_report_are_written_and_labelled_smoke(smoke):
+def test_plots_are_valid_and_labelled(smoke):
     from PIL import Image
 
     out, results = smoke["out"], smoke["results"]
-    assert len(results["plots"]) == 4
-    for name in results["plots"]:
-        data = (out / name).read_bytes()
-        assert data[:8] == PNG_SIGNATURE, name
-        with Image.open(out / name) as image:
+    archive = _archive(out)
+    drawn = [name for name in results["files"]["archived"] if name.endswith(".png")]
+    assert sorted(drawn) == sorted([PLOTS["images_per_second"], PLOTS["batch"], PLOTS["seq_len"]])
+    for name in drawn:
+        assert archive[name][:8] == PNG_SIGNATURE, name
+        with Image.open(io.BytesIO(archive[name])) as image:
             image.verify()
             assert image.size[0] > 300 and image.size[1] > 200
-    report = (out / "report.md").read_text()
-    assert report.splitlines()[0].endswith("CPU smoke")
+    report = smoke["report"]
+    assert report.splitlines()[0].endswith("CPU smoke, synthetic images")
     assert "not performance numbers" in report
-    for name in results["plots"]:
+    for name in drawn:
         assert f"]({name})" in report
     for row in results["training"]:
         assert row["name"] in report
-    if tb.CUDA_GRAPH_FIELD not in {f.name for f in fields(tb.TrainConfig)}:
-        assert "trainer has no CUDA-graph mode" in report
-    for name, rows in (("kernels.csv", results["kernels"]), ("training.csv", results["training"])):
-        with open(out / name, newline="") as f:
-            table = list(csv.DictReader(f))
-        assert len(table) == len(rows) and all(row["run_label"] == "CPU smoke" for row in table)
+    assert "--cuda-graph needs a CUDA device" in report
+    with zipfile.ZipFile(out / ARCHIVE) as zipped:
+        table = list(csv.DictReader(io.StringIO(zipped.read("kernels.csv").decode())))
+    assert len(table) == len(results["kernels"]) and all(row["run_label"] == results["label"] for row in table)
+
+
+# ------------------------------------------------------------------------------- failures and skips
+
+@pytest.fixture
+def keep_threads(monkeypatch):
+    """bench.run.main sets one torch thread on a CPU: not for the rest of this test process."""
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: None)
+
+
+def _provider(owner, error):
+    def build(shape):
+        raise error
+    return kb.Provider("p", "attention", "test provider", build, owner=owner)
+
+
+@pytest.mark.parametrize("owner, error, status", [
+    ("ours", RuntimeError("boom"), "failed"),
+    ("ours", kb.Unavailable("not importable"), "failed"),
+    ("peer", RuntimeError("boom"), "failed"),
+    ("peer", kb.Unavailable("no CUDA"), "skipped"),
+    ("peer", RuntimeError("No available kernel. Aborting execution."), "skipped"),
+], ids=["ours-crash", "ours-missing", "peer-crash", "peer-unavailable", "peer-no-sdpa-kernel"])
+def test_a_crash_is_failed_and_only_an_unavailable_peer_is_skipped(owner, error, status):
+    rows = kb.measure_shape("attention", kb.QUICK_SHAPE, _provider(owner, error), kb.MODES, torch.float32,
+                            torch.device("cpu"), {"matmul_tflops": 1.0, "copy_gbps": 1.0}, ["model"], quick=True)
+    assert [r.status for r in rows] == [status] * 3 and all(r.owner == owner and r.skipped_reason for r in rows)
+    if status == "failed":
+        assert all(r.skipped_reason.startswith("crashed: ") for r in rows)
+
+
+def test_our_kernel_with_wrong_results_fails_its_row():
+    common = dict(op="attention", mode="forward", provider_description="", shape={"batch": 2}, dtype="float32",
+                  in_sweeps=["model"], status="ok")
+    eager = kb.KernelRow(provider=kb.EAGER, owner="ours", max_error_forward=1e-6, max_error_grad=1e-6, **common)
+    good = kb.KernelRow(provider=kb.OURS, owner="ours", max_error_forward=5e-6, max_error_grad=2e-6, **common)
+    assert kb.fail_wrong_results([eager, good]) == [] and good.status == "ok"
+    wrong = kb.KernelRow(provider=kb.OURS, owner="ours", max_error_forward=1e-6, max_error_grad=1e-3, **common)
+    nan = kb.KernelRow(provider=kb.OURS, owner="ours", max_error_forward=float("nan"), max_error_grad=0.0, **common)
+    assert len(kb.fail_wrong_results([eager, wrong, nan])) == 2
+    assert wrong.status == nan.status == "failed" and "wrong results: gradient" in wrong.skipped_reason
+
+
+def test_a_crash_of_our_kernels_is_a_failed_row_and_a_non_zero_exit(monkeypatch, tmp_path, capsys, keep_threads):
+    def broken(*args, **kwargs):
+        raise RuntimeError("kernel exploded")
+
+    real_import = kb._import_kernel
+    monkeypatch.setattr(kb, "_import_kernel", lambda module, name: broken if module == "kernels.attention"
+                        else real_import(module, name))
+    monkeypatch.setattr(kb, "OPS", ("attention",))
+    out = tmp_path / "out"
+    code = bench_run.main(["--device", "cpu", "--only", "kernels", "--budget-seconds", "4", "--out", str(out)])
+    assert code == 1
+    results = json.loads((out / "results.json").read_text())
+    failed = [r for r in results["kernels"] if r["status"] == "failed"]
+    assert failed and all(r["provider"] == kb.OURS and "kernel exploded" in r["skipped_reason"] for r in failed)
+    report = (out / "report.md").read_text()
+    assert "> **FAILED.** Our own code failed here" in report and "FAILED (ours): crashed: RuntimeError" in report
+    assert "FAILED: kernel attention" in capsys.readouterr().out
+
+
+def test_a_crash_of_our_trainer_is_a_failed_row_and_a_non_zero_exit(monkeypatch, tmp_path, keep_threads):
+    def broken(self, epoch):
+        raise RuntimeError("trainer exploded")
+
+    monkeypatch.setattr(tb.Trainer, "train_epoch", broken)
+    out = tmp_path / "out"
+    code = bench_run.main(["--device", "cpu", "--only", "training", "--data", "synthetic", "--training-configs",
+                           "torch-fp32", "--out", str(out), "--budget-seconds", "60"])
+    assert code == 1
+    results = json.loads((out / "results.json").read_text())
+    (row,) = results["training"]
+    assert row["status"] == "failed" and row["owner"] == "ours" and "trainer exploded" in row["skipped_reason"]
+    assert "> **FAILED.**" in (out / "report.md").read_text()
+
+
+def test_timm_missing_is_a_skipped_peer_with_its_reason(monkeypatch):
+    monkeypatch.setitem(sys.modules, "timm.models.vision_transformer", None)  # import fails
+    config = next(c for c in tb.training_configs(torch.device("cpu")) if c.key == "timm-bf16")
+    reason = tb.unavailable_reason(config, torch.device("cpu"), CompilePolicy("auto", "cpu"))
+    assert config.owner == "peer" and reason.startswith("timm cannot be imported")
+
+
+def test_real_data_missing_stops_before_writing_and_never_downloads(monkeypatch, tmp_path, capsys, keep_threads):
+    monkeypatch.setattr(datasets, "default_locations", lambda: [tmp_path / "nowhere"])
+    out = tmp_path / "out"
+    assert bench_run.main(["--device", "cpu", "--only", "training", "--out", str(out)]) == 2
+    message = capsys.readouterr().err
+    assert "CIFAR-10 not found" in message and "--download" in message and "--data synthetic" in message
+    assert not out.exists() and not (tmp_path / "nowhere").exists()
+
+
+def test_unknown_training_configuration_is_a_usage_error(capsys, keep_threads):
+    with pytest.raises(SystemExit) as exit_info:
+        bench_run.main(["--device", "cpu", "--training-configs", "triton,warp-drive"])
+    assert exit_info.value.code == 2
+    assert "unknown warp-drive; known: triton, torch-bf16-compile" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------- budget and files
+
+def test_compile_mode_is_chosen_per_row_from_what_fits():
+    policy = CompilePolicy("auto", "cuda")
+    assert policy.choose("kernel", 1000) == ("max-autotune", "")
+    assert policy.choose("kernel", 60) == ("default", "")
+    mode, why = policy.choose("kernel", 5)
+    assert mode is None and why.startswith("trimmed by the budget") and "mode default takes ~" in why
+    assert policy.choose("training", 1000) == ("default", "")  # a whole-model max-autotune costs minutes
+    policy.record("kernel", "default", 3.0)
+    assert policy.estimate("kernel", "default") == (3.0, "measured in this run") and policy.choose("kernel", 5)[0]
+    explicit = CompilePolicy("max-autotune", "cuda")
+    assert explicit.choose("kernel", 60)[0] is None and explicit.choose("kernel", 1000)[0] == "max-autotune"
+    assert CompilePolicy("auto", "cpu", skip_reason="nope").choose("kernel", 1e9) == (None, "nope")
+
+
+def test_phase_deadlines_leave_the_training_rows_what_they_need():
+    budget = Budget(total_seconds=200)
+    all_phases = bench_run.PHASES
+    few = bench_run.phase_deadlines(budget, all_phases, training_seconds=20)
+    many = bench_run.phase_deadlines(budget, all_phases, training_seconds=1000)
+    assert few["sweeps"] == budget.end() - 15 and few["training"] == few["sweeps"] - 30
+    assert few["kernels"] == few["training"] - 20  # the kernels may use what training will not need
+    assert many["kernels"] == budget.start + 0.35 * 200  # but always get their share
+    kernels_only = bench_run.phase_deadlines(budget, ("kernels", "sweeps"), 0)
+    assert kernels_only["kernels"] == budget.end() - 15 - 60
+
+
+def test_outputs_keep_within_the_file_limit_and_push_plots_into_the_archive(tmp_path):
+    results = {"kernels": [], "training": [], "label": "test"}
+    outputs = Outputs(tmp_path / "a", max_files=5)
+    outputs.log("hello")
+    outputs.plots = {PLOTS["batch"]: b"batch", PLOTS["seq_len"]: b"seq"}
+    files = outputs.file_plan()
+    assert files["standalone"] == ["results.json", "report.md", ARCHIVE, "log.txt", PLOTS["batch"]]
+    outputs.plots[PLOTS["images_per_second"]] = b"ips"  # drawn later, with a higher priority
+    assert outputs.file_plan()["standalone"][-1] == PLOTS["images_per_second"]
+    three = Outputs(tmp_path / "b", max_files=3)
+    assert three.file_plan()["standalone"] == ["results.json", "report.md", ARCHIVE] and not three.live_log
+    assert not (tmp_path / "b" / "log.txt").exists()
+    with pytest.raises(ValueError):
+        Outputs(tmp_path / "c", max_files=2)
+    with zipfile.ZipFile(io.BytesIO(outputs._archive(results))) as archive:
+        assert archive.read("log.txt") == b"hello\n" and archive.read(PLOTS["seq_len"]) == b"seq"
 
 
 # ------------------------------------------------------------------------------- the measuring parts
@@ -272,6 +489,35 @@ def test_timed_loader_stops_at_the_deadline_after_the_minimum_steps():
     assert len(steps) == 3
 
 
+class _Batches(_FakeLoader):
+    """Batches of 4 images made in a chunk of two batches: the loader's work falls on every other step."""
+
+    def __iter__(self):
+        for step in range(self.steps):
+            if step % 2 == 0:
+                chunk = torch.ones(8) * step  # 2 launches (ones, mul) for two batches
+            yield chunk[4 * (step % 2):4 * (step % 2 + 1)], None
+
+
+def test_counting_loader_tells_the_step_from_the_loader():
+    from bench.counts import DeviceWorkCounter
+
+    counter = DeviceWorkCounter()
+    loader = tb.CountingLoader(_Batches(steps=6, fetch_seconds=0), steps=3, counter=counter)
+    assert len(loader) == 3
+    with counter:
+        for images, _ in loader:
+            (images + 1).sum().item()  # the "step": 2 launches and a sync
+        torch.zeros(1).item()  # after the steps: the epoch's own sync
+    summary = loader.summary(total=counter.counts.as_dict())
+    assert summary["steps_counted"] == 3 and summary["launches_per_step"] == 2 and summary["syncs_per_step"] == 1
+    assert summary["syncs_in_counted_epoch"] == 4
+    # The loader over its whole epoch: 3 chunks of 2 launches for 24 images.
+    whole = tb.count_loader_epoch(_Batches(steps=6, fetch_seconds=0), epoch=1)
+    assert whole == {"loader_launches_per_image": 0.25, "loader_syncs_per_epoch": 0,
+                     "loader_host_to_device_copies_per_epoch": 0, "loader_images_counted": 24}
+
+
 def test_sweep_points_measure_each_shape_once_with_the_model_shape_first():
     points = kb.sweep_points(kb.MODEL_SHAPE, kb.SWEEP_BATCH_SIZES, kb.SWEEP_SEQ_LENS)
     assert points[0].shape == kb.MODEL_SHAPE and set(points[0].in_sweeps) == {"model", "batch", "seq_len"}
@@ -284,3 +530,12 @@ def test_budget_records_what_it_trims():
     assert budget.end() == budget.start + 10 and 0 <= budget.elapsed() < 1
     budget.trim("training x", "no time")
     assert budget.trimmed[0]["what"] == "training x" and budget.trimmed[0]["why"] == "no time"
+
+
+def test_synthetic_images_have_cifar10s_shape_and_sizes():
+    data = datasets.load("synthetic", None, download=False)
+    images = data.images
+    assert images.train_images.shape == (50_000, 3, 32, 32) and images.train_images.dtype == torch.uint8
+    assert images.test_images.shape == (10_000, 3, 32, 32) and images.test_labels.shape == (10_000,)
+    assert 0 <= int(images.train_labels.min()) and int(images.train_labels.max()) == 9
+    assert not data.accuracy_valid and data.describe()["note"] == datasets.SYNTHETIC_NOTE

@@ -8,7 +8,8 @@ from pathlib import Path
 import torch
 
 import train
-from vit.trainer import Trainer, load_checkpoint
+from vit.checkpoint import load_checkpoint
+from vit.trainer import Trainer
 
 REPO = Path(train.__file__).resolve().parent
 TINY = ["--device", "cpu", "--depth", "1", "--dim", "32", "--heads", "2", "--mlp-dim", "32", "--no-progress",

@@ -169,7 +169,8 @@ def _as_jit(kernel):
 
 def test_instruction_class_rule():
     assert h100.matmul_instructions("bf16", "ieee", (64, 128), 8) == "HGMMA"
-    assert h100.matmul_instructions("fp16", "ieee", (64, 32), 8) == "HMMA"  # a 32-row dot
+    assert h100.matmul_instructions("fp16", "ieee", (64, 32), 8) == "HGMMA+HMMA"  # and a 32-row dot
+    assert h100.matmul_instructions("fp16", "ieee", (32, 16), 4) == "HMMA"
     assert h100.matmul_instructions("bf16", "ieee", (64,), 2) == "HMMA"  # no whole warpgroup
     assert h100.matmul_instructions("fp32", "ieee", (64,), 8) == "FMA"
     assert h100.matmul_instructions("fp32", "tf32", (64,), 8) == "HGMMA"
@@ -214,17 +215,23 @@ def test_ptxas_log_parsing_sums_spills_over_functions():
 
 def test_every_planner_configuration_is_a_spec():
     """The specs come from the planners: each (dtype, head dim, sequence-length regime) plan of
-    the attention wrapper, fused and split backward, and each LN+MLP variant, rows included."""
+    the attention wrapper, whole-sequence (with and without a tail part) and streaming, and
+    each panel width and dtype variant of the fused linear ops."""
     from kernels import attention
     names = {spec.name for spec in PROJECT_SPECS.values()}
-    assert {"_attention_forward_kernel", "_attention_backward_dkdv_kernel", "_attention_backward_dq_kernel",
+    assert {"_attention_whole_forward_kernel", "_attention_whole_backward_kernel", "_attention_forward_kernel",
+            "_attention_backward_dkdv_kernel", "_attention_backward_dq_kernel",
             "ln_mlp_forward", "ln_mlp_backward_weight", "ln_mlp_backward_input", "ln_linear_forward",
             "linear_residual_backward_input"} <= names
     configs = list(PROJECT_SPECS)
     for dtype in ("fp16", "bf16", "fp32"):
         for head_dim in attention.SUPPORTED_HEAD_DIMS:
             mine = [c for c in configs if c.startswith("_attention") and f"[{dtype},HEAD_DIM={head_dim}," in c]
-            assert any("FUSE_DQ=True" in c for c in mine) and any("FUSE_DQ=False" in c for c in mine)
+            for kernel in ("_attention_whole_forward_kernel", "_attention_whole_backward_kernel",
+                           "_attention_backward_dq_kernel", "_attention_backward_dkdv_kernel"):
+                assert any(c.startswith(kernel + "[") for c in mine), (dtype, head_dim, kernel)
+            if dtype != "fp32":  # the model's 65 tokens: a 64-token lead and a 16-token tail
+                assert any("LEAD=64,TAIL=16," in c for c in mine), (dtype, head_dim)
     # Every panel width and dtype variant of the fused linear ops, the second GELU with and without.
     for width in (128, 256, 384, 512):
         assert any(c.startswith(f"ln_mlp_forward[x=fp32 mm=bf16 C={width // 128}x128") for c in configs), width

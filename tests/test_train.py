@@ -7,7 +7,9 @@ import pytest
 import torch
 
 import train
-from vit.trainer import Trainer, TrainConfig, load_checkpoint
+from vit import data as cifar
+from vit.checkpoint import load_checkpoint
+from vit.trainer import Trainer, TrainConfig, build_trainer
 from vit.model import ViTConfig
 
 TINY = ["--device", "cpu", "--depth", "1", "--dim", "32", "--heads", "2", "--mlp-dim", "32", "--no-progress",
@@ -20,7 +22,7 @@ def test_tiny_model_on_real_images_drives_the_loss_down(real_data_dir, tmp_path)
     cfg = TrainConfig(epochs=4, batch_size=64, lr=2e-3, warmup_epochs=0.5, device="cpu", precision="fp32",
                       num_workers=2, train_subset=3000, augment="cpu", data_dir=str(real_data_dir), progress=False)
     (tmp_path / "run").mkdir()
-    trainer = Trainer(model_cfg, cfg, tmp_path / "run", log=lambda line: None)
+    trainer = build_trainer(model_cfg, cfg, tmp_path / "run", log=lambda line: None)
     trainer.fit()
     losses = [float(r["train_loss"]) for r in trainer.metrics]
     assert losses[-1] < losses[0] - 0.1, losses
@@ -43,7 +45,7 @@ def test_train_py_end_to_end_writes_every_output(real_data_dir, tmp_path, capsys
     config = json.loads((run / "config.json").read_text())
     assert config["model"]["dim"] == 32 and config["train"]["epochs"] == 2 and config["versions"]["torch"]
     state = load_checkpoint(run / "last.pt")  # weights_only=True
-    assert state["epoch"] == 2 and {"model", "optimizer", "scheduler", "scaler", "rng", "best_acc"} <= set(state)
+    assert state["epoch"] == 2 and {"model", "optimizer", "scaler", "rng", "best_acc", "best_epoch", "metrics"} <= set(state)
     assert (run / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -84,15 +86,13 @@ def test_resume_refuses_a_changed_recipe(fake_cifar, tmp_path):
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(fake_cifar, tmp_path, monkeypatch, capsys):
-    original = Trainer.train_epoch
+    original = cifar.CPUTrainLoader.__iter__
 
-    def poison_second_epoch(self, epoch):
-        if epoch == 1:
-            with torch.no_grad():
-                self.model.head.bias.fill_(float("nan"))
-        return original(self, epoch)
+    def poison_second_epoch(self):
+        for images, labels in original(self):
+            yield (torch.full_like(images, float("nan")) if self.epoch == 1 else images), labels
 
-    monkeypatch.setattr(Trainer, "train_epoch", poison_second_epoch)
+    monkeypatch.setattr(cifar.CPUTrainLoader, "__iter__", poison_second_epoch)
     run = tmp_path / "run"
     code = train.main(TINY + ["--epochs", "3", "--batch-size", "20", "--data-dir", str(fake_cifar), "--out-dir", str(run)])
     assert code == 1

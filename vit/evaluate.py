@@ -30,13 +30,14 @@ import torch.nn.functional as F
 from vit import cli
 from vit.augment import normalize
 from vit.backends import backend_names, get_backend
+from vit.checkpoint import BEST_CHECKPOINT, LAST_CHECKPOINT, load_checkpoint, read_config_file
+from vit.checkpoint import CONFIG_FILE as CONFIG_NAME
 from vit.cli import RunError, one_line
 from vit.data import load_cifar10
 from vit.environment import atomic_write
 from vit.model import ViT, ViTConfig
 
-CHECKPOINT_NAMES = ("best.pt", "last.pt")  # what a run directory is searched for, in this order
-CONFIG_NAME = "config.json"
+CHECKPOINT_NAMES = (BEST_CHECKPOINT, LAST_CHECKPOINT)  # what a run directory is searched for, in this order
 # The order of CIFAR-10's batches.meta; used when a run's config.json has no class_names.
 CIFAR10_CLASS_NAMES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 NUM_MISTAKES_SHOWN = 25  # a 5x5 grid in mistakes.png
@@ -66,12 +67,9 @@ def read_run_config(checkpoint_path: Path) -> dict:
     if not config_path.is_file():
         raise RunError(f"{config_path}: missing; the model is rebuilt from the {CONFIG_NAME} the trainer writes beside its checkpoints")
     try:
-        config = json.loads(config_path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise RunError(f"{config_path}: unreadable ({one_line(error)})") from None
-    if not isinstance(config, dict) or not isinstance(config.get("model"), dict):
-        raise RunError(f"{config_path}: has no \"model\" section")
-    return config
+        return read_config_file(config_path)
+    except (OSError, ValueError) as error:
+        raise RunError(one_line(error)) from None
 
 
 def model_config_from(config: dict, config_path: Path) -> ViTConfig:
@@ -101,14 +99,10 @@ def choose_backend(requested: str | None, configured: str, device: torch.device)
 
 def read_checkpoint(checkpoint_path: Path) -> dict:
     try:
-        # weights_only: a checkpoint is data, never code to run. Load onto the CPU so the
-        # optimizer state we do not need never takes GPU memory.
-        checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
-    except Exception as error:  # truncated, not a torch file, disallowed objects: many exception types
-        raise RunError(f"{checkpoint_path}: cannot read the checkpoint, truncated or not a torch.save file ({one_line(error)})") from None
-    if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("model"), dict):
-        raise RunError(f"{checkpoint_path}: not a training checkpoint (expected a dict with the model's state_dict under \"model\")")
-    return checkpoint
+        # Onto the CPU, so the optimizer state we do not need never takes GPU memory.
+        return load_checkpoint(checkpoint_path, "cpu")
+    except (OSError, RuntimeError) as error:
+        raise RunError(one_line(error)) from None
 
 
 def _strip_wrapper_prefix(state_dict: dict) -> dict:

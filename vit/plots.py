@@ -1,36 +1,53 @@
-"""Pictures of a run, drawn with matplotlib's non-interactive backend (no display needed)."""
-import matplotlib
+"""Pictures of a run, drawn with matplotlib's object API on the Agg canvas: no display, no
+pyplot and its global figure registry, so a figure can be drawn on any thread (the trainer draws
+curves.png on its background writer)."""
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
-
-from vit.environment import atomic_write  # noqa: E402
+from vit.environment import atomic_write
 
 
-def save_figure(fig, path, dpi: int = 120):
-    """A PNG written atomically (a kill mid-write never leaves a broken one); closes fig."""
+def new_figure(**kwargs) -> Figure:
+    figure = Figure(**kwargs)
+    FigureCanvasAgg(figure)
+    return figure
+
+
+def save_figure(fig: Figure, path, dpi: int = 120):
+    """A PNG written atomically (a kill mid-write never leaves a broken one). A figure made by
+    pyplot (it has a manager) is closed, so pyplot's registry does not keep it."""
     atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=dpi, bbox_inches="tight", format="png"))
-    plt.close(fig)
+    if fig.canvas.manager is not None:
+        import matplotlib.pyplot as plt
+        plt.close(fig)
 
 
 def plot_curves(rows: list[dict], path):
-    """Train and test loss, train and test accuracy against epoch, from metrics.csv rows."""
+    """Train and test loss, train and test accuracy against epoch, from metrics rows."""
+    save_figure(curves_figure(rows), path)
+
+
+def curves_figure(rows: list[dict]) -> Figure:
     epochs = [int(r["epoch"]) for r in rows]
-    fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(11, 4))
+    fig = new_figure(figsize=(11, 4))
+    loss_ax, acc_ax = fig.subplots(1, 2)
     for split, style in (("train", "-o"), ("test", "-s")):
         loss_ax.plot(epochs, [float(r[f"{split}_loss"]) for r in rows], style, label=split, markersize=3)
         acc_ax.plot(epochs, [100 * float(r[f"{split}_acc"]) for r in rows], style, label=split, markersize=3)
     loss_ax.set(xlabel="epoch", ylabel="loss", title="Loss")
     acc_ax.set(xlabel="epoch", ylabel="accuracy (%)", title="Accuracy")
     best = max(rows, key=lambda r: float(r["test_acc"]))
-    acc_ax.annotate(f"best test {100 * float(best['test_acc']):.2f}%", (int(best["epoch"]), 100 * float(best["test_acc"])),
-                    textcoords="offset points", xytext=(-60, -25), arrowprops={"arrowstyle": "->"})
+    # The note sits inside the axes, in the lower right corner (accuracy curves rise away from it),
+    # wherever the best epoch is: an offset from the point ran over the tick labels at epoch 1.
+    acc_ax.annotate(f"best test {100 * float(best['test_acc']):.2f}% (epoch {int(best['epoch'])})",
+                    (int(best["epoch"]), 100 * float(best["test_acc"])), xytext=(0.97, 0.05),
+                    textcoords="axes fraction", ha="right", va="bottom", arrowprops={"arrowstyle": "->"})
     for ax in (loss_ax, acc_ax):
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
-        ax.legend()
-    save_figure(fig, path)
+        ax.legend(loc="upper left" if ax is acc_ax else "best")
+    return fig
 
 
 def plot_confusion(matrix, class_names: list[str], path, title: str = "Confusion matrix"):
@@ -38,7 +55,8 @@ def plot_confusion(matrix, class_names: list[str], path, title: str = "Confusion
     columns the predicted class. matrix: [C, C] integer counts (nested lists or a tensor)."""
     counts = [[int(c) for c in row] for row in matrix]
     n = len(class_names)
-    fig, ax = plt.subplots(figsize=(1.0 + 0.75 * n, 0.6 + 0.7 * n))
+    fig = new_figure(figsize=(1.0 + 0.75 * n, 0.6 + 0.7 * n))
+    ax = fig.subplots()
     image = ax.imshow(counts, cmap="Blues")
     fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="images")
     # Dark text on light cells and white text on dark ones, so every count stays readable.
@@ -60,7 +78,8 @@ def plot_mistakes(images, true_names: list[str], predicted_names: list[str], con
     class and the probability the model gave to its (wrong) prediction."""
     count = len(true_names)
     rows = max(1, -(-count // columns))
-    fig, axes = plt.subplots(rows, columns, figsize=(2.0 * columns, 2.3 * rows + 0.4), squeeze=False, layout="constrained")
+    fig = new_figure(figsize=(2.0 * columns, 2.3 * rows + 0.4), layout="constrained")
+    axes = fig.subplots(rows, columns, squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
     if count == 0:

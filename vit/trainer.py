@@ -1,63 +1,72 @@
-"""The training loop: recipe, schedule, checkpoints, metrics and the run directory.
+"""The training loop: recipe, schedule, the step, progress, checkpoints and the run directory.
 
-A run directory holds config.json, metrics.csv (one row per epoch), curves.png,
-last.pt and best.pt. Everything is written atomically (temporary file, then rename),
-so killing a run at any moment leaves the last complete epoch resumable.
+The step (Trainer.train_step) never waits for the device: the global step counter, the learning
+rate (a table of the whole schedule on the device, indexed by that counter and written into Adam's
+tensor learning rate), the running loss and accuracy, and the first step at which the loss or the
+weights became non-finite all live on the device. The host reads them only at progress points
+(every PROGRESS_EVERY steps, and once at the end of an epoch), where a non-finite loss or weights
+stop the run with NonFiniteLoss. With TrainConfig.cuda_graph the same function is captured once in
+a CUDA graph and replayed every step (GraphedStep).
+
+Between epochs, the host work stays off the training thread: a background thread copies the
+checkpoint's tensors into host buffers (from a GPU: pinned, non-blocking), writes the checkpoint
+and rewrites metrics.csv and curves.png from the metrics inside it (vit/checkpoint.py). The
+training thread waits for the copy only before its next optimizer step changes the weights.
+
+build_trainer() assembles everything from the configs (what train.py uses); Trainer takes its
+parts, so the bench can hand in timm's model or a timed loader.
 """
-import csv
-import json
 import math
-import os
 import random
-import sys
+import threading
 import time
-from dataclasses import asdict, dataclass, field, fields
+import warnings
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from vit import data as cifar
 from vit import distributed
 from vit.backends import get_backend
-from vit.environment import atomic_write, device_name, versions
+from vit.checkpoint import (BEST_CHECKPOINT, LAST_CHECKPOINT, BackgroundWriter, HostSnapshot, load_checkpoint,
+                            remove_stale_temporaries, write_epoch_files, write_outputs)
+from vit.config import TrainConfig  # defined apart for vit.checkpoint; imported from here by callers
+from vit.environment import device_name
 from vit.model import ViT, ViTConfig, count_parameters
-from vit.plots import plot_curves
+from vit.progress import Progress
 
-METRIC_COLUMNS = ["epoch", "train_loss", "train_acc", "test_loss", "test_acc", "lr", "epoch_seconds", "images_per_second"]
-PROGRESS_EVERY = 25  # steps between progress-bar refreshes; each one waits for the GPU
+PROGRESS_EVERY = 25  # steps between progress points; each one waits for the device
+GRAPH_WARMUP_STEPS = 3  # eager steps on the capture stream before capturing, as PyTorch's docs do
+CURVES_EVERY_SECONDS = 10.0  # curves.png is redrawn at most this often (and always after the last epoch)
+NO_STEP = 2**62  # "no non-finite value yet" in the device's first-bad-step record
 
 
 @dataclass
-class TrainConfig:
-    """The recipe and the run's settings; defaults are the reference's table."""
-    epochs: int = 200
-    batch_size: int = 128
-    lr: float = 1e-3
-    min_lr: float = 1e-5
-    warmup_epochs: float = 5.0
-    weight_decay: float = 5e-5
-    label_smoothing: float = 0.1
-    precision: str = "bf16"  # bf16 | fp16 | fp32; resolved to fp32 on the CPU by resolve_defaults
-    device: str = "cuda"
-    seed: int = 0
-    num_workers: int = min(4, os.cpu_count() or 1)
-    train_subset: int | None = None
-    augment: str = "gpu"  # gpu: batched on the device; cpu: torchvision per image in DataLoader workers
-    compile: bool = False
-    data_dir: str = "data"
-    out_dir: str | None = None
-    progress: bool = True
-    extra: dict = field(default_factory=dict)
+class EvalSet:
+    images: torch.Tensor  # uint8 [N, 3, H, W], on the training device
+    labels: torch.Tensor  # int64 [N], on the training device
+    class_names: list[str]
+
+
+@dataclass
+class RunSummary:
+    best_acc: float
+    best_epoch: int  # 1-based; 0 when no epoch has finished
+    last_acc: float
+    epochs: int  # the recipe's total
+    wall_seconds: float  # this process's fit()
+    images_per_second: float  # training images per second over this process's epochs
 
 
 class NonFiniteLoss(RuntimeError):
-    pass
+    """The loss, the weights after a step, or the test loss became NaN or infinite."""
 
 
-# ---------------------------------------------------------------------------- schedule
+# ---------------------------------------------------------------------------- schedule and optimizer
 
 def lr_at(step: int, total_steps: int, warmup_steps: int, peak: float, floor: float) -> float:
     """Linear warmup from peak/warmup_steps (never zero) to peak at the last warmup step,
@@ -71,27 +80,39 @@ def lr_at(step: int, total_steps: int, warmup_steps: int, peak: float, floor: fl
     return floor + 0.5 * (peak - floor) * (1 + math.cos(math.pi * progress))
 
 
-def make_scheduler(optimizer, cfg: TrainConfig, steps_per_epoch: int):
+def lr_schedule(cfg: TrainConfig, steps_per_epoch: int) -> torch.Tensor:
+    """The learning rate of every step of the recipe, float32 [epochs * steps_per_epoch]."""
     total = cfg.epochs * steps_per_epoch
     warmup = max(1, round(cfg.warmup_epochs * steps_per_epoch))
-    return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_at(step, total, warmup, cfg.lr, cfg.min_lr) / cfg.lr)
+    return torch.tensor([lr_at(step, total, warmup, cfg.lr, cfg.min_lr) for step in range(total)],
+                        dtype=torch.float64).float()
 
 
-# ---------------------------------------------------------------------------- run directory
+def make_optimizer(params, cfg: TrainConfig, device) -> torch.optim.Adam:
+    """Adam (coupled L2 weight decay) with the learning rate as a device tensor, which the trainer
+    overwrites on the device each step. The fused implementation on every device: it reads the
+    tensor learning rate without a host sync (the for-loop one calls .item() per parameter).
+    Capturable (its state steps kept on the device) for cfg.cuda_graph."""
+    device = torch.device(device)
+    lr = torch.tensor(cfg.lr, dtype=torch.float32, device=device)
+    return torch.optim.Adam(params, lr=lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay, fused=True,
+                            capturable=cfg.cuda_graph and device.type == "cuda")
 
-def save_checkpoint(path: Path, state: dict):
-    atomic_write(path, lambda tmp: torch.save(state, tmp))
+
+def cuda_graph_unsupported_reason(cfg: TrainConfig, device: torch.device, world_size: int = 1) -> str | None:
+    """Why TrainConfig.cuda_graph cannot be used with these settings, or None."""
+    if torch.device(device).type != "cuda":
+        return "--cuda-graph needs a CUDA device"
+    if world_size > 1:
+        return "--cuda-graph runs in a single process; it does not support torchrun"
+    if cfg.compile:
+        return "--cuda-graph and --compile do not combine; pick one"
+    if cfg.precision == "fp16":
+        return "--cuda-graph does not support --precision fp16 (its loss scaler); use bf16 or fp32"
+    return None
 
 
-def load_checkpoint(path: Path, device="cpu") -> dict:
-    try:
-        return torch.load(path, map_location=device, weights_only=True)
-    except FileNotFoundError:
-        raise
-    except Exception as error:
-        raise RuntimeError(f"{path}: unreadable checkpoint ({type(error).__name__}: {error})") from None
-
+# ---------------------------------------------------------------------------- reproducibility
 
 def rng_state() -> dict:
     state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()[1].copy(),
@@ -103,11 +124,11 @@ def rng_state() -> dict:
 
 
 def set_rng_state(state: dict):
-    torch.set_rng_state(state["torch"])
+    torch.set_rng_state(state["torch"].cpu())
     random.setstate((state["python"][0], tuple(state["python"][1]), state["python"][2]))
-    np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), state["numpy_pos"], 0, 0.0))
+    np.random.set_state(("MT19937", state["numpy"].cpu().numpy().astype(np.uint32), state["numpy_pos"], 0, 0.0))
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
 
 
 def seed_everything(seed: int):
@@ -116,35 +137,7 @@ def seed_everything(seed: int):
     torch.manual_seed(seed)
 
 
-def read_metrics(path: Path) -> list[dict]:
-    if not path.exists():
-        return []
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
-
-
-def write_metrics(path: Path, rows: list[dict]):
-    def write(tmp):
-        with open(tmp, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=METRIC_COLUMNS)
-            writer.writeheader()
-            writer.writerows(rows)
-    atomic_write(path, write)
-
-
-def write_config(run_dir: Path, model_cfg: ViTConfig, train_cfg: TrainConfig, class_names: list[str], device):
-    config = {"model": asdict(model_cfg), "train": asdict(train_cfg), "class_names": class_names,
-              "versions": versions(), "device": device_name(device), "command": sys.argv}
-    atomic_write(run_dir / "config.json", lambda tmp: tmp.write_text(json.dumps(config, indent=2) + "\n"))
-
-
-def read_config(run_dir: Path) -> tuple[ViTConfig, TrainConfig]:
-    config = json.loads((Path(run_dir) / "config.json").read_text())
-    known = {f.name for f in fields(TrainConfig)}
-    return ViTConfig(**config["model"]), TrainConfig(**{k: v for k, v in config["train"].items() if k in known})
-
-
-# ---------------------------------------------------------------------------- training
+# ---------------------------------------------------------------------------- data and evaluation
 
 def autocast_dtype(cfg: TrainConfig):
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[cfg.precision]
@@ -180,123 +173,307 @@ def evaluate(model, images, labels, device, cfg: TrainConfig, batch_size=1000,
     return loss_sum.item() / total, correct.item() / total
 
 
+# ---------------------------------------------------------------------------- the step's device state
+
+class StepMeters:
+    """What the step keeps on the device; the host reads it only at progress points."""
+
+    def __init__(self, device: torch.device):
+        self.step = torch.zeros(1, dtype=torch.int64, device=device)  # the global step: index into the LR table
+        self.loss_sum = torch.zeros((), dtype=torch.float64, device=device)  # of the steps' mean losses
+        self.correct = torch.zeros((), dtype=torch.int64, device=device)
+        # The first global step whose loss, and whose weights after the update, were non-finite.
+        self.first_bad = torch.full((2,), NO_STEP, dtype=torch.int64, device=device)
+
+    def reset(self, global_step: int):
+        """At the start of an epoch (outside any graph: these are the graph's inputs and outputs)."""
+        self.step.fill_(global_step)
+        self.loss_sum.zero_()
+        self.correct.zero_()
+        self.first_bad.fill_(NO_STEP)
+
+
+class GraphedStep:
+    """Trainer.train_step captured once in a CUDA graph and replayed every step.
+
+    The first GRAPH_WARMUP_STEPS steps run eagerly on the capture stream, so what is created lazily
+    (Adam's moments, cuBLAS workspaces, Triton's compiled and autotuned kernels) exists before the
+    capture, as PyTorch's whole-network capture does. The next step is captured: the capture only
+    records, so the graph is then replayed for that step too. From then on each batch is copied
+    into the static input buffers the graph reads, and the graph is replayed. Everything the step
+    changes (weights, Adam's state, the learning rate, the meters) is updated in place by the
+    replay; gradients live in the graph's memory pool.
+    """
+
+    def __init__(self, trainer: "Trainer"):
+        self.trainer = trainer
+        self.stream = torch.cuda.Stream(trainer.device)
+        self.warmup_left = GRAPH_WARMUP_STEPS
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.images = self.labels = None  # static input buffers
+
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor):
+        trainer = self.trainer
+        if self.graph is None and self.warmup_left > 0:
+            self.warmup_left -= 1
+            self.stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(self.stream), warnings.catch_warnings():
+                # Adam warns when a capturable instance steps uncaptured: these steps are meant to.
+                warnings.filterwarnings("ignore", message=".*capturable=True.*")
+                trainer.train_step(images, labels)
+            torch.cuda.current_stream().wait_stream(self.stream)
+            return
+        if self.graph is None:
+            self._capture(images, labels)
+        else:
+            self.images.copy_(images, non_blocking=True)
+            self.labels.copy_(labels, non_blocking=True)
+        trainer.wait_for_snapshot()  # the replay updates the weights
+        self.graph.replay()
+
+    def _capture(self, images, labels):
+        trainer = self.trainer
+        trainer.writer.wait()  # no background write in flight while the stream is captured
+        trainer.wait_for_snapshot()
+        self.images, self.labels = images.clone(), labels.clone()
+        trainer.optimizer.zero_grad(set_to_none=True)  # backward allocates the grads inside the graph's pool
+        graph = torch.cuda.CUDAGraph()
+        # thread_local: a DataLoader's pin-memory thread may keep working while this thread captures.
+        with torch.cuda.graph(graph, stream=self.stream, capture_error_mode="thread_local"):
+            trainer.train_step(self.images, self.labels)
+        self.graph = graph
+
+
+# ---------------------------------------------------------------------------- the trainer
+
 class Trainer:
-    def __init__(self, model_cfg: ViTConfig, cfg: TrainConfig, run_dir: Path, resume: bool = False, log=print,
-                 ctx: distributed.Context = distributed.Context()):
-        self.model_cfg, self.cfg, self.run_dir, self.ctx = model_cfg, cfg, Path(run_dir), ctx
+    def __init__(self, model: torch.nn.Module, loader, test_set: EvalSet, optimizer: torch.optim.Optimizer,
+                 cfg: TrainConfig, run_dir, *, ctx: distributed.Context = distributed.Context(), log=print):
+        """model: on cfg.device; loader: one (images, labels) batch of fixed shape per step, with
+        set_epoch() and len(); optimizer: over model's parameters, with a tensor learning rate on
+        the device (make_optimizer), which the trainer drives from its schedule."""
+        self.model, self.loader, self.test_set, self.optimizer = model, loader, test_set, optimizer
+        self.cfg, self.run_dir, self.ctx = cfg, Path(run_dir), ctx
         self.log = log if ctx.is_main else (lambda line: None)
         self.device = torch.device(cfg.device)
-        seed_everything(cfg.seed)
+        if cfg.cuda_graph:
+            reason = cuda_graph_unsupported_reason(cfg, self.device, ctx.world_size)
+            if reason:
+                raise ValueError(reason)
+            if not all(group["capturable"] for group in optimizer.param_groups):
+                raise ValueError("--cuda-graph needs a capturable optimizer (see vit.trainer.make_optimizer)")
+        self.steps_per_epoch = len(loader)
 
-        self.data = cifar.load_cifar10(cfg.data_dir)
-        train_images, train_labels = self.data.train_images, self.data.train_labels
-        if cfg.train_subset:
-            train_images, train_labels = train_images[:cfg.train_subset], train_labels[:cfg.train_subset]
-        self.loader = make_train_loader(cfg, train_images, train_labels, self.device, ctx.rank, ctx.world_size)
-        self.test_images = self.data.test_images.to(self.device)
-        self.test_labels = self.data.test_labels.to(self.device)
-
-        self.model = ViT(model_cfg).to(self.device)
-        self.step_model = self.model
+        self.step_model = model
         if ctx.enabled:
             # Gradients averaged over ranks: each rank's loss is the mean over its share of
             # the global batch, so the update equals the single-process one.
             self.step_model = torch.nn.parallel.DistributedDataParallel(
-                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+                model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         if cfg.compile:
             self.step_model = torch.compile(self.step_model)
-        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=cfg.lr, betas=(0.9, 0.999),
-                                          weight_decay=cfg.weight_decay, fused=self.device.type == "cuda")
-        self.scheduler = make_scheduler(self.optimizer, cfg, len(self.loader))
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.precision == "fp16")
-        self.start_epoch, self.best_acc = 0, 0.0
-        self.metrics = []
-        if resume:
-            self._resume()
+        self.params = [p for group in optimizer.param_groups for p in group["params"]]
+        self.lr_tensors = [group["lr"] for group in optimizer.param_groups]
+        for lr in self.lr_tensors:
+            if not (isinstance(lr, torch.Tensor) and lr.device == self.device and lr.dim() == 0):
+                raise ValueError("the optimizer's learning rate must be a 0-d tensor on the training device "
+                                 "(see vit.trainer.make_optimizer)")
+        self.lr_table = lr_schedule(cfg, self.steps_per_epoch).to(self.device, self.lr_tensors[0].dtype)
+        self.meters = StepMeters(self.device)
+        self.graphed_step = GraphedStep(self) if cfg.cuda_graph else None
+        self.progress = Progress(cfg.epochs, self.steps_per_epoch, enabled=cfg.progress and ctx.is_main)
 
-    def _resume(self):
-        state = load_checkpoint(self.run_dir / "last.pt", self.device)
+        self.writer = BackgroundWriter()
+        self.snapshot = HostSnapshot()
+        self._snapshot_taken: threading.Event | None = None
+        self._curves_drawn_at = -math.inf
+        self.start_epoch, self.best_acc, self.best_epoch = 0, 0.0, 0
+        self.metrics: list[dict] = []
+
+    # -- the step ----------------------------------------------------------------------------------
+    def train_step(self, images: torch.Tensor, labels: torch.Tensor):
+        """One training step, all on the device: run eagerly, and captured by GraphedStep."""
+        cfg, meters = self.cfg, self.meters
+        dtype = autocast_dtype(cfg)
+        # No autocast weight cache: a cast cached across a graph's capture would outlive it.
+        with torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None, cache_enabled=False):
+            logits = self.step_model(images)
+            loss = F.cross_entropy(logits.float(), labels, label_smoothing=cfg.label_smoothing)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.wait_for_snapshot()
+        for lr in self.lr_tensors:  # this step's entry of the schedule, into Adam's tensor learning rate
+            torch.index_select(self.lr_table, 0, meters.step, out=lr.view(1))
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        loss = loss.detach()
+        meters.loss_sum += loss
+        meters.correct += (logits.argmax(-1) == labels).sum()
+        # Non-finite weights show in their largest magnitude; the loss of the step that broke them
+        # may still have been finite.
+        largest_weight = torch.stack(torch._foreach_norm(self.params, math.inf)).amax()
+        finite = torch.isfinite(torch.stack([loss, largest_weight.to(loss.dtype)]))
+        torch.minimum(meters.first_bad, meters.step.expand(2).masked_fill(finite, NO_STEP), out=meters.first_bad)
+        meters.step += 1
+
+    def wait_for_snapshot(self):
+        """Before the weights change: the checkpoint of the epoch before must have copied them."""
+        if self._snapshot_taken is not None:
+            self._snapshot_taken.wait()
+            self._snapshot_taken = None
+
+    # -- an epoch ------------------------------------------------------------------------------------
+    def train_epoch(self, epoch: int) -> dict:
+        """Train one epoch (0-based): {train_loss, train_acc, lr (the last step's), epoch_seconds,
+        images_per_second}."""
+        if not 0 <= epoch < self.cfg.epochs:
+            raise ValueError(f"epoch {epoch} is outside the recipe's {self.cfg.epochs} epochs")
+        step_fn = self.graphed_step or self.train_step
+        self.loader.set_epoch(epoch)
+        self.meters.reset(epoch * self.steps_per_epoch)
+        self.progress.start_epoch(epoch)
+        start = time.perf_counter()
+        steps = 0
+        try:
+            for images, labels in self.loader:
+                step_fn(images, labels)
+                steps += 1
+                if steps % PROGRESS_EVERY == 0 and steps < self.steps_per_epoch:
+                    self._progress_point(steps, start, final=False)
+            means = self._progress_point(steps, start, final=True)
+        finally:
+            self.progress.end_epoch()
+        seconds = time.perf_counter() - start
+        return {**means, "epoch_seconds": seconds, "images_per_second": steps * self.cfg.batch_size / seconds}
+
+    def _progress_point(self, steps: int, start: float, final: bool) -> dict:
+        """Read the device's meters (one transfer), stop on a non-finite value, show progress.
+        The epoch's running {train_loss, train_acc, lr}: this rank's, or all ranks' at the end."""
+        meters, world = self.meters, self.ctx.world_size
+        sums = torch.stack([meters.loss_sum, meters.correct.double()])
+        first_bad = meters.first_bad
+        if self.ctx.enabled:  # every rank learns of a bad value on any rank, so all stop together
+            first_bad = distributed.all_reduce(first_bad.clone(), distributed.dist.ReduceOp.MIN)
+            if final:
+                distributed.all_reduce(sums)
+        loss_sum, correct, bad_loss, bad_weights, lr = torch.cat(
+            [sums, first_bad.double(), self.lr_tensors[0].double().view(1)]).tolist()
+        if min(bad_loss, bad_weights) < NO_STEP:
+            what = "loss" if bad_loss <= bad_weights else "weights after the optimizer step"
+            epoch, step = divmod(int(min(bad_loss, bad_weights)), self.steps_per_epoch)
+            raise NonFiniteLoss(f"non-finite {what} at epoch {epoch + 1}, step {step + 1}; {self._stopping()}")
+        # The sums cover all ranks' steps at the end of the epoch, this rank's before.
+        losses, images = (steps * world, steps * self.cfg.batch_size) if final else (steps, steps * self.cfg.batch_size // world)
+        means = {"train_loss": loss_sum / losses if steps else math.nan,
+                 "train_acc": correct / images if steps else math.nan, "lr": lr}
+        if steps:
+            self.progress.update(steps, loss=means["train_loss"], acc=means["train_acc"], lr=lr,
+                                 images_per_second=steps * self.cfg.batch_size / (time.perf_counter() - start))
+        return means
+
+    def _stopping(self) -> str:
+        """The end of a NonFiniteLoss message: what is kept. Every finished epoch was checkpointed."""
+        kept = f"the last good checkpoint is {self.run_dir / LAST_CHECKPOINT}" if self.metrics else "no checkpoint was written yet"
+        return f"stopping: {kept}"
+
+    def evaluate(self) -> tuple[float, float]:
+        return evaluate(self.model, self.test_set.images, self.test_set.labels, self.device, self.cfg, ctx=self.ctx)
+
+    # -- the run ---------------------------------------------------------------------------------------
+    def fit(self) -> RunSummary:
+        cfg = self.cfg
+        started = time.perf_counter()
+        trained_images, trained_seconds = 0, 0.0
+        self.progress.start_run(self.start_epoch)
+        try:
+            for epoch in range(self.start_epoch, cfg.epochs):
+                row = self.train_epoch(epoch)
+                trained_images += row["images_per_second"] * row["epoch_seconds"]
+                trained_seconds += row["epoch_seconds"]
+                test_loss, test_acc = self.evaluate()
+                if not math.isfinite(test_loss):
+                    raise NonFiniteLoss(f"non-finite test loss after epoch {epoch + 1}; {self._stopping()}")
+                row = {"epoch": epoch + 1, **row, "test_loss": test_loss, "test_acc": test_acc}
+                self.metrics.append(row)
+                improved = self.best_epoch == 0 or test_acc > self.best_acc
+                if improved:
+                    self.best_acc, self.best_epoch = test_acc, epoch + 1
+                if self.ctx.is_main:
+                    self._save_epoch(epoch + 1, improved)
+                self.log(f"epoch {epoch + 1:>3}/{cfg.epochs}  train loss {row['train_loss']:.4f} acc {row['train_acc']:.2%}  "
+                         f"test loss {test_loss:.4f} acc {test_acc:.2%}  lr {row['lr']:.2e}  "
+                         f"{row['epoch_seconds']:.1f}s  {row['images_per_second']:,.0f} img/s  "
+                         f"{self.progress.run_status()}" + ("  *best" if improved else ""))
+        finally:
+            self.writer.wait()  # every file complete before fit() returns or raises
+            self.wait_for_snapshot()
+        return RunSummary(best_acc=self.best_acc, best_epoch=self.best_epoch,
+                          last_acc=self.metrics[-1]["test_acc"] if self.metrics else 0.0, epochs=cfg.epochs,
+                          wall_seconds=time.perf_counter() - started,
+                          images_per_second=trained_images / trained_seconds if trained_seconds else 0.0)
+
+    # -- checkpoints -----------------------------------------------------------------------------------
+    def _save_epoch(self, epoch: int, best: bool):
+        """Hand the finished epoch to the background writer. This thread records only what is cheap
+        and could change before the next update (the RNG states, the metrics). The writer copies
+        the tensors into host buffers (from a GPU: enqueued on the training stream), signals that
+        the copy is taken, then writes. The training thread goes on with the next epoch's first
+        forward and backward, and waits for that signal before the optimizer changes the weights
+        (wait_for_snapshot): nothing else changes the checkpointed state between epochs."""
+        state = {"epoch": epoch, "best_acc": self.best_acc, "best_epoch": self.best_epoch,
+                 "metrics": [dict(row) for row in self.metrics], "rng": rng_state(),
+                 "model_config": asdict(self.model.cfg) if isinstance(getattr(self.model, "cfg", None), ViTConfig) else None}
+        now = time.monotonic()
+        curves = epoch == self.cfg.epochs or now - self._curves_drawn_at >= CURVES_EVERY_SECONDS
+        if curves:
+            self._curves_drawn_at = now
+        stream = torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None
+        taken = threading.Event()
+
+        def write():
+            copied = None
+            try:
+                with torch.cuda.stream(stream) if stream is not None else nullcontext():
+                    state.update(self.snapshot.copy({"model": self.model.state_dict(),
+                                                     "optimizer": self.optimizer.state_dict(),
+                                                     "scaler": self.scaler.state_dict()}))
+                    if stream is not None:
+                        copied = torch.cuda.Event()
+                        copied.record(stream)
+            finally:
+                taken.set()
+            if copied is not None:
+                copied.synchronize()
+            write_epoch_files(self.run_dir, state, best=best, curves=curves)
+
+        self.writer.submit(write)  # after the previous epoch's write, which reads the same host buffers
+        self._snapshot_taken = taken
+
+    def resume(self):
+        """Continue from run_dir's last.pt: the weights, optimizer, RNG states and metrics. The run
+        directory's metrics.csv and curves.png are rewritten from the checkpoint, and temporary
+        files a killed write left are removed."""
+        path = self.run_dir / LAST_CHECKPOINT
+        state = load_checkpoint(path, "cpu")
+        if "metrics" not in state:
+            raise RuntimeError(f"{path}: written by an older version of the trainer, without the metrics history; "
+                               "finish it with that version, or start a new run")
         self.model.load_state_dict(state["model"])
+        # The saved moments and steps, with this run's settings: the tensor learning rate the schedule
+        # drives (load_state_dict puts a copy of the saved one in its place) and the capturable flag
+        # (--cuda-graph may differ on resume).
+        settings = [{k: v for k, v in group.items() if k != "params"} for group in self.optimizer.param_groups]
         self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
+        for group, own in zip(self.optimizer.param_groups, settings):
+            group.update(own)
         self.scaler.load_state_dict(state["scaler"])
         set_rng_state(state["rng"])
-        self.start_epoch, self.best_acc = state["epoch"], state["best_acc"]
-        # Rows past the checkpoint belong to an epoch whose checkpoint never landed.
-        self.metrics = [r for r in read_metrics(self.run_dir / "metrics.csv") if int(r["epoch"]) <= self.start_epoch]
-
-    def checkpoint_state(self, epoch: int) -> dict:
-        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(), "rng": rng_state(),
-                "epoch": epoch, "best_acc": self.best_acc, "model_config": asdict(self.model_cfg)}
-
-    def train_epoch(self, epoch: int) -> dict:
-        cfg, device, model = self.cfg, self.device, self.step_model
-        self.loader.set_epoch(epoch)
-        dtype = autocast_dtype(cfg)
-        loss_sum = torch.zeros((), device=device, dtype=torch.float64)
-        correct = torch.zeros((), device=device, dtype=torch.int64)
-        first_bad_step = torch.full((), -1, device=device, dtype=torch.int64)
-        seen = 0
-        bar = tqdm(self.loader, total=len(self.loader), desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False,
-                   disable=not (cfg.progress and self.ctx.is_main), dynamic_ncols=True, file=sys.stderr)
-        start = time.perf_counter()
-        for step, (images, labels) in enumerate(bar):
-            with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-                logits = model(images)
-                loss = F.cross_entropy(logits.float(), labels, label_smoothing=cfg.label_smoothing)
-            self.optimizer.zero_grad(set_to_none=True)
-            self.scaler.scale(loss).backward()
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-            self.scheduler.step()
-            loss = loss.detach()
-            # Kept on the device: reading them every step would stall the GPU.
-            loss_sum += loss * len(labels)
-            correct += (logits.argmax(-1) == labels).sum()
-            first_bad_step = torch.where((first_bad_step < 0) & ~torch.isfinite(loss),
-                                         torch.tensor(step, device=device), first_bad_step)
-            seen += len(labels) * self.ctx.world_size
-            if step % PROGRESS_EVERY == PROGRESS_EVERY - 1 or step == len(self.loader) - 1:
-                # Every rank learns of a bad loss on any rank, so all stop together.
-                bad = distributed.all_reduce(first_bad_step.clone(), distributed.dist.ReduceOp.MAX).item()
-                if bad >= 0:
-                    raise NonFiniteLoss(f"non-finite loss at epoch {epoch + 1}, step {bad + 1}; "
-                                        f"stopping. The last good checkpoint is {self.run_dir / 'last.pt'}")
-                bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{correct.item() * self.ctx.world_size / seen:.1%}",
-                                lr=f"{self.optimizer.param_groups[0]['lr']:.2e}",
-                                img_s=f"{seen / (time.perf_counter() - start):,.0f}")
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        seconds = time.perf_counter() - start
-        bar.close()
-        distributed.all_reduce(loss_sum)
-        distributed.all_reduce(correct)
-        return {"train_loss": loss_sum.item() / seen, "train_acc": correct.item() / seen,
-                "epoch_seconds": seconds, "images_per_second": seen / seconds}
-
-    def fit(self) -> dict:
-        cfg = self.cfg
-        for epoch in range(self.start_epoch, cfg.epochs):
-            row = self.train_epoch(epoch)
-            test_loss, test_acc = evaluate(self.model, self.test_images, self.test_labels, self.device, cfg, ctx=self.ctx)
-            row = {"epoch": epoch + 1, **row, "test_loss": test_loss, "test_acc": test_acc,
-                   "lr": self.optimizer.param_groups[0]["lr"]}
-            self.metrics.append({k: row[k] for k in METRIC_COLUMNS})
-            improved = test_acc > self.best_acc
-            self.best_acc = max(self.best_acc, test_acc)
-            if self.ctx.is_main:
-                state = self.checkpoint_state(epoch + 1)
-                if improved:
-                    save_checkpoint(self.run_dir / "best.pt", state)
-                save_checkpoint(self.run_dir / "last.pt", state)
-                write_metrics(self.run_dir / "metrics.csv", self.metrics)
-                plot_curves(self.metrics, self.run_dir / "curves.png")
-            self.log(f"epoch {epoch + 1:>3}/{cfg.epochs}  train loss {row['train_loss']:.4f} acc {row['train_acc']:.2%}  "
-                     f"test loss {test_loss:.4f} acc {test_acc:.2%}  lr {row['lr']:.2e}  "
-                     f"{row['epoch_seconds']:.1f}s  {row['images_per_second']:,.0f} img/s"
-                     + ("  *best" if improved else ""))
-        return {"best_acc": self.best_acc, "epochs": cfg.epochs}
+        self.start_epoch, self.best_acc, self.best_epoch = state["epoch"], state["best_acc"], state["best_epoch"]
+        self.metrics = state["metrics"]
+        if self.ctx.is_main:
+            remove_stale_temporaries(self.run_dir)
+            self.writer.submit(lambda: write_outputs(self.run_dir, self.metrics))
 
     def finish(self):
         """Evaluate the best epoch's weights in full: confusion matrix, per-class accuracy,
@@ -305,17 +482,48 @@ class Trainer:
 
         if not self.ctx.is_main:
             return
-        self.model.load_state_dict(load_checkpoint(self.run_dir / "best.pt", self.device)["model"])
-        report = write_report(self.model, self.data.test_images, self.data.test_labels, self.data.class_names,
-                              self.run_dir, self.device)
+        self.writer.wait()
+        best = self.run_dir / BEST_CHECKPOINT
+        state = load_checkpoint(best, "cpu")
+        self.model.load_state_dict(state["model"])
+        source = {"checkpoint": str(best), "epoch": state["epoch"], "device": str(self.device),
+                  "model": state.get("model_config")}
+        report = write_report(self.model, self.test_set.images, self.test_set.labels, self.test_set.class_names,
+                              self.run_dir, self.device, source=source)
         per_class = "  ".join(f"{name} {acc:.1%}" for name, acc in report["per_class_accuracy"].items())
         self.log(f"best epoch per class: {per_class}")
 
     def describe(self) -> str:
-        backend = get_backend(self.model_cfg.backend)
-        return (f"ViT with {count_parameters(self.model):,} parameters; backend {backend.name} ({backend.description}); "
-                f"device {device_name(self.device)}; precision {self.cfg.precision}; "
-                f"{'torch.compile; ' if self.cfg.compile else ''}augmentation on the {self.cfg.augment.upper()}; "
-                f"{len(self.loader.images):,} train images, {len(self.loader)} steps of {self.cfg.batch_size} per epoch"
-                + (f"; {self.ctx.world_size} processes, {self.cfg.batch_size // self.ctx.world_size} images each per step"
+        cfg = self.cfg
+        model_cfg = getattr(self.model, "cfg", None)
+        if isinstance(model_cfg, ViTConfig):
+            backend = get_backend(model_cfg.backend)
+            model = f"ViT with {count_parameters(self.model):,} parameters; backend {backend.name} ({backend.description})"
+        else:
+            model = f"{type(self.model).__name__} with {count_parameters(self.model):,} parameters"
+        return (f"{model}; device {device_name(self.device)}; precision {cfg.precision}; "
+                f"{'torch.compile; ' if cfg.compile else ''}{'CUDA graph step; ' if cfg.cuda_graph else ''}"
+                f"augmentation on the {cfg.augment.upper()}; "
+                f"{len(self.loader.images):,} train images, {self.steps_per_epoch} steps of {cfg.batch_size} per epoch"
+                + (f"; {self.ctx.world_size} processes, {cfg.batch_size // self.ctx.world_size} images each per step"
                    if self.ctx.enabled else ""))
+
+
+def build_trainer(model_cfg: ViTConfig, cfg: TrainConfig, run_dir, *, resume: bool = False,
+                  ctx: distributed.Context = distributed.Context(), log=print) -> Trainer:
+    """The data, model, loader and optimizer from the configs; with resume, run_dir's last.pt
+    (which must exist) restored."""
+    device = torch.device(cfg.device)
+    seed_everything(cfg.seed)
+    data = cifar.load_cifar10(cfg.data_dir)
+    train_images, train_labels = data.train_images, data.train_labels
+    if cfg.train_subset:
+        train_images, train_labels = train_images[:cfg.train_subset], train_labels[:cfg.train_subset]
+    loader = make_train_loader(cfg, train_images, train_labels, device, ctx.rank, ctx.world_size)
+    test_set = EvalSet(data.test_images.to(device), data.test_labels.to(device), data.class_names)
+    model = ViT(model_cfg).to(device)
+    trainer = Trainer(model, loader, test_set, make_optimizer(model.parameters(), cfg, device), cfg, run_dir,
+                      ctx=ctx, log=log)
+    if resume:
+        trainer.resume()
+    return trainer

@@ -1,0 +1,514 @@
+"""A short GPU window turned into complete results, in two commands (bench/README.md says how to
+launch them). Each writes its results only under the folder given as its first argument (at
+most 8 files, no deeper than RESULTS/bench/), rewritten as it goes, so a command stopped at any
+moment still leaves what it measured; scratch (the data set, the training run's checkpoints,
+the plan handed from step 1 to step 2) goes to --work (default .device-data, ignored by git).
+
+    python -m bench.gpu_session step1 RESULTS     # the GPU tests, then the kernel bench
+    python -m bench.gpu_session step2 RESULTS     # the data, the full training run, the training bench
+
+step1: the tests marked gpu, bf16 parity first (pytest -m gpu -k "not determinis"), then
+       determinism (-m gpu -k determinis); then `python -m bench` on
+       synthetic images (kernels at the model's shape, augmentation, the triton training row
+       whose step time step2 plans with, sweeps).
+step2: CIFAR-10 rebuilt from the two parts carried with the commands (device_data.py unpack);
+       the default recipe trained with the triton backend by train.py, all 200 epochs if the
+       step time measured in step1 says they fit before the training bench's share, else as
+       many as fit (a recipe of that many epochs, labelled so); then `python -m bench --only
+       training` on the real data in the time left.
+
+Results (each step): session.log (everything printed but the bench's own log), session.json
+(what ran, exit codes, test outcomes, the plan, the full run's accuracy and wall clock), and the
+bench's folder; step2 adds the full run's metrics.csv and curves.png. Exit status 0 when
+everything passed, 1 when a test, our kernels, our trainer or the full run failed, 2 for a
+usage error.
+
+`--device cpu` is a dry run at tiny sizes (the bench's --quick, a tiny model, the Triton
+interpreter): tests/test_gpu_session.py runs both steps so that paths, flags and the file limit
+are known to work before a GPU is lent.
+"""
+import argparse
+import csv
+import json
+import math
+import os
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+import xml.etree.ElementTree as ElementTree
+from pathlib import Path
+
+from bench.measure import REPO, git_commit
+from bench.run import QUICK_BATCH_SIZE, TINY_MODEL
+from vit import cli
+from vit.environment import atomic_write
+
+MAX_RESULT_FILES = 8  # what the GPU machine sends back from a results folder
+DEFAULT_SECONDS = {"step1": 210, "step2": 480}
+TESTS_SHARE = 0.4  # of step1's time, at most, for the two test groups (the parity group gets 3/4 of it)
+# `pytest -m gpu` in two groups: the bf16 parity tests at the model's shapes first, then the
+# determinism tests (their names say so).
+TEST_GROUPS = (("bf16 parity", "not determinis"), ("determinism", "determinis"))
+# The row step2 plans with; the training peers run in step2, on the real data, with more time.
+STEP1_TRAINING_CONFIGS = "triton"
+BENCH_FILES = {"step1": 6, "step2": 4}  # the bench's share of the 8 files, beside the session's own
+RECIPE_EPOCHS = 200
+# step2 keeps at least this for the training bench after the full run (--bench-seconds): the
+# headline pair (triton eager, ~20 s; torch bf16 + compile, ~80 s with its compile) and the report.
+BENCH_SECONDS = 150
+EPOCH_SAFETY = 1.1  # the plan's per-epoch time is stretched by this before counting epochs
+# Seconds train.py spends outside its epochs, before the first (start, imports, data, model,
+# CUDA context) and after the last (the best checkpoint's evaluation, confusion and mistakes
+# plots): allowances, since neither is measured before the run.
+STARTUP_SECONDS = {"cuda": 25.0, "cpu": 15.0}
+FINISH_SECONDS = {"cuda": 15.0, "cpu": 10.0}
+PROBE_SECONDS = 60  # step2 without a plan from step1: a bench row of the triton step, this long
+GRACE_SECONDS = 10  # after SIGINT, before SIGKILL
+BENCH_STARTUP_SECONDS = 15  # python -m bench imports torch, Triton and the kernels before its budget starts
+MARGIN_SECONDS = 10  # kept at the end of a step for writing session.json
+MIN_COMMAND_SECONDS = 5  # a command with less time than this left is not started
+
+
+class Session:
+    """One step: its results folder, log, time limit and session.json."""
+
+    def __init__(self, step: str, args):
+        self.step, self.args = step, args
+        # Absolute: the commands run from the repository's root, wherever this was started.
+        self.results, self.work = Path(args.results).resolve(), Path(args.work).resolve()
+        self.dry_run = args.device == "cpu"
+        self.started = time.perf_counter()
+        self.deadline = self.started + args.seconds
+        self.results.mkdir(parents=True, exist_ok=True)
+        self.work.mkdir(parents=True, exist_ok=True)
+        self.log_file = open(self.results / "session.log", "a")
+        commit = git_commit()
+        if commit["commit"] == "unknown" and args.commit:
+            commit = {"commit": args.commit, "dirty": None, "source": "--commit: this folder is not a git checkout"}
+        self.record = {"step": step, "complete": False, "dry_run": self.dry_run, "device": _device_name(args.device),
+                       "commit": commit, "started": time.strftime("%Y-%m-%d %H:%M:%S %z"),
+                       "budget_seconds": args.seconds, "command": [sys.executable, "-m", "bench.gpu_session",
+                                                                  *sys.argv[1:]],
+                       "substeps": []}
+        self.failed = False
+
+    # -- time, log, record -------------------------------------------------------------------
+    def left(self) -> float:
+        return self.deadline - time.perf_counter()
+
+    def say(self, line: str):
+        print(line, flush=True)
+        self.log_file.write(line + "\n")
+        self.log_file.flush()
+
+    def save(self):
+        self.record["elapsed_seconds"] = round(time.perf_counter() - self.started, 1)
+        text = json.dumps(self.record, indent=2) + "\n"
+        atomic_write(self.results / "session.json", lambda tmp: tmp.write_text(text))
+
+    def environment(self) -> dict:
+        env = dict(os.environ, PYTHONPATH=str(REPO), PYTHONUNBUFFERED="1", PYTHONDONTWRITEBYTECODE="1")
+        if self.dry_run:
+            env["TRITON_INTERPRET"] = "1"  # our kernels through the interpreter, as in the tests
+        return env
+
+    # -- subprocesses ------------------------------------------------------------------------
+    def run(self, name: str, command: list[str], seconds: float, to_log: bool = True, on_line=None) -> dict:
+        """command with its output on stdout (and session.log when to_log), stopped at `seconds`:
+        SIGINT, then SIGKILL after GRACE_SECONDS. Returns and records its substep."""
+        substep = {"name": name, "command": command, "time_limit_seconds": round(seconds, 1)}
+        self.record["substeps"].append(substep)
+        if seconds < MIN_COMMAND_SECONDS:
+            substep.update(exit_code=None, seconds=0.0, stopped_at_time_limit=False,
+                           not_started=f"{max(0.0, seconds):.0f}s left of the step's time")
+            self.say(f"!! {name}: not started, {substep['not_started']}")
+            self.save()
+            return substep
+        self.say(f"== {name}: {shlex.join(command)} (at most {seconds:.0f}s)")
+        self.save()
+        started = time.perf_counter()
+        process = subprocess.Popen(command, cwd=REPO, env=self.environment(), stdout=subprocess.PIPE,
+                                   stderr=subprocess.STDOUT, text=True, bufsize=1, start_new_session=True)
+
+        def pump():
+            for line in process.stdout:
+                line = line.rstrip("\n")
+                if to_log:
+                    self.say(line)
+                else:
+                    print(line, flush=True)
+                if on_line:
+                    on_line(line)
+
+        reader = threading.Thread(target=pump, daemon=True)
+        reader.start()
+        stopped = False
+        try:
+            process.wait(timeout=max(1.0, seconds))
+        except subprocess.TimeoutExpired:
+            stopped = True
+            self.say(f"!! {name}: time limit of {seconds:.0f}s reached; interrupting")
+            _signal_group(process, signal.SIGINT)
+            try:
+                process.wait(timeout=GRACE_SECONDS)
+            except subprocess.TimeoutExpired:
+                _signal_group(process, signal.SIGKILL)
+                process.wait()
+        reader.join(timeout=GRACE_SECONDS)
+        substep.update(exit_code=process.returncode, seconds=round(time.perf_counter() - started, 1),
+                       stopped_at_time_limit=stopped)
+        self.say(f"== {name}: exit {process.returncode} after {substep['seconds']:.0f}s"
+                 + (" (stopped at its time limit)" if stopped else ""))
+        _remove_partial_writes(self.results)
+        self.save()
+        return substep
+
+    def run_bench(self, name: str, out: Path, seconds: float, max_files: int, *flags: str) -> dict:
+        """python -m bench within `seconds` all told: its budget leaves room for its start-up."""
+        command = [sys.executable, "-m", "bench", "--out", str(out), "--max-files", str(max_files),
+                   "--budget-seconds", f"{max(1.0, seconds - BENCH_STARTUP_SECONDS):.0f}", *flags]
+        if self.dry_run:
+            command += ["--device", "cpu", "--quick"]
+        if self.record["commit"].get("source"):
+            command += ["--commit", self.record["commit"]["commit"]]
+        # The bench writes its own log.txt: its output goes to stdout only.
+        return self.run(name, command, seconds, to_log=False)
+
+    def finish(self) -> int:
+        self.record["complete"] = True
+        self.record["exit_code"] = 1 if self.failed else 0
+        self.save()  # session.json exists from here on: it is among the files listed
+        self.record["files"] = [str(p.relative_to(self.results)) for p in _result_files(self.results)]
+        self.say(f"{self.step}: {'FAILED' if self.failed else 'done'} in {time.perf_counter() - self.started:.0f}s; "
+                 f"{len(self.record['files'])} files in {self.results}")
+        if len(self.record["files"]) > MAX_RESULT_FILES:
+            self.say(f"!! more than {MAX_RESULT_FILES} files in {self.results}: some will not come back")
+        self.save()
+        self.log_file.close()
+        return self.record["exit_code"]
+
+
+def _device_name(device: str) -> str:
+    import torch
+
+    from vit.environment import device_name
+
+    return device_name(torch.device(device)) if device == "cpu" or torch.cuda.is_available() else "no CUDA device"
+
+
+def _signal_group(process, sig):
+    try:
+        os.killpg(process.pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def _remove_partial_writes(folder: Path):
+    """Temporary files of atomic writes a killed process left behind: not results, and each
+    would count against the file limit."""
+    for path in folder.rglob(".*.tmp"):
+        path.unlink(missing_ok=True)
+
+
+def _result_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.is_file())
+
+
+# ---------------------------------------------------------------------------------- step 1
+
+def _junit_summary(path: Path) -> dict:
+    """Counts and the failed tests (with the first line of why) from pytest's junit XML."""
+    if not path.exists():
+        return {"report": "missing (pytest did not finish)"}
+    root = ElementTree.parse(path).getroot()
+    suites = [root] if root.tag == "testsuite" else list(root)
+    totals = {key: sum(int(s.get(key, 0)) for s in suites) for key in ("tests", "failures", "errors", "skipped")}
+    failed = []
+    for case in root.iter("testcase"):
+        for problem in list(case.findall("failure")) + list(case.findall("error")):
+            message = (problem.get("message") or problem.text or "").strip().splitlines()
+            failed.append(f"{case.get('classname')}::{case.get('name')}: {message[0][:300] if message else ''}")
+    totals["passed"] = totals["tests"] - totals["failures"] - totals["errors"] - totals["skipped"]
+    return {**totals, "failed": failed}
+
+
+def plan_from_bench(results_json: Path) -> dict | None:
+    """What step2 needs to plan the full run, from a bench run's triton training row."""
+    if not results_json.exists():
+        return None
+    results = json.loads(results_json.read_text())
+    row = next((r for r in results.get("training", []) if r["key"] == "triton" and r["status"] == "ok"), None)
+    if row is None:
+        return None
+    data = results["data"]
+    settings = results["settings"]["training"]
+    return {"source": f"{results_json} (row {row['name']}, {row['measured_steps']} steady steps)",
+            "device": results["device"], "model": settings["model"], "batch_size": settings["batch_size"],
+            "step_seconds": row["step_ms"] / 1e3, "eval_seconds_per_image": row["eval_seconds"] / data["test_images"],
+            "host_work_seconds": row["host_work_seconds"], "overhead_seconds": row["overhead_seconds"]}
+
+
+def step1(session: Session) -> None:
+    (session.work / "plan.json").unlink(missing_ok=True)  # a plan is this step's, or none
+    for index, (title, expression) in enumerate(TEST_GROUPS):
+        # The parity group may not take all of the determinism group's time.
+        until = session.started + (0.75 if index == 0 else 1.0) * TESTS_SHARE * session.args.seconds
+        junit = session.work / f"pytest-{index + 1}.xml"
+        junit.unlink(missing_ok=True)
+        substep = session.run(f"tests: {title}", [
+            sys.executable, "-m", "pytest", "tests", "-m", "gpu", "-k", expression, "-p", "no:cacheprovider", "-q", "-rfEs",
+            f"--junitxml={junit}"], until - time.perf_counter())
+        substep["tests"] = _junit_summary(junit)
+        # pytest exits 5 when nothing was selected: no GPU tests is not a failure of the code.
+        if substep["exit_code"] not in (0, 5):
+            session.failed = True
+        session.save()
+
+    bench_out = session.results / "bench"
+    substep = session.run_bench("kernel bench", bench_out, session.left() - MARGIN_SECONDS, BENCH_FILES["step1"],
+                                "--data", "synthetic", "--training-configs", STEP1_TRAINING_CONFIGS)
+    if substep["exit_code"] != 0:
+        session.failed = True
+    plan = plan_from_bench(bench_out / "results.json")
+    session.record["plan"] = plan or {"missing": "the bench measured no triton training row; step2 measures one"}
+    if plan:
+        atomic_write(session.work / "plan.json", lambda tmp: tmp.write_text(json.dumps(plan, indent=2) + "\n"))
+        session.say(f"plan for step2: {plan['step_seconds'] * 1e3:.2f} ms per step of {plan['batch_size']}, "
+                    f"host work {plan['host_work_seconds']:.2f} s per epoch (saved to {session.work / 'plan.json'})")
+    session.save()
+
+
+# ---------------------------------------------------------------------------------- step 2
+
+def _cifar_sizes(data_dir: Path) -> tuple[int, int]:
+    from vit.data import load_cifar10
+
+    data = load_cifar10(data_dir, download=False)
+    return len(data.train_labels), len(data.test_labels)
+
+
+def _real_data(session: Session) -> tuple[Path | None, str]:
+    """(folder holding cifar-10-batches-py, how it got there) or (None, why there is none)."""
+    if session.args.data_dir:
+        return Path(session.args.data_dir).resolve(), f"--data-dir {session.args.data_dir}"
+    target = session.work / "data"
+    if (target / "cifar-10-batches-py" / "batches.meta").exists():  # device_data.py writes it last
+        return target, f"unpacked earlier in {target}"
+    tool = session.work / "device_data.py"
+    parts = [session.work / f"part{k}.xz" for k in range(2)]
+    missing = [str(p) for p in [tool, *parts] if not p.exists()]
+    if missing:
+        return None, (f"missing {', '.join(missing)} (each command carries one part; the machine must stay warm "
+                      "between the two, so that step1's part is still there)")
+    substep = session.run("unpack CIFAR-10", [sys.executable, str(tool), "unpack", str(session.work), str(target)],
+                          min(120.0, session.left()))
+    if substep["exit_code"] != 0:
+        return None, f"device_data.py unpack failed (exit {substep['exit_code']})"
+    return target, f"unpacked from {parts[0]} and {parts[1]}"
+
+
+def _probe(session: Session, data_dir: Path) -> dict | None:
+    """No plan from step1: measure the triton training step here (a short bench row)."""
+    out = session.work / "probe"
+    shutil.rmtree(out, ignore_errors=True)
+    session.run_bench("measure the triton step (no plan from step1)", out, PROBE_SECONDS, 3, "--only", "training",
+                      "--training-configs", "triton", "--data-dir", str(data_dir))
+    return plan_from_bench(out / "results.json")
+
+
+def plan_epochs(plan: dict, seconds: float, train_images: int, test_images: int, device_type: str,
+                max_epochs: int = RECIPE_EPOCHS) -> dict:
+    """How many epochs of the recipe fit in `seconds` (at most max_epochs), from a measured step."""
+    steps = train_images // plan["batch_size"]
+    epoch = (steps * plan["step_seconds"] + test_images * plan["eval_seconds_per_image"]
+             + plan["host_work_seconds"]) * EPOCH_SAFETY
+    fixed = STARTUP_SECONDS[device_type] + FINISH_SECONDS[device_type] + plan["overhead_seconds"]
+    fits = math.floor((seconds - fixed) / epoch) if seconds > fixed else 0
+    return {"epoch_seconds_estimate": epoch, "fixed_seconds_estimate": fixed, "seconds_available": seconds,
+            "epochs_that_fit": fits, "max_epochs": max_epochs, "epochs": max(0, min(max_epochs, fits)),
+            "steps_per_epoch": steps}
+
+
+def _read_metrics(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _full_run_summary(rows: list[dict], epochs: int, stopped: bool, exit_code: int | None, wall: float,
+                      estimate: dict) -> dict:
+    done = len(rows)
+    if epochs == RECIPE_EPOCHS:
+        label = "the default recipe, all 200 epochs"
+    else:
+        why = (f"--max-epochs {epochs}" if estimate["epochs_that_fit"] > epochs else
+               f"200 did not fit ({estimate['epoch_seconds_estimate']:.2f}s per epoch estimated from a measured step, "
+               f"{estimate['seconds_available']:.0f}s available)")
+        label = (f"the default recipe shortened to {epochs} epochs (--epochs {epochs}: warm-up and cosine over "
+                 f"{epochs} epochs), not the 200-epoch recipe: {why}")
+    if done < epochs:
+        label += f"; STOPPED after {done} of {epochs} epochs" + (" at the time limit" if stopped else "") + \
+                 ": the accuracy is mid-schedule"
+    summary = {"label": label, "epochs_planned": epochs, "epochs_done": done, "complete": done == epochs and exit_code == 0,
+               "exit_code": exit_code, "stopped_at_time_limit": stopped, "wall_seconds": round(wall, 1),
+               "train_seconds": round(sum(float(r["epoch_seconds"]) for r in rows), 1)}
+    if rows:
+        best = max(rows, key=lambda r: float(r["test_acc"]))
+        summary.update(final_test_acc=float(rows[-1]["test_acc"]), best_test_acc=float(best["test_acc"]),
+                       best_epoch=int(best["epoch"]), images_per_second_last_epoch=float(rows[-1]["images_per_second"]))
+    return summary
+
+
+def full_run(session: Session, data_dir: Path, plan: dict) -> None:
+    train_images, test_images = _cifar_sizes(data_dir)
+    available = session.left() - session.args.bench_seconds - MARGIN_SECONDS
+    estimate = plan_epochs(plan, available, train_images, test_images, "cpu" if session.dry_run else "cuda",
+                           session.args.max_epochs)
+    session.record["full_run_plan"] = {**estimate, "plan": plan, "train_images": train_images,
+                                       "test_images": test_images}
+    epochs = estimate["epochs"]
+    if epochs < 1:
+        session.record["full_run"] = {"skipped": f"not even one epoch fits: {estimate}"}
+        session.say(f"!! full run skipped: not even one epoch fits ({estimate})")
+        session.failed = True
+        session.save()
+        return
+    run_dir = session.work / f"run-{time.strftime('%Y%m%d-%H%M%S')}"
+    command = [sys.executable, "train.py", "--backend", "triton", "--data-dir", str(data_dir), "--out-dir",
+               str(run_dir), "--epochs", str(epochs), "--no-progress", "--augment", "gpu"]
+    if session.dry_run:
+        command += ["--device", "cpu", "--batch-size", str(QUICK_BATCH_SIZE)] + [
+            f"--{k.replace('_', '-')}={v}" for k, v in TINY_MODEL.items() if k != "num_classes"]
+    started = time.perf_counter()
+
+    def copy_run_files():
+        for name in ("metrics.csv", "curves.png"):
+            if (run_dir / name).exists():
+                data = (run_dir / name).read_bytes()
+                atomic_write(session.results / name, lambda tmp: tmp.write_bytes(data))
+
+    def on_line(line: str):
+        # train.py prints an epoch's line after writing its metrics.csv and curves.png: copy
+        # them now, so a command stopped later still returns the epochs done.
+        if line.startswith("epoch ") and "test loss" in line:
+            copy_run_files()
+
+    substep = session.run(f"full training run ({epochs} epochs)", command,
+                          session.left() - session.args.bench_seconds / 2 - MARGIN_SECONDS, on_line=on_line)
+    copy_run_files()
+    summary = _full_run_summary(_read_metrics(run_dir / "metrics.csv"), epochs, substep["stopped_at_time_limit"],
+                                substep["exit_code"], time.perf_counter() - started, estimate)
+    summary.update(run_dir=str(run_dir), backend="triton", device=session.record["device"],
+                   commit=session.record["commit"]["commit"], date=session.record["started"], data=str(data_dir))
+    session.record["full_run"] = summary
+    if substep["exit_code"] != 0 and not substep["stopped_at_time_limit"]:
+        session.failed = True
+    accuracy = f"final test accuracy {summary['final_test_acc']:.2%}" if "final_test_acc" in summary else "no epoch"
+    session.say(f"full run: {summary['label']}; {accuracy}; {summary['wall_seconds']:.0f}s wall clock")
+    session.save()
+
+
+def step2(session: Session) -> None:
+    data_dir, how = _real_data(session)
+    session.record["data"] = {"dir": str(data_dir) if data_dir else None, "how": how}
+    session.save()
+    if data_dir is None:
+        session.say(f"no real CIFAR-10 ({how}): no full run; the training bench runs on synthetic images")
+        session.record["full_run"] = {"skipped": f"no real CIFAR-10: {how}"}
+        session.failed = True
+    else:
+        try:
+            plan_path = session.work / "plan.json"
+            plan = json.loads(plan_path.read_text()) if plan_path.exists() else _probe(session, data_dir)
+            session.record["plan"] = plan or {"missing": "no triton training step could be measured"}
+            if plan is None:
+                session.record["full_run"] = {"skipped": "no measured triton step to plan with"}
+                session.failed = True
+            else:
+                full_run(session, data_dir, plan)
+        except Exception as error:  # the training bench still gets its time
+            session.record["full_run"] = {"error": f"{type(error).__name__}: {error}"}
+            session.failed = True
+            session.say(f"!! full run: {type(error).__name__}: {error}")
+            session.save()
+    data_flags = ["--data-dir", str(data_dir)] if data_dir else ["--data", "synthetic"]
+    substep = session.run_bench("training bench", session.results / "bench", session.left() - MARGIN_SECONDS,
+                                BENCH_FILES["step2"], "--only", "training", *data_flags)
+    if substep["exit_code"] != 0:
+        session.failed = True
+
+
+# ------------------------------------------------------------------------------------ CLI
+
+EXAMPLES = """\
+examples:
+  python -m bench.gpu_session step1 $OUT --commit 0123456789ab
+      on the GPU machine: the gpu-marked tests, then the kernel bench (bench/README.md says how to run both steps)
+  python -m bench.gpu_session step2 $OUT --commit 0123456789ab
+      then: unpack the data, train the full recipe with the triton backend, the training bench
+  python -m bench.gpu_session step1 /tmp/dry --device cpu
+      a dry run of a step at tiny sizes on the CPU
+"""
+
+def build_parser() -> argparse.ArgumentParser:
+    p = cli.Parser(prog="python -m bench.gpu_session", description=__doc__.split("\n\n")[0], epilog=EXAMPLES)
+    p.add_argument("step", choices=["step1", "step2"],
+                   help="step1: the gpu-marked tests and the kernel bench; step2: the full training run and the "
+                        "training bench")
+    p.add_argument("results", help="folder for the results (on the GPU machine: $OUT); created if missing, must be empty")
+    p.add_argument("--work", default=".device-data", help="scratch: device_data.py and the parts, the unpacked data, "
+                                                          "the training run, the plan from step1")
+    p.add_argument("--seconds", type=cli.positive_float, default=None,
+                   help=f"wall-clock budget of the step (default: {DEFAULT_SECONDS['step1']} for step1, "
+                        f"{DEFAULT_SECONDS['step2']} for step2)")
+    p.add_argument("--device", choices=["cuda", "cpu"], default="cuda",
+                   help="cpu: a dry run at tiny sizes, to check paths, flags and the file limit without a GPU")
+    p.add_argument("--data-dir", default=None,
+                   help="step2: CIFAR-10 already on this machine (default: unpack the carried parts into --work)")
+    p.add_argument("--bench-seconds", type=cli.positive_float, default=BENCH_SECONDS,
+                   help="step2: seconds kept for the training bench after the full run")
+    p.add_argument("--max-epochs", type=cli.positive_int, default=RECIPE_EPOCHS,
+                   help="step2: at most this many epochs in the full run (the recipe's 200; fewer when they do not fit)")
+    p.add_argument("--commit", default=None,
+                   help="the commit measured, recorded when the folder is not a git checkout (default: read from git)")
+    return p
+
+
+def main(argv=None) -> int:
+    return cli.run(_main, argv)
+
+
+def _main(argv: list[str]) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    args.seconds = args.seconds or DEFAULT_SECONDS[args.step]
+    results = Path(args.results)
+    if results.exists() and any(results.iterdir()):
+        parser.error(f"{results} is not empty: give each step an empty results folder (at most "
+                     f"{MAX_RESULT_FILES} files come back from it)")
+    if args.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            parser.error("no CUDA device here; --device cpu runs the dry run")
+    session = Session(args.step, args)
+    session.say(f"{args.step}: {session.record['device']}, commit {session.record['commit']['commit']}, "
+                f"{args.seconds:.0f}s, results in {results}, scratch in {args.work}"
+                + (" (dry run at tiny sizes)" if session.dry_run else ""))
+    session.save()
+    try:
+        (step1 if args.step == "step1" else step2)(session)
+    except Exception as error:  # the session's own failure: recorded, and what exists stays
+        session.failed = True
+        session.record["error"] = f"{type(error).__name__}: {error}"
+        session.say(f"!! {args.step} failed: {type(error).__name__}: {error}")
+    return session.finish()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

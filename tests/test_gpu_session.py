@@ -1,0 +1,220 @@
+"""The prepared GPU session (bench/gpu_session.py), dry-run on the CPU at tiny sizes: both steps
+run with the flags and paths the GPU machine will see, write only under their results folder
+(and the scratch folder), within the 8 files that come back, and record what a GPU run must
+report (test outcomes, the plan, the full run's accuracy and wall clock, the benches).
+
+The dry run takes about two minutes of one core: the two test groups, the bench's kernel phase
+and its interpreted triton row, a two-epoch training run of a tiny model, and a training bench
+that trims what its seconds-long budget cannot hold.
+"""
+import csv
+import json
+import re
+import subprocess
+import sys
+from argparse import Namespace
+from pathlib import Path
+
+import pytest
+
+from bench import gpu_session as gs
+from conftest import write_cifar_folder
+
+REPO = Path(__file__).resolve().parents[1]
+FILE_NAME = re.compile(r"^[A-Za-z0-9._-]+$")
+
+
+def _repository_outputs() -> set[str]:
+    """Where a run could leave files in the repository."""
+    return {str(p.relative_to(REPO)) for folder in ("runs", "data", "bench/results", ".device-data")
+            if (REPO / folder).exists() for p in (REPO / folder).rglob("*")}
+
+
+@pytest.fixture(scope="module")
+def dry_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("session")
+    data = root / "data"
+    write_cifar_folder(data, per_batch=10, num_test=50)  # 50 training images: 6 steps of 8
+    # train.py ends with per-class accuracies of the best checkpoint: every class must be there.
+    from vit.data import load_cifar10
+    assert set(load_cifar10(data, download=False).test_labels.tolist()) == set(range(10))
+    work, step1_out, step2_out = root / "work", root / "step1", root / "step2"
+    before = _repository_outputs()
+    runs = {}
+    # Budgets generous enough for a busy machine; the work is bounded by the tiny sizes (the
+    # sweeps end when every shape is done) and by --max-epochs, not by the seconds.
+    for name, out, flags in (("step1", step1_out, ["--seconds", "240"]),
+                             ("step2", step2_out, ["--seconds", "240", "--max-epochs", "2", "--data-dir", str(data)])):
+        proc = subprocess.run([sys.executable, "-m", "bench.gpu_session", name, str(out), "--device", "cpu",
+                               "--work", str(work), *flags], cwd=REPO, capture_output=True, text=True, timeout=600)
+        runs[name] = {"proc": proc, "out": out, "session": json.loads((out / "session.json").read_text())}
+    return {**runs, "work": work, "data": data, "repository_changed": _repository_outputs() - before}
+
+
+def _files(folder: Path) -> list[Path]:
+    return sorted(p.relative_to(folder) for p in folder.rglob("*") if p.is_file())
+
+
+@pytest.mark.parametrize("step", ["step1", "step2"])
+def test_each_step_succeeds_and_leaves_at_most_8_files_a_gpu_machine_returns(dry_run, step):
+    run = dry_run[step]
+    proc, session = run["proc"], run["session"]
+    assert proc.returncode == 0, f"{proc.stdout[-5000:]}\n{proc.stderr[-3000:]}"
+    files = _files(run["out"])
+    assert 1 <= len(files) <= gs.MAX_RESULT_FILES, files
+    for path in files:
+        assert len(path.parts) <= 2 and all(FILE_NAME.match(part) for part in path.parts), path  # $OUT/a/file
+        assert not path.name.endswith(".tmp")
+    assert session["complete"] is True and session["exit_code"] == 0 and session["dry_run"] is True
+    assert sorted(session["files"]) == sorted(str(p) for p in files)
+    assert session["commit"]["commit"] != "unknown" and session["device"].startswith("cpu")
+    log = (run["out"] / "session.log").read_text()
+    assert log.startswith(f"{step}: cpu") and f"{step}: done" in log
+
+
+def test_nothing_is_written_in_the_repository(dry_run):
+    assert dry_run["repository_changed"] == set()
+
+
+def test_step1_runs_the_gpu_tests_parity_first_then_the_kernel_bench(dry_run):
+    session = dry_run["step1"]["session"]
+    names = [s["name"] for s in session["substeps"]]
+    assert names == ["tests: bf16 parity", "tests: determinism", "kernel bench"]
+    parity, determinism, bench = session["substeps"]
+    assert parity["command"][1:8] == ["-m", "pytest", "tests", "-m", "gpu", "-k", "not determinis"]
+    assert determinism["command"][4:8] == ["-m", "gpu", "-k", "determinis"]
+    for group in (parity, determinism):
+        assert group["exit_code"] == 0 and group["tests"]["tests"] > 0 and group["tests"]["failed"] == []
+        assert group["tests"]["passed"] + group["tests"]["skipped"] == group["tests"]["tests"]
+    # On the CPU every gpu test skips; the parity group holds the model-shape bf16 tests.
+    assert parity["tests"]["skipped"] == parity["tests"]["tests"] >= 5
+    assert determinism["tests"]["skipped"] == determinism["tests"]["tests"] >= 2
+    assert bench["exit_code"] == 0 and not bench["stopped_at_time_limit"]
+    command = bench["command"]
+    for flag, value in (("--data", "synthetic"), ("--training-configs", "triton"), ("--max-files", "6"),
+                        ("--out", str(dry_run["step1"]["out"] / "bench")), ("--device", "cpu")):
+        assert command[command.index(flag) + 1] == value
+    results = json.loads((dry_run["step1"]["out"] / "bench" / "results.json").read_text())
+    assert results["complete"] and results["label"] == "CPU smoke, synthetic images"
+    assert [r["key"] for r in results["training"]] == ["triton"] and results["training"][0]["status"] == "ok"
+    assert results["kernels"] and results["phases_done"][:2] == ["peaks", "kernels"]
+
+
+def test_step1_hands_step2_a_plan_measured_from_the_triton_step(dry_run):
+    session = dry_run["step1"]["session"]
+    plan = json.loads((dry_run["work"] / "plan.json").read_text())
+    assert session["plan"] == plan
+    results = json.loads((dry_run["step1"]["out"] / "bench" / "results.json").read_text())
+    row = results["training"][0]
+    assert plan["step_seconds"] == pytest.approx(row["step_ms"] / 1e3) and plan["batch_size"] == 8
+    assert plan["host_work_seconds"] == row["host_work_seconds"] > 0
+    assert plan["eval_seconds_per_image"] == pytest.approx(row["eval_seconds"] / 10_000)
+
+
+def test_step2_trains_the_planned_epochs_and_returns_metrics_curves_accuracy_and_wall_clock(dry_run):
+    out, session = dry_run["step2"]["out"], dry_run["step2"]["session"]
+    assert session["data"] == {"dir": str(dry_run["data"]), "how": f"--data-dir {dry_run['data']}"}
+    run, estimate = session["full_run"], session["full_run_plan"]
+    assert estimate["epochs"] == run["epochs_planned"] and estimate["train_images"] == 50
+    train = next(s for s in session["substeps"] if s["name"].startswith("full training run"))
+    command = train["command"]
+    assert command[1:4] == ["train.py", "--backend", "triton"]
+    assert command[command.index("--epochs") + 1] == str(run["epochs_planned"])
+    assert "--out-dir" in command and command[command.index("--out-dir") + 1].startswith(str(dry_run["work"]))
+    with open(out / "metrics.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == run["epochs_done"] >= 1
+    assert run["final_test_acc"] == float(rows[-1]["test_acc"])
+    assert run["best_test_acc"] == max(float(r["test_acc"]) for r in rows)
+    assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert run["wall_seconds"] > run["train_seconds"] > 0
+    assert run["backend"] == "triton" and run["commit"] == session["commit"]["commit"]
+    assert run["epochs_planned"] == 2 and estimate["epochs_that_fit"] >= 2
+    assert run["label"] == ("the default recipe shortened to 2 epochs (--epochs 2: warm-up and cosine over 2 epochs), "
+                            "not the 200-epoch recipe: --max-epochs 2")
+
+
+def test_step2_runs_the_training_bench_on_the_real_data_in_the_time_left(dry_run):
+    session = dry_run["step2"]["session"]
+    bench = session["substeps"][-1]
+    assert bench["name"] == "training bench" and bench["exit_code"] == 0
+    command = bench["command"]
+    assert command[command.index("--only") + 1] == "training" and command[command.index("--max-files") + 1] == "4"
+    assert command[command.index("--data-dir") + 1] == str(dry_run["data"])
+    results = json.loads((dry_run["step2"]["out"] / "bench" / "results.json").read_text())
+    assert results["complete"] and results["data"]["kind"] == "cifar10" and results["data"]["accuracy_valid"]
+    assert "synthetic" not in results["label"]
+    assert sorted(p.name for p in (dry_run["step2"]["out"] / "bench").iterdir()) == sorted(
+        ["results.json", "report.md", "bench-files.zip", "log.txt"])
+    # Whatever did not fit the seconds-long budget is listed as trimmed, with the reason.
+    for row in results["training"]:
+        assert row["status"] == "ok" or row["skipped_reason"]
+
+
+# ------------------------------------------------------------------------------- planning
+
+PLAN = {"batch_size": 128, "step_seconds": 0.004, "eval_seconds_per_image": 1e-5, "host_work_seconds": 0.5,
+        "overhead_seconds": 20.0}
+
+
+def test_the_plan_counts_the_epochs_that_fit_with_every_per_epoch_cost():
+    # 390 steps x 4 ms + 0.1 s of evaluation + 0.5 s of host work = 2.16 s, x1.1 = 2.376 s per epoch.
+    estimate = gs.plan_epochs(PLAN, 300.0, 50_000, 10_000, "cuda")
+    assert estimate["epoch_seconds_estimate"] == pytest.approx(2.376)
+    assert estimate["fixed_seconds_estimate"] == gs.STARTUP_SECONDS["cuda"] + gs.FINISH_SECONDS["cuda"] + 20.0
+    assert estimate["epochs"] == int((300 - 60) // 2.376) == 101
+    assert gs.plan_epochs(PLAN, 10_000.0, 50_000, 10_000, "cuda")["epochs"] == 200  # never more than the recipe
+    assert gs.plan_epochs(PLAN, 50.0, 50_000, 10_000, "cuda")["epochs"] == 0
+    capped = gs.plan_epochs(PLAN, 300.0, 50_000, 10_000, "cuda", max_epochs=2)
+    assert capped["epochs"] == 2 and capped["epochs_that_fit"] == 101
+
+
+def test_the_full_run_is_labelled_by_what_it_was():
+    rows = [{"epoch": str(e), "test_acc": str(0.5 + e / 1000), "epoch_seconds": "2.0", "images_per_second": "25000"}
+            for e in range(1, 201)]
+    estimate = {"epoch_seconds_estimate": 2.4, "seconds_available": 300.0, "epochs_that_fit": 250}
+    full = gs._full_run_summary(rows, 200, False, 0, 450.0, estimate)
+    assert full["label"] == "the default recipe, all 200 epochs" and full["complete"]
+    assert full["final_test_acc"] == pytest.approx(0.7) and full["best_epoch"] == 200 and full["train_seconds"] == 400
+    short = gs._full_run_summary(rows[:100], 100, False, 0, 230.0, {**estimate, "epochs_that_fit": 100})
+    assert short["label"].startswith("the default recipe shortened to 100 epochs") and short["complete"]
+    assert short["label"].endswith("200 did not fit (2.40s per epoch estimated from a measured step, 300s available)")
+    stopped = gs._full_run_summary(rows[:60], 100, True, -2, 230.0, {**estimate, "epochs_that_fit": 100})
+    assert "STOPPED after 60 of 100 epochs at the time limit" in stopped["label"] and not stopped["complete"]
+
+
+def _session(tmp_path, **overrides) -> gs.Session:
+    args = Namespace(results=str(tmp_path / "results"), work=str(tmp_path / "work"), seconds=60.0, device="cpu",
+                     data_dir=None, commit=None, bench_seconds=20.0, max_epochs=200)
+    for key, value in overrides.items():
+        setattr(args, key, value)
+    return gs.Session("step2", args)
+
+
+def test_without_both_parts_there_is_no_real_data_and_the_reason_says_why(tmp_path):
+    session = _session(tmp_path)
+    (session.work / "part1.xz").write_bytes(b"step2's part only")
+    data_dir, why = gs._real_data(session)
+    assert data_dir is None and "part0.xz" in why and "device_data.py" in why and "warm" in why
+    assert session.record["substeps"] == []  # nothing was run
+
+
+def test_pytest_outcomes_are_read_from_junit_xml(tmp_path):
+    xml = tmp_path / "junit.xml"
+    xml.write_text('<testsuites><testsuite tests="4" failures="1" errors="0" skipped="2">'
+                   '<testcase classname="tests.test_attention" name="test_a"/>'
+                   '<testcase classname="tests.test_attention" name="test_b"><failure message="assert 1 == 2&#10;more">'
+                   'trace</failure></testcase>'
+                   '<testcase classname="t" name="c"><skipped/></testcase><testcase classname="t" name="d"><skipped/>'
+                   '</testcase></testsuite></testsuites>')
+    summary = gs._junit_summary(xml)
+    assert summary == {"tests": 4, "failures": 1, "errors": 0, "skipped": 2, "passed": 1,
+                       "failed": ["tests.test_attention::test_b: assert 1 == 2"]}
+    assert gs._junit_summary(tmp_path / "missing.xml") == {"report": "missing (pytest did not finish)"}
+
+
+def test_a_results_folder_that_is_not_empty_is_refused(tmp_path, capsys):
+    (tmp_path / "old.txt").write_text("x")
+    with pytest.raises(SystemExit) as exit_info:
+        gs.main(["step1", str(tmp_path), "--device", "cpu"])
+    assert exit_info.value.code == 2 and "is not empty" in capsys.readouterr().err

@@ -1,0 +1,306 @@
+"""The training step: no host sync inside it, the schedule applied on the device, non-finite values
+caught where they start, and the CUDA-graph step (GPU tests) computing what the eager one does."""
+import math
+import time
+
+import pytest
+import torch
+
+from bench.host_work import MarkedLoader, count_step_work
+from vit.checkpoint import load_checkpoint
+from vit.data import GPUTrainLoader
+from vit.model import ViT, ViTConfig
+from vit import trainer as trainer_module
+from vit.trainer import (PROGRESS_EVERY, EvalSet, NonFiniteLoss, TrainConfig, Trainer, cuda_graph_unsupported_reason,
+                         lr_at, lr_schedule, make_optimizer, seed_everything)
+
+TINY = ViTConfig(dim=32, depth=1, heads=2, mlp_dim=32)
+CLASSES = [str(i) for i in range(10)]
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def make_trainer(run_dir, model_cfg=TINY, steps=4, batch_size=8, seed=0, wrap=None, **cfg_fields) -> Trainer:
+    """A trainer over generated images with the batched-augmentation loader."""
+    cfg = TrainConfig(**{"epochs": 2, "batch_size": batch_size, "warmup_epochs": 1, "device": "cpu",
+                         "precision": "fp32", "augment": "gpu", "progress": False, "seed": seed, **cfg_fields})
+    device = torch.device(cfg.device)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    seed_everything(seed)
+    generator = torch.Generator().manual_seed(seed)
+    images = torch.randint(0, 256, (steps * batch_size, 3, 32, 32), dtype=torch.uint8, generator=generator)
+    labels = torch.randint(0, 10, (steps * batch_size,), generator=generator)
+    loader = GPUTrainLoader(images, labels, batch_size, seed, device)
+    model = ViT(model_cfg).to(device)
+    test_set = EvalSet(images[:16].to(device), labels[:16].to(device), CLASSES)
+    return Trainer(model, wrap(loader) if wrap else loader, test_set, make_optimizer(model.parameters(), cfg, device),
+                   cfg, run_dir, log=lambda line: None)
+
+
+# ------------------------------------------------------------------------------- no host in the loop
+
+def test_steps_have_no_host_sync_no_host_data_and_the_same_work_each_time():
+    steps = PROGRESS_EVERY + 3
+    counts = count_step_work(TINY, steps=steps, batch_size=2)["steps"]
+    for index, step in enumerate(counts):
+        assert (step.syncs, step.host_tensors, step.host_to_device_copies, step.device_to_host_copies) == (0, 0, 0, 0), \
+            (index, dict(step.by_op))
+    # The first step also creates Adam's moments; the PROGRESS_EVERY-th one ends with a progress point.
+    plain = [c.launches for i, c in enumerate(counts) if i not in (0, PROGRESS_EVERY - 1)]
+    assert len(set(plain)) == 1 and plain[0] > 50, plain
+    assert counts[PROGRESS_EVERY - 1].launches > plain[0]
+
+
+def test_the_learning_rate_comes_from_the_schedule_on_the_device(tmp_path):
+    trainer = make_trainer(tmp_path, steps=4, epochs=3, warmup_epochs=1.5, lr=2e-3, min_lr=1e-4)
+    table = lr_schedule(trainer.cfg, 4)
+    assert math.isclose(float(table[0]), lr_at(0, 12, 6, 2e-3, 1e-4), rel_tol=1e-6)
+    seen = []  # Adam's learning rate at each ask for a batch: 5 asks per epoch of 4 steps
+    trainer.loader = MarkedLoader(trainer.loader, on_ask=lambda: seen.append(trainer.optimizer.param_groups[0]["lr"].item()))
+    for epoch in range(3):
+        assert math.isclose(trainer.train_epoch(epoch)["lr"], table[4 * epoch + 3], rel_tol=1e-6)
+    assert int(trainer.meters.step) == 12
+    assert seen[0] == pytest.approx(2e-3)  # make_optimizer's initial value, before any step
+    for epoch in range(3):
+        for done in range(1, 5):  # after `done` steps of the epoch, the last one's entry of the table
+            assert seen[5 * epoch + done] == pytest.approx(float(table[4 * epoch + done - 1]), rel=1e-6)
+
+
+def test_the_step_equals_adam_stepped_by_hand_through_the_schedule(tmp_path):
+    """The device-side schedule (table, step counter, tensor learning rate) against a plain loop that
+    sets each step's learning rate from the host: the same weights, bit for bit."""
+    trainer = make_trainer(tmp_path, steps=4, epochs=2, warmup_epochs=0.5, lr=3e-3, min_lr=1e-4, weight_decay=1e-3)
+    table = lr_schedule(trainer.cfg, 4)
+    reference = ViT(TINY)
+    reference.load_state_dict(trainer.model.state_dict())
+    optimizer = torch.optim.Adam(reference.parameters(), lr=0.0, weight_decay=1e-3, fused=True)
+    losses = []
+    for epoch in range(2):
+        trainer.loader.set_epoch(epoch)
+        for step, (images, labels) in enumerate(trainer.loader):
+            optimizer.param_groups[0]["lr"] = float(table[epoch * 4 + step])
+            loss = torch.nn.functional.cross_entropy(reference(images), labels, label_smoothing=0.1)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
+    rows = [trainer.train_epoch(epoch) for epoch in range(2)]
+    for epoch, row in enumerate(rows):
+        assert math.isclose(row["train_loss"], sum(losses[4 * epoch:4 * epoch + 4]) / 4, rel_tol=1e-12)
+    for (name, ours), theirs in zip(trainer.model.state_dict().items(), reference.state_dict().values()):
+        assert torch.equal(ours, theirs), name
+
+
+# ------------------------------------------------------------------------------- non-finite values
+
+def poison_at(step: int):
+    """A loader wrapper whose batch `step` (1-based, first epoch) holds NaN images."""
+    class Poisoned(MarkedLoader):
+        def __iter__(self):
+            for index, (images, labels) in enumerate(self.inner, 1):
+                yield (torch.full_like(images, math.nan) if self.inner.epoch == 0 and index == step else images), labels
+    return lambda loader: Poisoned(loader)
+
+
+def test_a_non_finite_loss_is_reported_with_its_epoch_and_step(tmp_path):
+    trainer = make_trainer(tmp_path, steps=5, wrap=poison_at(3))
+    with pytest.raises(NonFiniteLoss, match=r"non-finite loss at epoch 1, step 3; stopping: no checkpoint was written yet"):
+        trainer.fit()
+    assert not (tmp_path / "last.pt").exists() and not (tmp_path / "best.pt").exists()
+
+
+def test_non_finite_weights_are_caught_at_the_step_that_broke_them(tmp_path):
+    """An infinite learning rate: the loss of that step is finite, the weights after it are not."""
+    trainer = make_trainer(tmp_path, steps=3, lr=math.inf, min_lr=0.0)
+    with pytest.raises(NonFiniteLoss, match=r"non-finite weights after the optimizer step at epoch 1, step 1;"):
+        trainer.fit()
+
+
+def test_a_non_finite_test_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    trainer = make_trainer(tmp_path, steps=2, epochs=3)
+    evaluate = Trainer.evaluate
+    monkeypatch.setattr(Trainer, "evaluate",
+                        lambda self: (math.nan, 0.99) if len(self.metrics) == 1 else evaluate(self))
+    with pytest.raises(NonFiniteLoss, match=f"non-finite test loss after epoch 2; stopping: the last good checkpoint is {tmp_path / 'last.pt'}"):
+        trainer.fit()
+    assert load_checkpoint(tmp_path / "last.pt")["epoch"] == 1
+    assert load_checkpoint(tmp_path / "best.pt")["epoch"] == 1
+
+
+def test_a_zero_learning_rate_trains_without_dividing_by_it(tmp_path):
+    trainer = make_trainer(tmp_path, steps=2, epochs=1, lr=0.0, min_lr=0.0)
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    summary = trainer.fit()
+    assert summary.epochs == 1 and summary.best_epoch == 1 and math.isfinite(summary.last_acc)
+    for name, value in trainer.model.state_dict().items():
+        assert torch.equal(value, before[name]), name
+
+
+def test_fit_returns_the_run_summary(tmp_path):
+    trainer = make_trainer(tmp_path, steps=2, epochs=2)
+    summary = trainer.fit()
+    accuracies = [row["test_acc"] for row in trainer.metrics]
+    assert summary.best_acc == max(accuracies) and accuracies[summary.best_epoch - 1] == summary.best_acc
+    assert summary.last_acc == accuracies[-1] and summary.epochs == 2
+    assert summary.wall_seconds > 0 and summary.images_per_second > 0
+
+
+def test_a_resumed_run_drives_its_own_learning_rate_and_ends_as_an_uninterrupted_one(tmp_path):
+    dropout = ViTConfig(dim=32, depth=1, heads=2, mlp_dim=32, dropout=0.2)  # the RNG state matters too
+    straight = make_trainer(tmp_path / "straight", model_cfg=dropout, steps=3, epochs=2)
+    straight.fit()
+    first = make_trainer(tmp_path / "resumed", model_cfg=dropout, steps=3, epochs=2)
+    first.train_epoch(0)
+    first.metrics.append({"epoch": 1, "train_loss": 1.0, "train_acc": 0.1, "test_loss": 1.0, "test_acc": 0.1,
+                          "lr": 0.0, "epoch_seconds": 1.0, "images_per_second": 1.0})
+    first.best_epoch = 1
+    first._save_epoch(1, best=True)
+    first.writer.wait()
+    resumed = make_trainer(tmp_path / "resumed", model_cfg=dropout, steps=3, epochs=2)
+    with torch.no_grad():
+        for parameter in resumed.model.parameters():
+            parameter.add_(1.0)  # whatever the new process starts with, the checkpoint replaces it
+    torch.manual_seed(123)
+    resumed.resume()
+    assert resumed.start_epoch == 1
+    assert resumed.optimizer.param_groups[0]["lr"] is resumed.lr_tensors[0]
+    resumed.fit()
+    for name, value in straight.model.state_dict().items():
+        assert torch.equal(resumed.model.state_dict()[name], value), name
+
+
+def test_epoch_files_are_written_while_the_next_epoch_trains(tmp_path, monkeypatch):
+    """Writes that take longer than the gap between epochs may take: the training thread goes on.
+    Checked by order of events rather than by a time bound, so a loaded machine cannot fail it:
+    each epoch's first step starts before the previous epoch's (slow) write has finished."""
+    write = trainer_module.write_epoch_files
+    written = []
+
+    def slow_write(*args, **kwargs):
+        time.sleep(1.0)
+        write(*args, **kwargs)
+        written.append(time.perf_counter())
+
+    ends, starts = [], []
+
+    def on_ask():
+        if len(starts) == len(ends):  # the first ask of an epoch
+            starts.append(time.perf_counter())
+
+    monkeypatch.setattr(trainer_module, "write_epoch_files", slow_write)
+    # Epochs of 4 steps that each wait 0.3 s for their batch: longer than a write.
+    trainer = make_trainer(tmp_path, steps=4, epochs=3, wrap=lambda loader: MarkedLoader(
+        loader, on_ask=on_ask, on_batch=lambda: time.sleep(0.3), on_end=lambda: ends.append(time.perf_counter())))
+    trainer.fit()
+    assert len(starts) == 3 and len(written) == 3
+    assert all(start < done for start, done in zip(starts[1:], written)), (starts, written)
+    assert (tmp_path / "metrics.csv").exists() and len(trainer.writer.job_seconds) == 3
+
+
+def test_an_interrupt_propagates_only_after_the_background_write_is_done(tmp_path, monkeypatch):
+    write = trainer_module.write_epoch_files
+
+    def slow_write(*args, **kwargs):
+        time.sleep(1.0)  # still writing epoch 1 when epoch 2 is interrupted
+        write(*args, **kwargs)
+
+    def interrupt_second_epoch(self, epoch):
+        if epoch == 1:
+            raise KeyboardInterrupt
+        return train_epoch(self, epoch)
+
+    train_epoch = Trainer.train_epoch
+    monkeypatch.setattr(trainer_module, "write_epoch_files", slow_write)
+    monkeypatch.setattr(Trainer, "train_epoch", interrupt_second_epoch)
+    trainer = make_trainer(tmp_path, steps=2, epochs=3)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.fit()
+    assert load_checkpoint(tmp_path / "last.pt")["epoch"] == 1
+    assert (tmp_path / "metrics.csv").exists() and not list(tmp_path.glob(".*.tmp"))
+
+
+# ------------------------------------------------------------------------------- the CUDA-graph step
+
+@pytest.mark.parametrize("fields, device, world_size, reason", [
+    ({}, "cpu", 1, "needs a CUDA device"),
+    ({}, "cuda", 2, "does not support torchrun"),
+    ({"compile": True}, "cuda", 1, "--compile do not combine"),
+    ({"precision": "fp16"}, "cuda", 1, "does not support --precision fp16"),
+    ({"precision": "bf16"}, "cuda", 1, None),
+    ({"precision": "fp32"}, "cuda", 1, None),
+], ids=["cpu", "torchrun", "compile", "fp16", "bf16", "fp32"])
+def test_cuda_graph_settings_that_cannot_work_are_refused_in_one_line(fields, device, world_size, reason):
+    found = cuda_graph_unsupported_reason(TrainConfig(**fields), torch.device(device), world_size)
+    assert found is None if reason is None else (reason in found and "\n" not in found)
+
+
+def test_a_cuda_graph_trainer_on_the_cpu_is_a_clear_error(tmp_path):
+    with pytest.raises(ValueError, match="--cuda-graph needs a CUDA device"):
+        make_trainer(tmp_path, cuda_graph=True)
+
+
+@pytest.fixture
+def deterministic_cudnn():
+    """cuDNN's fastest convolution backward may accumulate in a different order from run to run."""
+    saved = torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+    yield
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = saved
+
+
+def per_step_losses(run_dir, steps: int, **fields) -> list[float]:
+    """The loss of each step of one epoch (read between steps: a test may sync)."""
+    sums = []
+    trainer = make_trainer(run_dir, model_cfg=ViTConfig(dim=64, depth=2, heads=4, mlp_dim=64), steps=steps,
+                           batch_size=32, epochs=1, device="cuda", **fields)
+    trainer.loader = MarkedLoader(trainer.loader, on_ask=lambda: sums.append(trainer.meters.loss_sum.item()))
+    trainer.train_epoch(0)
+    return [after - before for before, after in zip(sums, sums[1:])]
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_graph_step_gives_the_eager_loss_sequence_exactly_at_fp32(tmp_path, deterministic_cudnn):
+    eager = per_step_losses(tmp_path / "eager", 20, precision="fp32")
+    graphed = per_step_losses(tmp_path / "graph", 20, precision="fp32", cuda_graph=True)
+    assert len(eager) == 20 and eager == graphed, (eager, graphed)
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_graph_step_stays_close_to_the_eager_one_at_bf16(tmp_path, deterministic_cudnn):
+    eager = per_step_losses(tmp_path / "eager", 20, precision="bf16")
+    graphed = per_step_losses(tmp_path / "graph", 20, precision="bf16", cuda_graph=True)
+    torch.testing.assert_close(torch.tensor(graphed), torch.tensor(eager), rtol=2e-2, atol=0)
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_on_cuda_steps_do_not_sync_and_a_replayed_step_only_copies_its_batch():
+    model_cfg = ViTConfig(dim=64, depth=2, heads=4, mlp_dim=64)
+    for step in count_step_work(model_cfg, steps=8, device="cuda", precision="bf16")["steps"]:
+        assert step.syncs == 0 and step.host_tensors == 0 and step.device_to_host_copies == 0, dict(step.by_op)
+    graphed = count_step_work(model_cfg, steps=8, device="cuda", precision="bf16", cfg_overrides={"cuda_graph": True})
+    # After the warm-up steps and the capture, a step is two copies into the static inputs and a replay.
+    for step in graphed["steps"][5:]:
+        assert step.aten_launches == 2 and step.syncs == 0, dict(step.by_op)
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_checkpoint_snapshots_from_the_gpu_hold_the_epochs_weights(tmp_path, monkeypatch):
+    """The copies run on the writer's thread while the next epoch begins (and, here, while the
+    graph is captured): the files must hold the weights as they were at the end of their epoch."""
+    weights = []
+    evaluate = Trainer.evaluate
+
+    def evaluate_and_keep_the_weights(self):
+        weights.append({k: v.cpu().clone() for k, v in self.model.state_dict().items()})
+        return evaluate(self)
+
+    monkeypatch.setattr(Trainer, "evaluate", evaluate_and_keep_the_weights)
+    trainer = make_trainer(tmp_path, steps=3, epochs=3, device="cuda", precision="bf16", cuda_graph=True)
+    trainer.fit()
+    for path in ("last.pt", "best.pt"):
+        state = load_checkpoint(tmp_path / path)
+        for name, value in weights[state["epoch"] - 1].items():
+            assert torch.equal(state["model"][name], value), (path, name)

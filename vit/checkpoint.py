@@ -1,0 +1,226 @@
+"""A run directory's files, read and written in one place (the trainer, vit.evaluate, vit.predict).
+
+A run directory holds
+- config.json  the model and training configuration, written when the run starts;
+- last.pt      the checkpoint of the last finished epoch: weights, optimizer, RNG states, and the
+               metrics of every epoch so far. It is the run's single source of truth;
+- best.pt      the checkpoint of the epoch with the best test accuracy so far;
+- metrics.csv and curves.png, regenerated from the checkpoint's metrics after each checkpoint
+  and on resume, so a kill between two writes never loses an epoch's row.
+
+Every file is written atomically (a temporary name, then a rename): a kill at any moment leaves
+each file whole, in its previous or its new version. A resume removes the temporaries a kill left
+(remove_stale_temporaries).
+
+Checkpoints are written off the training thread: HostSnapshot copies the state's tensors into host
+buffers kept from one epoch to the next (pinned, so the copies from a GPU run asynchronously), and
+BackgroundWriter runs the writes on a thread, one job at a time.
+"""
+import csv
+import json
+import os
+import shutil
+import signal
+import sys
+import threading
+import time
+from dataclasses import asdict, fields
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from vit.config import TrainConfig
+from vit.environment import atomic_write, device_name, versions
+from vit.model import ViTConfig
+
+CONFIG_FILE = "config.json"
+LAST_CHECKPOINT = "last.pt"
+BEST_CHECKPOINT = "best.pt"
+METRICS_FILE = "metrics.csv"
+CURVES_FILE = "curves.png"
+METRIC_COLUMNS = ["epoch", "train_loss", "train_acc", "test_loss", "test_acc", "lr", "epoch_seconds",
+                  "images_per_second"]
+# Test hook: with VIT_TEST_KILL_AFTER_CHECKPOINT=N in the environment, the process SIGKILLs itself
+# right after epoch N's last.pt is in place and before metrics.csv is rewritten: the window in which
+# a kill used to lose an epoch's row (tests/test_checkpoint.py).
+KILL_AFTER_CHECKPOINT_VARIABLE = "VIT_TEST_KILL_AFTER_CHECKPOINT"
+
+
+def _first_line(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else type(error).__name__
+
+
+# ---------------------------------------------------------------------------- checkpoints
+
+def save_checkpoint(path: Path, state: dict):
+    atomic_write(path, lambda tmp: torch.save(state, tmp))
+
+
+def load_checkpoint(path: Path, device="cpu") -> dict:
+    """A checkpoint written by save_checkpoint (weights_only: a checkpoint is data, never code).
+    FileNotFoundError when it is missing; RuntimeError with a one-line message naming the file
+    when it cannot be read or is not a training checkpoint."""
+    try:
+        state = torch.load(path, map_location=device, weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as error:  # truncated, not a torch file, disallowed objects: many exception types
+        raise RuntimeError(f"{path}: cannot read the checkpoint, truncated or not a torch.save file "
+                           f"({_first_line(error)})") from None
+    if not isinstance(state, dict) or not isinstance(state.get("model"), dict):
+        raise RuntimeError(f"{path}: not a training checkpoint (expected a dict with the model's state_dict under \"model\")")
+    return state
+
+
+def _link_or_copy(source: Path, target: Path):
+    """target becomes the same bytes as source: a hard link (no second write of the same bytes;
+    files here are only ever replaced, never changed in place), or a copy where links fail."""
+    target.unlink(missing_ok=True)
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copyfile(source, target)
+
+
+def write_epoch_files(run_dir: Path, state: dict, best: bool, curves: bool):
+    """One finished epoch: last.pt (and best.pt), then metrics.csv and curves.png from the metrics
+    inside the checkpoint. best.pt is renamed into place before last.pt: a kill between the two
+    renames leaves last.pt one epoch behind (a resume trains that epoch again), never a best.pt
+    older than the best epoch last.pt records."""
+    run_dir = Path(run_dir)
+
+    def write_last(tmp: Path):
+        torch.save(state, tmp)
+        if best:
+            atomic_write(run_dir / BEST_CHECKPOINT, lambda best_tmp: _link_or_copy(tmp, best_tmp))
+
+    atomic_write(run_dir / LAST_CHECKPOINT, write_last)
+    if os.environ.get(KILL_AFTER_CHECKPOINT_VARIABLE) == str(state["epoch"]):
+        os.kill(os.getpid(), signal.SIGKILL)
+    write_outputs(run_dir, state["metrics"], curves=curves)
+
+
+def remove_stale_temporaries(run_dir: Path) -> list[Path]:
+    """Delete the temporary files (.NAME.tmp) a killed write left in run_dir; returns them."""
+    stale = sorted(p for p in Path(run_dir).glob(".*.tmp") if p.is_file())
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return stale
+
+
+# ---------------------------------------------------------------------------- metrics
+
+def write_metrics(path: Path, rows: list[dict]):
+    def write(tmp):
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=METRIC_COLUMNS)
+            writer.writeheader()
+            writer.writerows({k: row[k] for k in METRIC_COLUMNS} for row in rows)
+    atomic_write(path, write)
+
+
+def write_outputs(run_dir: Path, rows: list[dict], curves: bool = True):
+    """metrics.csv, and curves.png when asked, from the metrics a checkpoint carries."""
+    write_metrics(Path(run_dir) / METRICS_FILE, rows)
+    if curves and rows:
+        # Imported here: matplotlib is paid for only by what draws (vit.predict never does).
+        from vit.plots import plot_curves
+        plot_curves(rows, Path(run_dir) / CURVES_FILE)
+
+
+# ---------------------------------------------------------------------------- config.json
+
+def write_config(run_dir: Path, model_cfg: ViTConfig, train_cfg: TrainConfig, class_names: list[str], device):
+    config = {"model": asdict(model_cfg), "train": asdict(train_cfg), "class_names": class_names,
+              "versions": versions(), "device": device_name(torch.device(device)), "command": sys.argv}
+    atomic_write(Path(run_dir) / CONFIG_FILE, lambda tmp: tmp.write_text(json.dumps(config, indent=2) + "\n"))
+
+
+def read_config_file(path: Path) -> dict:
+    """config.json as a dict with a "model" section; ValueError with a one-line message naming the
+    file when it is unreadable or not such a dict (FileNotFoundError when it is missing)."""
+    path = Path(path)
+    try:
+        config = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"{path}: unreadable ({_first_line(error)})") from None
+    if not isinstance(config, dict) or not isinstance(config.get("model"), dict):
+        raise ValueError(f"{path}: has no \"model\" section")
+    return config
+
+
+def read_config(run_dir: Path) -> tuple[ViTConfig, TrainConfig]:
+    """The run's model and training configuration; fields this version does not know are ignored."""
+    path = Path(run_dir) / CONFIG_FILE
+    config = read_config_file(path)
+    train = config.get("train")
+    if not isinstance(train, dict):
+        raise ValueError(f"{path}: has no \"train\" section")
+    known = {f.name for f in fields(TrainConfig)}
+    try:
+        return ViTConfig(**config["model"]), TrainConfig(**{k: v for k, v in train.items() if k in known})
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"{path}: not a valid configuration ({_first_line(error)})") from None
+
+
+# ---------------------------------------------------------------------------- off the training thread
+
+class HostSnapshot:
+    """Host copies of the tensors in a nested state (dicts, lists, tuples), in buffers kept from
+    one snapshot to the next: allocating 75 MB afresh each epoch costs more than copying it.
+    Buffers for CUDA tensors are pinned and filled with non-blocking copies on the current stream."""
+
+    def __init__(self):
+        self._buffers: dict[tuple, torch.Tensor] = {}
+
+    def copy(self, state, path=()):
+        """The state with every tensor replaced by its host copy. Copies from a GPU are only
+        enqueued: record an event after them and wait for it before reading the copies."""
+        if isinstance(state, torch.Tensor):
+            buffer = self._buffers.get(path)
+            if buffer is None or buffer.shape != state.shape or buffer.dtype != state.dtype:
+                buffer = torch.empty(state.shape, dtype=state.dtype, pin_memory=state.is_cuda)
+                self._buffers[path] = buffer
+            return buffer.copy_(state.detach(), non_blocking=state.is_cuda)
+        if isinstance(state, dict):
+            return {k: self.copy(v, path + (k,)) for k, v in state.items()}
+        if isinstance(state, (list, tuple)):
+            return type(state)(self.copy(v, path + (i,)) for i, v in enumerate(state))
+        return state
+
+
+class BackgroundWriter:
+    """Runs jobs (file writes) on a background thread, one at a time: submit() first waits for
+    the previous job. An error in a job is raised by the next submit() or wait(). The thread is not
+    a daemon, so a job under way when the main thread ends still finishes its file."""
+
+    def __init__(self):
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+        self.job_seconds: list[float] = []  # how long each finished job ran, in order
+
+    def submit(self, job: Callable[[], None]):
+        self.wait()
+        self._thread = threading.Thread(target=self._run, args=(job,), name="run-directory-writer")
+        self._thread.start()
+
+    def _run(self, job):
+        started = time.perf_counter()
+        try:
+            job()
+        except BaseException as error:  # handed to the training thread by wait()
+            self._error = error
+        self.job_seconds.append(time.perf_counter() - started)
+
+    def wait(self):
+        """Block until the job under way (if any) has finished; raise its error, if it had one."""
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
