@@ -620,9 +620,11 @@ def unwrapped_name(kernel) -> str:
     return getattr(kernel, "__name__", None) or kernel.fn.__name__
 
 
-def read_scales(traffic: Traffic, row0: int, rows: int, rows_per_sample: int, dtype: torch.dtype):
-    """A program over rows [row0, row0 + rows) loads the per-sample scale of each sample among
-    them (a sample split between two programs' rows is loaded by both)."""
-    if rows:
+def read_scales(traffic: Traffic, row0: int, rows: int, total_rows: int, samples: int, dtype: torch.dtype):
+    """A program over rows [row0, row0 + rows) of total_rows loads the per-sample scale of each
+    of the samples among them (a sample split between two programs' rows is loaded by both);
+    samples 0: no scales, nothing loaded."""
+    if samples and rows:
+        rows_per_sample = max(1, total_rows // samples)
         first = row0 // rows_per_sample
         traffic.read_rows("scale", first, (row0 + rows - 1) // rows_per_sample + 1 - first, 1, dtype)

@@ -505,12 +505,7 @@ def launch_costs(rows: int, cols: int, hidden: int, activation_dtype: torch.dtyp
     """
     plan = _plan(cols, matmul_dtype)
     out_dtype = fl.result_dtype(activation_dtype, matmul_dtype, *((activation_dtype,) if samples else ()))
-    per_sample = max(1, rows // samples) if samples else 1
     num_chunks, block_c = plan.panel.num_chunks, plan.panel.block_c
-
-    def scale_reads(traffic, row0, n):
-        if samples:
-            fl.read_scales(traffic, row0, n, per_sample, activation_dtype)
 
     # Forward: one program per BLOCK_M rows.
     forward = fl.Traffic()
@@ -518,7 +513,7 @@ def launch_costs(rows: int, cols: int, hidden: int, activation_dtype: torch.dtyp
     for index, n in enumerate(row_tiles):
         forward.read(n * cols, activation_dtype)
         forward.read(2 * cols + 2 * hidden * cols + hidden + cols, parameter_dtype, shared="parameters")
-        scale_reads(forward, index * plan.block_m, n)
+        fl.read_scales(forward, index * plan.block_m, n, rows, samples, activation_dtype)
         forward.write(n * cols, out_dtype)
         forward.write(2 * n, torch.float32)
         forward.write(n * cols + n * hidden + (n * cols if second_gelu else 0), matmul_dtype)  # x_hat, pre, z
@@ -544,7 +539,7 @@ def launch_costs(rows: int, cols: int, hidden: int, activation_dtype: torch.dtyp
                 weight.read_rows("dy", row0, n, cols, activation_dtype)
                 if second_gelu:
                     weight.read_rows("z", row0, n, cols, matmul_dtype)
-                scale_reads(weight, row0, n)
+                fl.read_scales(weight, row0, n, rows, samples, activation_dtype)
                 weight.read_rows(("pre", q), row0, n, width, matmul_dtype)
                 panel_dots = row_steps * num_chunks * fl.matmul_flops(block_c, plan.block_q, plan.block_r)
                 if is_pre:
