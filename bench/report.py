@@ -54,7 +54,7 @@ def training_csv(results: dict) -> str:
     rows = []
     for r in results["training"]:
         flat = {k: v for k, v in r.items() if k not in ("accuracy_curve", "epoch_wall_seconds", "counts")}
-        flat.update({f"count_{k}": v for k, v in (r.get("counts") or {}).items() if k != "note"})
+        flat.update({f"count_{k}": v for k, v in (r.get("counts") or {}).items() if k not in ("note", "model")})
         rows.append({**label, **flat})
     return _csv(rows)
 

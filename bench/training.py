@@ -44,7 +44,7 @@ import math
 import statistics
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -137,6 +137,11 @@ class TrainingSettings:
     warmup_steps: int  # steps excluded from the steady state
     min_measured_steps: int  # steady steps a configuration runs even past its time slice
     count_steps: int  # steps of the epoch counted with DeviceWorkCounter (eager configurations)
+    # The model and batch size the training step's device work is counted on, when not `model`: a
+    # fresh model trained for the counted steps only (a --quick run counts its model at the full
+    # model's depth, since launches per step grow with the depth).
+    count_model: dict | None = None
+    count_batch_size: int | None = None
     augment: str = "gpu"
     num_workers: int = 0
     data: dict = field(default_factory=dict)  # BenchData.describe()
@@ -353,19 +358,20 @@ def host_seconds_per_epoch(host_work: dict, epoch_and_eval_seconds: float) -> fl
     return host_work["gap_seconds"] + max(0.0, host_work["write_seconds"] - epoch_and_eval_seconds)
 
 
-def count_device_work(trainer: Trainer, inner_loader, steps: int, batch_size: int, epoch: int) -> dict:
-    """Launches, syncs and copies of `steps` training steps run by Trainer.train_epoch (of the given
-    epoch of the recipe, run again), and of the loader over a whole epoch, counted by dispatch
-    (bench/counts.py). Trains the model further: run it after the measurements."""
+def count_device_work(trainer: Trainer, step_loader, steps: int, epoch: int, loader, batch_size: int) -> dict:
+    """Launches, syncs and copies of `steps` training steps over step_loader run by
+    Trainer.train_epoch (of the given epoch of the recipe, run again), and of `loader` over a whole
+    epoch, counted by dispatch (bench/counts.py); with the loader: a step and batch_size images of
+    the loader. Trains the model further: run it after the measurements."""
     counter = DeviceWorkCounter()
-    loader = CountingLoader(inner_loader, min(steps, len(inner_loader)), counter)
-    previous, trainer.loader = trainer.loader, loader
+    counting = CountingLoader(step_loader, min(steps, len(step_loader)), counter)
+    previous, trainer.loader = trainer.loader, counting
     try:
         with counter:
             trainer.train_epoch(epoch)
     finally:
         trainer.loader = previous
-    summary = {**loader.summary(counter.counts.as_dict()), **count_loader_epoch(inner_loader, epoch + 1)}
+    summary = {**counting.summary(counter.counts.as_dict()), **count_loader_epoch(loader, epoch + 1)}
     summary["launches_per_step_with_loader"] = (summary["launches_per_step"]
                                                 + summary["loader_launches_per_image"] * batch_size)
     summary["note"] = (f"counted by dispatch (bench/counts.py): the training step alone, the fewest over an epoch "
@@ -522,8 +528,19 @@ def run_config(config: TrainingConfig, settings: TrainingSettings, device: torch
     # Eager steps only: a compiled or graph-replayed step launches what the dispatcher does not see.
     if compile_mode is None and not config.cuda_graphs and settings.count_steps:
         try:
-            row.counts = count_device_work(trainer, inner_loader, settings.count_steps, settings.batch_size,
-                                           epoch=row.epochs_run - 1)
+            if settings.count_model is None:
+                row.counts = count_device_work(trainer, inner_loader, settings.count_steps, row.epochs_run - 1,
+                                               inner_loader, settings.batch_size)
+            else:
+                count_settings = replace(settings, model=settings.count_model,
+                                         batch_size=settings.count_batch_size or settings.batch_size)
+                counted = make_trainer(config, count_settings, device, data, None)
+                row.counts = count_device_work(counted, counted.loader, settings.count_steps, 0, inner_loader,
+                                               settings.batch_size)
+                row.counts["note"] += (f"; the step counted on a fresh model ({_describe_model(settings.count_model)},"
+                                       f" batch {count_settings.batch_size}), since launches per step grow with the "
+                                       "depth")
+            row.counts["model"] = dict(settings.count_model or settings.model)
         except Exception as error:  # the counter is a measuring aid: its failure is not the trainer's
             row.counts = {"error": f"not counted: {describe_error(error)}"}
             log(f"    device work not counted: {describe_error(error)}")
@@ -531,6 +548,11 @@ def run_config(config: TrainingConfig, settings: TrainingSettings, device: torch
     _free_memory(device)
     row.wall_seconds = time.perf_counter() - started
     return row, host_work
+
+
+def _describe_model(model: dict) -> str:
+    return (f"depth {model['depth']}, dim {model['dim']}, {model['heads']} heads, MLP {model['mlp_dim']}, "
+            f"patch {model['patch_size']}")
 
 
 def not_run_row(config: TrainingConfig, reason: str, status: str = "skipped", compile_mode: str | None = None,
@@ -546,9 +568,10 @@ def not_run_row(config: TrainingConfig, reason: str, status: str = "skipped", co
 # Guesses of what an eager configuration takes at the least (set-up, warm-up, the minimum
 # steps, two evaluations, the host-work timing, the counted steps), in seconds, by device
 # type and backend; replaced by the cheapest one of the backend measured. Our kernels through
-# the Triton interpreter take about a second per step of the --quick model. A compiled
+# the Triton interpreter take about a second per step of the --quick model, and several for each
+# counted step at the full depth. A compiled
 # configuration adds its compile (bench/compiling.py).
-EAGER_COST_GUESS = {("cuda", "torch"): 20.0, ("cuda", "triton"): 20.0, ("cpu", "torch"): 5.0, ("cpu", "triton"): 15.0}
+EAGER_COST_GUESS = {("cuda", "torch"): 20.0, ("cuda", "triton"): 20.0, ("cpu", "torch"): 5.0, ("cpu", "triton"): 30.0}
 
 
 def minimum_seconds(configs: list[TrainingConfig], device: torch.device, policy: CompilePolicy) -> float:

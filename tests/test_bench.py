@@ -207,9 +207,15 @@ def test_every_training_configuration_is_measured_or_skipped_with_a_reason(smoke
         # Eager configurations: the device work of a step, counted by dispatch.
         counts = row["counts"]
         assert counts["steps_counted"] == results["settings"]["training"]["count_steps"]
+        # The step counted at the full model's depth, on a fresh model.
+        assert counts["model"] == bench_run.COUNT_MODEL and counts["model"]["depth"] == bench_run.FULL_MODEL["depth"]
+        assert "the step counted on a fresh model (depth 7," in counts["note"]
         assert counts["launches_per_step"] == counts["aten_launches_per_step"] + counts["triton_launches_per_step"]
         assert counts["launches_per_step"] > 0 and counts["loader_launches_per_image"] > 0
-        assert counts["loader_images_counted"] == 48  # the whole (--quick) epoch
+        # The --quick epoch (48 images) is shorter than a chunk: the loader is counted over a stand-in
+        # full CIFAR-10 epoch of small synthetic images, and the row says so.
+        assert counts["loader_images_counted"] == tb.CIFAR10_TRAIN_IMAGES // 8 * 8
+        assert f"{tb.CIFAR10_TRAIN_IMAGES:,} synthetic" in counts["loader_counted"]
         assert counts["launches_per_step_with_loader"] == pytest.approx(
             counts["launches_per_step"] + 8 * counts["loader_launches_per_image"])
         assert (counts["triton_launches_per_step"] > 0) == (row["backend"] == "triton" and row["model"] == "ours")
@@ -515,7 +521,8 @@ def test_counting_loader_tells_the_step_from_the_loader():
     # The loader over its whole epoch: 3 chunks of 2 launches for 24 images.
     whole = tb.count_loader_epoch(_Batches(steps=6, fetch_seconds=0), epoch=1)
     assert whole == {"loader_launches_per_image": 0.25, "loader_syncs_per_epoch": 0,
-                     "loader_host_to_device_copies_per_epoch": 0, "loader_images_counted": 24}
+                     "loader_host_to_device_copies_per_epoch": 0, "loader_images_counted": 24,
+                     "loader_counted": "this configuration's loader"}
 
 
 def test_sweep_points_measure_each_shape_once_with_the_model_shape_first():

@@ -3,9 +3,10 @@ run with the flags and paths the GPU machine will see, write only under their re
 (and the scratch folder), within the 8 files that come back, and record what a GPU run must
 report (test outcomes, the plan, the full run's accuracy and wall clock, the benches).
 
-The dry run takes about two minutes of one core: the two test groups, the bench's kernel phase
-and its interpreted triton row, a two-epoch training run of a tiny model, and a training bench
-that trims what its seconds-long budget cannot hold.
+The dry run takes several minutes of one core: the two test groups, the bench's kernel phase
+and its interpreted triton row, a two-epoch training run of a tiny model through the Triton
+interpreter (seconds a step: step2's budget leaves room for two epochs on a busy machine), and a
+training bench that trims what its budget cannot hold.
 """
 import csv
 import json
@@ -44,7 +45,7 @@ def dry_run(tmp_path_factory):
     # Budgets generous enough for a busy machine; the work is bounded by the tiny sizes (the
     # sweeps end when every shape is done) and by --max-epochs, not by the seconds.
     for name, out, flags in (("step1", step1_out, ["--seconds", "240"]),
-                             ("step2", step2_out, ["--seconds", "240", "--max-epochs", "2", "--data-dir", str(data)])):
+                             ("step2", step2_out, ["--seconds", "360", "--max-epochs", "2", "--data-dir", str(data)])):
         proc = subprocess.run([sys.executable, "-m", "bench.gpu_session", name, str(out), "--device", "cpu",
                                "--work", str(work), *flags], cwd=REPO, capture_output=True, text=True, timeout=600)
         runs[name] = {"proc": proc, "out": out, "session": json.loads((out / "session.json").read_text())}
