@@ -17,6 +17,9 @@ themselves. Both can be counted without a GPU, on the CPU, from the ops the code
   (below); aten ops inside their bodies run below this mode and are not seen.
 - Triton launches: calls of a @triton.jit kernel (`kernel[grid](...)`), compiled or through the
   interpreter; aten ops the interpreter itself runs to move data are not counted.
+- custom operators (torch.library.custom_op, e.g. torch.ops.vit_kernels.*): not a launch
+  themselves; their implementation runs under the counter, so the Triton kernels and aten ops
+  inside are what counts.
 - syncs: ops after which the host holds a value computed on the device, so that on a GPU the
   host waits: `.item()`, `bool(tensor)`, `.tolist()` (each element), `nonzero` and friends
   whose output shape depends on the data, and copies from a device to the host.
@@ -51,6 +54,9 @@ _SYNC = {
     aten.masked_select.default, aten._unique2.default, aten.unique_dim.default, aten.unique_consecutive.default,
     aten.item.default,
 }
+
+
+_COMPOSITE = torch._C.DispatchKeySet(torch._C.DispatchKey.CompositeExplicitAutograd)
 
 
 @dataclass
@@ -150,6 +156,16 @@ class DeviceWorkCounter(TorchDispatchMode):
     # -- aten ops ----------------------------------------------------------------------------
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if func.namespace not in ("aten", "prims") and torch._C._dispatch_has_kernel_for_dispatch_key(
+                func.name(), "CompositeExplicitAutograd"):
+            # A custom operator: run its implementation (where torch.library.custom_op registers
+            # it, below this mode's dispatch key) with this mode on the stack again (the Triton
+            # patch is already in place, hence not `with self`).
+            TorchDispatchMode.__enter__(self)
+            try:
+                return func.redispatch(_COMPOSITE, *args, **kwargs)
+            finally:
+                TorchDispatchMode.__exit__(self, None, None, None)
         out = func(*args, **kwargs)
         if self._inside_triton:
             return out

@@ -53,7 +53,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 # Every module here must define h100_compile_specs() once it exists. A new op module is
 # added to this one tuple and nothing else.
-OP_MODULES = ("kernels.attention", "kernels.layernorm_mlp")
+OP_MODULES = ("kernels.attention", "kernels.layernorm_linear", "kernels.linear_residual", "kernels.layernorm_mlp")
 
 # Compute capability 9.0, 32 threads a warp. Triton turns capability 90 into "sm_90a",
 # the variant with wgmma/TMA, which is what a real H100 gets at run time too.

@@ -1,51 +1,50 @@
-"""Fused LayerNorm + MLP sub-block: x + fc2(gelu(fc1(layer_norm(x)))), forward and backward.
+"""Fused LayerNorm + MLP sub-block, residual included: x + s * act2(fc2(gelu(fc1(layer_norm(x))))).
 
 Same signature and math as vit.backends.torch_layernorm_mlp: exact (erf) GELU, weights in
 nn.Linear's [out, in] layout (w1 [H, C], w2 [C, H]), x of shape [..., C] seen as [rows, C].
+Options: second_gelu (act2 = GELU, the reference's Linear-GELU-Linear-GELU MLP; else the
+identity) and branch_scale, a [B] tensor s of per-sample scales (stochastic depth: 0 for a
+dropped sample, 1/(1-p) for a kept one); None means 1 everywhere.
 
-Forward, one kernel. A program owns a BLOCK_M x BLOCK_N tile of the output (rows x output
-columns). It first computes its rows' LayerNorm statistics (a mean pass, then a centred
-variance pass over the row), then walks the hidden dimension in BLOCK_H chunks: the chunk of
-fc1's output is accumulated over C in BLOCK_K pieces, each piece normalized on the fly from x
-just before it feeds the matmul, then GELU'd and fed straight into fc2's accumulator. Neither
-the normalized input nor the hidden activation is ever written to memory; the price is that
-each output-column tile recomputes fc1 for its rows (C / BLOCK_N times in all), which keeps
-the fc2 accumulator at BLOCK_M x BLOCK_N fp32 -- small enough for registers at any C.
-The per-row mean and rstd are saved for the backward.
+Forward, one kernel, one pass. A program owns BLOCK_M rows: it computes their LayerNorm
+statistics once, keeps layer_norm(x) on chip (the row panel, see kernels/_fused_linear.py),
+and walks the hidden units once in BLOCK_H chunks: fc1 for the chunk, GELU, and straight
+into fc2's [BLOCK_M, C] accumulator. fc1 is never recomputed. Then bias, the optional second
+GELU, the branch scale and the residual, and y is written.
 
-Backward, four kernels, no atomics (every reduction is a per-program partial written to its
-own slot of a buffer and summed by torch in a fixed order, so two runs are bit-identical):
-  1. hidden-gradient kernel, grid (row tiles, hidden tiles): recomputes fc1's output chunk,
-     computes dy @ w2 for the chunk in the same loop over C, applies the GELU derivative and
-     writes the gradient of fc1's output, d_pre [rows, H], plus per-row-tile sums for db1.
-     d_pre is the one [rows, H] tensor the backward materializes. dx needs it contracted
-     over H (d_pre @ w1) and dW1 over rows (d_pre^T @ layer_norm(x)); either contraction
-     spans chunks that other programs own, so recomputing d_pre inside them would repeat
-     fc1 and dy @ w2 -- two full matmuls -- for every output tile. Writing it once (in the
-     matmul dtype: 6.4 MB at the model's shapes under bf16 autocast) costs far less.
-  2. input-gradient kernel, grid (row tiles): d_normed = d_pre @ w1 chunk by chunk over C,
-     fused with the LayerNorm backward. The LayerNorm backward needs two row sums over all of
-     C before any dx can be written, so the kernel makes two passes over C, recomputing
-     d_normed in the second rather than keeping a [BLOCK_M, C] tile. It writes dx (residual
-     gradient included) and per-row-tile partials of d_ln_weight, d_ln_bias and db2.
-  3. dW1 kernel, grid (hidden tiles, column tiles, row splits): d_pre^T @ layer_norm(x), the
-     normalized input recomputed elementwise from x and the saved statistics.
-  4. dW2 kernel, grid (column tiles, hidden tiles, row splits): dy^T @ gelu(fc1(...)), the
-     hidden activation recomputed with the fc1 matmul. Row splits give the GPU enough
-     programs; each writes its own [S, ...] slot, summed afterwards.
+What the backward needs is saved, not recomputed: per-row mean and rstd; x_hat =
+(x - mean) * rstd and the pre-activation fc1(layer_norm(x)), both in the matmul dtype; with
+the second GELU also fc2's output z. At the model's shape (8,320 rows, C = H = 384, bf16): pre
+is 6.4 MB, written here and read by the two kinds of weight-gradient program (19.2 MB in all,
+5.8 us at 3.3 TB/s); recomputing it there would be two more fc1 matmuls (4.9 GFLOP, 6.2 us at
+790 TFLOP/s, a third more executed FLOPs in the sub-block's training step) on top of the
+LayerNorm. x_hat (6.4 MB written) is what the dpre programs contract with: each of the 12
+hidden tiles reads it in bf16, 77 MB in all by kernels/cost.py's count, where fp32 x and the
+statistics would be 154 MB. Saved, the backward also uses exactly the rounded activations the
+forward used, as torch's autograd does.
 
-Precision: matmul accumulation and the LayerNorm/GELU math are fp32; the column sums behind
-the bias and LayerNorm-parameter gradients are fp64 (see _column_sum). The matmul operands are
-in x's dtype, or in the autocast dtype when autocast is enabled on x's device (as torch does
-for F.linear; the weights are cast once per call). LayerNorm parameters and biases are read
-at their own precision and converted to fp32. The output and dx have x's dtype, every
-parameter gradient its parameter's dtype.
+Backward, two kernels (the pattern of kernels/_fused_linear.py):
+  1. weight-gradient kernel, two kinds of program, each over a split of the rows and a
+     BLOCK_Q-wide tile of the hidden units:
+       - dpre programs: dz = s * dy (* gelu'(z)), dpre = (dz @ w2) * gelu'(pre) for the tile,
+         written in the matmul dtype for kernel 2; G^T += x_hat^T @ dpre over the split and
+         db1 partials;
+       - dW2 programs: dW2[:, tile] += dz^T @ gelu(pre) over the split, and db2 partials.
+     A dpre program does two matmuls per row step and a dW2 program one, so the dW2
+     programs take twice the splits (half the rows each).
+  2. row kernel: d_normalized = dpre @ w1 for BLOCK_M full rows, the LayerNorm backward with
+     that panel in registers, dx = dy + ...; and its slab of the reductions: dW1, db1,
+     dgamma, dbeta from G and db1 (see kernels/_fused_linear.py), dW2 and db2 summed.
+Every matmul of the backward runs once: 4 x 2RCH FLOPs, the useful work.
 
-The [rows, C] / [rows, H] / weight tiles are read through block pointers (tl.make_block_ptr):
-with per-element pointer arithmetic, a two-matmul chain at C=384 spilled registers on an H100
-in every tile shape tried. Triton 3.8 marks block pointers deprecated in favour of tensor
-descriptors, but those need 16-byte-aligned row strides (C=33 in fp32 has none) and a device
-allocator; block pointers take any row stride. Tilings are in _KernelConfig below.
+Precision: matmul accumulation and the LayerNorm/GELU math are fp32; bias and LayerNorm-
+parameter sums fp64. Matmul operands are in the matmul dtype: x's, or the autocast dtype when
+autocast is on for x's device (as torch does for F.linear). Output dtype: torch's promotion of
+x, the matmul dtype and branch_scale (x's dtype under autocast); dx has x's dtype, every
+parameter gradient its parameter's. Tilings are in _plan below.
+
+The op is a PyTorch operator (torch.ops.vit_kernels.layernorm_mlp, with a fake for tracing
+and its backward registered), so torch.compile traces through it without a graph break.
 """
 import warnings
 from dataclasses import dataclass
@@ -55,573 +54,405 @@ import triton
 import triton.language as tl
 
 from kernels import _common
-from kernels.cost import KernelCost, element_size, reads
+from kernels import _fused_linear as fl
 
-# The choice above is deliberate: silence Triton's deprecation notice for it, once per
-# trace, rather than print it into every training and bench log.
+# Block pointers are deliberate (kernels/_fused_linear.py): silence Triton's deprecation
+# notice for them rather than print it into every training and bench log.
 warnings.filterwarnings("ignore", message="tl.make_block_ptr is deprecated", category=UserWarning)
 
-
-# ---------------------------------------------------------------------------------------------
-# Shared device helpers
-# ---------------------------------------------------------------------------------------------
-
-# Exact GELU, as torch's default: x * Phi(x). 0.70710678... = 1/sqrt(2), 0.39894228... = 1/sqrt(2 pi).
-@triton.jit
-def _gelu(pre):
-    return 0.5 * pre * (1.0 + tl.math.erf(pre * 0.7071067811865476))
-
-
-@triton.jit
-def _gelu_derivative(pre):
-    cdf = 0.5 * (1.0 + tl.math.erf(pre * 0.7071067811865476))
-    pdf = tl.exp(-0.5 * pre * pre) * 0.3989422804014327
-    return cdf + pre * pdf
-
-
-@triton.jit
-def _row_statistics(x_ptr, row0, n_rows, n_cols, stride_x_row, eps,
-                    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Mean and 1/std of BLOCK_M rows, in fp32, reading the row in BLOCK_K pieces."""
-    x_block = tl.make_block_ptr(x_ptr, (n_rows, n_cols), (stride_x_row, 1), (row0, 0),
-                                (BLOCK_M, BLOCK_K), (1, 0))
-    row_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
-    for _ in range(0, n_cols, BLOCK_K):
-        row_sum += tl.sum(tl.load(x_block, boundary_check=(0, 1), padding_option="zero").to(tl.float32), axis=1)
-        x_block = tl.advance(x_block, (0, BLOCK_K))
-    mean = row_sum / n_cols
-    # A second, centred pass for the variance: E[x^2] - mean^2 cancels badly when the mean is
-    # large next to the spread, which a residual stream can be.
-    x_block = tl.make_block_ptr(x_ptr, (n_rows, n_cols), (stride_x_row, 1), (row0, 0),
-                                (BLOCK_M, BLOCK_K), (1, 0))
-    squares = tl.zeros([BLOCK_M], dtype=tl.float32)
-    for col0 in range(0, n_cols, BLOCK_K):
-        x = tl.load(x_block, boundary_check=(0, 1), padding_option="zero").to(tl.float32)
-        in_row = (col0 + tl.arange(0, BLOCK_K)) < n_cols
-        centred = tl.where(in_row[None, :], x - mean[:, None], 0.0)
-        squares += tl.sum(centred * centred, axis=1)
-        x_block = tl.advance(x_block, (0, BLOCK_K))
-    rstd = 1.0 / tl.sqrt_rn(squares / n_cols + eps)
-    return mean, rstd
-
-
-@triton.jit
-def _column_sum(tile):
-    """Sum over the rows of an fp32 tile, in fp64.
-
-    The bias and LayerNorm-parameter gradients are sums over every row of fp32 terms, and
-    the terms of db2 are exact, so the summation error is all of their error: torch's
-    reductions sum pairwise, while a row-by-row fp32 sum of a tile (the Triton interpreter's
-    numpy does exactly that) loses up to a few units in the last place. Accumulating the
-    tile's sum and the per-tile partials in fp64 costs a few instructions per element in
-    kernels dominated by matmuls, and leaves only the final rounding.
-    """
-    return tl.sum(tile.to(tl.float64), axis=0)
-
-
-@triton.jit
-def _load_saved_statistics(mean_ptr, rstd_ptr, row0, n_rows, BLOCK_M: tl.constexpr):
-    """Rows past the end read mean 0 and rstd 0, so their x_hat is 0 rather than garbage."""
-    rows = row0 + tl.arange(0, BLOCK_M)
-    in_range = rows < n_rows
-    mean = tl.load(mean_ptr + rows, mask=in_range, other=0.0)
-    rstd = tl.load(rstd_ptr + rows, mask=in_range, other=0.0)
-    return mean, rstd
-
-
-@triton.jit
-def _load_vector(ptr, start, length, BLOCK: tl.constexpr):
-    """BLOCK entries of a length-`length` parameter vector from `start`, 0 past the end, as fp32."""
-    offsets = start + tl.arange(0, BLOCK)
-    return tl.load(ptr + offsets, mask=offsets < length, other=0.0).to(tl.float32)
-
-
-@triton.jit
-def _normalized_chunk(x_block, ln_weight_ptr, ln_bias_ptr, col0, n_cols, mean, rstd,
-                      BLOCK_K: tl.constexpr):
-    """layer_norm(x) for one [BLOCK_M, BLOCK_K] piece, fp32. Columns past C come out 0 (weight
-    and bias read 0 there), so they add nothing to a matmul over C."""
-    x = tl.load(x_block, boundary_check=(0, 1), padding_option="zero").to(tl.float32)
-    # (Loaded here rather than through _load_vector: under the interpreter every nested
-    # @jit call costs milliseconds, and this runs in the innermost loop.)
-    cols = col0 + tl.arange(0, BLOCK_K)
-    gamma = tl.load(ln_weight_ptr + cols, mask=cols < n_cols, other=0.0).to(tl.float32)
-    beta = tl.load(ln_bias_ptr + cols, mask=cols < n_cols, other=0.0).to(tl.float32)
-    x_hat = (x - mean[:, None]) * rstd[:, None]
-    return x_hat * gamma[None, :] + beta[None, :]
-
-
-@triton.jit
-def _hidden_pre_activation(x_ptr, ln_weight_ptr, ln_bias_ptr, w1_ptr, b1_ptr, mean, rstd,
-                           row0, hidden0, n_rows, n_cols, n_hidden, stride_x_row,
-                           BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_H: tl.constexpr,
-                           INPUT_PRECISION: tl.constexpr):
-    """fc1(layer_norm(x)) for BLOCK_M rows and BLOCK_H hidden units, fp32, bias included."""
-    x_block = tl.make_block_ptr(x_ptr, (n_rows, n_cols), (stride_x_row, 1), (row0, 0),
-                                (BLOCK_M, BLOCK_K), (1, 0))
-    # w1 is [H, C] row-major; read it as w1^T, [C, H] with column-major tiles.
-    w1t_block = tl.make_block_ptr(w1_ptr, (n_cols, n_hidden), (1, n_cols), (0, hidden0),
-                                  (BLOCK_K, BLOCK_H), (0, 1))
-    pre = tl.zeros([BLOCK_M, BLOCK_H], dtype=tl.float32)
-    for col0 in range(0, n_cols, BLOCK_K):
-        normed = _normalized_chunk(x_block, ln_weight_ptr, ln_bias_ptr, col0, n_cols, mean, rstd, BLOCK_K)
-        w1t = tl.load(w1t_block, boundary_check=(0, 1), padding_option="zero")
-        pre = tl.dot(normed.to(w1t.dtype), w1t, pre, input_precision=INPUT_PRECISION)
-        x_block = tl.advance(x_block, (0, BLOCK_K))
-        w1t_block = tl.advance(w1t_block, (BLOCK_K, 0))
-    return pre + _load_vector(b1_ptr, hidden0, n_hidden, BLOCK_H)[None, :]
+OP_NAME = "layernorm_mlp"
 
 
 # ---------------------------------------------------------------------------------------------
-# Forward
+# Kernels
 # ---------------------------------------------------------------------------------------------
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_rows", "rows_per_sample", "has_scale"])
 def _ln_mlp_forward_kernel(
-    x_ptr, y_ptr, ln_weight_ptr, ln_bias_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, mean_ptr, rstd_ptr,
-    n_rows, n_cols, n_hidden, stride_x_row, stride_y_row, eps,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_H: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr,
+    x_ptr, y_ptr, ln_weight_ptr, ln_bias_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, scale_ptr,
+    mean_ptr, rstd_ptr, x_hat_ptr, pre_ptr, z_ptr,
+    n_rows, n_cols, n_hidden, stride_x, stride_y, rows_per_sample, has_scale, eps,
+    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, NUM_CHUNKS: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_H: tl.constexpr, PANEL: tl.constexpr, SECOND_GELU: tl.constexpr,
+    MATMUL_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
     row0 = tl.program_id(0) * BLOCK_M
-    out_col0 = tl.program_id(1) * BLOCK_N
-    mean, rstd = _row_statistics(x_ptr, row0, n_rows, n_cols, stride_x_row, eps, BLOCK_M, BLOCK_K)
-    if tl.program_id(1) == 0:  # every column tile computes the same statistics; one saves them
-        rows = row0 + tl.arange(0, BLOCK_M)
-        tl.store(mean_ptr + rows, mean, mask=rows < n_rows)
-        tl.store(rstd_ptr + rows, rstd, mask=rows < n_rows)
+    mean, rstd = fl.row_statistics(x_ptr, row0, n_rows, n_cols, stride_x, eps, BLOCK_M, BLOCK_C, NUM_CHUNKS)
+    rows = row0 + tl.arange(0, BLOCK_M)
+    tl.store(mean_ptr + rows, mean, mask=rows < n_rows)
+    tl.store(rstd_ptr + rows, rstd, mask=rows < n_rows)
+    panel = fl.normalized_panel(x_ptr, x_hat_ptr, ln_weight_ptr, ln_bias_ptr, mean, rstd, row0, n_rows, n_cols,
+                                stride_x, BLOCK_M, BLOCK_C, NUM_CHUNKS, PANEL, MATMUL_DTYPE)
 
-    # w2 is [C, H] row-major; read it as w2^T, [H, C] with column-major tiles.
-    w2t_block = tl.make_block_ptr(w2_ptr, (n_hidden, n_cols), (1, n_hidden), (0, out_col0),
-                                  (BLOCK_H, BLOCK_N), (0, 1))
-    out = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    out = (tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float32),) * NUM_CHUNKS
     for hidden0 in range(0, n_hidden, BLOCK_H):
-        pre = _hidden_pre_activation(x_ptr, ln_weight_ptr, ln_bias_ptr, w1_ptr, b1_ptr, mean, rstd,
-                                     row0, hidden0, n_rows, n_cols, n_hidden, stride_x_row,
-                                     BLOCK_M, BLOCK_K, BLOCK_H, INPUT_PRECISION)
-        # Hidden units past H have pre = 0, so gelu = 0, and w2^T reads 0 there anyway.
-        w2t = tl.load(w2t_block, boundary_check=(0, 1), padding_option="zero")
-        out = tl.dot(_gelu(pre).to(w2t.dtype), w2t, out, input_precision=INPUT_PRECISION)
-        w2t_block = tl.advance(w2t_block, (BLOCK_H, 0))
+        pre = fl.normalized_times_weight(panel, x_ptr, ln_weight_ptr, ln_bias_ptr, mean, rstd, w1_ptr, row0, hidden0,
+                                         n_rows, n_cols, n_hidden, stride_x, BLOCK_M, BLOCK_C, NUM_CHUNKS, BLOCK_K,
+                                         BLOCK_H, PANEL, MATMUL_DTYPE, INPUT_PRECISION)
+        pre = (pre + fl.load_vector(b1_ptr, hidden0, n_hidden, BLOCK_H)[None, :]).to(MATMUL_DTYPE)
+        fl.store_tile(pre_ptr, pre, row0, hidden0, n_rows, n_hidden, n_hidden, BLOCK_M, BLOCK_H)
+        # Hidden units past H have pre = 0, so GELU gives 0, and w2 reads 0 there anyway.
+        hidden = fl.gelu(pre.to(tl.float32)).to(MATMUL_DTYPE)
+        out = fl.accumulate_times_weight(out, hidden, w2_ptr, hidden0, n_hidden, n_cols, True, BLOCK_H, BLOCK_C,
+                                         NUM_CHUNKS, MATMUL_DTYPE, INPUT_PRECISION)
 
-    residual_block = tl.make_block_ptr(x_ptr, (n_rows, n_cols), (stride_x_row, 1), (row0, out_col0),
-                                       (BLOCK_M, BLOCK_N), (1, 0))
-    residual = tl.load(residual_block, boundary_check=(0, 1), padding_option="zero").to(tl.float32)
-    y = residual + out + _load_vector(b2_ptr, out_col0, n_cols, BLOCK_N)[None, :]
-    y_block = tl.make_block_ptr(y_ptr, (n_rows, n_cols), (stride_y_row, 1), (row0, out_col0),
-                                (BLOCK_M, BLOCK_N), (1, 0))
-    tl.store(y_block, y.to(y_ptr.dtype.element_ty), boundary_check=(0, 1))
+    scale = fl.sample_scale(scale_ptr, has_scale, row0, n_rows, rows_per_sample, BLOCK_M)
+    for k in tl.static_range(NUM_CHUNKS):
+        col0 = k * BLOCK_C
+        branch = out[k] + fl.load_vector(b2_ptr, col0, n_cols, BLOCK_C)[None, :]
+        if SECOND_GELU:
+            z = branch.to(MATMUL_DTYPE)
+            fl.store_tile(z_ptr, z, row0, col0, n_rows, n_cols, n_cols, BLOCK_M, BLOCK_C)
+            branch = fl.gelu(z.to(tl.float32))
+        residual = fl.load_tile(x_ptr, row0, col0, n_rows, n_cols, stride_x, BLOCK_M, BLOCK_C).to(tl.float32)
+        fl.store_tile(y_ptr, residual + scale[:, None] * branch, row0, col0, n_rows, n_cols, stride_y, BLOCK_M,
+                      BLOCK_C)
 
-
-# ---------------------------------------------------------------------------------------------
-# Backward
-# ---------------------------------------------------------------------------------------------
 
 @triton.jit
-def _ln_mlp_backward_hidden_kernel(
-    x_ptr, dy_ptr, ln_weight_ptr, ln_bias_ptr, w1_ptr, b1_ptr, w2_ptr, mean_ptr, rstd_ptr,
-    d_pre_ptr, db1_partial_ptr,
-    n_rows, n_cols, n_hidden, stride_x_row, stride_dy_row,
-    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_H: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr,
+def _branch_gradient_transposed(dy_ptr, z_ptr, scale, row0, col0, n_rows, n_cols, stride_dy,
+                                BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr, SECOND_GELU: tl.constexpr):
+    """dz = s * dy (* gelu'(z)), the gradient of fc2's output, transposed: [BLOCK_C, BLOCK_R], fp32."""
+    dz = fl.load_tile_transposed(dy_ptr, row0, col0, n_rows, n_cols, stride_dy, BLOCK_C, BLOCK_R).to(tl.float32)
+    dz = dz * scale[None, :]
+    if SECOND_GELU:
+        z = fl.load_tile_transposed(z_ptr, row0, col0, n_rows, n_cols, n_cols, BLOCK_C, BLOCK_R).to(tl.float32)
+        dz = dz * fl.gelu_derivative(z)
+    return dz
+
+
+@triton.jit
+def _branch_gradient(dy_ptr, z_ptr, scale, row0, col0, n_rows, n_cols, stride_dy,
+                     BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, SECOND_GELU: tl.constexpr):
+    """dz as above, [BLOCK_R, BLOCK_K], fp32."""
+    dz = fl.load_tile(dy_ptr, row0, col0, n_rows, n_cols, stride_dy, BLOCK_R, BLOCK_K).to(tl.float32)
+    dz = dz * scale[:, None]
+    if SECOND_GELU:
+        z = fl.load_tile(z_ptr, row0, col0, n_rows, n_cols, n_cols, BLOCK_R, BLOCK_K).to(tl.float32)
+        dz = dz * fl.gelu_derivative(z)
+    return dz
+
+
+@triton.jit(do_not_specialize=["n_rows", "rows_per_sample", "has_scale", "pre_splits", "pre_rows_per_split",
+                               "w2_rows_per_split"])
+def _ln_mlp_backward_weight_kernel(
+    x_hat_ptr, dy_ptr, w2_ptr, scale_ptr, pre_ptr, z_ptr,
+    d_pre_ptr, g_partial_ptr, db1_partial_ptr, dw2_partial_ptr, db2_partial_ptr,
+    n_rows, n_cols, n_hidden, stride_dy, rows_per_sample, has_scale,
+    pre_splits, pre_rows_per_split, w2_rows_per_split,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, NUM_CHUNKS: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_Q: tl.constexpr, SECOND_GELU: tl.constexpr, MATMUL_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
-    """d_pre = (dy @ w2) * gelu'(fc1(layer_norm(x))) for a [BLOCK_M, BLOCK_H] tile."""
-    row0 = tl.program_id(0) * BLOCK_M
-    hidden0 = tl.program_id(1) * BLOCK_H
-    mean, rstd = _load_saved_statistics(mean_ptr, rstd_ptr, row0, n_rows, BLOCK_M)
+    """Programs [0, q_tiles * pre_splits) are dpre programs, the rest dW2 programs; program p
+    of a kind takes hidden tile p % q_tiles and row split p // q_tiles."""
+    q_tiles = tl.cdiv(n_hidden, BLOCK_Q)
+    pre_programs = q_tiles * pre_splits
+    program = tl.program_id(0)
+    is_pre_program = program < pre_programs
+    program = tl.where(is_pre_program, program, program - pre_programs)
+    hidden0 = (program % q_tiles) * BLOCK_Q
+    split = program // q_tiles
+    rows_per_split = tl.where(is_pre_program, pre_rows_per_split, w2_rows_per_split)
+    row_start = split * rows_per_split
+    row_end = tl.minimum(row_start + rows_per_split, n_rows)
+    acc = (tl.zeros([BLOCK_C, BLOCK_Q], dtype=tl.float32),) * NUM_CHUNKS
 
-    # fc1's output and dy @ w2 both contract over C: one loop feeds both accumulators.
-    x_block = tl.make_block_ptr(x_ptr, (n_rows, n_cols), (stride_x_row, 1), (row0, 0),
-                                (BLOCK_M, BLOCK_K), (1, 0))
-    w1t_block = tl.make_block_ptr(w1_ptr, (n_cols, n_hidden), (1, n_cols), (0, hidden0),
-                                  (BLOCK_K, BLOCK_H), (0, 1))
-    dy_block = tl.make_block_ptr(dy_ptr, (n_rows, n_cols), (stride_dy_row, 1), (row0, 0),
-                                 (BLOCK_M, BLOCK_K), (1, 0))
-    w2_block = tl.make_block_ptr(w2_ptr, (n_cols, n_hidden), (n_hidden, 1), (0, hidden0),
-                                 (BLOCK_K, BLOCK_H), (1, 0))
-    pre = tl.zeros([BLOCK_M, BLOCK_H], dtype=tl.float32)
-    d_hidden = tl.zeros([BLOCK_M, BLOCK_H], dtype=tl.float32)
-    for col0 in range(0, n_cols, BLOCK_K):
-        normed = _normalized_chunk(x_block, ln_weight_ptr, ln_bias_ptr, col0, n_cols, mean, rstd, BLOCK_K)
-        w1t = tl.load(w1t_block, boundary_check=(0, 1), padding_option="zero")
-        pre = tl.dot(normed.to(w1t.dtype), w1t, pre, input_precision=INPUT_PRECISION)
-        w2 = tl.load(w2_block, boundary_check=(0, 1), padding_option="zero")
-        dy = tl.load(dy_block, boundary_check=(0, 1), padding_option="zero")
-        d_hidden = tl.dot(dy.to(w2.dtype), w2, d_hidden, input_precision=INPUT_PRECISION)
-        x_block = tl.advance(x_block, (0, BLOCK_K))
-        w1t_block = tl.advance(w1t_block, (BLOCK_K, 0))
-        dy_block = tl.advance(dy_block, (0, BLOCK_K))
-        w2_block = tl.advance(w2_block, (BLOCK_K, 0))
-    pre += _load_vector(b1_ptr, hidden0, n_hidden, BLOCK_H)[None, :]
-    # Rows past the end read dy = 0, so their d_pre is 0 and adds nothing to the sums.
-    d_pre = d_hidden * _gelu_derivative(pre)
-
-    d_pre_block = tl.make_block_ptr(d_pre_ptr, (n_rows, n_hidden), (n_hidden, 1), (row0, hidden0),
-                                    (BLOCK_M, BLOCK_H), (1, 0))
-    tl.store(d_pre_block, d_pre.to(d_pre_ptr.dtype.element_ty), boundary_check=(0, 1))
-    hidden = hidden0 + tl.arange(0, BLOCK_H)
-    # Column sums over rows in fp64 (see _column_sum).
-    tl.store(db1_partial_ptr + tl.program_id(0) * n_hidden + hidden, _column_sum(d_pre),
-             mask=hidden < n_hidden)
-
-
-@triton.jit
-def _d_normed_chunk(d_pre_ptr, w1_ptr, row0, col0, n_rows, n_cols, n_hidden,
-                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr,
-                    INPUT_PRECISION: tl.constexpr):
-    """Gradient of layer_norm's output, d_pre @ w1, for a [BLOCK_M, BLOCK_N] tile, fp32."""
-    d_pre_block = tl.make_block_ptr(d_pre_ptr, (n_rows, n_hidden), (n_hidden, 1), (row0, 0),
-                                    (BLOCK_M, BLOCK_H), (1, 0))
-    w1_block = tl.make_block_ptr(w1_ptr, (n_hidden, n_cols), (n_cols, 1), (0, col0),
-                                 (BLOCK_H, BLOCK_N), (1, 0))
-    d_normed = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for _ in range(0, n_hidden, BLOCK_H):
-        d_pre = tl.load(d_pre_block, boundary_check=(0, 1), padding_option="zero")
-        w1 = tl.load(w1_block, boundary_check=(0, 1), padding_option="zero")
-        d_normed = tl.dot(d_pre, w1, d_normed, input_precision=INPUT_PRECISION)
-        d_pre_block = tl.advance(d_pre_block, (0, BLOCK_H))
-        w1_block = tl.advance(w1_block, (BLOCK_H, 0))
-    return d_normed
-
-
-@triton.jit
-def _x_hat_chunk(x_ptr, row0, col0, n_rows, n_cols, stride_x_row, mean, rstd,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """(x - mean) * rstd for a [BLOCK_M, BLOCK_N] tile, 0 in columns past C."""
-    x_block = tl.make_block_ptr(x_ptr, (n_rows, n_cols), (stride_x_row, 1), (row0, col0),
-                                (BLOCK_M, BLOCK_N), (1, 0))
-    x = tl.load(x_block, boundary_check=(0, 1), padding_option="zero").to(tl.float32)
-    in_row = (col0 + tl.arange(0, BLOCK_N)) < n_cols
-    return tl.where(in_row[None, :], (x - mean[:, None]) * rstd[:, None], 0.0)
+    if is_pre_program:
+        db1 = tl.zeros([BLOCK_Q], dtype=tl.float64)
+        for row0 in range(row_start, row_end, BLOCK_R):
+            scale = fl.sample_scale(scale_ptr, has_scale, row0, n_rows, rows_per_sample, BLOCK_R)
+            d_hidden = tl.zeros([BLOCK_R, BLOCK_Q], dtype=tl.float32)
+            for col0 in range(0, n_cols, BLOCK_K):
+                dz = _branch_gradient(dy_ptr, z_ptr, scale, row0, col0, n_rows, n_cols, stride_dy, BLOCK_R, BLOCK_K,
+                                      SECOND_GELU)
+                w2 = fl.load_tile(w2_ptr, col0, hidden0, n_cols, n_hidden, n_hidden, BLOCK_K, BLOCK_Q)
+                d_hidden = tl.dot(dz.to(MATMUL_DTYPE), w2.to(MATMUL_DTYPE), d_hidden, input_precision=INPUT_PRECISION)
+            pre = fl.load_tile(pre_ptr, row0, hidden0, n_rows, n_hidden, n_hidden, BLOCK_R, BLOCK_Q).to(tl.float32)
+            # Rows past the end read dy = 0, so their d_pre is 0 and adds nothing below.
+            d_pre = d_hidden * fl.gelu_derivative(pre)
+            db1 += fl.column_sum(d_pre)
+            d_pre = d_pre.to(MATMUL_DTYPE)
+            fl.store_tile(d_pre_ptr, d_pre, row0, hidden0, n_rows, n_hidden, n_hidden, BLOCK_R, BLOCK_Q)
+            updated = ()
+            for k in tl.static_range(NUM_CHUNKS):
+                # The forward's x_hat: 0 past C and past the last row.
+                x_hat_t = fl.load_tile_transposed(x_hat_ptr, row0, k * BLOCK_C, n_rows, n_cols, n_cols, BLOCK_C,
+                                                  BLOCK_R)
+                updated = updated + (tl.dot(x_hat_t, d_pre, acc[k], input_precision=INPUT_PRECISION),)
+            acc = updated
+        fl.store_panel_partial(acc, g_partial_ptr, split, hidden0, n_cols, n_hidden, BLOCK_C, NUM_CHUNKS, BLOCK_Q)
+        units = hidden0 + tl.arange(0, BLOCK_Q)
+        tl.store(db1_partial_ptr + split * n_hidden + units, db1, mask=units < n_hidden)
+    else:
+        db2 = (tl.zeros([BLOCK_C], dtype=tl.float64),) * NUM_CHUNKS
+        for row0 in range(row_start, row_end, BLOCK_R):
+            scale = fl.sample_scale(scale_ptr, has_scale, row0, n_rows, rows_per_sample, BLOCK_R)
+            pre = fl.load_tile(pre_ptr, row0, hidden0, n_rows, n_hidden, n_hidden, BLOCK_R, BLOCK_Q).to(tl.float32)
+            # Rows past the end read dy = 0, so their (nonzero) activations add nothing.
+            hidden = fl.gelu(pre).to(MATMUL_DTYPE)
+            updated = ()
+            sums = ()
+            for k in tl.static_range(NUM_CHUNKS):
+                dz_t = _branch_gradient_transposed(dy_ptr, z_ptr, scale, row0, k * BLOCK_C, n_rows, n_cols, stride_dy,
+                                                   BLOCK_C, BLOCK_R, SECOND_GELU)
+                updated = updated + (tl.dot(dz_t.to(MATMUL_DTYPE), hidden, acc[k], input_precision=INPUT_PRECISION),)
+                sums = sums + (db2[k] + tl.sum(dz_t.to(tl.float64), axis=1),)
+            acc = updated
+            db2 = sums
+        fl.store_panel_partial(acc, dw2_partial_ptr, split, hidden0, n_cols, n_hidden, BLOCK_C, NUM_CHUNKS, BLOCK_Q)
+        if hidden0 == 0:  # every hidden tile sums the same dz; the first one writes it
+            fl.store_vector_partial(db2, db2_partial_ptr, split, n_cols, BLOCK_C, NUM_CHUNKS)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_rows", "pre_splits", "w2_splits"])
 def _ln_mlp_backward_input_kernel(
-    x_ptr, dy_ptr, dx_ptr, ln_weight_ptr, w1_ptr, mean_ptr, rstd_ptr, d_pre_ptr,
-    d_ln_weight_partial_ptr, d_ln_bias_partial_ptr, db2_partial_ptr,
-    n_rows, n_cols, n_hidden, stride_x_row, stride_dy_row, stride_dx_row,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr,
+    x_ptr, dy_ptr, dx_ptr, ln_weight_ptr, ln_bias_ptr, w1_ptr, mean_ptr, rstd_ptr, d_pre_ptr,
+    g_partial_ptr, db1_partial_ptr, dw2_partial_ptr, db2_partial_ptr,
+    dw1_ptr, db1_ptr, dw2_ptr, db2_ptr, d_ln_weight_ptr, d_ln_bias_ptr,
+    n_rows, n_cols, n_hidden, stride_x, stride_dy, stride_dx, pre_splits, w2_splits,
+    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, NUM_CHUNKS: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_S: tl.constexpr, BLOCK_N: tl.constexpr, MATMUL_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
-    """dx = dy + LayerNorm backward of (d_pre @ w1), for BLOCK_M full rows."""
-    row0 = tl.program_id(0) * BLOCK_M
-    mean, rstd = _load_saved_statistics(mean_ptr, rstd_ptr, row0, n_rows, BLOCK_M)
+    """dx for BLOCK_M rows, then slabs program, program + programs, ... of BLOCK_S columns of
+    every reduction."""
+    program = tl.program_id(0)
+    row0 = program * BLOCK_M
+    d_normed = (tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float32),) * NUM_CHUNKS
+    for hidden0 in range(0, n_hidden, BLOCK_K):
+        d_pre = fl.load_tile(d_pre_ptr, row0, hidden0, n_rows, n_hidden, n_hidden, BLOCK_M, BLOCK_K)
+        d_normed = fl.accumulate_times_weight(d_normed, d_pre, w1_ptr, hidden0, n_hidden, n_cols, False, BLOCK_K,
+                                              BLOCK_C, NUM_CHUNKS, MATMUL_DTYPE, INPUT_PRECISION)
+    mean = fl.load_row_vector(mean_ptr, row0, n_rows, BLOCK_M)
+    rstd = fl.load_row_vector(rstd_ptr, row0, n_rows, BLOCK_M)
+    fl.layer_norm_backward(d_normed, dy_ptr, dx_ptr, x_ptr, ln_weight_ptr, mean, rstd, row0, n_rows, n_cols,
+                           stride_x, stride_dy, stride_dx, BLOCK_M, BLOCK_C, NUM_CHUNKS, True)
 
-    # Pass 1: the two row means the LayerNorm backward needs, of g = d_normed * gamma and of
-    # g * x_hat, over all of C.
-    g_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
-    g_x_hat_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
-    for col0 in range(0, n_cols, BLOCK_N):
-        d_normed = _d_normed_chunk(d_pre_ptr, w1_ptr, row0, col0, n_rows, n_cols, n_hidden,
-                                   BLOCK_M, BLOCK_N, BLOCK_H, INPUT_PRECISION)
-        x_hat = _x_hat_chunk(x_ptr, row0, col0, n_rows, n_cols, stride_x_row, mean, rstd, BLOCK_M, BLOCK_N)
-        g = d_normed * _load_vector(ln_weight_ptr, col0, n_cols, BLOCK_N)[None, :]
-        g_sum += tl.sum(g, axis=1)
-        g_x_hat_sum += tl.sum(g * x_hat, axis=1)
-    g_mean = g_sum / n_cols
-    g_x_hat_mean = g_x_hat_sum / n_cols
-
-    # Pass 2: recompute d_normed (cheaper in registers than holding [BLOCK_M, C]) and write
-    # dx plus this row tile's share of the LayerNorm-parameter and fc2-bias gradients.
-    partial_offset = tl.program_id(0) * n_cols
-    for col0 in range(0, n_cols, BLOCK_N):
-        d_normed = _d_normed_chunk(d_pre_ptr, w1_ptr, row0, col0, n_rows, n_cols, n_hidden,
-                                   BLOCK_M, BLOCK_N, BLOCK_H, INPUT_PRECISION)
-        x_hat = _x_hat_chunk(x_ptr, row0, col0, n_rows, n_cols, stride_x_row, mean, rstd, BLOCK_M, BLOCK_N)
-        gamma = _load_vector(ln_weight_ptr, col0, n_cols, BLOCK_N)
-        dy_block = tl.make_block_ptr(dy_ptr, (n_rows, n_cols), (stride_dy_row, 1), (row0, col0),
-                                     (BLOCK_M, BLOCK_N), (1, 0))
-        dy = tl.load(dy_block, boundary_check=(0, 1), padding_option="zero").to(tl.float32)
-        d_ln_input = rstd[:, None] * (d_normed * gamma[None, :] - g_mean[:, None] - x_hat * g_x_hat_mean[:, None])
-        dx_block = tl.make_block_ptr(dx_ptr, (n_rows, n_cols), (stride_dx_row, 1), (row0, col0),
-                                     (BLOCK_M, BLOCK_N), (1, 0))
-        tl.store(dx_block, (dy + d_ln_input).to(dx_ptr.dtype.element_ty), boundary_check=(0, 1))
-
-        # Rows past the end have d_normed = 0 and dy = 0: they add nothing to these sums.
-        cols = col0 + tl.arange(0, BLOCK_N)
-        in_row = cols < n_cols
-        tl.store(d_ln_weight_partial_ptr + partial_offset + cols, _column_sum(d_normed * x_hat), mask=in_row)
-        tl.store(d_ln_bias_partial_ptr + partial_offset + cols, _column_sum(d_normed), mask=in_row)
-        tl.store(db2_partial_ptr + partial_offset + cols, _column_sum(dy), mask=in_row)
-
-
-@triton.jit
-def _ln_mlp_backward_w1_kernel(
-    x_ptr, ln_weight_ptr, ln_bias_ptr, mean_ptr, rstd_ptr, d_pre_ptr, dw1_partial_ptr,
-    n_rows, n_cols, n_hidden, stride_x_row, rows_per_split,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr,
-):
-    """One row split's share of dW1 = d_pre^T @ layer_norm(x) for a [BLOCK_H, BLOCK_N] tile."""
-    hidden0 = tl.program_id(0) * BLOCK_H
-    col0 = tl.program_id(1) * BLOCK_N
-    split = tl.program_id(2)
-    row_start = split * rows_per_split  # rows_per_split is a multiple of BLOCK_M
-    row_end = tl.minimum(row_start + rows_per_split, n_rows)
-
-    d_pre_t_block = tl.make_block_ptr(d_pre_ptr, (n_hidden, n_rows), (1, n_hidden), (hidden0, row_start),
-                                      (BLOCK_H, BLOCK_M), (0, 1))
-    x_block = tl.make_block_ptr(x_ptr, (n_rows, n_cols), (stride_x_row, 1), (row_start, col0),
-                                (BLOCK_M, BLOCK_N), (1, 0))
-    dw1 = tl.zeros([BLOCK_H, BLOCK_N], dtype=tl.float32)
-    for row0 in range(row_start, row_end, BLOCK_M):
-        mean, rstd = _load_saved_statistics(mean_ptr, rstd_ptr, row0, n_rows, BLOCK_M)
-        normed = _normalized_chunk(x_block, ln_weight_ptr, ln_bias_ptr, col0, n_cols, mean, rstd, BLOCK_N)
-        # Rows past the end read d_pre = 0, so their (nonzero) normed values add nothing.
-        d_pre_t = tl.load(d_pre_t_block, boundary_check=(0, 1), padding_option="zero")
-        dw1 = tl.dot(d_pre_t, normed.to(d_pre_t.dtype), dw1, input_precision=INPUT_PRECISION)
-        d_pre_t_block = tl.advance(d_pre_t_block, (0, BLOCK_M))
-        x_block = tl.advance(x_block, (BLOCK_M, 0))
-
-    dw1_block = tl.make_block_ptr(dw1_partial_ptr + split * n_hidden * n_cols, (n_hidden, n_cols), (n_cols, 1),
-                                  (hidden0, col0), (BLOCK_H, BLOCK_N), (1, 0))
-    tl.store(dw1_block, dw1, boundary_check=(0, 1))
-
-
-@triton.jit
-def _ln_mlp_backward_w2_kernel(
-    x_ptr, dy_ptr, ln_weight_ptr, ln_bias_ptr, w1_ptr, b1_ptr, mean_ptr, rstd_ptr, dw2_partial_ptr,
-    n_rows, n_cols, n_hidden, stride_x_row, stride_dy_row, rows_per_split,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_H: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr,
-):
-    """One row split's share of dW2 = dy^T @ gelu(fc1(layer_norm(x))) for a [BLOCK_N, BLOCK_H] tile."""
-    col0 = tl.program_id(0) * BLOCK_N
-    hidden0 = tl.program_id(1) * BLOCK_H
-    split = tl.program_id(2)
-    row_start = split * rows_per_split  # rows_per_split is a multiple of BLOCK_M
-    row_end = tl.minimum(row_start + rows_per_split, n_rows)
-
-    dy_t_block = tl.make_block_ptr(dy_ptr, (n_cols, n_rows), (1, stride_dy_row), (col0, row_start),
-                                   (BLOCK_N, BLOCK_M), (0, 1))
-    dw2 = tl.zeros([BLOCK_N, BLOCK_H], dtype=tl.float32)
-    for row0 in range(row_start, row_end, BLOCK_M):
-        mean, rstd = _load_saved_statistics(mean_ptr, rstd_ptr, row0, n_rows, BLOCK_M)
-        pre = _hidden_pre_activation(x_ptr, ln_weight_ptr, ln_bias_ptr, w1_ptr, b1_ptr, mean, rstd,
-                                     row0, hidden0, n_rows, n_cols, n_hidden, stride_x_row,
-                                     BLOCK_M, BLOCK_K, BLOCK_H, INPUT_PRECISION)
-        # Rows past the end read dy = 0, so their (nonzero) activations add nothing.
-        dy_t = tl.load(dy_t_block, boundary_check=(0, 1), padding_option="zero")
-        hidden = _gelu(pre).to(w1_ptr.dtype.element_ty)
-        dw2 = tl.dot(dy_t.to(hidden.dtype), hidden, dw2, input_precision=INPUT_PRECISION)
-        dy_t_block = tl.advance(dy_t_block, (0, BLOCK_M))
-
-    dw2_block = tl.make_block_ptr(dw2_partial_ptr + split * n_cols * n_hidden, (n_cols, n_hidden), (n_hidden, 1),
-                                  (col0, hidden0), (BLOCK_N, BLOCK_H), (1, 0))
-    tl.store(dw2_block, dw2, boundary_check=(0, 1))
+    for slab in range(program, tl.cdiv(n_cols, BLOCK_S), tl.num_programs(0)):
+        fl.layer_norm_weight_gradients(g_partial_ptr, db1_partial_ptr, w1_ptr, ln_weight_ptr, ln_bias_ptr,
+                                       dw1_ptr, db1_ptr, d_ln_weight_ptr, d_ln_bias_ptr, slab, pre_splits, n_cols,
+                                       n_hidden, BLOCK_S, BLOCK_N)
+        fl.sum_partial_rows(dw2_partial_ptr, dw2_ptr, slab, w2_splits, n_cols, n_hidden, BLOCK_S, BLOCK_N)
+        fl.sum_partial_vector(db2_partial_ptr, db2_ptr, slab, w2_splits, n_cols, BLOCK_S)
 
 
 # ---------------------------------------------------------------------------------------------
-# Launch configuration
+# Launch plan
 # ---------------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
-class _KernelConfig:
-    """Tiling and launch options of one kernel. Fixed rather than autotuned: the interpreter
-    cannot run triton.autotune, and these are exactly the configurations h100_compile_specs
-    declares for the sm_90 compile check."""
-    block_m: int  # rows per tile
-    block_h: int  # hidden units per chunk
-    block_n: int = 0  # output / input-feature columns per tile, for kernels that tile C
-    block_k: int = 0  # C chunk of the fc1 contraction, for kernels that recompute fc1
-    num_warps: int = 8
-    num_stages: int = 2
-    # fp32 matmuls ("ieee") run on the FMA units, not wgmma; software pipelining buys little
-    # there and can wreck register allocation (see _BACKWARD_W1). None: same as num_stages.
-    fp32_num_stages: int | None = None
+class _Plan:
+    """Tiles and launch options, fixed per (C, matmul dtype) rather than autotuned: the
+    interpreter cannot run triton.autotune, and h100_compile_specs compiles exactly these."""
+    panel: fl.Panel  # C as the forward and the weight-gradient kernel hold it
+    row: fl.RowKernel  # the row kernel's configuration
+    half: bool  # bf16/fp16 operands on tensor cores; else exact fp32 on the FMA units
+    block_m: int  # rows per program of the forward and the row kernel
+    block_k: int  # contraction step over a streamed dimension (C in fp32 fc1, H in the row kernel)
+    block_h: int  # hidden units per forward step
+    block_r: int  # rows per step of the weight-gradient programs
+    block_q: int  # hidden units per weight-gradient program
+    num_warps: int
+    num_stages: int  # forward and weight-gradient kernel
 
-    def stages_for(self, matmul_dtype: torch.dtype) -> int:
-        if matmul_dtype == torch.float32 and self.fp32_num_stages is not None:
-            return self.fp32_num_stages
-        return self.num_stages
+    def forward_constexprs(self, second_gelu: bool, matmul_dtype: torch.dtype) -> dict:
+        return dict(BLOCK_M=self.block_m, BLOCK_C=self.panel.block_c, NUM_CHUNKS=self.panel.num_chunks,
+                    BLOCK_K=self.block_k, BLOCK_H=self.block_h, PANEL=self.half, SECOND_GELU=second_gelu,
+                    **fl.dtype_constexprs(matmul_dtype))
 
-    def block_arguments(self, kernel) -> dict:
-        """The BLOCK_* constexprs this kernel takes."""
-        blocks = dict(BLOCK_M=self.block_m, BLOCK_N=self.block_n, BLOCK_K=self.block_k, BLOCK_H=self.block_h)
-        return {name: value for name, value in blocks.items() if name in kernel.arg_names}
+    def weight_constexprs(self, second_gelu: bool, matmul_dtype: torch.dtype) -> dict:
+        return dict(BLOCK_R=self.block_r, BLOCK_C=self.panel.block_c, NUM_CHUNKS=self.panel.num_chunks,
+                    BLOCK_K=self.block_k, BLOCK_Q=self.block_q, SECOND_GELU=second_gelu,
+                    **fl.dtype_constexprs(matmul_dtype))
 
     def describe(self) -> str:
-        blocks = [f"{name}={value}" for name, value in
-                  (("BLOCK_M", self.block_m), ("BLOCK_N", self.block_n), ("BLOCK_K", self.block_k),
-                   ("BLOCK_H", self.block_h)) if value]
-        return " ".join(blocks + [f"warps={self.num_warps}"])
+        return (f"C={self.panel.num_chunks}x{self.panel.block_c} M={self.block_m} K={self.block_k} H={self.block_h} "
+                f"R={self.block_r} Q={self.block_q} warps={self.num_warps} stages={self.num_stages}")
 
 
-# Compiled for sm_90 at the model's shapes (bf16 matmuls, C = hidden = 384) with kernels.h100:
-# all spill-free and on HGMMA (see h100_compile_specs). Every tl.dot keeps 64 on its M side,
-# the smallest a warpgroup MMA takes. 8 warps: with 4 (and K chunks of 128) the [64, 128]
-# fp32 tiles -- x, the accumulators, and the 64-bit addresses that block-pointer loads turn
-# into -- took every kernel but dW1 to 225-255 registers, and the forward, the input-gradient
-# kernel and, in one dtype variant each, the hidden-gradient and dW2 kernels spilled. With 8
-# warps and K chunks of 64 they use 118-210.
-_FORWARD = _KernelConfig(block_m=64, block_n=128, block_k=64, block_h=64)
-_BACKWARD_HIDDEN = _KernelConfig(block_m=64, block_k=64, block_h=64)
-# Pass 2 holds d_normed, x_hat, dy and dx tiles at once: 64 columns instead of 128.
-_BACKWARD_INPUT = _KernelConfig(block_m=64, block_n=64, block_h=64)
-# With fp32 operands (no autocast; not what the model runs) and 2 stages, ptxas squeezed this
-# kernel into 32 registers and spilled 15 KB; with 1 stage it takes 100 and spills nothing.
-_BACKWARD_W1 = _KernelConfig(block_m=64, block_n=128, block_h=64, fp32_num_stages=1)
-_BACKWARD_W2 = _KernelConfig(block_m=64, block_n=128, block_k=64, block_h=64)
-
-# Enough programs for the row-split weight-gradient kernels to fill an H100 (132 SMs) twice.
-# A fixed number, not the device's SM count, so that the partial-sum layout, and with it the
-# summation order, is the same on every machine.
-_WEIGHT_GRADIENT_TARGET_PROGRAMS = 264
-
-
-def _row_split(n_rows: int, tiles: int, block_m: int) -> tuple[int, int]:
-    """(number of row splits, rows per split) for a weight-gradient grid of `tiles` output
-    tiles. Rows per split is a multiple of block_m, so no row tile straddles two splits."""
-    row_tiles = max(1, triton.cdiv(n_rows, block_m))  # one (empty) split when there are no rows
-    splits = max(1, min(row_tiles, _WEIGHT_GRADIENT_TARGET_PROGRAMS // tiles))
-    row_tiles_per_split = triton.cdiv(row_tiles, splits)
-    return triton.cdiv(row_tiles, row_tiles_per_split), row_tiles_per_split * block_m
+def _plan(n_cols: int, matmul_dtype: torch.dtype) -> _Plan:
+    width = fl.panel_width(n_cols, matmul_dtype)
+    if fl.is_half(matmul_dtype):
+        # Compiled for sm_90 (kernels/README.md has the history):
+        # - 64-row tiles, the smallest a warpgroup MMA takes, over 8 warps, which split the
+        #   [64, C] fp32 accumulators (96 registers a thread at C = 384); at C = 512 that no
+        #   longer fits next to the rest: 32 rows (mma.sync).
+        # - forward: 32 hidden units a step; with 64 every variant spilled (a step's fc1 and
+        #   fc2 tiles are live together).
+        # - weight-gradient kernel: 32-wide hidden tiles (64 spilled with the second GELU), 16
+        #   at C = 512.
+        # - row kernel: the gradient panel in 64-wide chunks, unpipelined; 128-wide chunks or
+        #   two stages left the LayerNorm backward's temporaries no room.
+        block_m = 32 if width > 384 else 64
+        return _Plan(fl.chunked(width, 128), fl.RowKernel(fl.chunked(width, 64), block_m, 64, 8, num_stages=1),
+                     half=True, block_m=block_m, block_k=64, block_h=32, block_r=64,
+                     block_q=16 if width > 384 else 32, num_warps=8, num_stages=2)
+    # Exact fp32 on the FMA units: an FMA dot holds its operands in registers, so tiles and
+    # contraction steps stay at 16.
+    return _Plan(fl.chunked(width, 128), fl.RowKernel(fl.chunked(width, 128), 16, 16, 8, num_stages=1), half=False,
+                 block_m=16, block_k=16, block_h=16, block_r=16, block_q=16, num_warps=8, num_stages=1)
 
 
 @dataclass(frozen=True)
-class _BackwardGrids:
-    """The backward kernels' grids for one shape, and the row splits of the weight-gradient ones."""
-    hidden: tuple[int, int]  # (row tiles, hidden tiles)
-    input: tuple[int]  # (row tiles,)
-    w1: tuple[int, int, int]  # (hidden tiles, column tiles, row splits)
-    w1_rows_per_split: int
-    w2: tuple[int, int, int]  # (column tiles, hidden tiles, row splits)
-    w2_rows_per_split: int
+class _BackwardGrid:
+    q_tiles: int
+    pre: fl.Split
+    w2: fl.Split
+    row_tiles: int
+
+    @property
+    def weight_programs(self) -> int:
+        return self.q_tiles * (self.pre.splits + self.w2.splits)
 
 
-def _backward_grids(n_rows: int, n_cols: int, n_hidden: int) -> _BackwardGrids:
-    hidden_cfg, input_cfg, w1_cfg, w2_cfg = _BACKWARD_HIDDEN, _BACKWARD_INPUT, _BACKWARD_W1, _BACKWARD_W2
-    w1_tiles = (triton.cdiv(n_hidden, w1_cfg.block_h), triton.cdiv(n_cols, w1_cfg.block_n))
-    w1_splits, w1_rows_per_split = _row_split(n_rows, w1_tiles[0] * w1_tiles[1], w1_cfg.block_m)
-    w2_tiles = (triton.cdiv(n_cols, w2_cfg.block_n), triton.cdiv(n_hidden, w2_cfg.block_h))
-    w2_splits, w2_rows_per_split = _row_split(n_rows, w2_tiles[0] * w2_tiles[1], w2_cfg.block_m)
-    return _BackwardGrids(
-        hidden=(triton.cdiv(n_rows, hidden_cfg.block_m), triton.cdiv(n_hidden, hidden_cfg.block_h)),
-        input=(triton.cdiv(n_rows, input_cfg.block_m),),
-        w1=(*w1_tiles, w1_splits), w1_rows_per_split=w1_rows_per_split,
-        w2=(*w2_tiles, w2_splits), w2_rows_per_split=w2_rows_per_split)
-
-
-def _launch(kernel, config: _KernelConfig, grid, matmul_dtype: torch.dtype, *args):
-    kernel[grid](*args, **config.block_arguments(kernel), INPUT_PRECISION=_input_precision(matmul_dtype),
-                 num_warps=config.num_warps, num_stages=config.stages_for(matmul_dtype))
-
-
-def _input_precision(matmul_dtype: torch.dtype) -> str:
-    # fp32 matmuls in true fp32 ("ieee"), not TF32, so that they match torch's fp32 linears.
-    # (The choice is ignored for fp16/bf16 operands.)
-    return "ieee" if matmul_dtype == torch.float32 else "tf32"
-
-
-def _rows_with_unit_column_stride(t: torch.Tensor, n_cols: int) -> torch.Tensor:
-    """t as [rows, n_cols]: a view when its columns are contiguous (the kernels take any row
-    stride), a contiguous copy otherwise."""
-    t2d = t.reshape(-1, n_cols)
-    if n_cols > 1 and t2d.stride(1) != 1:
-        t2d = t2d.contiguous()
-    return t2d
-
-
-def _kernels_interpreted() -> bool:
-    return _common.is_interpreted(_ln_mlp_forward_kernel)
-
-
-def _matmul_dtype(x: torch.Tensor) -> torch.dtype:
-    device_type = x.device.type
-    if torch.is_autocast_enabled(device_type):
-        return torch.get_autocast_dtype(device_type)
-    return x.dtype
+def _backward_grid(plan: _Plan, n_rows: int, n_cols: int, n_hidden: int) -> _BackwardGrid:
+    q_tiles = triton.cdiv(n_hidden, plan.block_q)
+    # Per row step a dpre program does two matmuls and a dW2 program one: a third of the
+    # programs' budget to dpre splits, two thirds to twice as many dW2 splits.
+    pre = fl.split_rows(n_rows, plan.block_r, 3 * q_tiles, fl.WEIGHT_GRADIENT_PROGRAMS)
+    w2 = fl.split_rows(n_rows, plan.block_r, q_tiles, 2 * pre.splits * q_tiles)
+    return _BackwardGrid(q_tiles, pre, w2, triton.cdiv(n_rows, plan.block_m))
 
 
 # ---------------------------------------------------------------------------------------------
-# autograd.Function and entry point
+# Launchers
 # ---------------------------------------------------------------------------------------------
 
-class LayerNormMLPFunction(torch.autograd.Function):
-
-    @staticmethod
-    def forward(ctx, x, ln_weight, ln_bias, w1, b1, w2, b2, eps):
-        n_cols, n_hidden = x.shape[-1], w1.shape[0]
-        x2d = _rows_with_unit_column_stride(x, n_cols)
-        n_rows = x2d.shape[0]
-        matmul_dtype = _matmul_dtype(x)
-        # The weights are small next to the activations: cast (and lay out) them once per call.
-        w1_mm = w1.to(matmul_dtype).contiguous()
-        w2_mm = w2.to(matmul_dtype).contiguous()
-        ln_weight, ln_bias, b1, b2 = (t.contiguous() for t in (ln_weight, ln_bias, b1, b2))
-
-        y = _common.new_output((n_rows, n_cols), x.dtype, x.device)
-        mean = _common.new_output((n_rows,), torch.float32, x.device)
-        rstd = _common.new_output((n_rows,), torch.float32, x.device)
-        if n_rows > 0:
-            cfg = _FORWARD
-            grid = (triton.cdiv(n_rows, cfg.block_m), triton.cdiv(n_cols, cfg.block_n))
-            _launch(_ln_mlp_forward_kernel, cfg, grid, matmul_dtype,
-                    x2d, y, ln_weight, ln_bias, w1_mm, b1, w2_mm, b2, mean, rstd,
-                    n_rows, n_cols, n_hidden, x2d.stride(0), y.stride(0), eps)
-        ctx.save_for_backward(x2d, ln_weight, ln_bias, w1_mm, b1, w2_mm, mean, rstd)
-        ctx.x_shape = x.shape
-        ctx.param_dtypes = tuple(t.dtype for t in (ln_weight, ln_bias, w1, b1, w2, b2))
-        return y.view(x.shape)
-
-    @staticmethod
-    def backward(ctx, dy):
-        x2d, ln_weight, ln_bias, w1_mm, b1, w2_mm, mean, rstd = ctx.saved_tensors
-        n_rows, n_cols = x2d.shape
-        n_hidden = w1_mm.shape[0]
-        device = x2d.device
-        matmul_dtype = w1_mm.dtype
-        dy2d = _rows_with_unit_column_stride(dy, n_cols)
-
-        hidden_cfg, input_cfg, w1_cfg, w2_cfg = _BACKWARD_HIDDEN, _BACKWARD_INPUT, _BACKWARD_W1, _BACKWARD_W2
-        grids = _backward_grids(n_rows, n_cols, n_hidden)
-        hidden_grid, input_grid = grids.hidden, grids.input
-        w1_splits, w1_rows_per_split = grids.w1[2], grids.w1_rows_per_split
-        w2_splits, w2_rows_per_split = grids.w2[2], grids.w2_rows_per_split
-
-        d_pre = _common.new_output((n_rows, n_hidden), matmul_dtype, device)
-        # The bias and LayerNorm-parameter partials are fp64: see _column_sum.
-        db1_partial = _common.new_output((hidden_grid[0], n_hidden), torch.float64, device)
-        dx = _common.new_output((n_rows, n_cols), x2d.dtype, device)
-        d_ln_weight_partial = _common.new_output((input_grid[0], n_cols), torch.float64, device)
-        d_ln_bias_partial = _common.new_output((input_grid[0], n_cols), torch.float64, device)
-        db2_partial = _common.new_output((input_grid[0], n_cols), torch.float64, device)
-        dw1_partial = _common.new_output((w1_splits, n_hidden, n_cols), torch.float32, device)
-        dw2_partial = _common.new_output((w2_splits, n_cols, n_hidden), torch.float32, device)
-
-        if n_rows > 0:
-            _launch(_ln_mlp_backward_hidden_kernel, hidden_cfg, hidden_grid, matmul_dtype,
-                    x2d, dy2d, ln_weight, ln_bias, w1_mm, b1, w2_mm, mean, rstd, d_pre, db1_partial,
-                    n_rows, n_cols, n_hidden, x2d.stride(0), dy2d.stride(0))
-            _launch(_ln_mlp_backward_input_kernel, input_cfg, input_grid, matmul_dtype,
-                    x2d, dy2d, dx, ln_weight, w1_mm, mean, rstd, d_pre,
-                    d_ln_weight_partial, d_ln_bias_partial, db2_partial,
-                    n_rows, n_cols, n_hidden, x2d.stride(0), dy2d.stride(0), dx.stride(0))
-            _launch(_ln_mlp_backward_w1_kernel, w1_cfg, grids.w1, matmul_dtype,
-                    x2d, ln_weight, ln_bias, mean, rstd, d_pre, dw1_partial,
-                    n_rows, n_cols, n_hidden, x2d.stride(0), w1_rows_per_split)
-            _launch(_ln_mlp_backward_w2_kernel, w2_cfg, grids.w2, matmul_dtype,
-                    x2d, dy2d, ln_weight, ln_bias, w1_mm, b1, mean, rstd, dw2_partial,
-                    n_rows, n_cols, n_hidden, x2d.stride(0), dy2d.stride(0), w2_rows_per_split)
-        else:  # no rows: every parameter gradient is an empty sum
-            for partial in (db1_partial, d_ln_weight_partial, d_ln_bias_partial, db2_partial, dw1_partial, dw2_partial):
-                partial.zero_()
-
-        # The partials are summed by torch over their leading dimension, in a fixed order.
-        ln_weight_dtype, ln_bias_dtype, w1_dtype, b1_dtype, w2_dtype, b2_dtype = ctx.param_dtypes
-        return (
-            dx.view(ctx.x_shape),
-            d_ln_weight_partial.sum(0).to(ln_weight_dtype),
-            d_ln_bias_partial.sum(0).to(ln_bias_dtype),
-            dw1_partial.sum(0).to(w1_dtype),
-            db1_partial.sum(0).to(b1_dtype),
-            dw2_partial.sum(0).to(w2_dtype),
-            db2_partial.sum(0).to(b2_dtype),
-            None,
-        )
+_INTERPRETED = _common.is_interpreted(_ln_mlp_forward_kernel)
 
 
-def _validate(x, ln_weight, ln_bias, w1, b1, w2, b2):
+def _forward(x, ln_weight, ln_bias, w1, b1, w2, b2, branch_scale, eps: float, second_gelu: bool,
+             matmul_dtype: torch.dtype):
+    n_cols, n_hidden = x.shape[-1], w1.shape[0]
+    x2d = fl.rows_view(x, n_cols)
+    n_rows = x2d.shape[0]
+    ln_weight, ln_bias, w1, b1, w2, b2, branch_scale = fl.contiguous(ln_weight, ln_bias, w1, b1, w2, b2, branch_scale)
+    out_dtype = _output_dtype(x.dtype, matmul_dtype, branch_scale)
+    y = _common.new_output(x.shape, out_dtype, x.device)
+    mean = _common.new_output((n_rows,), torch.float32, x.device)
+    rstd = _common.new_output((n_rows,), torch.float32, x.device)
+    x_hat = _common.new_output((n_rows, n_cols), matmul_dtype, x.device)
+    pre = _common.new_output((n_rows, n_hidden), matmul_dtype, x.device)
+    z = _common.new_output((n_rows, n_cols) if second_gelu else (0,), matmul_dtype, x.device)
+    if n_rows > 0:
+        plan = _plan(n_cols, matmul_dtype)
+        scale = branch_scale if branch_scale is not None else mean  # never read without a scale
+        with _common.on_device_of(x):
+            fl.launch(_ln_mlp_forward_kernel, (triton.cdiv(n_rows, plan.block_m),),
+                      x2d, y, ln_weight, ln_bias, w1, b1, w2, b2, scale, mean, rstd, x_hat, pre, z,
+                      n_rows, n_cols, n_hidden, x2d.stride(0), n_cols, fl.rows_per_sample(x, branch_scale),
+                      int(branch_scale is not None), eps,
+                      num_warps=plan.num_warps, num_stages=plan.num_stages,
+                      **plan.forward_constexprs(second_gelu, matmul_dtype))
+    return y, mean, rstd, x_hat, pre, z
+
+
+def _backward(dy, x, ln_weight, ln_bias, w1, b1, w2, b2, mean, rstd, x_hat, pre, z, branch_scale, second_gelu: bool,
+              matmul_dtype: torch.dtype):
+    n_cols, n_hidden = x.shape[-1], w1.shape[0]
+    x2d = fl.rows_view(x, n_cols)
+    dy2d = fl.rows_view(dy, n_cols)
+    ln_weight, ln_bias, w1, w2, branch_scale = fl.contiguous(ln_weight, ln_bias, w1, w2, branch_scale)
+    n_rows = x2d.shape[0]
+    device = x.device
+    dx = _common.new_output(x.shape, x.dtype, device)
+    grads = [_common.new_output(p.shape, p.dtype, device) for p in (ln_weight, ln_bias, w1, b1, w2, b2)]
+    if n_rows == 0:  # every parameter gradient is an empty sum
+        return (dx, *(g.zero_() for g in grads))
+    d_ln_weight, d_ln_bias, dw1, db1, dw2, db2 = grads
+    plan = _plan(n_cols, matmul_dtype)
+    grid = _backward_grid(plan, n_rows, n_cols, n_hidden)
+    d_pre = _common.new_output((n_rows, n_hidden), matmul_dtype, device)
+    g_partial = _common.new_output((grid.pre.splits, n_cols, n_hidden), torch.float32, device)
+    db1_partial = _common.new_output((grid.pre.splits, n_hidden), torch.float64, device)
+    dw2_partial = _common.new_output((grid.w2.splits, n_cols, n_hidden), torch.float32, device)
+    db2_partial = _common.new_output((grid.w2.splits, n_cols), torch.float64, device)
+    scale = branch_scale if branch_scale is not None else mean  # never read without a scale
+    with _common.on_device_of(x):
+        fl.launch(_ln_mlp_backward_weight_kernel, (grid.weight_programs,),
+                  x_hat, dy2d, w2, scale, pre, z, d_pre, g_partial, db1_partial, dw2_partial, db2_partial,
+                  n_rows, n_cols, n_hidden, dy2d.stride(0), fl.rows_per_sample(x, branch_scale),
+                  int(branch_scale is not None), grid.pre.splits, grid.pre.rows_per_split, grid.w2.rows_per_split,
+                  num_warps=plan.num_warps, num_stages=plan.num_stages,
+                  **plan.weight_constexprs(second_gelu, matmul_dtype))
+        fl.launch(_ln_mlp_backward_input_kernel, (grid.row_tiles,),
+                  x2d, dy2d, dx.view(n_rows, n_cols), ln_weight, ln_bias, w1, mean, rstd, d_pre,
+                  g_partial, db1_partial, dw2_partial, db2_partial,
+                  dw1, db1, dw2, db2, d_ln_weight, d_ln_bias,
+                  n_rows, n_cols, n_hidden, x2d.stride(0), dy2d.stride(0), n_cols, grid.pre.splits, grid.w2.splits,
+                  num_warps=plan.num_warps, num_stages=plan.row.num_stages,
+                  **plan.row.constexprs(matmul_dtype))
+    return dx, d_ln_weight, d_ln_bias, dw1, db1, dw2, db2
+
+
+def _output_dtype(x_dtype, matmul_dtype, branch_scale) -> torch.dtype:
+    dtypes = (x_dtype, matmul_dtype) + ((branch_scale.dtype,) if branch_scale is not None else ())
+    return fl.result_dtype(*dtypes)
+
+
+# ---------------------------------------------------------------------------------------------
+# The operator: torch.library.custom_op with a fake (shapes only, for tracing) and autograd
+# ---------------------------------------------------------------------------------------------
+
+@torch.library.custom_op("vit_kernels::layernorm_mlp", mutates_args=())
+def _layernorm_mlp_op(x: torch.Tensor, ln_weight: torch.Tensor, ln_bias: torch.Tensor, w1: torch.Tensor,
+                      b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor, branch_scale: torch.Tensor | None,
+                      eps: float, second_gelu: bool, matmul_dtype: torch.dtype
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(y, mean, rstd, x_hat, pre, z): the output and what the backward reads."""
+    return _forward(x, ln_weight, ln_bias, w1, b1, w2, b2, branch_scale, eps, second_gelu, matmul_dtype)
+
+
+@_layernorm_mlp_op.register_fake
+def _(x, ln_weight, ln_bias, w1, b1, w2, b2, branch_scale, eps, second_gelu, matmul_dtype):
+    n_cols, n_hidden = x.shape[-1], w1.shape[0]
+    n_rows = x.numel() // n_cols
+    return (x.new_empty(x.shape, dtype=_output_dtype(x.dtype, matmul_dtype, branch_scale)),
+            x.new_empty((n_rows,), dtype=torch.float32), x.new_empty((n_rows,), dtype=torch.float32),
+            x.new_empty((n_rows, n_cols), dtype=matmul_dtype), x.new_empty((n_rows, n_hidden), dtype=matmul_dtype),
+            x.new_empty((n_rows, n_cols) if second_gelu else (0,), dtype=matmul_dtype))
+
+
+@torch.library.custom_op("vit_kernels::layernorm_mlp_backward", mutates_args=())
+def _layernorm_mlp_backward_op(dy: torch.Tensor, x: torch.Tensor, ln_weight: torch.Tensor, ln_bias: torch.Tensor,
+                               w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor,
+                               mean: torch.Tensor, rstd: torch.Tensor, x_hat: torch.Tensor, pre: torch.Tensor,
+                               z: torch.Tensor, branch_scale: torch.Tensor | None, second_gelu: bool,
+                               matmul_dtype: torch.dtype
+                               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                          torch.Tensor, torch.Tensor]:
+    """(dx, d_ln_weight, d_ln_bias, dw1, db1, dw2, db2)."""
+    return _backward(dy, x, ln_weight, ln_bias, w1, b1, w2, b2, mean, rstd, x_hat, pre, z, branch_scale,
+                     second_gelu, matmul_dtype)
+
+
+@_layernorm_mlp_backward_op.register_fake
+def _(dy, x, ln_weight, ln_bias, w1, b1, w2, b2, mean, rstd, x_hat, pre, z, branch_scale, second_gelu,
+      matmul_dtype):
+    return tuple(t.new_empty(t.shape) for t in (x, ln_weight, ln_bias, w1, b1, w2, b2))
+
+
+def _setup_context(ctx, inputs, output):
+    x, ln_weight, ln_bias, w1, b1, w2, b2, branch_scale, _eps, second_gelu, matmul_dtype = inputs
+    _y, mean, rstd, x_hat, pre, z = output
+    ctx.set_materialize_grads(False)  # the saved outputs get no gradient: no zeros to launch
+    ctx.mark_non_differentiable(mean, rstd, x_hat, pre, z)
+    ctx.save_for_backward(x, ln_weight, ln_bias, w1, b1, w2, b2, mean, rstd, x_hat, pre, z, branch_scale)
+    ctx.second_gelu, ctx.matmul_dtype = second_gelu, matmul_dtype
+
+
+def _autograd_backward(ctx, dy, *_saved_output_gradients):
+    gradients = _layernorm_mlp_backward_op(dy, *ctx.saved_tensors, ctx.second_gelu, ctx.matmul_dtype)
+    return (*gradients, None, None, None, None)
+
+
+_layernorm_mlp_op.register_autograd(_autograd_backward, setup_context=_setup_context)
+
+
+# ---------------------------------------------------------------------------------------------
+# Entry point
+# ---------------------------------------------------------------------------------------------
+
+def _validate(x, ln_weight, ln_bias, w1, b1, w2, b2, branch_scale):
     named = dict(x=x, ln_weight=ln_weight, ln_bias=ln_bias, w1=w1, b1=b1, w2=w2, b2=b2)
     for name, t in named.items():
         _common.check_floating(name, t)
@@ -638,211 +469,156 @@ def _validate(x, ln_weight, ln_bias, w1, b1, w2, b2):
         if tuple(named[name].shape) != shape:
             raise ValueError(f"{name} must have shape {list(shape)} (C={n_cols} from x, hidden={n_hidden} from w1), "
                              f"got {list(named[name].shape)}")
-    interpreted = _kernels_interpreted()
-    _common.check_device("x", x, interpreted, __name__)
-    _common.refuse_interpreted_bf16("x (or autocast)", interpreted, _matmul_dtype(x))
+    fl.check_branch_scale(branch_scale, x)
+    _common.check_device("x", x, _INTERPRETED, __name__)
+    fl.panel_width(n_cols, fl.matmul_dtype_of(x))
+    _common.refuse_interpreted_bf16("x (or autocast)", _INTERPRETED, fl.matmul_dtype_of(x))
 
 
-def layernorm_mlp(x, ln_weight, ln_bias, w1, b1, w2, b2, eps: float = 1e-5) -> torch.Tensor:
-    """x + fc2(gelu(fc1(layer_norm(x)))), fused; see the module docstring for the kernels.
+def layernorm_mlp(x, ln_weight, ln_bias, w1, b1, w2, b2, eps: float = 1e-5, *, second_gelu: bool = False,
+                  branch_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """x + s * act2(fc2(gelu(fc1(layer_norm(x))))), fused; see the module docstring.
 
-    x: [..., C]; ln_weight, ln_bias: [C]; w1: [H, C]; b1: [H]; w2: [C, H]; b2: [C].
-    Returns a tensor of x's shape and dtype, differentiable in x and all six parameters.
-    Raises ValueError for inconsistent shapes, unsupported dtypes or devices.
+    x: [..., C] with C <= 512 (384 with fp32 matmuls); ln_weight, ln_bias: [C]; w1: [H, C]; b1: [H];
+    w2: [C, H]; b2: [C].
+    second_gelu: act2 is GELU (else the identity). branch_scale: None, or [x.shape[0]] scales,
+    one per sample (needs no gradient). Returns a tensor of x's shape, differentiable in x and
+    the six parameters. Raises ValueError for inconsistent shapes, unsupported dtypes or devices.
     """
-    _validate(x, ln_weight, ln_bias, w1, b1, w2, b2)
-    return LayerNormMLPFunction.apply(x, ln_weight, ln_bias, w1, b1, w2, b2, float(eps))
+    _validate(x, ln_weight, ln_bias, w1, b1, w2, b2, branch_scale)
+    return _layernorm_mlp_op(x, ln_weight, ln_bias, w1, b1, w2, b2, branch_scale, float(eps), bool(second_gelu),
+                             fl.matmul_dtype_of(x))[0]
 
 
 # ---------------------------------------------------------------------------------------------
-# Cost model (see kernels/cost.py for the counting rules)
+# Costs (kernels/cost.py) and the H100 compile check (kernels/h100.py), from the launch plan
 # ---------------------------------------------------------------------------------------------
 
-def launch_costs(rows: int, dim: int, hidden: int, dtype: torch.dtype, matmul_dtype: torch.dtype | None = None,
-                 parameter_dtype: torch.dtype | None = None) -> list[KernelCost]:
-    """Every launch of one layernorm_mlp call, forward then backward, derived from the kernels'
-    tilings and grids: x [rows, dim] of `dtype`, `hidden` hidden units, matmuls in
-    `matmul_dtype` (default: dtype; the autocast dtype under autocast) and parameters in
-    `parameter_dtype` (default: dtype).
+def launch_costs(rows: int, cols: int, hidden: int, activation_dtype: torch.dtype = torch.float32,
+                 matmul_dtype: torch.dtype = torch.bfloat16, parameter_dtype: torch.dtype = torch.float32,
+                 second_gelu: bool = False, samples: int = 0) -> list:
+    """KernelCost of every launch of one forward and one backward of layernorm_mlp.
 
-    Useful FLOPs: fc1 and fc2 forward; backward, the input and weight gradients of both
-    (dy @ w2, d_pre @ w1, dW1, dW2). Executed: every dot at its padded tile, with fc1
-    recomputed by every output-column tile of the forward, by the hidden-gradient kernel and
-    by every column tile of dW2, and d_pre @ w1 run twice (the input-gradient kernel's passes).
+    rows: x's rows (B * N); cols: C; hidden: H; activation_dtype: x's (and dy's) dtype;
+    matmul_dtype: the operands' (the autocast dtype); parameter_dtype: the six parameters';
+    second_gelu: the option; samples: B when a branch_scale is passed, 0 without one.
     """
-    matmul_dtype = matmul_dtype or dtype
-    parameter_dtype = parameter_dtype or dtype
-    x_size, mm_size, param_size = (element_size(t) for t in (dtype, matmul_dtype, parameter_dtype))
-    n_rows, n_cols, n_hidden = rows, dim, hidden
-    # Bytes of each tensor the kernels touch.
-    x = dy = n_rows * n_cols * x_size
-    weight = n_hidden * n_cols * mm_size  # w1 or w2 in the matmul dtype
-    d_pre = n_rows * n_hidden * mm_size
-    statistics = n_rows * 2 * 4  # fp32 mean and rstd
-    ln_parameters = 2 * n_cols * param_size
-    b1, b2 = n_hidden * param_size, n_cols * param_size
-    partial_size = 8  # fp64 column-sum partials (see _column_sum)
-    matmul = 2 * n_rows * n_cols * n_hidden  # each of the op's [rows, C] x [C, H]-sized products
+    plan = _plan(cols, matmul_dtype)
+    out_dtype = fl.result_dtype(activation_dtype, matmul_dtype, *((activation_dtype,) if samples else ()))
+    per_sample = max(1, rows // samples) if samples else 1
+    num_chunks, block_c = plan.panel.num_chunks, plan.panel.block_c
 
-    def padded(size, block):
-        return triton.cdiv(size, block) * block
+    def scale_reads(traffic, row0, n):
+        if samples:
+            traffic.read(fl.samples_touched(row0, n, per_sample), activation_dtype)
 
-    def kernel_cost(kernel, phase, read, written, useful, executed):
-        return KernelCost(op="layernorm_mlp", kernel=kernel.__name__, phase=phase, launches=1, **read,
-                          bytes_written=written, useful_flops=useful, executed_flops=executed)
+    # Forward: one program per BLOCK_M rows.
+    forward = fl.Traffic()
+    row_tiles = fl.rows_in_tiles(rows, plan.block_m)
+    for index, n in enumerate(row_tiles):
+        forward.read(n * cols, activation_dtype)
+        forward.read(2 * cols + 2 * hidden * cols + hidden + cols, parameter_dtype)
+        scale_reads(forward, index * plan.block_m, n)
+        forward.write(n * cols, out_dtype)
+        forward.write(2 * n, torch.float32)
+        forward.write(n * cols + n * hidden + (n * cols if second_gelu else 0), matmul_dtype)  # x_hat, pre, z
+    steps = triton.cdiv(hidden, plan.block_h)
+    fc1_dot = (num_chunks * fl.matmul_flops(plan.block_m, plan.block_h, block_c) if plan.half
+               else triton.cdiv(cols, plan.block_k) * fl.matmul_flops(plan.block_m, plan.block_h, plan.block_k))
+    fc2_dot = num_chunks * fl.matmul_flops(plan.block_m, block_c, plan.block_h)
+    mlp_flops = 2 * fl.matmul_flops(rows, hidden, cols)
+    costs = [fl.kernel_cost(OP_NAME, _ln_mlp_forward_kernel, "forward", forward, mlp_flops,
+                            len(row_tiles) * steps * (fc1_dot + fc2_dot))]
 
-    def torch_cost(name, phase, read, written):
-        return KernelCost(op="layernorm_mlp", kernel=name, phase=phase, launches=1, bytes_read=read,
-                          bytes_written=written, useful_flops=0, executed_flops=0, library="torch")
+    # Backward, kernel 1: dpre programs and dW2 programs over (hidden tile, row split).
+    grid = _backward_grid(plan, rows, cols, hidden)
+    weight = fl.Traffic()
+    executed = 0
+    for split_plan, is_pre in ((grid.pre, True), (grid.w2, False)):
+        for split in range(split_plan.splits):
+            row0 = split * split_plan.rows_per_split
+            n = max(0, min(split_plan.rows_per_split, rows - row0))
+            row_steps = triton.cdiv(n, plan.block_r)
+            for q in range(grid.q_tiles):
+                width = min(plan.block_q, hidden - q * plan.block_q)
+                weight.read(n * cols, activation_dtype)  # dy
+                if second_gelu:
+                    weight.read(n * cols, matmul_dtype)  # z
+                scale_reads(weight, row0, n)
+                weight.read(n * width, matmul_dtype)  # pre
+                panel_dots = row_steps * num_chunks * fl.matmul_flops(block_c, plan.block_q, plan.block_r)
+                if is_pre:
+                    weight.read(cols * width, parameter_dtype)  # w2 tile
+                    weight.read(n * cols, matmul_dtype)  # x_hat
+                    weight.write(n * width, matmul_dtype)  # dpre
+                    weight.write(cols * width, torch.float32)  # G partial
+                    weight.write(width, torch.float64)  # db1 partial
+                    executed += panel_dots + row_steps * triton.cdiv(cols, plan.block_k) * fl.matmul_flops(
+                        plan.block_r, plan.block_q, plan.block_k)
+                else:
+                    weight.write(cols * width, torch.float32)  # dW2 partial
+                    if q == 0:
+                        weight.write(cols, torch.float64)  # db2 partial
+                    executed += panel_dots
+    costs.append(fl.kernel_cost(OP_NAME, _ln_mlp_backward_weight_kernel, "backward", weight,
+                                3 * fl.matmul_flops(rows, hidden, cols), executed))
 
-    costs = []
-    if matmul_dtype != parameter_dtype:  # the wrapper casts the weights once per call
-        costs += [torch_cost(f"aten._to_copy: {name} to the matmul dtype", "forward",
-                             n_hidden * n_cols * param_size, weight) for name in ("w1", "w2")]
-
-    # Forward, grid (row tiles, output-column tiles): each program loads its rows of x, all of
-    # w1, its columns of w2, the LayerNorm parameters and biases; column tile 0 writes the
-    # statistics.
-    cfg = _FORWARD
-    row_tiles, col_tiles = triton.cdiv(n_rows, cfg.block_m), triton.cdiv(n_cols, cfg.block_n)
-    programs = row_tiles * col_tiles
-    costs.append(kernel_cost(
-        _ln_mlp_forward_kernel, "forward",
-        reads((x, col_tiles), (weight, programs), (weight, row_tiles), (ln_parameters + b1, programs),
-              (b2, row_tiles)),
-        written=x + statistics, useful=2 * matmul,
-        executed=programs * (2 * cfg.block_m * padded(n_hidden, cfg.block_h) * padded(n_cols, cfg.block_k)
-                             + 2 * cfg.block_m * padded(n_hidden, cfg.block_h) * cfg.block_n)))
-
-    grids = _backward_grids(n_rows, n_cols, n_hidden)
-    # Hidden gradient, grid (row tiles, hidden tiles): rows of x and dy, a hidden chunk of w1,
-    # w2 and b1, the LayerNorm parameters and statistics; writes d_pre and db1 partials.
-    cfg = _BACKWARD_HIDDEN
-    row_tiles, hidden_tiles = grids.hidden
-    costs.append(kernel_cost(
-        _ln_mlp_backward_hidden_kernel, "backward",
-        reads((x + dy + statistics, hidden_tiles), (2 * weight + b1, row_tiles), (ln_parameters, row_tiles * hidden_tiles)),
-        written=d_pre + row_tiles * n_hidden * partial_size,
-        useful=matmul,  # dy @ w2; fc1 is recomputed
-        executed=row_tiles * hidden_tiles * 2 * (2 * cfg.block_m * cfg.block_h * padded(n_cols, cfg.block_k))))
-    # Input gradient, grid (row tiles,): its rows of d_pre, x, dy and statistics, all of w1
-    # and gamma; writes dx and three column-sum partials. d_pre @ w1 runs in both passes.
-    cfg = _BACKWARD_INPUT
-    (row_tiles,) = grids.input
-    costs.append(kernel_cost(
-        _ln_mlp_backward_input_kernel, "backward",
-        reads((d_pre + x + dy + statistics, 1), (weight + n_cols * param_size, row_tiles)),
-        written=x + row_tiles * 3 * n_cols * partial_size,
-        useful=matmul,
-        executed=row_tiles * 2 * (2 * cfg.block_m * padded(n_cols, cfg.block_n) * padded(n_hidden, cfg.block_h))))
-    # dW1, grid (hidden tiles, column tiles, row splits): each program loads its split's rows
-    # of d_pre (its hidden chunk), of x (its columns) and of the statistics, and its columns
-    # of the LayerNorm parameters; writes its fp32 partial tile.
-    cfg = _BACKWARD_W1
-    hidden_tiles, col_tiles, splits = grids.w1
-    costs.append(kernel_cost(
-        _ln_mlp_backward_w1_kernel, "backward",
-        reads((d_pre, col_tiles), (x, hidden_tiles), (statistics, hidden_tiles * col_tiles),
-              (ln_parameters, splits * hidden_tiles)),
-        written=splits * n_hidden * n_cols * 4, useful=matmul,
-        executed=2 * padded(n_rows, cfg.block_m) * padded(n_hidden, cfg.block_h) * padded(n_cols, cfg.block_n)))
-    # dW2, grid (column tiles, hidden tiles, row splits): each program recomputes fc1 for its
-    # split's rows and hidden chunk (rows of x and statistics, w1's and b1's chunk, the
-    # LayerNorm parameters) and loads its columns of dy; writes its fp32 partial tile.
-    cfg = _BACKWARD_W2
-    col_tiles, hidden_tiles, splits = grids.w2
-    row_tiles = triton.cdiv(n_rows, cfg.block_m)
-    costs.append(kernel_cost(
-        _ln_mlp_backward_w2_kernel, "backward",
-        reads((x + statistics, col_tiles * hidden_tiles), (weight + b1, col_tiles * splits),
-              (ln_parameters, col_tiles * hidden_tiles * splits), (dy, hidden_tiles)),
-        written=splits * n_cols * n_hidden * 4, useful=matmul,
-        executed=col_tiles * hidden_tiles * row_tiles * (2 * cfg.block_m * cfg.block_h * padded(n_cols, cfg.block_k)
-                                                         + 2 * cfg.block_n * cfg.block_h * cfg.block_m)))
-
-    # torch sums the partials over their leading dimension, then casts them to the parameters' dtypes.
-    for name, count, width, size in (("d_ln_weight", grids.input[0], n_cols, partial_size),
-                                     ("d_ln_bias", grids.input[0], n_cols, partial_size),
-                                     ("dw1", grids.w1[2], n_hidden * n_cols, 4),
-                                     ("db1", grids.hidden[0], n_hidden, partial_size),
-                                     ("dw2", grids.w2[2], n_cols * n_hidden, 4),
-                                     ("db2", grids.input[0], n_cols, partial_size)):
-        costs.append(torch_cost(f"aten.sum: {name} partials", "backward", count * width * size, width * size))
-        if {8: torch.float64, 4: torch.float32}[size] != parameter_dtype:
-            costs.append(torch_cost(f"aten._to_copy: {name} to the parameter dtype", "backward", width * size,
-                                    width * param_size))
+    # Backward, kernel 2: one program per BLOCK_M rows, the first few also finish a slab of C.
+    row_kernel = fl.Traffic()
+    input_tiles = fl.rows_in_tiles(rows, plan.block_m)
+    for n in input_tiles:
+        row_kernel.read(n * hidden, matmul_dtype)  # dpre
+        row_kernel.read(hidden * cols + cols, parameter_dtype)  # w1, ln_weight
+        row_kernel.read(2 * n, torch.float32)
+        row_kernel.read(2 * n * cols, activation_dtype)  # x, dy
+        row_kernel.write(n * cols, activation_dtype)  # dx
+    for slab, slab_cols in enumerate(fl.rows_in_tiles(cols, fl.REDUCTION_SLAB)):
+        row_kernel.read(grid.pre.splits * slab_cols * hidden + grid.w2.splits * slab_cols * hidden, torch.float32)
+        row_kernel.read(grid.pre.splits * hidden + grid.w2.splits * slab_cols, torch.float64)
+        row_kernel.read(slab_cols, parameter_dtype)  # ln_bias
+        row_kernel.write(2 * slab_cols * hidden + 3 * slab_cols + (hidden if slab == 0 else 0), parameter_dtype)
+    executed = len(input_tiles) * triton.cdiv(hidden, plan.block_k) * plan.row.panel.num_chunks * fl.matmul_flops(
+        plan.block_m, plan.row.panel.block_c, plan.block_k)
+    costs.append(fl.kernel_cost(OP_NAME, _ln_mlp_backward_input_kernel, "backward", row_kernel,
+                                fl.matmul_flops(rows, hidden, cols), executed))
     return costs
 
 
-# ---------------------------------------------------------------------------------------------
-# H100 compile check
-# ---------------------------------------------------------------------------------------------
-
-# Each kernel with its launch configuration and the M side of its tl.dot calls (which decides
-# the tensor-core instruction; see kernels.h100.matmul_instructions).
-_KERNELS = (
-    ("ln_mlp_forward", _ln_mlp_forward_kernel, _FORWARD, ("block_m",)),
-    ("ln_mlp_backward_hidden", _ln_mlp_backward_hidden_kernel, _BACKWARD_HIDDEN, ("block_m",)),
-    ("ln_mlp_backward_input", _ln_mlp_backward_input_kernel, _BACKWARD_INPUT, ("block_m",)),
-    ("ln_mlp_backward_w1", _ln_mlp_backward_w1_kernel, _BACKWARD_W1, ("block_h",)),
-    ("ln_mlp_backward_w2", _ln_mlp_backward_w2_kernel, _BACKWARD_W2, ("block_m", "block_n")),
-)
-
-# (dtype of x / y / dy / dx, dtype of the matmul operands): fp32 training, autocast to bf16 or
-# fp16 (x and the parameters stay fp32), and x itself in bf16 or fp16 (parameters too).
-_DTYPE_VARIANTS = ((torch.float32, torch.float32), (torch.float32, torch.bfloat16), (torch.float32, torch.float16),
-                   (torch.bfloat16, torch.bfloat16), (torch.float16, torch.float16))
-# Integer arguments other than the row count: C and the hidden size, their row strides, and the
-# rows per split (a multiple of BLOCK_M) -- multiples of 16 for every model the backend runs
-# (C = heads * head_dim with head_dim in 16..64; the MLP sizes used are multiples of 16).
-_DIMENSION_ARGUMENTS = ("n_cols", "n_hidden", "stride_x_row", "stride_y_row", "stride_dy_row", "stride_dx_row",
-                        "rows_per_split")
-# Row counts as the launcher specializes them: 1, a multiple of 16 (a batch of 128 images of 65
-# tokens: 8320), or neither (evaluation batches of 1000 images: 65000 rows, a partial last tile).
-_ROW_COUNTS = (1, 8320, 65000)
-
-
 def h100_compile_specs():
-    """Every kernel in the configuration the wrapper launches it with, in every dtype variant
-    and row-count specialization above, for kernels.h100 to compile for sm_90a."""
-    from kernels.h100 import KernelSpec, launcher_specialization, matmul_instructions
-
+    """Every kernel in every plan _plan can pick (each panel width, fp32 and half operands), in
+    every dtype variant and option, as kernels.h100 compiles them for sm_90a. Integer sizes
+    and row strides are multiples of 16 for the models the backend runs (C = heads x
+    head_dim, head_dim in 16..64; MLP sizes multiples of 16); row counts, splits and
+    per-sample rows are not specialized on (do_not_specialize)."""
     specs = []
-    for activation, matmul in _DTYPE_VARIANTS:
-        parameter = activation  # fp32 under autocast, else x's dtype
-        names = {dtype: _common.DTYPE_NAMES[dtype] for dtype in (activation, matmul)}
-        variant = f"x={names[activation]} mm={names[matmul]}"
+    dimensions = ("n_cols", "n_hidden", "stride_x", "stride_y", "stride_dy", "stride_dx")
+    for activation, matmul in fl.DTYPE_VARIANTS:
+        names = {dtype: _common.DTYPE_NAMES[dtype] for dtype in (activation, matmul, torch.float32)}
+        output = _common.DTYPE_NAMES[fl.result_dtype(activation, matmul)]
         pointer_types = dict(
-            x_ptr=names[activation], y_ptr=names[activation], dy_ptr=names[activation], dx_ptr=names[activation],
-            ln_weight_ptr=_common.DTYPE_NAMES[parameter], ln_bias_ptr=_common.DTYPE_NAMES[parameter],
-            b1_ptr=_common.DTYPE_NAMES[parameter], b2_ptr=_common.DTYPE_NAMES[parameter],
-            w1_ptr=names[matmul], w2_ptr=names[matmul], d_pre_ptr=names[matmul],
-            mean_ptr="fp32", rstd_ptr="fp32", db1_partial_ptr="fp64", d_ln_weight_partial_ptr="fp64",
-            d_ln_bias_partial_ptr="fp64", db2_partial_ptr="fp64", dw1_partial_ptr="fp32", dw2_partial_ptr="fp32",
-        )
-        for n_rows in _ROW_COUNTS:
-            rows = launcher_specialization(n_rows)
-            for name, kernel, cfg, dot_sides in _KERNELS:
-                constexprs = {**cfg.block_arguments(kernel), "INPUT_PRECISION": _input_precision(matmul)}
-                if rows == "1" and "n_rows" in kernel.arg_names:
-                    constexprs["n_rows"] = 1
-                signature = {}
-                for argument in kernel.arg_names:
-                    if argument in constexprs:
-                        continue
-                    if argument.endswith("_ptr"):
-                        signature[argument] = "*" + pointer_types[argument]
-                    else:
-                        signature[argument] = "fp32" if argument == "eps" else "i32"
-                divisible = [a for a in signature if a.endswith("_ptr") or a in _DIMENSION_ARGUMENTS]
-                if rows == "16k" and "n_rows" in signature:
-                    divisible.append("n_rows")
-                num_stages = cfg.stages_for(matmul)
-                specs.append(KernelSpec(
-                    name=name, config=f"{variant} rows:{rows} {cfg.describe()} stages={num_stages}", fn=kernel,
-                    signature=signature, constexprs=constexprs, num_warps=cfg.num_warps, num_stages=num_stages,
-                    instructions=matmul_instructions(names[matmul], _input_precision(matmul),
-                                                     [getattr(cfg, side) for side in dot_sides], cfg.num_warps),
-                    divisible_by_16=tuple(divisible),
-                ))
+            x_ptr=names[activation], y_ptr=output, dy_ptr=output, dx_ptr=names[activation], x_hat_ptr=names[matmul],
+            scale_ptr=names[activation], mean_ptr="fp32", rstd_ptr="fp32",
+            pre_ptr=names[matmul], z_ptr=names[matmul], d_pre_ptr=names[matmul],
+            g_partial_ptr="fp32", dw2_partial_ptr="fp32", db1_partial_ptr="fp64", db2_partial_ptr="fp64",
+            **{name: names[activation] for name in ("ln_weight_ptr", "ln_bias_ptr", "w1_ptr", "b1_ptr", "w2_ptr",
+                                                   "b2_ptr", "dw1_ptr", "db1_ptr", "dw2_ptr", "db2_ptr",
+                                                   "d_ln_weight_ptr", "d_ln_bias_ptr")})
+        variant = f"x={names[activation]} mm={names[matmul]}"
+        for width in fl.panel_widths(matmul):
+            plan = _plan(width, matmul)
+            label = f"{variant} {plan.describe()}"
+            for second_gelu in (False, True):
+                option = f"{label} second_gelu={second_gelu}"
+                specs.append(fl.kernel_spec(
+                    "ln_mlp_forward", _ln_mlp_forward_kernel, option, pointer_types,
+                    plan.forward_constexprs(second_gelu, matmul), plan.num_warps, plan.num_stages,
+                    fl.instruction_class(matmul, [plan.block_m], plan.num_warps), dimensions))
+                specs.append(fl.kernel_spec(
+                    "ln_mlp_backward_weight", _ln_mlp_backward_weight_kernel, option, pointer_types,
+                    plan.weight_constexprs(second_gelu, matmul), plan.num_warps, plan.num_stages,
+                    fl.instruction_class(matmul, [plan.block_r, plan.panel.block_c], plan.num_warps), dimensions))
+            specs.append(fl.kernel_spec(
+                "ln_mlp_backward_input", _ln_mlp_backward_input_kernel, f"{variant} {plan.row.describe()}",
+                pointer_types, plan.row.constexprs(matmul), plan.num_warps, plan.row.num_stages,
+                fl.instruction_class(matmul, [plan.block_m], plan.num_warps), dimensions))
     return specs

@@ -221,7 +221,8 @@ def test_every_planner_configuration_is_a_spec():
     names = {spec.name for spec in PROJECT_SPECS.values()}
     assert {"_attention_whole_forward_kernel", "_attention_whole_backward_kernel", "_attention_forward_kernel",
             "_attention_backward_dkdv_kernel", "_attention_backward_dq_kernel",
-            "ln_mlp_forward", "ln_mlp_backward_w2"} <= names
+            "ln_mlp_forward", "ln_mlp_backward_weight", "ln_mlp_backward_input", "ln_linear_forward",
+            "linear_residual_backward_input"} <= names
     configs = list(PROJECT_SPECS)
     for dtype in ("fp16", "bf16", "fp32"):
         for head_dim in attention.SUPPORTED_HEAD_DIMS:
@@ -231,7 +232,12 @@ def test_every_planner_configuration_is_a_spec():
                 assert any(c.startswith(kernel + "[") for c in mine), (dtype, head_dim, kernel)
             if dtype != "fp32":  # the model's 65 tokens: a 64-token lead and a 16-token tail
                 assert any("LEAD=64,TAIL=16," in c for c in mine), (dtype, head_dim)
-    assert any("rows:plain" in c for c in configs) and any("rows:16k" in c for c in configs)
+    # Every panel width and dtype variant of the fused linear ops, the second GELU with and without.
+    for width in (128, 256, 384, 512):
+        assert any(c.startswith(f"ln_mlp_forward[x=fp32 mm=bf16 C={width // 128}x128") for c in configs), width
+    assert any("mm=fp32" in c for c in configs if c.startswith("linear_residual_backward_weight"))
+    assert {"second_gelu=True", "second_gelu=False"} <= {c.split()[-1].rstrip("]") for c in configs
+                                                         if c.startswith("ln_mlp_backward_weight")}
     for spec in PROJECT_SPECS.values():
         declared = list(spec.signature) + list(spec.constexprs)
         assert sorted(declared) == sorted(spec.fn.arg_names), spec.label

@@ -1,9 +1,10 @@
-"""The two seams a backend replaces: the attention core and the LayerNorm+MLP sub-block.
+"""The four seams a backend replaces, in the order a transformer block calls them:
+LayerNorm + QKV projection, the attention core, the output projection with its residual add,
+and the LayerNorm + MLP sub-block with its residual add.
 
-A backend is a pair of plain functions. "torch" is the reference: explicit
-matmul-softmax-matmul and an unfused LayerNorm -> Linear -> GELU -> Linear, written
-so that it reads as the definition of the math. Other backends must compute the same
-function and are held to that by the parity tests.
+A backend is a set of plain functions. "torch" is the reference: each seam written from
+unfused torch ops so that it reads as the definition of the math. Other backends must compute
+the same functions and are held to that by the parity tests.
 """
 import os
 from dataclasses import dataclass
@@ -31,17 +32,44 @@ def torch_attention(qkv: torch.Tensor, num_heads: int, scale: float | None = Non
     return out.transpose(1, 2).reshape(B, N, C)
 
 
-def torch_layernorm_mlp(x, ln_weight, ln_bias, w1, b1, w2, b2, eps: float = 1e-5) -> torch.Tensor:
-    """x + fc2(gelu(fc1(layer_norm(x)))), exact (erf) GELU, weights in nn.Linear's [out, in] layout."""
+def _per_sample(branch_scale: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """branch_scale [B] viewed to broadcast over like's [B, ...] dimensions."""
+    return branch_scale.view(-1, *([1] * (like.dim() - 1)))
+
+
+def torch_layernorm_linear(x, ln_weight, ln_bias, weight, bias, eps: float = 1e-5) -> torch.Tensor:
+    """linear(layer_norm(x)), weight in nn.Linear's [out, in] layout."""
+    return F.linear(F.layer_norm(x, (x.shape[-1],), ln_weight, ln_bias, eps), weight, bias)
+
+
+def torch_linear_residual(h, weight, bias, residual, branch_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """residual + s * linear(h); branch_scale s is None (1) or one scale per sample, [B]."""
+    out = F.linear(h, weight, bias)
+    if branch_scale is not None:
+        out = _per_sample(branch_scale, out) * out
+    return residual + out
+
+
+def torch_layernorm_mlp(x, ln_weight, ln_bias, w1, b1, w2, b2, eps: float = 1e-5, *, second_gelu: bool = False,
+                        branch_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """x + s * act2(fc2(gelu(fc1(layer_norm(x))))), exact (erf) GELU, weights in nn.Linear's
+    [out, in] layout; act2 is GELU with second_gelu, else the identity; branch_scale s is None
+    (1) or one scale per sample, [B]."""
     h = F.layer_norm(x, (x.shape[-1],), ln_weight, ln_bias, eps)
-    h = F.gelu(F.linear(h, w1, b1))
-    return x + F.linear(h, w2, b2)
+    h = F.linear(F.gelu(F.linear(h, w1, b1)), w2, b2)
+    if second_gelu:
+        h = F.gelu(h)
+    if branch_scale is not None:
+        h = _per_sample(branch_scale, h) * h
+    return x + h
 
 
 @dataclass(frozen=True)
 class Backend:
     name: str
+    layernorm_linear: Callable[..., torch.Tensor]
     attention: Callable[..., torch.Tensor]
+    linear_residual: Callable[..., torch.Tensor]
     layernorm_mlp: Callable[..., torch.Tensor]
     description: str = ""
     # Why the backend cannot run on a device, or None when it can.
@@ -49,8 +77,8 @@ class Backend:
 
 
 def _torch_backend() -> Backend:
-    return Backend("torch", torch_attention, torch_layernorm_mlp,
-                   "reference: matmul-softmax-matmul attention, unfused LayerNorm+MLP")
+    return Backend("torch", torch_layernorm_linear, torch_attention, torch_linear_residual, torch_layernorm_mlp,
+                   "reference: unfused LayerNorm and linears, matmul-softmax-matmul attention")
 
 
 def _triton_unavailable(device: torch.device) -> str | None:
@@ -66,15 +94,19 @@ def _triton_unavailable(device: torch.device) -> str | None:
 def _triton_backend() -> Backend:
     try:
         from kernels.attention import attention
+        from kernels.layernorm_linear import layernorm_linear
         from kernels.layernorm_mlp import layernorm_mlp
+        from kernels.linear_residual import linear_residual
     except ImportError as error:
         missing = f"Triton is not installed ({error})"
 
         def not_installed(*args, **kwargs):
             raise RuntimeError(missing)
-        return Backend("triton", not_installed, not_installed, "unavailable", lambda device: missing)
-    return Backend("triton", attention, layernorm_mlp,
-                   "fused Triton kernels: kernels.attention, kernels.layernorm_mlp", _triton_unavailable)
+        return Backend("triton", not_installed, not_installed, not_installed, not_installed, "unavailable",
+                       lambda device: missing)
+    return Backend("triton", layernorm_linear, attention, linear_residual, layernorm_mlp,
+                   "fused Triton kernels: kernels.layernorm_linear, kernels.attention, kernels.linear_residual, "
+                   "kernels.layernorm_mlp", _triton_unavailable)
 
 
 # Name -> factory. Factories import lazily so that a backend's dependencies are only

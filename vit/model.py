@@ -1,8 +1,10 @@
 """The Vision Transformer of "An Image is Worth 16x16 Words", sized for CIFAR-10.
 
 Parameter names follow timm's VisionTransformer, so that the state dicts map one to
-one (see vit/timm_interop.py). The attention core and the LayerNorm+MLP sub-block go
-through the backend picked by ViTConfig.backend (vit/backends.py).
+one (see vit/timm_interop.py). A block is four seams of the backend picked by
+ViTConfig.backend (vit/backends.py): LayerNorm + QKV projection, the attention core, the
+output projection with its residual add, and the LayerNorm + MLP sub-block with its residual
+add. Each module owns its forward with the backend fixed at construction, as timm's do.
 """
 from dataclasses import dataclass
 
@@ -10,7 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from vit.backends import get_backend
+from vit.backends import Backend, get_backend
 
 @dataclass
 class ViTConfig:
@@ -24,6 +26,12 @@ class ViTConfig:
     dropout: float = 0.0
     backend: str = "torch"
     layer_norm_eps: float = 1e-5  # torch's default, as the recipe uses; timm's models use 1e-6
+    mlp_second_gelu: bool = False  # GELU after fc2 too: the reference code's Linear-GELU-Linear-GELU MLP
+    # Stochastic depth: in training, each block's attention and MLP branches are dropped per
+    # sample, block i at rate drop_path * i / (depth - 1) (timm's rule, torch.linspace(0,
+    # drop_path, depth): 0 for the first block, drop_path for the last), kept ones scaled by
+    # 1 / (1 - rate).
+    drop_path: float = 0.0
 
     def __post_init__(self):
         for name in ("image_size", "patch_size", "num_classes", "dim", "depth", "heads", "mlp_dim"):
@@ -35,6 +43,8 @@ class ViTConfig:
             raise ValueError(f"heads {self.heads} does not divide dim {self.dim}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if not 0.0 <= self.drop_path < 1.0:
+            raise ValueError(f"drop_path must be in [0, 1), got {self.drop_path}")
         if not 0.0 < self.layer_norm_eps < 1.0:
             raise ValueError(f"layer_norm_eps must be in (0, 1), got {self.layer_norm_eps}")
 
@@ -53,42 +63,59 @@ class PatchEmbed(nn.Module):
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ViTConfig):
+    """The attention branch with its residual: x + s * proj(attention(qkv(norm(x)))).
+
+    norm is the block's LayerNorm before it (norm1, which timm's names keep on the block): the
+    backend fuses it into the QKV projection. Dropout (ViTConfig.dropout) applies to the
+    attention output before the projection, which is fused with the residual add.
+    """
+
+    def __init__(self, cfg: ViTConfig, backend: Backend):
         super().__init__()
         self.heads = cfg.heads
         self.qkv = nn.Linear(cfg.dim, 3 * cfg.dim)
         self.proj = nn.Linear(cfg.dim, cfg.dim)
+        self.dropout = cfg.dropout
+        self.backend = backend
+
+    def forward(self, x, norm: nn.LayerNorm, branch_scale=None):
+        qkv = self.backend.layernorm_linear(x, norm.weight, norm.bias, self.qkv.weight, self.qkv.bias, norm.eps)
+        attended = F.dropout(self.backend.attention(qkv, self.heads), self.dropout, self.training)
+        return self.backend.linear_residual(attended, self.proj.weight, self.proj.bias, x, branch_scale=branch_scale)
 
 
 class Mlp(nn.Module):
-    def __init__(self, cfg: ViTConfig):
+    """The MLP branch with its residual: x + s * act2(fc2(gelu(fc1(norm(x))))), one backend call
+    (norm is the block's norm2; act2 is GELU with ViTConfig.mlp_second_gelu). No dropout
+    inside: the fused kernels compute it in one pass."""
+
+    def __init__(self, cfg: ViTConfig, backend: Backend):
         super().__init__()
         self.fc1 = nn.Linear(cfg.dim, cfg.mlp_dim)
         self.fc2 = nn.Linear(cfg.mlp_dim, cfg.dim)
+        self.second_gelu = cfg.mlp_second_gelu
+        self.backend = backend
+
+    def forward(self, x, norm: nn.LayerNorm, branch_scale=None):
+        return self.backend.layernorm_mlp(x, norm.weight, norm.bias, self.fc1.weight, self.fc1.bias, self.fc2.weight,
+                                          self.fc2.bias, norm.eps, second_gelu=self.second_gelu,
+                                          branch_scale=branch_scale)
 
 
 class Block(nn.Module):
     """Pre-norm block: x + MHSA(LN(x)), then x + MLP(LN(x))."""
 
-    def __init__(self, cfg: ViTConfig):
+    def __init__(self, cfg: ViTConfig, backend: Backend):
         super().__init__()
         self.norm1 = nn.LayerNorm(cfg.dim, eps=cfg.layer_norm_eps)
-        self.attn = Attention(cfg)
+        self.attn = Attention(cfg, backend)
         self.norm2 = nn.LayerNorm(cfg.dim, eps=cfg.layer_norm_eps)
-        self.mlp = Mlp(cfg)
-        self.dropout = cfg.dropout
+        self.mlp = Mlp(cfg, backend)
 
-    def forward(self, x, backend):
-        qkv = self.attn.qkv(self.norm1(x))
-        attended = self.attn.proj(backend.attention(qkv, self.attn.heads))
-        x = x + F.dropout(attended, self.dropout, self.training)
-        # The LayerNorm+MLP sub-block, residual included, is one backend call; it has
-        # no dropout inside, since the fused kernels compute it in one pass.
-        return backend.layernorm_mlp(
-            x, self.norm2.weight, self.norm2.bias,
-            self.mlp.fc1.weight, self.mlp.fc1.bias, self.mlp.fc2.weight, self.mlp.fc2.bias,
-            self.norm2.eps,
-        )
+    def forward(self, x, branch_scales=None):
+        """branch_scales: None, or [2, B] per-sample scales of the attention and MLP branches."""
+        x = self.attn(x, self.norm1, None if branch_scales is None else branch_scales[0])
+        return self.mlp(x, self.norm2, None if branch_scales is None else branch_scales[1])
 
 
 class ViT(nn.Module):
@@ -100,10 +127,19 @@ class ViT(nn.Module):
         self.patch_embed = PatchEmbed(cfg)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, cfg.num_patches + 1, cfg.dim))
-        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.depth))
+        self.blocks = nn.ModuleList(Block(cfg, self.backend) for _ in range(cfg.depth))
         self.norm = nn.LayerNorm(cfg.dim, eps=cfg.layer_norm_eps)
         self.head = nn.Linear(cfg.dim, cfg.num_classes)
+        # Each block's probability of keeping a branch, for stochastic depth; not a parameter,
+        # not in the state dict.
+        self.register_buffer("keep_probability", 1.0 - torch.tensor(self.drop_path_rates).view(-1, 1, 1),
+                             persistent=False)
         self.reset_parameters()
+
+    @property
+    def drop_path_rates(self) -> list[float]:
+        """Each block's stochastic-depth rate (see ViTConfig.drop_path)."""
+        return torch.linspace(0.0, self.cfg.drop_path, self.cfg.depth).tolist()
 
     def reset_parameters(self):
         for module in self.modules():
@@ -117,17 +153,29 @@ class ViT(nn.Module):
         nn.init.trunc_normal_(self.cls_token, std=0.02)
 
     def set_backend(self, name: str):
-        """Switch the implementation of the two seams; the weights stay as they are."""
+        """Switch the implementation of the seams; the weights stay as they are."""
         self.backend = get_backend(name)
         self.cfg.backend = name
+        for module in self.modules():
+            if isinstance(module, (Attention, Mlp)):
+                module.backend = self.backend
+
+    def branch_scales(self, batch: int):
+        """[depth, 2, batch] per-sample scales of every block's two branches: 0 for a dropped
+        sample, 1 / keep for a kept one. None outside training or without stochastic depth."""
+        if not self.training or self.cfg.drop_path == 0:
+            return None
+        keep = self.keep_probability
+        return torch.bernoulli(keep.expand(-1, 2, batch)) / keep
 
     def forward(self, images):
         x = self.patch_embed(images)
         cls = self.cls_token.expand(x.shape[0], -1, -1)
         x = torch.cat([cls, x], dim=1) + self.pos_embed
         x = F.dropout(x, self.cfg.dropout, self.training)
-        for block in self.blocks:
-            x = block(x, self.backend)
+        scales = self.branch_scales(x.shape[0])
+        for index, block in enumerate(self.blocks):
+            x = block(x, None if scales is None else scales[index])
         return self.head(self.norm(x[:, 0]))
 
 
