@@ -398,7 +398,8 @@ class Trainer:
         self.scaler.step(self.optimizer)
         self.scaler.update()
         if self.ema_model is not None:  # average = decay * average + (1 - decay) * weights
-            torch._foreach_lerp_(self.ema_params, self.model_params, 1.0 - cfg.ema_decay)
+            with torch.no_grad():  # not a part of the graph: nothing differentiates the average
+                torch._foreach_lerp_(self.ema_params, self.model_params, 1.0 - cfg.ema_decay)
         loss = loss.detach()
         meters.loss_sum += loss
         meters.correct += (logits.argmax(-1) == hard_labels(targets)).sum()
