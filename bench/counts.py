@@ -12,9 +12,7 @@ themselves. Both can be counted without a GPU, on the CPU, from the ops the code
   count too) except those that launch nothing on a GPU: views and other aliasing ops (their
   schema returns an alias of an input), uninitialized allocations (empty, empty_strided), and
   wrapping host data (lift_fresh). A `_foreach_*` or fused optimizer op counts once, though a
-  GPU runs one multi-tensor kernel per chunk of tensors. Operators of other namespaces (the
-  kernels' torch.ops.kernels.*) are not launches themselves: their Triton launches are counted
-  (below); aten ops inside their bodies run below this mode and are not seen.
+  GPU runs one multi-tensor kernel per chunk of tensors.
 - Triton launches: calls of a @triton.jit kernel (`kernel[grid](...)`), compiled or through the
   interpreter; aten ops the interpreter itself runs to move data are not counted.
 - custom operators (torch.library.custom_op, e.g. torch.ops.vit_kernels.*): not a launch
@@ -186,8 +184,8 @@ class DeviceWorkCounter(TorchDispatchMode):
                 counts.device_to_host_copies += 1
                 counts.syncs += 1  # the host reads what the device computed
         if func in _NO_KERNEL or _is_alias(func) or func.namespace != "aten":
-            # Another library's operator (torch.ops.kernels.attention_forward...): its
-            # Triton launches are counted by the patch above.
+            # An operator of another namespace without an implementation to run under the
+            # counter: not a launch of its own.
             return out
         counts.aten_launches += 1
         counts.by_op[name] += 1

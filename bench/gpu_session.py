@@ -43,7 +43,8 @@ import xml.etree.ElementTree as ElementTree
 from pathlib import Path
 
 from bench.measure import REPO, git_commit
-from bench.run import QUICK_BATCH_SIZE, TINY_MODEL, HelpFormatter, positive_float, positive_int
+from bench.run import QUICK_BATCH_SIZE, TINY_MODEL
+from vit import cli
 from vit.environment import atomic_write
 
 MAX_RESULT_FILES = 8  # what the GPU machine sends back from a results folder
@@ -444,28 +445,45 @@ def step2(session: Session) -> None:
 
 # ------------------------------------------------------------------------------------ CLI
 
+EXAMPLES = """\
+examples:
+  python -m bench.gpu_session step1 $OUT --commit 0123456789ab
+      on the GPU machine: the gpu-marked tests, then the kernel bench (bench/README.md says how to run both steps)
+  python -m bench.gpu_session step2 $OUT --commit 0123456789ab
+      then: unpack the data, train the full recipe with the triton backend, the training bench
+  python -m bench.gpu_session step1 /tmp/dry --device cpu
+      a dry run of a step at tiny sizes on the CPU
+"""
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m bench.gpu_session", description=__doc__.split("\n\n")[0],
-                                formatter_class=HelpFormatter, allow_abbrev=False)
-    p.add_argument("step", choices=["step1", "step2"])
+    p = cli.Parser(prog="python -m bench.gpu_session", description=__doc__.split("\n\n")[0], epilog=EXAMPLES)
+    p.add_argument("step", choices=["step1", "step2"],
+                   help="step1: the gpu-marked tests and the kernel bench; step2: the full training run and the "
+                        "training bench")
     p.add_argument("results", help="folder for the results (on the GPU machine: $OUT); created if missing, must be empty")
     p.add_argument("--work", default=".device-data", help="scratch: device_data.py and the parts, the unpacked data, "
                                                           "the training run, the plan from step1")
-    p.add_argument("--seconds", type=positive_float, default=None,
+    p.add_argument("--seconds", type=cli.positive_float, default=None,
                    help=f"wall-clock budget of the step (default: {DEFAULT_SECONDS['step1']} for step1, "
                         f"{DEFAULT_SECONDS['step2']} for step2)")
     p.add_argument("--device", choices=["cuda", "cpu"], default="cuda",
                    help="cpu: a dry run at tiny sizes, to check paths, flags and the file limit without a GPU")
-    p.add_argument("--data-dir", default=None, help="step2: CIFAR-10 already on this machine (no unpacking)")
-    p.add_argument("--bench-seconds", type=positive_float, default=BENCH_SECONDS,
+    p.add_argument("--data-dir", default=None,
+                   help="step2: CIFAR-10 already on this machine (default: unpack the carried parts into --work)")
+    p.add_argument("--bench-seconds", type=cli.positive_float, default=BENCH_SECONDS,
                    help="step2: seconds kept for the training bench after the full run")
-    p.add_argument("--max-epochs", type=positive_int, default=RECIPE_EPOCHS,
+    p.add_argument("--max-epochs", type=cli.positive_int, default=RECIPE_EPOCHS,
                    help="step2: at most this many epochs in the full run (the recipe's 200; fewer when they do not fit)")
-    p.add_argument("--commit", default=None, help="the commit measured, recorded when the folder is not a git checkout")
+    p.add_argument("--commit", default=None,
+                   help="the commit measured, recorded when the folder is not a git checkout (default: read from git)")
     return p
 
 
 def main(argv=None) -> int:
+    return cli.run(_main, argv)
+
+
+def _main(argv: list[str]) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     args.seconds = args.seconds or DEFAULT_SECONDS[args.step]

@@ -32,7 +32,8 @@ from bench.measure import (REPO, command_line, describe_error, device_properties
 from bench.outputs import DEFAULT_MAX_FILES, MIN_FILES, Outputs
 from bench.report import ours_failures
 from vit.data import DataError
-from vit.environment import device_name, parse_device, versions
+from vit import cli
+from vit.environment import device_name, versions
 
 DEFAULT_BUDGET_SECONDS = 510  # under 9 minutes: one 10-minute command with room to start and copy
 # Kept at the end for drawing the last phase's plots and writing the files: 15 s, or less of a
@@ -48,46 +49,35 @@ ONLY = {"all": PHASES, "kernels": ("kernels", "sweeps"), "training": ("augmentat
 COMPILE_SKIPPED_IN_QUICK_CPU = "skipped in a --quick CPU smoke: compile time dominates"
 # Patches of 8: 17 tokens, like the quick kernel shape. With the model's 65 tokens one step of
 # the Triton interpreter takes ~20 s on a CPU core; with 17, about one.
-TINY_MODEL = {"image_size": 32, "patch_size": 8, "num_classes": 10, "dim": 32, "depth": 1, "heads": 2,
+TINY_MODEL = {"image_size": 32, "patch_size": 8, "num_classes": 10, "dim": 32, "depth": 7, "heads": 2,
               "mlp_dim": 32, "dropout": 0.0}
 FULL_MODEL = {"image_size": 32, "patch_size": 4, "num_classes": 10, "dim": 384, "depth": 7, "heads": 12,
               "mlp_dim": 384, "dropout": 0.0}
 QUICK_BATCH_SIZE = 8
 
 
-def positive_float(text):
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be positive, got {text}")
-    return value
-
-
-def positive_int(text):
-    value = int(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
-
-
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows defaults, except those the help text explains (None) and off switches."""
-
-    def _get_help_string(self, action):
-        return action.help if action.default in (None, False) else super()._get_help_string(action)
+EXAMPLES = """\
+examples:
+  python -m bench
+      on a GPU: kernels, augmentation and CIFAR-10 training side by side, in under 9 minutes
+  python -m bench --quick --device cpu --data synthetic
+      a smoke run of every code path on the CPU (labelled as such, never performance figures)
+  python -m bench --only training --training-configs triton,torch-bf16-compile --budget-seconds 300
+      the headline training comparison alone
+"""
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0],
-                                formatter_class=HelpFormatter, allow_abbrev=False)
-    p.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: cuda when available; a CPU run "
-                                                  "is always a smoke run at --quick sizes)")
+    p = cli.Parser(prog="python -m bench", description=__doc__.split("\n\n")[0], epilog=EXAMPLES)
+    p.add_argument("--device", type=cli.device, default="auto",
+                   help=cli.DEVICE_HELP.replace(")", "; a CPU run is always a smoke run at --quick sizes)"))
     p.add_argument("--quick", action="store_true", help="tiny kernel shapes, a tiny model, a few dozen images")
     p.add_argument("--out", default=None, help="output folder (default: bench/results/<date>-<device>-<commit>, "
                                                "where GPU results are committed; CPU runs there are ignored by git)")
-    p.add_argument("--max-files", type=positive_int, default=DEFAULT_MAX_FILES,
+    p.add_argument("--max-files", type=cli.positive_int, default=DEFAULT_MAX_FILES,
                    help=f"at most this many files in --out (at least {MIN_FILES}); what has no room of its own "
                         "goes into bench-files.zip")
-    p.add_argument("--budget-seconds", type=positive_float, default=DEFAULT_BUDGET_SECONDS,
+    p.add_argument("--budget-seconds", type=cli.positive_float, default=DEFAULT_BUDGET_SECONDS,
                    help="wall-clock bound for the whole run; phases, compiles and configurations are trimmed to fit, "
                         "and the report says what was trimmed")
     p.add_argument("--only", choices=list(ONLY), default="all",
@@ -99,8 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                     "../shared/data beside the checkout)")
     p.add_argument("--download", action="store_true", help="download CIFAR-10 into --data-dir (or ./data) when it is "
                                                            "missing; without it the bench never downloads")
-    p.add_argument("--epochs", type=positive_int, default=1, help="training epochs per configuration, at most")
-    p.add_argument("--batch-size", type=positive_int, default=None,
+    p.add_argument("--epochs", type=cli.positive_int, default=1, help="training epochs per configuration, at most")
+    p.add_argument("--batch-size", type=cli.positive_int, default=None,
                    help=f"training batch size (default: the recipe's 128; {QUICK_BATCH_SIZE} with --quick)")
     p.add_argument("--training-configs", default=None, metavar="KEYS",
                    help="comma-separated training configurations to run (default: all), e.g. triton,torch-bf16-compile")
@@ -109,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "budget, else default, training rows default (skipped in a --quick CPU run); none: no "
                         "compiled rows")
     p.add_argument("--commit", default=None, help="the commit measured, recorded when the folder is not a git "
-                                                  "checkout (a copy on a GPU machine)")
+                                                  "checkout (a copy on a GPU machine; default: read from git)")
     return p
 
 
@@ -135,13 +125,14 @@ def phase_deadlines(budget: Budget, phases: tuple[str, ...], training_seconds: f
 
 
 def main(argv=None) -> int:
+    return cli.run(_main, argv)
+
+
+def _main(argv: list[str]) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     budget = Budget(args.budget_seconds)  # from here on everything counts, loading the data included
-    try:
-        device = parse_device(args.device)
-    except ValueError as error:
-        parser.error(str(error))
+    device = args.device
     if args.max_files < MIN_FILES:
         parser.error(f"--max-files must be at least {MIN_FILES}")
     if device.type == "cuda":

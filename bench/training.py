@@ -54,6 +54,7 @@ from bench.counts import DeviceWorkCounter
 from bench.datasets import BenchData
 from bench.host_work import measure_epoch_gap
 from bench.measure import describe_error
+from vit.data import GPUTrainLoader
 from vit.backends import backend_names, get_backend
 from vit.model import ViT, ViTConfig
 from vit.trainer import (EvalSet, TrainConfig, Trainer, cuda_graph_unsupported_reason, evaluate, make_optimizer,
@@ -268,9 +269,30 @@ class CountingLoader:
                 "syncs_in_counted_epoch": total["syncs"]}
 
 
+CIFAR10_TRAIN_IMAGES = 50_000
+STAND_IN_IMAGE_SIZE = 8  # the loader's ops do not depend on the image size: small images count the same
+
+
 def count_loader_epoch(loader, epoch: int) -> dict:
     """The loader's device work over one whole epoch (augmenting in chunks, its work per image
-    is only right over whole chunks): launches per image, syncs and host-to-device copies."""
+    is only right over whole chunks): launches per image, syncs and host-to-device copies.
+    A GPUTrainLoader over fewer images than CIFAR-10's 50,000 (a smoke run, a subset) is counted
+    as a loader with the same settings over a full epoch of synthetic 8x8 images, so that the
+    chunks are those of a real epoch; the result says which was counted."""
+    counted = "this configuration's loader"
+    if isinstance(loader, GPUTrainLoader) and len(loader.images) < CIFAR10_TRAIN_IMAGES:
+        generator = torch.Generator().manual_seed(0)
+        size = (CIFAR10_TRAIN_IMAGES, 3, STAND_IN_IMAGE_SIZE, STAND_IN_IMAGE_SIZE)
+        loader = GPUTrainLoader(torch.randint(0, 256, size, dtype=torch.uint8, generator=generator),
+                                torch.randint(0, 10, (CIFAR10_TRAIN_IMAGES,), generator=generator), loader.batch_size,
+                                loader.seed, loader.device, chunk_images=loader.chunk_images,
+                                auto_augment=loader.auto_augment, mixing=loader.mixing)
+        counted = (f"a loader with this configuration's settings over a full epoch of {CIFAR10_TRAIN_IMAGES:,} "
+                   f"synthetic {STAND_IN_IMAGE_SIZE}x{STAND_IN_IMAGE_SIZE} images (its ops do not depend on the image "
+                   "size; this configuration's own epoch is too short for whole chunks)")
+        loader.set_epoch(epoch)
+        for _ in loader:  # the first epoch at an image size builds the augmentation's cached tables
+            pass
     loader.set_epoch(epoch)
     images = 0
     with DeviceWorkCounter() as counter:
@@ -278,7 +300,8 @@ def count_loader_epoch(loader, epoch: int) -> dict:
             images += len(batch)
     counts = counter.counts
     return {"loader_launches_per_image": counts.launches / images, "loader_syncs_per_epoch": counts.syncs,
-            "loader_host_to_device_copies_per_epoch": counts.host_to_device_copies, "loader_images_counted": images}
+            "loader_host_to_device_copies_per_epoch": counts.host_to_device_copies, "loader_images_counted": images,
+            "loader_counted": counted}
 
 
 # --------------------------------------------------------------------------- the Trainer
@@ -347,8 +370,8 @@ def count_device_work(trainer: Trainer, inner_loader, steps: int, batch_size: in
                                                 + summary["loader_launches_per_image"] * batch_size)
     summary["note"] = (f"counted by dispatch (bench/counts.py): the training step alone, the fewest over an epoch "
                        f"of {summary['steps_counted']} steps (a step without a progress point); the loader over a "
-                       f"whole epoch of {summary['loader_images_counted']:,} images, per image; with the loader: the "
-                       f"step plus a batch's share of the loader")
+                       f"whole epoch of {summary['loader_images_counted']:,} images, per image "
+                       f"({summary['loader_counted']}); with the loader: the step plus a batch's share of the loader")
     return summary
 
 

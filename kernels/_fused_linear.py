@@ -567,15 +567,45 @@ def instruction_class(matmul_dtype: torch.dtype, dot_rows, num_warps: int) -> st
 
 
 class Traffic:
-    """HBM bytes of one launch, counted as kernels/cost.py says: every tensor once per program
-    that touches it, at the size of the part it touches."""
+    """HBM bytes of one launch, counted as kernels/cost.py says. Each program's loads are
+    recorded as it makes them: all count in bytes_loaded; bytes_read counts each element once,
+    however many programs load it."""
 
     def __init__(self):
-        self.bytes_read = 0
+        self.bytes_loaded = 0
         self.bytes_written = 0
+        self._own_bytes_read = 0
+        self._shared_parts = set()
+        self._rows_read = {}  # tensor name -> (bytes per row, [(first row, stop row)])
 
-    def read(self, elements: int, dtype: torch.dtype, programs: int = 1):
-        self.bytes_read += programs * elements * element_size(dtype)
+    def read(self, elements: int, dtype: torch.dtype, shared=None):
+        """One program loads `elements` of `dtype`; shared: a name for the part when other
+        programs load the same part (a weight, a tile of one), None when no other does."""
+        size = elements * element_size(dtype)
+        self.bytes_loaded += size
+        if shared is None or shared not in self._shared_parts:
+            self._own_bytes_read += size
+        if shared is not None:
+            self._shared_parts.add(shared)
+
+    def read_rows(self, tensor: str, first: int, count: int, row_elements: int, dtype: torch.dtype):
+        """One program loads rows [first, first + count) of a [rows, row_elements] tensor that
+        other programs load rows of too, with other splits of the rows perhaps."""
+        row_bytes = row_elements * element_size(dtype)
+        self.bytes_loaded += count * row_bytes
+        self._rows_read.setdefault(tensor, (row_bytes, []))[1].append((first, first + count))
+
+    @property
+    def bytes_read(self) -> int:
+        total = self._own_bytes_read
+        for row_bytes, ranges in self._rows_read.values():
+            covered_to = 0
+            for start, stop in sorted(ranges):
+                start = max(start, covered_to)
+                if stop > start:
+                    total += (stop - start) * row_bytes
+                    covered_to = stop
+        return total
 
     def write(self, elements: int, dtype: torch.dtype, programs: int = 1):
         self.bytes_written += programs * elements * element_size(dtype)
@@ -583,13 +613,18 @@ class Traffic:
 
 def kernel_cost(op: str, kernel, phase: str, traffic: Traffic, useful_flops: int, executed_flops: int):
     return KernelCost(op=op, kernel=unwrapped_name(kernel), phase=phase, launches=1, bytes_read=traffic.bytes_read,
-                      bytes_written=traffic.bytes_written, useful_flops=useful_flops, executed_flops=executed_flops)
+                      bytes_loaded=traffic.bytes_loaded, bytes_written=traffic.bytes_written, useful_flops=useful_flops, executed_flops=executed_flops)
 
 
 def unwrapped_name(kernel) -> str:
     return getattr(kernel, "__name__", None) or kernel.fn.__name__
 
 
-def samples_touched(row0: int, rows: int, rows_per_sample: int) -> int:
-    """Distinct samples among rows [row0, row0 + rows)."""
-    return (row0 + rows - 1) // rows_per_sample - row0 // rows_per_sample + 1 if rows else 0
+def read_scales(traffic: Traffic, row0: int, rows: int, total_rows: int, samples: int, dtype: torch.dtype):
+    """A program over rows [row0, row0 + rows) of total_rows loads the per-sample scale of each
+    of the samples among them (a sample split between two programs' rows is loaded by both);
+    samples 0: no scales, nothing loaded."""
+    if samples and rows:
+        rows_per_sample = max(1, total_rows // samples)
+        first = row0 // rows_per_sample
+        traffic.read_rows("scale", first, (row0 + rows - 1) // rows_per_sample + 1 - first, 1, dtype)

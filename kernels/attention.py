@@ -35,7 +35,7 @@ Two plans, picked in Python from the shape (`_launch_plan`):
 Every gradient element is written by exactly one program with a fixed reduction order
 and no atomics, so the backward is bit-for-bit deterministic; dq, dk and dv land in
 one [B, N, 3*C] tensor laid out like qkv. The launches are PyTorch operators
-(`torch.ops.kernels.attention_forward` / `attention_backward`, see "PyTorch operators"
+(`torch.ops.vit_kernels.attention_forward` / `attention_backward`, see "PyTorch operators"
 below), so torch.compile treats them as opaque calls and never traces the planning.
 
 Block sizes are fixed per shape and dtype in Python; there is no @triton.autotune because
@@ -647,7 +647,7 @@ def _attention_backward(qkv, out, lse, dout, num_heads: int, head_dim: int, scal
 #      the forward op.
 
 
-@torch.library.custom_op("kernels::attention_forward", mutates_args=())
+@torch.library.custom_op("vit_kernels::attention_forward", mutates_args=())
 def attention_forward_op(qkv: torch.Tensor, num_heads: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(out [B, N, C] in qkv's dtype, log-sum-exp [B * num_heads, N] in fp32) of validated arguments."""
     head_dim = qkv.shape[-1] // (3 * num_heads)
@@ -663,7 +663,7 @@ def _attention_forward_fake(qkv, num_heads, scale):
                                                                       dtype=torch.float32)
 
 
-@torch.library.custom_op("kernels::attention_backward", mutates_args=())
+@torch.library.custom_op("vit_kernels::attention_backward", mutates_args=())
 def attention_backward_op(qkv: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, dout: torch.Tensor,
                           num_heads: int, scale: float) -> torch.Tensor:
     """The gradient with respect to qkv (contiguous, qkv's shape and dtype); dout in qkv's dtype."""

@@ -330,7 +330,7 @@ def launch_costs(rows: int, cols: int, out_features: int, activation_dtype: torc
     forward = fl.Traffic()
     for n in tiles:
         forward.read(n * cols, activation_dtype)
-        forward.read(2 * cols + out_features * cols + out_features, parameter_dtype)
+        forward.read(2 * cols + out_features * cols + out_features, parameter_dtype, shared="parameters")
         forward.write(n * out_features + n * cols, matmul_dtype)  # out, x_hat
         forward.write(2 * n, torch.float32)
     step = (num_chunks * fl.matmul_flops(plan.block_m, plan.block_n, block_c) if plan.half
@@ -346,7 +346,8 @@ def launch_costs(rows: int, cols: int, out_features: int, activation_dtype: torc
         n = max(0, min(split.rows_per_split, rows - s * split.rows_per_split))
         for q in range(q_tiles):
             width = min(plan.block_q, out_features - q * plan.block_q)
-            weight.read(n * width + n * cols, matmul_dtype)  # dout, x_hat
+            weight.read(n * width, matmul_dtype)  # dout
+            weight.read_rows("x_hat", s * split.rows_per_split, n, cols, matmul_dtype)
             weight.write(cols * width, torch.float32)
             weight.write(width, torch.float64)
             executed += triton.cdiv(n, plan.block_r) * num_chunks * fl.matmul_flops(block_c, plan.block_q,
@@ -356,13 +357,13 @@ def launch_costs(rows: int, cols: int, out_features: int, activation_dtype: torc
     row_kernel = fl.Traffic()
     for n in tiles:
         row_kernel.read(n * out_features, matmul_dtype)
-        row_kernel.read(out_features * cols + cols, parameter_dtype)  # weight, ln_weight
+        row_kernel.read(out_features * cols + cols, parameter_dtype, shared="weight, ln_weight")
         row_kernel.read(2 * n, torch.float32)
         row_kernel.read(n * cols, activation_dtype)
         row_kernel.write(n * cols, activation_dtype)
     for slab, slab_cols in enumerate(fl.rows_in_tiles(cols, fl.REDUCTION_SLAB)):
         row_kernel.read(split.splits * slab_cols * out_features, torch.float32)
-        row_kernel.read(split.splits * out_features, torch.float64)
+        row_kernel.read(split.splits * out_features, torch.float64, shared="db partials")
         row_kernel.read(slab_cols, parameter_dtype)  # ln_bias
         row_kernel.write(slab_cols * out_features + 2 * slab_cols + (out_features if slab == 0 else 0),
                          parameter_dtype)

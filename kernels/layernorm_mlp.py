@@ -505,20 +505,15 @@ def launch_costs(rows: int, cols: int, hidden: int, activation_dtype: torch.dtyp
     """
     plan = _plan(cols, matmul_dtype)
     out_dtype = fl.result_dtype(activation_dtype, matmul_dtype, *((activation_dtype,) if samples else ()))
-    per_sample = max(1, rows // samples) if samples else 1
     num_chunks, block_c = plan.panel.num_chunks, plan.panel.block_c
-
-    def scale_reads(traffic, row0, n):
-        if samples:
-            traffic.read(fl.samples_touched(row0, n, per_sample), activation_dtype)
 
     # Forward: one program per BLOCK_M rows.
     forward = fl.Traffic()
     row_tiles = fl.rows_in_tiles(rows, plan.block_m)
     for index, n in enumerate(row_tiles):
         forward.read(n * cols, activation_dtype)
-        forward.read(2 * cols + 2 * hidden * cols + hidden + cols, parameter_dtype)
-        scale_reads(forward, index * plan.block_m, n)
+        forward.read(2 * cols + 2 * hidden * cols + hidden + cols, parameter_dtype, shared="parameters")
+        fl.read_scales(forward, index * plan.block_m, n, rows, samples, activation_dtype)
         forward.write(n * cols, out_dtype)
         forward.write(2 * n, torch.float32)
         forward.write(n * cols + n * hidden + (n * cols if second_gelu else 0), matmul_dtype)  # x_hat, pre, z
@@ -541,15 +536,15 @@ def launch_costs(rows: int, cols: int, hidden: int, activation_dtype: torch.dtyp
             row_steps = triton.cdiv(n, plan.block_r)
             for q in range(grid.q_tiles):
                 width = min(plan.block_q, hidden - q * plan.block_q)
-                weight.read(n * cols, activation_dtype)  # dy
+                weight.read_rows("dy", row0, n, cols, activation_dtype)
                 if second_gelu:
-                    weight.read(n * cols, matmul_dtype)  # z
-                scale_reads(weight, row0, n)
-                weight.read(n * width, matmul_dtype)  # pre
+                    weight.read_rows("z", row0, n, cols, matmul_dtype)
+                fl.read_scales(weight, row0, n, rows, samples, activation_dtype)
+                weight.read_rows(("pre", q), row0, n, width, matmul_dtype)
                 panel_dots = row_steps * num_chunks * fl.matmul_flops(block_c, plan.block_q, plan.block_r)
                 if is_pre:
-                    weight.read(cols * width, parameter_dtype)  # w2 tile
-                    weight.read(n * cols, matmul_dtype)  # x_hat
+                    weight.read(cols * width, parameter_dtype, shared=("w2", q))
+                    weight.read_rows("x_hat", row0, n, cols, matmul_dtype)
                     weight.write(n * width, matmul_dtype)  # dpre
                     weight.write(cols * width, torch.float32)  # G partial
                     weight.write(width, torch.float64)  # db1 partial
@@ -568,13 +563,14 @@ def launch_costs(rows: int, cols: int, hidden: int, activation_dtype: torch.dtyp
     input_tiles = fl.rows_in_tiles(rows, plan.block_m)
     for n in input_tiles:
         row_kernel.read(n * hidden, matmul_dtype)  # dpre
-        row_kernel.read(hidden * cols + cols, parameter_dtype)  # w1, ln_weight
+        row_kernel.read(hidden * cols + cols, parameter_dtype, shared="w1, ln_weight")
         row_kernel.read(2 * n, torch.float32)
         row_kernel.read(2 * n * cols, activation_dtype)  # x, dy
         row_kernel.write(n * cols, activation_dtype)  # dx
     for slab, slab_cols in enumerate(fl.rows_in_tiles(cols, fl.REDUCTION_SLAB)):
         row_kernel.read(grid.pre.splits * slab_cols * hidden + grid.w2.splits * slab_cols * hidden, torch.float32)
-        row_kernel.read(grid.pre.splits * hidden + grid.w2.splits * slab_cols, torch.float64)
+        row_kernel.read(grid.pre.splits * hidden, torch.float64, shared="db1 partials")
+        row_kernel.read(grid.w2.splits * slab_cols, torch.float64)
         row_kernel.read(slab_cols, parameter_dtype)  # ln_bias
         row_kernel.write(2 * slab_cols * hidden + 3 * slab_cols + (hidden if slab == 0 else 0), parameter_dtype)
     executed = len(input_tiles) * triton.cdiv(hidden, plan.block_k) * plan.row.panel.num_chunks * fl.matmul_flops(

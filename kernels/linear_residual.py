@@ -331,20 +331,15 @@ def launch_costs(rows: int, in_features: int, out_features: int, activation_dtyp
     """
     forward_plan = _plan(out_features, matmul_dtype)
     input_plan = _plan(in_features, matmul_dtype)
-    per_sample = max(1, rows // samples) if samples else 1
     useful = fl.matmul_flops(rows, out_features, in_features)
-
-    def scale_reads(traffic, row0, n):
-        if samples:
-            traffic.read(fl.samples_touched(row0, n, per_sample), activation_dtype)
 
     forward = fl.Traffic()
     tiles = fl.rows_in_tiles(rows, forward_plan.block_m)
     for index, n in enumerate(tiles):
         forward.read(n * in_features, input_dtype)
-        forward.read(out_features * in_features + out_features, parameter_dtype)
+        forward.read(out_features * in_features + out_features, parameter_dtype, shared="parameters")
         forward.read(n * out_features, activation_dtype)
-        scale_reads(forward, index * forward_plan.block_m, n)
+        fl.read_scales(forward, index * forward_plan.block_m, n, rows, samples, activation_dtype)
         forward.write(n * out_features, activation_dtype)
     panel = forward_plan.panel
     executed = len(tiles) * triton.cdiv(in_features, forward_plan.block_k) * panel.num_chunks * fl.matmul_flops(
@@ -361,8 +356,8 @@ def launch_costs(rows: int, in_features: int, out_features: int, activation_dtyp
         for q in range(q_tiles):
             width = min(forward_plan.block_q, in_features - q * forward_plan.block_q)
             weight.read(n * width, input_dtype)
-            weight.read(n * out_features, activation_dtype)
-            scale_reads(weight, row0, n)
+            weight.read_rows("dy", row0, n, out_features, activation_dtype)
+            fl.read_scales(weight, row0, n, rows, samples, activation_dtype)
             weight.write(out_features * width, torch.float32)
             if q == 0:
                 weight.write(out_features, torch.float64)
@@ -375,8 +370,8 @@ def launch_costs(rows: int, in_features: int, out_features: int, activation_dtyp
     tiles = fl.rows_in_tiles(rows, input_plan.block_m)
     for index, n in enumerate(tiles):
         row_kernel.read(n * out_features, activation_dtype)
-        row_kernel.read(out_features * in_features, parameter_dtype)
-        scale_reads(row_kernel, index * input_plan.block_m, n)
+        row_kernel.read(out_features * in_features, parameter_dtype, shared="weight")
+        fl.read_scales(row_kernel, index * input_plan.block_m, n, rows, samples, activation_dtype)
         row_kernel.write(n * in_features, input_dtype)
     for slab_rows in fl.rows_in_tiles(out_features, fl.REDUCTION_SLAB):
         row_kernel.read(split.splits * slab_rows * in_features, torch.float32)

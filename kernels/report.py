@@ -70,22 +70,21 @@ class BlockOp:
     ours: bool = True  # False: torch ops the model runs, counted by the same rules
 
 
-# vit/model.py's Block.forward, in order. A fused op that takes over a row replaces that
-# row's `costs` and `arguments` with its own module and launch_costs arguments.
+# vit/model.py's Block.forward, in order: its four seams, each one of our ops.
 BLOCK_OPS = (
-    BlockOp("norm1 + qkv linear", "kernels.report:torch_layernorm_linear_costs",
-            lambda s: dict(rows=s.rows, in_features=s.dim, out_features=3 * s.dim, dtype=s.residual_dtype,
-                           matmul_dtype=s.matmul_dtype), ours=False),
+    BlockOp("norm1 + qkv linear", "kernels.layernorm_linear",
+            lambda s: dict(rows=s.rows, cols=s.dim, out_features=3 * s.dim, activation_dtype=s.residual_dtype,
+                           matmul_dtype=s.matmul_dtype, parameter_dtype=s.residual_dtype)),
     BlockOp("attention", "kernels.attention",
             lambda s: dict(batch=s.batch, seq_len=s.seq_len, num_heads=s.heads, head_dim=s.head_dim,
                            dtype=s.matmul_dtype)),
-    BlockOp("proj linear + residual", "kernels.report:torch_linear_residual_costs",
-            lambda s: dict(rows=s.rows, in_features=s.dim, out_features=s.dim, dtype=s.residual_dtype,
-                           matmul_dtype=s.matmul_dtype), ours=False),
+    BlockOp("proj linear + residual", "kernels.linear_residual",
+            lambda s: dict(rows=s.rows, in_features=s.dim, out_features=s.dim, activation_dtype=s.residual_dtype,
+                           input_dtype=s.matmul_dtype, matmul_dtype=s.matmul_dtype, parameter_dtype=s.residual_dtype)),
     BlockOp("norm2 + mlp + residual", "kernels.layernorm_mlp",
-            lambda s: dict(rows=s.rows, dim=s.dim, hidden=s.mlp_dim, dtype=s.residual_dtype,
-                           matmul_dtype=s.matmul_dtype)),
-    # The block's input feeds norm1 and the residual: autograd adds the two gradients.
+            lambda s: dict(rows=s.rows, cols=s.dim, hidden=s.mlp_dim, activation_dtype=s.residual_dtype,
+                           matmul_dtype=s.matmul_dtype, parameter_dtype=s.residual_dtype)),
+    # The block's input feeds norm1 and the projection's residual: autograd adds the two gradients.
     BlockOp("block input gradient", "kernels.report:torch_gradient_sum_costs",
             lambda s: dict(numel=s.rows * s.dim, dtype=s.residual_dtype), ours=False),
 )
@@ -109,76 +108,13 @@ def block_costs(shape: BlockShape, ops=BLOCK_OPS) -> list[tuple[BlockOp, KernelC
 
 
 # -------------------------------------------------------------- torch ops around our kernels
-# Counted as torch runs them on a GPU under autocast (one record per kernel-launching aten
-# op): F.linear casts its input, weight and bias to the matmul dtype (when they differ) and
-# runs addmm; its backward runs two mm, a sum for the bias and casts the gradients back.
-# Parameters are in the residual stream's dtype.
-
-
-def _torch(op: str, name: str, phase: str, read: int, written: int, flops: int = 0) -> KernelCost:
-    return KernelCost(op=op, kernel=name, phase=phase, launches=1, bytes_read=read, bytes_written=written,
-                      useful_flops=flops, executed_flops=flops, library="torch")
-
-
-def _torch_linear(op: str, rows: int, in_features: int, out_features: int, dtype, matmul_dtype,
-                  input_dtype) -> tuple[list[KernelCost], list[KernelCost]]:
-    """(forward, backward) records of F.linear on a [rows, in_features] input of input_dtype."""
-    e, em, ei = element_size(dtype), element_size(matmul_dtype), element_size(input_dtype)
-    x, y = rows * in_features * em, rows * out_features * em
-    weight, bias = out_features * in_features, out_features
-    flops = 2 * rows * in_features * out_features
-    forward, backward = [], []
-    casts = [(name, numel) for name, numel, source in (("input", rows * in_features, input_dtype),
-                                                         ("weight", weight, dtype), ("bias", bias, dtype))
-             if source != matmul_dtype]
-    for name, numel in casts:
-        source_size = ei if name == "input" else e
-        forward.append(_torch(op, f"aten._to_copy: {name} to {DTYPE_NAMES[matmul_dtype]}", "forward",
-                              numel * source_size, numel * em))
-    forward.append(_torch(op, "aten.addmm", "forward", x + (weight + bias) * em, y, flops))
-    backward += [_torch(op, "aten.mm: input gradient", "backward", y + weight * em, x, flops),
-                 _torch(op, "aten.mm: weight gradient", "backward", y + x, weight * em, flops),
-                 _torch(op, "aten.sum: bias gradient", "backward", y, bias * em)]
-    for name, numel in casts:
-        target_size = ei if name == "input" else e
-        backward.append(_torch(op, f"aten._to_copy: {name} gradient back", "backward", numel * em,
-                               numel * target_size))
-    return forward, backward
-
-
-def torch_layernorm_linear_costs(rows: int, in_features: int, out_features: int, dtype: torch.dtype,
-                                 matmul_dtype: torch.dtype) -> list[KernelCost]:
-    """linear(layer_norm(x)) in torch, x [rows, in_features] of dtype (the LayerNorm runs in it)."""
-    op = "torch layer_norm + linear"
-    x = rows * in_features * element_size(dtype)
-    gamma = beta = in_features * element_size(dtype)
-    statistics = rows * 2 * 4  # fp32 mean and rstd
-    linear_forward, linear_backward = _torch_linear(op, rows, in_features, out_features, dtype, matmul_dtype, dtype)
-    # The backward reads the output gradient, x, the statistics and gamma; writes dx, dgamma, dbeta.
-    return ([_torch(op, "aten.native_layer_norm", "forward", x + gamma + beta, x + statistics), *linear_forward]
-            + [*linear_backward, _torch(op, "aten.native_layer_norm_backward", "backward",
-                                        2 * x + statistics + gamma, x + gamma + beta)])
-
-
-def torch_linear_residual_costs(rows: int, in_features: int, out_features: int, dtype: torch.dtype,
-                                matmul_dtype: torch.dtype) -> list[KernelCost]:
-    """residual + linear(h) in torch: h [rows, in_features] in the matmul dtype (attention's
-    output), the residual in dtype. The backward casts the gradient to the linear's dtype."""
-    op = "torch linear + residual"
-    residual = rows * out_features * element_size(dtype)
-    y = rows * out_features * element_size(matmul_dtype)
-    linear_forward, linear_backward = _torch_linear(op, rows, in_features, out_features, dtype, matmul_dtype,
-                                                    matmul_dtype)
-    forward = [*linear_forward, _torch(op, "aten.add: residual", "forward", residual + y, residual)]
-    gradient_cast = ([] if dtype == matmul_dtype else
-                     [_torch(op, f"aten._to_copy: gradient to {DTYPE_NAMES[matmul_dtype]}", "backward", residual, y)])
-    return forward + gradient_cast + linear_backward
 
 
 def torch_gradient_sum_costs(numel: int, dtype: torch.dtype) -> list[KernelCost]:
     """Autograd's sum of two gradients of one tensor (backward only)."""
     size = numel * element_size(dtype)
-    return [_torch("autograd", "aten.add: gradient sum", "backward", 2 * size, size)]
+    return [KernelCost(op="autograd", kernel="aten.add: gradient sum", phase="backward", launches=1,
+                       bytes_read=2 * size, bytes_written=size, useful_flops=0, executed_flops=0, library="torch")]
 
 
 # ------------------------------------------------------------------------- the cost report

@@ -221,9 +221,15 @@ def test_an_unexpected_error_says_so_and_how_to_see_it(data_dir, tmp_path, monke
     ("vit.evaluate", ["RUN", "--device", "tpu"], ["--device", "'tpu'"]),
     ("vit.predict", ["RUN", "IMAGE", "--device", "gpu"], ["--device", "'gpu'"]),
     ("vit.predict", ["RUN"], ["IMAGE"]),
-], ids=["evaluate-batch-size", "evaluate-device", "predict-device", "predict-no-image"])
-def test_evaluate_and_predict_usage_errors(module, argv, names, finished_run, capsys):
-    argv = [str(finished_run) if a == "RUN" else a for a in argv]
+    ("bench.run", ["--device", "gpu"], ["--device", "'gpu'"]),
+    ("bench.run", ["--budget-seconds", "-3"], ["--budget-seconds", "positive"]),
+    ("bench.run", ["--max-files", "2"], ["--max-files", "at least"]),
+    ("bench.gpu_session", ["step3", "OUT"], ["step", "'step3'"]),
+    ("bench.gpu_session", ["step1", "OUT", "--seconds", "inf"], ["--seconds", "finite"]),
+], ids=["evaluate-batch-size", "evaluate-device", "predict-device", "predict-no-image", "bench-device",
+        "bench-budget", "bench-max-files", "session-step", "session-seconds"])
+def test_evaluate_predict_and_bench_usage_errors(module, argv, names, finished_run, tmp_path, capsys):
+    argv = [str(finished_run) if a == "RUN" else str(tmp_path / "out") if a == "OUT" else a for a in argv]
     with pytest.raises(SystemExit) as exit_:
         importlib.import_module(module).main(argv)
     assert_one_line_error(exit_.value.code, capsys.readouterr().err, 2, names)
@@ -239,7 +245,7 @@ def test_evaluate_out_dir_that_is_a_file_is_one_line(finished_run, tmp_path, cap
 
 # --- help -----------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("module", ["train", "vit.evaluate", "vit.predict"])
+@pytest.mark.parametrize("module", ["train", "vit.evaluate", "vit.predict", "bench.run", "bench.gpu_session"])
 def test_help_shows_every_flag_with_its_help_and_default_and_ends_with_examples(module):
     parser = importlib.import_module(module).build_parser()
     text = parser.format_help()
@@ -260,7 +266,7 @@ def test_help_shows_every_flag_with_its_help_and_default_and_ends_with_examples(
 
 def arguments_after(module: str, words: list[str]) -> list[str]:
     """The arguments of `python train.py ...`, `python -m vit.evaluate ...`, `torchrun ... train.py ...`."""
-    target = "train.py" if module == "train" else module
+    target = {"train": "train.py", "bench.run": "bench"}.get(module, module)
     return words[words.index(target) + 1:]
 
 

@@ -216,7 +216,7 @@ def test_ptxas_log_parsing_sums_spills_over_functions():
 def test_every_planner_configuration_is_a_spec():
     """The specs come from the planners: each (dtype, head dim, sequence-length regime) plan of
     the attention wrapper, whole-sequence (with and without a tail part) and streaming, and
-    each LN+MLP variant, rows included."""
+    each panel width and dtype variant of the fused linear ops."""
     from kernels import attention
     names = {spec.name for spec in PROJECT_SPECS.values()}
     assert {"_attention_whole_forward_kernel", "_attention_whole_backward_kernel", "_attention_forward_kernel",

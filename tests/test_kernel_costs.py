@@ -1,5 +1,6 @@
 """launch_costs of the fused linear ops, checked by hand on small shapes against kernels/cost.py's
-rules (bytes: every tensor once per program that touches it; useful FLOPs: the math at the real
+rules (bytes loaded: every tensor once per program that touches it; bytes read: each element
+once per launch; useful FLOPs: the math at the real
 sizes; executed FLOPs: the tl.dot tiles the plan issues), and at the model's shape."""
 import pytest
 import torch
@@ -26,7 +27,8 @@ def test_layernorm_linear_by_hand():
     parameters = 2 * 128 + 256 * 128 + 256  # LayerNorm weight and bias, W, b
 
     forward = costs["_ln_linear_forward_kernel"]
-    assert forward.bytes_read == 100 * 128 * FP32 + 2 * parameters * FP32
+    assert forward.bytes_loaded == 100 * 128 * FP32 + 2 * parameters * FP32
+    assert forward.bytes_read == 100 * 128 * FP32 + parameters * FP32
     assert forward.bytes_written == 100 * 256 * BF16 + 100 * 128 * BF16 + 100 * 2 * FP32  # out, x_hat, statistics
     assert forward.useful_flops == useful
     assert forward.executed_flops == 2 * (256 // 64) * 2 * 64 * 64 * 128  # programs x steps x one chunk's dot
@@ -34,7 +36,8 @@ def test_layernorm_linear_by_hand():
     weight = costs["_ln_linear_backward_weight_kernel"]
     # 4 output tiles x 2 splits: each reads its rows of dout (its 64 columns) and of the saved
     # x_hat (all columns), and writes a [128, 64] fp32 partial and 64 fp64 sums.
-    assert weight.bytes_read == 4 * (100 * 64 * BF16 + 100 * 128 * BF16)
+    assert weight.bytes_loaded == 4 * (100 * 64 * BF16 + 100 * 128 * BF16)
+    assert weight.bytes_read == 100 * 256 * BF16 + 100 * 128 * BF16
     assert weight.bytes_written == 8 * (128 * 64 * FP32 + 64 * 8)
     assert weight.useful_flops == useful
     assert weight.executed_flops == 8 * 2 * 128 * 64 * 64
@@ -43,7 +46,9 @@ def test_layernorm_linear_by_hand():
     row_part_read = 100 * 256 * BF16 + 2 * (256 * 128 + 128) * FP32 + 100 * 2 * FP32 + 100 * 128 * FP32
     # Each slab: 2 splits of [4, 256] fp32 partials and [256] fp64 bias sums, 4 LayerNorm biases.
     slab_read = 32 * (2 * 4 * 256 * FP32 + 2 * 256 * 8 + 4 * FP32)
-    assert rows.bytes_read == row_part_read + slab_read
+    assert rows.bytes_loaded == row_part_read + slab_read
+    # Read once: W and the LayerNorm weight (both programs load them), the bias sums (every slab).
+    assert rows.bytes_read == row_part_read - (256 * 128 + 128) * FP32 + slab_read - 31 * 2 * 256 * 8
     assert rows.bytes_written == 100 * 128 * FP32 + 32 * (4 * 256 + 2 * 4) * FP32 + 256 * FP32
     assert rows.useful_flops == useful
     assert rows.executed_flops == 2 * (256 // 64) * 2 * (2 * 64 * 64 * 64)
@@ -57,7 +62,8 @@ def test_layernorm_mlp_by_hand():
     parameters = 2 * 128 + 2 * 64 * 128 + 64 + 128
 
     forward = costs["_ln_mlp_forward_kernel"]
-    assert forward.bytes_read == 100 * 128 * FP32 + 2 * parameters * FP32
+    assert forward.bytes_loaded == 100 * 128 * FP32 + 2 * parameters * FP32
+    assert forward.bytes_read == 100 * 128 * FP32 + parameters * FP32
     # y, statistics, x_hat, pre
     assert forward.bytes_written == 100 * 128 * FP32 + 100 * 2 * FP32 + 100 * 128 * BF16 + 100 * 64 * BF16
     assert forward.useful_flops == 2 * 2 * 100 * 64 * 128
@@ -67,7 +73,8 @@ def test_layernorm_mlp_by_hand():
     pre_programs_read = 2 * (100 * 128 * FP32 + 100 * 32 * BF16 + 100 * 128 * BF16) + \
         4 * 128 * 32 * FP32  # per hidden tile: dy, pre, x_hat; each program its w2 tile
     w2_programs_read = 2 * (100 * 128 * FP32 + 100 * 32 * BF16)
-    assert weight.bytes_read == pre_programs_read + w2_programs_read
+    assert weight.bytes_loaded == pre_programs_read + w2_programs_read
+    assert weight.bytes_read == 100 * 128 * FP32 + 100 * 64 * BF16 + 100 * 128 * BF16 + 128 * 64 * FP32  # dy, pre, x_hat, w2
     pre_programs_written = 2 * 100 * 32 * BF16 + 4 * (128 * 32 * FP32 + 32 * 8)  # dpre, G partials, db1 sums
     w2_programs_written = 4 * 128 * 32 * FP32 + 2 * 128 * 8  # dW2 partials; db2 sums from hidden tile 0
     assert weight.bytes_written == pre_programs_written + w2_programs_written
@@ -79,7 +86,9 @@ def test_layernorm_mlp_by_hand():
     rows = costs["_ln_mlp_backward_input_kernel"]
     row_part_read = 100 * 64 * BF16 + 2 * (64 * 128 + 128) * FP32 + 100 * 2 * FP32 + 2 * 100 * 128 * FP32
     slab_read = 32 * ((2 * 4 * 64 + 2 * 4 * 64) * FP32 + (2 * 64 + 2 * 4) * 8 + 4 * FP32)
-    assert rows.bytes_read == row_part_read + slab_read
+    assert rows.bytes_loaded == row_part_read + slab_read
+    # Read once: w1 and the LayerNorm weight, and the db1 sums every slab loads.
+    assert rows.bytes_read == row_part_read - (64 * 128 + 128) * FP32 + slab_read - 31 * 2 * 64 * 8
     assert rows.bytes_written == 100 * 128 * FP32 + 32 * (2 * 4 * 64 + 3 * 4) * FP32 + 64 * FP32
     assert rows.useful_flops == 2 * 100 * 64 * 128
     assert rows.executed_flops == 2 * 1 * 2 * (2 * 64 * 64 * 64)
@@ -91,10 +100,12 @@ def test_layernorm_mlp_options_add_their_traffic():
     forward, forward_plain = options["_ln_mlp_forward_kernel"], plain["_ln_mlp_forward_kernel"]
     # z is saved; the scales of samples 0-2 (rows 0-63) and 2-3 (rows 64-99) are read.
     assert forward.bytes_written - forward_plain.bytes_written == 100 * 128 * BF16
-    assert forward.bytes_read - forward_plain.bytes_read == (3 + 2) * FP32
+    assert forward.bytes_loaded - forward_plain.bytes_loaded == (3 + 2) * FP32
+    assert forward.bytes_read - forward_plain.bytes_read == 4 * FP32
     weight, weight_plain = options["_ln_mlp_backward_weight_kernel"], plain["_ln_mlp_backward_weight_kernel"]
     # Every program reads z with dy, and the scales of its split's samples (0-2, 2-3).
-    assert weight.bytes_read - weight_plain.bytes_read == 2 * 2 * 100 * 128 * BF16 + 4 * (3 + 2) * FP32
+    assert weight.bytes_loaded - weight_plain.bytes_loaded == 2 * 2 * 100 * 128 * BF16 + 4 * (3 + 2) * FP32
+    assert weight.bytes_read - weight_plain.bytes_read == 100 * 128 * BF16 + 4 * FP32
     assert weight.executed_flops == weight_plain.executed_flops
 
 
@@ -104,17 +115,20 @@ def test_linear_residual_by_hand():
     useful = 2 * 100 * 128 * 128
 
     forward = costs["_linear_residual_forward_kernel"]
-    assert forward.bytes_read == 100 * 128 * BF16 + 2 * (128 * 128 + 128) * FP32 + 100 * 128 * FP32
+    assert forward.bytes_loaded == 100 * 128 * BF16 + 2 * (128 * 128 + 128) * FP32 + 100 * 128 * FP32
+    assert forward.bytes_read == 100 * 128 * BF16 + (128 * 128 + 128) * FP32 + 100 * 128 * FP32
     assert forward.bytes_written == 100 * 128 * FP32
     assert (forward.useful_flops, forward.executed_flops) == (useful, 2 * 2 * 2 * 64 * 128 * 64)
 
     weight = costs["_linear_residual_backward_weight_kernel"]
-    assert weight.bytes_read == 2 * (100 * 64 * BF16 + 100 * 128 * FP32)  # 2 input tiles x (h tile, dy)
+    assert weight.bytes_loaded == 2 * (100 * 64 * BF16 + 100 * 128 * FP32)  # 2 input tiles x (h tile, dy)
+    assert weight.bytes_read == 100 * 128 * BF16 + 100 * 128 * FP32
     assert weight.bytes_written == 4 * 128 * 64 * FP32 + 2 * 128 * 8
     assert (weight.useful_flops, weight.executed_flops) == (useful, 4 * 2 * 128 * 64 * 64)
 
     rows = costs["_linear_residual_backward_input_kernel"]
-    assert rows.bytes_read == 100 * 128 * FP32 + 2 * 128 * 128 * FP32 + 32 * (2 * 4 * 128 * FP32 + 2 * 4 * 8)
+    assert rows.bytes_loaded == 100 * 128 * FP32 + 2 * 128 * 128 * FP32 + 32 * (2 * 4 * 128 * FP32 + 2 * 4 * 8)
+    assert rows.bytes_read == 100 * 128 * FP32 + 128 * 128 * FP32 + 32 * (2 * 4 * 128 * FP32 + 2 * 4 * 8)
     assert rows.bytes_written == 100 * 128 * BF16 + 32 * (4 * 128 + 4) * FP32
     assert (rows.useful_flops, rows.executed_flops) == (useful, 2 * 2 * 2 * 64 * 128 * 64)
 
