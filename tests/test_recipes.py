@@ -4,6 +4,7 @@ the weights, PyTorch's initialisation and sequence pooling."""
 import csv
 import json
 import math
+import os
 import re
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -393,3 +394,30 @@ def test_each_preset_learns_on_a_tiny_model(name, tmp_path):
     assert accuracy >= 0.4, (name, accuracy)
     if cfg.ema_decay:
         assert trainer.evaluate_ema()[1] >= 0.4, name
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(),
+                    reason="the Triton kernels need CUDA or TRITON_INTERPRET=1")
+@pytest.mark.filterwarnings("ignore:tl.make_block_ptr is deprecated")
+@pytest.mark.interpreter
+def test_sequence_pooling_and_pytorch_init_give_the_same_logits_and_gradients_under_both_backends():
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = False
+    torch.manual_seed(0)
+    cfg = ViTConfig(image_size=8, patch_size=4, dim=32, depth=2, heads=2, mlp_dim=32, pool="sequence",
+                    init="pytorch", mlp_second_gelu=True)
+    reference = ViT(cfg).to(device)
+    fused = ViT(replace(cfg, backend="triton")).to(device)
+    fused.load_state_dict(reference.state_dict())
+    generator = torch.Generator().manual_seed(3)
+    images = torch.randn(3, 3, 8, 8, generator=generator).to(device)
+    labels = torch.randint(0, 10, (3,), generator=generator).to(device)
+    results = []
+    for model in (reference, fused):
+        logits = model(images)
+        F.cross_entropy(logits, labels).backward()
+        results.append({"logits": logits.detach(), **{n: p.grad for n, p in model.named_parameters()}})
+    assert "attention_pool.weight" in results[1] and all(value is not None for value in results[1].values())
+    for name, value in results[1].items():
+        torch.testing.assert_close(value, results[0][name], rtol=1e-4, atol=1e-5, msg=name)
