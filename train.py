@@ -1,6 +1,7 @@
 """Train the ViT on CIFAR-10.
 
     python train.py                                  # the full recipe, defaults below
+    python train.py --recipe strong                  # a preset (vit/recipes.py); typed flags override it
     python train.py --device cpu --epochs 2 --train-subset 2000 --depth 2 --dim 64 --heads 4 --mlp-dim 64
     python train.py --resume runs/20261125-101500    # continue an interrupted run
     torchrun --nproc_per_node=8 train.py             # data-parallel; --batch-size stays global
@@ -13,6 +14,7 @@ if __name__ == "__main__":
     signal.signal(signal.SIGINT, lambda signum, frame: sys.exit(130))
 
 import argparse  # noqa: E402
+import json  # noqa: E402
 import os  # noqa: E402
 import shlex  # noqa: E402
 import shutil  # noqa: E402
@@ -26,13 +28,18 @@ from vit import cli, distributed  # noqa: E402
 from vit.backends import backend_names, get_backend  # noqa: E402
 from vit.checkpoint import read_config, write_config  # noqa: E402
 from vit.data import BatchSizeError  # noqa: E402
-from vit.model import ViTConfig  # noqa: E402
+from vit.mixing import SMOOTHING_CONVENTIONS  # noqa: E402
+from vit.augment import AUTO_AUGMENT_VARIANTS  # noqa: E402
+from vit.config import OPTIMIZERS  # noqa: E402
+from vit.model import INITS, POOLS, ViTConfig  # noqa: E402
+from vit.recipes import RECIPES, recipe_configs  # noqa: E402
 from vit.trainer import (NonFiniteLoss, RunSummary, TrainConfig, Trainer, build_trainer,  # noqa: E402
                          cuda_graph_unsupported_reason)
 
 MODEL_FLAGS = {"image_size": "--image-size", "patch_size": "--patch-size", "num_classes": "--num-classes", "dim": "--dim",
                "depth": "--depth", "heads": "--heads", "mlp_dim": "--mlp-dim", "dropout": "--dropout",
-               "backend": "--backend"}
+               "backend": "--backend", "init": "--init", "pool": "--pool", "mlp_second_gelu": "--mlp-second-gelu",
+               "drop_path": "--drop-path"}
 # What may differ on --resume: where and how the run executes, never what it computes.
 RESUME_MAY_CHANGE = {"device", "num_workers", "progress", "resume", "data_dir", "cuda_graph"}
 CIFAR10_IMAGE_SIZE = 32  # the images are used as they are, never resized
@@ -41,6 +48,9 @@ TRITON_HEAD_DIMS = (16, 32, 48, 64)  # kernels/attention.py's SUPPORTED_HEAD_DIM
 # Below this many steps an epoch's train loss and accuracy average over a handful of batches,
 # and the warmup and cosine schedule move in large jumps.
 MIN_STEPS_PER_EPOCH = 5
+# Above this share of the initial weights left in the average of the weights at the end of the
+# run (ema_decay ** steps), the average is mostly the untrained model: a warning says so.
+EMA_INITIAL_SHARE = 0.05
 
 EXAMPLES = """\
 examples:
@@ -48,6 +58,10 @@ examples:
       a smoke run on the CPU: a few minutes on 2 cores
   python train.py --data-dir ~/data
       the full recipe (200 epochs); on a GPU the backend is triton
+  python train.py --recipe strong --data-dir ~/data
+      AdamW, stochastic depth, CutMix and MixUp, an average of the weights (README: recipes)
+  python train.py --recipe reference --print-config
+      the preset's resolved settings, without training; --recipe reference --help lists them as defaults
   python train.py --resume runs/20261125-101500
       continue an interrupted run after its last finished epoch
   torchrun --nproc_per_node=8 train.py --data-dir ~/data
@@ -55,8 +69,25 @@ examples:
 """
 
 
-def build_parser() -> argparse.ArgumentParser:
-    m, t = ViTConfig(), TrainConfig()
+def on_off(value: bool) -> str:
+    return "on" if value else "off"
+
+
+def recipe_named_in(argv: list[str]) -> str:
+    """The --recipe of a command line, read before the parser is built: its values are the
+    parser's defaults. An unknown name, or a --recipe without one, is left for the parser to refuse."""
+    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False, exit_on_error=False)
+    pre.add_argument("--recipe", default="default")
+    try:
+        recipe = pre.parse_known_args(argv)[0].recipe
+    except argparse.ArgumentError:
+        return "default"
+    return recipe if recipe in RECIPES else "default"
+
+
+def build_parser(recipe: str = "default") -> argparse.ArgumentParser:
+    """The command line, with the recipe's values as the defaults."""
+    m, t = recipe_configs(recipe)
     p = cli.Parser(prog="train.py", description="Train a Vision Transformer from scratch on CIFAR-10.",
                    epilog=EXAMPLES)
     g = p.add_argument_group("model")
@@ -72,7 +103,23 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--heads", type=cli.positive_int, default=m.heads, help="attention heads, a divisor of --dim")
     g.add_argument("--mlp-dim", type=cli.positive_int, default=m.mlp_dim, help="MLP hidden size")
     g.add_argument("--dropout", type=cli.fraction, default=m.dropout, help="dropout on embeddings and attention output")
+    g.add_argument("--init", choices=INITS, default=m.init,
+                   help="initialisation: timm (weights, class token and position embedding truncated normal 0.02, "
+                        "zero biases) or pytorch (nn.Linear's and nn.Conv2d's own, non-zero biases included; class "
+                        "token and position embedding from randn, as the reference code)")
+    g.add_argument("--pool", choices=POOLS, default=m.pool,
+                   help="what the head reads: the class token, or sequence pooling (a learned attention-weighted "
+                        "average of the final tokens, no class token; Compact Transformers)")
+    g.add_argument("--mlp-second-gelu", action=argparse.BooleanOptionalAction, default=m.mlp_second_gelu,
+                   help=f"a GELU after the MLP's fc2 too (Linear-GELU-Linear-GELU, as the reference code) "
+                        f"(default: {on_off(m.mlp_second_gelu)})")
+    g.add_argument("--drop-path", type=cli.fraction, default=m.drop_path, metavar="RATE",
+                   help="stochastic depth: in training each sample skips each attention and MLP branch with its "
+                        "block's rate, rising linearly from 0 at the first block to RATE at the last (timm's rule)")
     g = p.add_argument_group("recipe")
+    g.add_argument("--recipe", choices=list(RECIPES), default=recipe,
+                   help="a preset of the model and recipe flags (README: recipes); a flag typed with it overrides "
+                        "its value, and --recipe NAME --help lists its values here")
     g.add_argument("--epochs", type=cli.positive_int, default=t.epochs,
                    help="passes over the training set; the cosine schedule ends with the last")
     g.add_argument("--batch-size", type=cli.positive_int, default=t.batch_size,
@@ -82,9 +129,32 @@ def build_parser() -> argparse.ArgumentParser:
                    help="learning rate at the last step (at most --lr)")
     g.add_argument("--warmup-epochs", type=cli.non_negative_float, default=t.warmup_epochs,
                    help="linear warmup to --lr, per step; fractions allowed")
-    g.add_argument("--weight-decay", type=cli.non_negative_float, default=t.weight_decay, help="Adam's coupled L2")
+    g.add_argument("--optimizer", choices=OPTIMIZERS, default=t.optimizer,
+                   help="adam: Adam, coupled L2 weight decay on every parameter; adamw: AdamW, decoupled weight decay "
+                        "on the weight matrices, none on norms, biases, position embedding and class token")
+    g.add_argument("--weight-decay", type=cli.non_negative_float, default=t.weight_decay,
+                   help="the optimizer's weight decay: coupled L2 with adam, decoupled with adamw")
     g.add_argument("--label-smoothing", type=cli.fraction, default=t.label_smoothing,
                    help="label smoothing of the cross-entropy (train and test loss)")
+    g.add_argument("--label-smoothing-convention", choices=SMOOTHING_CONVENTIONS, default=t.label_smoothing_convention,
+                   help="where --label-smoothing S goes: torch keeps 1 - S + S/K on the true class and S/K on each "
+                        "other (F.cross_entropy's); reference keeps 1 - S and S/(K - 1) (the reference code's)")
+    g.add_argument("--auto-augment", choices=list(AUTO_AUGMENT_VARIANTS), default=t.auto_augment,
+                   help="AutoAugment variant (CIFAR10 policy): torchvision's (zero fill, rotation by +-theta, nearest "
+                        "shears) or the reference code's (grey 128 fill, rotation by +theta, bicubic shears)")
+    g.add_argument("--mixup-alpha", type=cli.non_negative_float, default=t.mixup_alpha,
+                   help="MixUp: a mixed sample blends with its partner by a Beta(alpha, alpha) share; 0 turns MixUp "
+                        "off. CutMix and MixUp run in the batched loader (--augment gpu, which runs on the CPU too)")
+    g.add_argument("--cutmix-alpha", type=cli.non_negative_float, default=t.cutmix_alpha,
+                   help="CutMix: a mixed sample gets a box of its partner covering a 1 - Beta(alpha, alpha) share; "
+                        "0 turns CutMix off")
+    g.add_argument("--mix-prob", type=cli.probability, default=t.mix_prob,
+                   help="chance that a sample is mixed, when --mixup-alpha or --cutmix-alpha is positive")
+    g.add_argument("--mix-switch-prob", type=cli.probability, default=t.mix_switch_prob,
+                   help="chance that a mixed sample takes CutMix rather than MixUp, when both alphas are positive")
+    g.add_argument("--ema-decay", type=cli.fraction, default=t.ema_decay,
+                   help="an average of the weights, each step decay * average + (1 - decay) * weights, evaluated "
+                        "after every epoch beside the model and saved in the checkpoints; 0 turns it off")
     g.add_argument("--precision", choices=["bf16", "fp16", "fp32"], default=None,
                    help="autocast precision (default: bf16 on CUDA, fp32 on the CPU)")
     g.add_argument("--seed", type=cli.seed, default=t.seed, help="seeds python, numpy, torch and the data order")
@@ -100,8 +170,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--num-workers", type=cli.non_negative_int, default=t.num_workers,
                    help=f"DataLoader workers for --augment cpu (default: the CPU count, at most 4; here {t.num_workers})")
     g.add_argument("--augment", choices=["gpu", "cpu"], default=None,
-                   help="batched augmentation on the device, or torchvision per image in workers (default: gpu on CUDA, "
-                        "else cpu)")
+                   help="batched augmentation on the device, or torchvision per image in workers (default: gpu on CUDA "
+                        "or with CutMix/MixUp, else cpu)")
     g.add_argument("--train-subset", type=cli.positive_int, default=None, metavar="N",
                    help="train on the first N images only (default: all of them)")
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
@@ -109,6 +179,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="capture the whole training step in a CUDA graph and replay it each step (CUDA only; "
                         "bf16 or fp32, one process, not with --compile)")
     g.add_argument("--no-progress", dest="progress", action="store_false", help="no live progress bar")
+    g.add_argument("--print-config", action="store_true",
+                   help="print the resolved model and training configuration (config.json's \"model\" and "
+                        "\"train\") and exit, without loading data")
     return p
 
 
@@ -135,8 +208,12 @@ def resolve(args, parser, device: torch.device, ctx: distributed.Context) -> tup
         args.precision = "bf16" if device.type == "cuda" else "fp32"
     if args.precision != "fp32" and device.type == "cpu":
         parser.error(f"--precision {args.precision} needs CUDA; use --precision fp32 on the CPU")
+    mixing = args.mixup_alpha > 0 or args.cutmix_alpha > 0
     if args.augment is None:
-        args.augment = "gpu" if device.type == "cuda" else "cpu"
+        args.augment = "gpu" if device.type == "cuda" or mixing else "cpu"
+    if mixing and args.augment == "cpu":
+        parser.error("--mixup-alpha and --cutmix-alpha: CutMix and MixUp run in the batched loader; use --augment gpu "
+                     "(it runs on the CPU too) or set both alphas to 0")
     if args.image_size != CIFAR10_IMAGE_SIZE:
         parser.error(f"--image-size {args.image_size}: CIFAR-10's images are {CIFAR10_IMAGE_SIZE}x{CIFAR10_IMAGE_SIZE} "
                      f"and are not resized; leave --image-size at {CIFAR10_IMAGE_SIZE}")
@@ -296,6 +373,13 @@ def startup_warnings(cfg: TrainConfig, typed: set[str], num_images: int, steps_p
                         f"smaller --batch-size")
     if cfg.augment == "gpu" and "num_workers" in typed:
         warnings.append(f"--num-workers {cfg.num_workers} has no effect with --augment gpu (workers serve --augment cpu)")
+    if cfg.ema_decay > 0:
+        steps = cfg.epochs * steps_per_epoch
+        initial_share = cfg.ema_decay ** steps
+        if initial_share > EMA_INITIAL_SHARE:
+            warnings.append(f"--ema-decay {cfg.ema_decay:g} averages over about {1 / (1 - cfg.ema_decay):,.0f} steps: "
+                            f"after the run's {steps:,} steps the initial weights are still {initial_share:.0%} of "
+                            f"the average; a smaller decay suits a run this short")
     if cfg.augment == "cpu" and cfg.num_workers == 0 and torch.device(cfg.device).type == "cuda":
         warnings.append("--augment cpu with --num-workers 0 augments in the training process: the GPU waits for "
                         "every batch")
@@ -326,10 +410,24 @@ def duration(seconds: float) -> str:
     return f"{hours}h {minutes:02d}m {seconds:02d}s" if hours else f"{minutes}m {seconds:02d}s" if minutes else f"{seconds}s"
 
 
+def config_lines(model_cfg: ViTConfig, train_cfg: TrainConfig) -> list[str]:
+    """The resolved configuration, as the run prints it at the start: every field."""
+    def listed(cfg, leave_out=()):
+        return " ".join(f"{name}={value}" for name, value in asdict(cfg).items() if name not in leave_out)
+    return [f"recipe {train_cfg.recipe}; model: {listed(model_cfg)}",
+            f"training: {listed(train_cfg, leave_out={'recipe', 'extra'})}"]
+
+
 def final_lines(summary: RunSummary, run_dir: Path, resumed: bool) -> list[str]:
+    ema = []
+    if summary.ema_best_acc is not None:
+        ema = [f"average of the weights: best test accuracy {summary.ema_best_acc:.2%} at epoch "
+               f"{summary.ema_best_epoch}; last epoch {summary.ema_last_acc:.2%}; in each checkpoint, evaluated by "
+               f"{shell_command('-m', 'vit.evaluate', run_dir, '--ema')}"]
     return [
         f"best test accuracy {summary.best_acc:.2%} at epoch {summary.best_epoch} of {summary.epochs}; "
         f"last epoch {summary.last_acc:.2%}",
+        *ema,
         f"wall time {duration(summary.wall_seconds)}{' since resuming' if resumed else ''}; "
         + (f"{summary.images_per_second:,.0f} training images/s" if summary.images_per_second else "no epoch trained"),
         f"run directory {run_dir}; curves {run_dir / 'curves.png'}; evaluation of best.pt {run_dir / 'eval.json'}",
@@ -344,7 +442,7 @@ def main(argv=None) -> int:
 
 
 def _main(argv: list[str]) -> int:
-    parser = build_parser()
+    parser = build_parser(recipe_named_in(argv))
     args = parser.parse_args(argv)
     typed = typed_flags(parser, argv)
     device = args.device
@@ -367,6 +465,10 @@ def run(args, parser, typed, device, ctx) -> int:
         created = False
     else:
         model_cfg, train_cfg = resolve(args, parser, device, ctx)
+    if args.print_config:
+        say(json.dumps({"model": asdict(model_cfg), "train": asdict(train_cfg)}, indent=2))
+        return 0
+    if not args.resume:
         run_dir, created = claim_on_rank_0(args, parser, ctx)
         train_cfg.out_dir = str(run_dir)
         has_checkpoint = False
@@ -382,7 +484,7 @@ def run(args, parser, typed, device, ctx) -> int:
         say(resume_line if args.resume else "interrupted before the run started; nothing was saved", file=sys.stderr)
         return 130
     try:
-        return train(trainer, train_cfg, typed, run_dir, has_checkpoint, say)
+        return train(trainer, model_cfg, train_cfg, typed, run_dir, has_checkpoint, say)
     except KeyboardInterrupt:
         cli.exit_on_next_interrupt()
         say(("\n" if sys.stderr.isatty() else "") + resume_line, file=sys.stderr)
@@ -404,9 +506,11 @@ def start(args, parser, model_cfg, train_cfg, run_dir, has_checkpoint, ctx, say)
     return trainer
 
 
-def train(trainer, cfg: TrainConfig, typed, run_dir: Path, resuming: bool, say) -> int:
+def train(trainer, model_cfg: ViTConfig, cfg: TrainConfig, typed, run_dir: Path, resuming: bool, say) -> int:
     """Fit, evaluate the best epoch, and say where everything is."""
     say(trainer.describe())
+    for line in config_lines(model_cfg, cfg):
+        say(line)
     if resuming:
         say(f"run directory {run_dir}; seed {cfg.seed} (resuming after epoch {trainer.start_epoch})")
     elif "resume" in typed:

@@ -2,8 +2,9 @@
 
 A run directory holds
 - config.json  the model and training configuration, written when the run starts;
-- last.pt      the checkpoint of the last finished epoch: weights, optimizer, RNG states, and the
-               metrics of every epoch so far. It is the run's single source of truth;
+- last.pt      the checkpoint of the last finished epoch: weights (and their average, "ema", when the
+               run keeps one), optimizer, RNG states, and the metrics of every epoch so far. It is
+               the run's single source of truth;
 - best.pt      the checkpoint of the epoch with the best test accuracy so far;
 - metrics.csv and curves.png, regenerated from the checkpoint's metrics after each checkpoint
   and on resume, so a kill between two writes never loses an epoch's row.
@@ -41,6 +42,8 @@ METRICS_FILE = "metrics.csv"
 CURVES_FILE = "curves.png"
 METRIC_COLUMNS = ["epoch", "train_loss", "train_acc", "test_loss", "test_acc", "lr", "epoch_seconds",
                   "images_per_second"]
+# After those, in a run that keeps an average of the weights (TrainConfig.ema_decay): its evaluation.
+EMA_METRIC_COLUMNS = ["ema_test_loss", "ema_test_acc"]
 # Test hook: with VIT_TEST_KILL_AFTER_CHECKPOINT=N in the environment, the process SIGKILLs itself
 # right after epoch N's last.pt is in place and before metrics.csv is rewritten: the window in which
 # a kill used to lose an epoch's row (tests/test_checkpoint.py).
@@ -112,12 +115,19 @@ def remove_stale_temporaries(run_dir: Path) -> list[Path]:
 
 # ---------------------------------------------------------------------------- metrics
 
+def metric_columns(rows: list[dict]) -> list[str]:
+    """metrics.csv's columns: METRIC_COLUMNS, then EMA_METRIC_COLUMNS when the rows have them."""
+    return METRIC_COLUMNS + (EMA_METRIC_COLUMNS if rows and EMA_METRIC_COLUMNS[0] in rows[0] else [])
+
+
 def write_metrics(path: Path, rows: list[dict]):
+    columns = metric_columns(rows)
+
     def write(tmp):
         with open(tmp, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=METRIC_COLUMNS)
+            writer = csv.DictWriter(f, fieldnames=columns)
             writer.writeheader()
-            writer.writerows({k: row[k] for k in METRIC_COLUMNS} for row in rows)
+            writer.writerows({k: row[k] for k in columns} for row in rows)
     atomic_write(path, write)
 
 

@@ -92,6 +92,14 @@ def fraction(text: str) -> float:
     return value
 
 
+def probability(text: str) -> float:
+    """A chance in [0, 1], both ends included: how often something happens."""
+    value = _parse(text, float)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"must be from 0 to 1, got {text}")
+    return value
+
+
 DEVICE_HELP = "cuda, cuda:N or cpu (default: auto, which is cuda when available, else cpu)"
 
 

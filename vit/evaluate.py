@@ -2,6 +2,7 @@
 
     python -m vit.evaluate runs/my_run                  # uses runs/my_run/best.pt
     python -m vit.evaluate runs/my_run/last.pt --out-dir runs/my_run/eval_last
+    python -m vit.evaluate runs/my_run --ema --out-dir runs/my_run/eval_ema   # the average of the weights
 
 Reports top-1 accuracy, per-class accuracy and the mean cross-entropy (plain, without
 the label smoothing training may use), and writes next to the checkpoint (or into
@@ -42,6 +43,8 @@ CHECKPOINT_NAMES = (BEST_CHECKPOINT, LAST_CHECKPOINT)  # what a run directory is
 CIFAR10_CLASS_NAMES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 NUM_MISTAKES_SHOWN = 25  # a 5x5 grid in mistakes.png
 LOSS_DEFINITION = "mean cross-entropy over the test images, without label smoothing"
+EMA_HELP = ("use the checkpoint's average of the weights (saved by runs with train.py --ema-decay) instead of the "
+            "weights themselves")
 
 
 # ---------------------------------------------------------------------------------------
@@ -143,19 +146,27 @@ class TrainedModel:
     config: dict  # the run's config.json
     checkpoint_path: Path
     epoch: int | None  # the epoch the checkpoint was saved at, when it says
+    weights: str = "model"  # "model", or "ema": the average of the weights the run kept
 
 
-def load_trained_model(path: str | os.PathLike, device: torch.device, backend: str | None = None) -> TrainedModel:
-    """A checkpoint file or run directory -> the trained model, rebuilt from the run's config.json."""
+def load_trained_model(path: str | os.PathLike, device: torch.device, backend: str | None = None,
+                       ema: bool = False) -> TrainedModel:
+    """A checkpoint file or run directory -> the trained model, rebuilt from the run's config.json.
+    ema: load the checkpoint's average of the weights (TrainConfig.ema_decay) instead of the weights."""
     checkpoint_path = find_checkpoint(path)
     config = read_run_config(checkpoint_path)
     model_config = model_config_from(config, checkpoint_path.parent / CONFIG_NAME)
     model_config.backend = choose_backend(backend, model_config.backend, device)
     checkpoint = read_checkpoint(checkpoint_path)
+    weights = "ema" if ema else "model"
+    if weights not in checkpoint:
+        raise RunError(f"{checkpoint_path}: has no average of the weights; the run did not keep one "
+                       f"(train.py --ema-decay), evaluate it without --ema")
     model = ViT(model_config)
-    load_weights(model, _strip_wrapper_prefix(checkpoint["model"]), checkpoint_path, checkpoint.get("model_config"))
+    load_weights(model, _strip_wrapper_prefix(checkpoint[weights]), checkpoint_path, checkpoint.get("model_config"))
     epoch = checkpoint.get("epoch")
-    return TrainedModel(model.to(device).eval(), config, checkpoint_path, int(epoch) if epoch is not None else None)
+    return TrainedModel(model.to(device).eval(), config, checkpoint_path, int(epoch) if epoch is not None else None,
+                        weights)
 
 
 def class_names_of(config: dict, num_classes: int, config_path: Path) -> list[str]:
@@ -282,6 +293,8 @@ examples:
       best.pt of a run, against the data set its config.json names
   python -m vit.evaluate runs/20261125-101500/last.pt --out-dir runs/20261125-101500/eval_last
       the last epoch's weights, the report in a folder of its own
+  python -m vit.evaluate runs/20261125-101500 --ema --out-dir runs/20261125-101500/eval_ema
+      the average of the weights saved with best.pt (runs with --ema-decay)
 """
 
 
@@ -301,6 +314,7 @@ def build_parser() -> cli.Parser:
                         help="attention/MLP implementation (default: the run's backend if it can run on the device, "
                              "else torch)")
     parser.add_argument("--device", type=cli.device, default="auto", help=cli.DEVICE_HELP)
+    parser.add_argument("--ema", action="store_true", help=EMA_HELP)
     parser.add_argument("--batch-size", type=cli.positive_int, default=500, help="images per forward pass")
     parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="fp32, or bf16 autocast")
     parser.add_argument("--out-dir", help="where to write eval.json, confusion.png and mistakes.png (default: the "
@@ -316,7 +330,7 @@ def _main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     device = args.device
     # The model first: a bad checkpoint is reported without waiting for the data set to load.
-    trained = load_trained_model(args.path, device, args.backend)
+    trained = load_trained_model(args.path, device, args.backend, ema=args.ema)
     out_dir = cli.make_dir(args.out_dir, "--out-dir") if args.out_dir else trained.checkpoint_path.parent
     data_dir = args.data_dir or trained.config.get("train", {}).get("data_dir")
     if not data_dir:
@@ -325,14 +339,16 @@ def _main(argv: list[str]) -> int:
     if trained.model.cfg.num_classes != len(cifar.class_names):
         raise RunError(f"the model has {trained.model.cfg.num_classes} outputs but CIFAR-10 has {len(cifar.class_names)} classes")
     source = {"checkpoint": str(trained.checkpoint_path), "epoch": trained.epoch, "data_dir": str(data_dir),
-              "device": str(device), "backend": trained.model.cfg.backend, "model": asdict(trained.model.cfg)}
+              "device": str(device), "backend": trained.model.cfg.backend, "weights": trained.weights,
+              "model": asdict(trained.model.cfg)}
     try:
         report = write_report(trained.model, cifar.test_images, cifar.test_labels, cifar.class_names, out_dir,
                               device, args.batch_size, args.precision, source)
     except torch.OutOfMemoryError:
         raise RunError(f"out of memory on {device} at --batch-size {args.batch_size}; pass a smaller one") from None
     epoch = f" (epoch {trained.epoch})" if trained.epoch is not None else ""
-    print(f"checkpoint   {trained.checkpoint_path}{epoch}")
+    weights = ", the average of the weights" if trained.weights == "ema" else ""
+    print(f"checkpoint   {trained.checkpoint_path}{epoch}{weights}")
     print(format_summary(report))
     print(f"\nwrote {out_dir / 'eval.json'}, confusion.png, mistakes.png")
     return 0

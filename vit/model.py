@@ -5,6 +5,10 @@ one (see vit/timm_interop.py). A block is four seams of the backend picked by
 ViTConfig.backend (vit/backends.py): LayerNorm + QKV projection, the attention core, the
 output projection with its residual add, and the LayerNorm + MLP sub-block with its residual
 add. Each module owns its forward with the backend fixed at construction, as timm's do.
+
+Options beyond the plain ViT: the initialisation (timm's or PyTorch's defaults), what the head
+reads (the class token, or sequence pooling as in Compact Transformers), a second GELU after
+the MLP's fc2, and stochastic depth.
 """
 from dataclasses import dataclass
 
@@ -13,6 +17,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from vit.backends import Backend, get_backend
+
+INITS = ("timm", "pytorch")
+POOLS = ("token", "sequence")
+
 
 @dataclass
 class ViTConfig:
@@ -32,6 +40,15 @@ class ViTConfig:
     # drop_path, depth): 0 for the first block, drop_path for the last), kept ones scaled by
     # 1 / (1 - rate).
     drop_path: float = 0.0
+    # "timm": Linear weights, class token and position embedding truncated normal (std 0.02), zero
+    # biases. "pytorch": nn.Linear's and nn.Conv2d's own defaults (weights and biases uniform in
+    # +-1/sqrt(fan_in)) and the class token and position embedding from randn (std 1), as the
+    # reference code.
+    init: str = "timm"
+    # What the head reads after the final LayerNorm: "token", the class token; "sequence",
+    # sequence pooling (Compact Transformers): softmax over the tokens of a learned linear score,
+    # the weighted average of the tokens; no class token.
+    pool: str = "token"
 
     def __post_init__(self):
         for name in ("image_size", "patch_size", "num_classes", "dim", "depth", "heads", "mlp_dim"):
@@ -47,10 +64,19 @@ class ViTConfig:
             raise ValueError(f"drop_path must be in [0, 1), got {self.drop_path}")
         if not 0.0 < self.layer_norm_eps < 1.0:
             raise ValueError(f"layer_norm_eps must be in (0, 1), got {self.layer_norm_eps}")
+        if self.init not in INITS:
+            raise ValueError(f"init must be one of {', '.join(INITS)}, got {self.init!r}")
+        if self.pool not in POOLS:
+            raise ValueError(f"pool must be one of {', '.join(POOLS)}, got {self.pool!r}")
 
     @property
     def num_patches(self) -> int:
         return (self.image_size // self.patch_size) ** 2
+
+    @property
+    def num_tokens(self) -> int:
+        """The sequence the blocks see: the patches, and the class token unless sequence pooling."""
+        return self.num_patches + (self.pool == "token")
 
 
 class PatchEmbed(nn.Module):
@@ -125,10 +151,12 @@ class ViT(nn.Module):
         self.cfg = cfg
         self.backend = get_backend(cfg.backend)
         self.patch_embed = PatchEmbed(cfg)
-        self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.dim))
-        self.pos_embed = nn.Parameter(torch.zeros(1, cfg.num_patches + 1, cfg.dim))
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.dim)) if cfg.pool == "token" else None
+        self.pos_embed = nn.Parameter(torch.zeros(1, cfg.num_tokens, cfg.dim))
         self.blocks = nn.ModuleList(Block(cfg, self.backend) for _ in range(cfg.depth))
         self.norm = nn.LayerNorm(cfg.dim, eps=cfg.layer_norm_eps)
+        # Sequence pooling's score of each token (Compact Transformers' name).
+        self.attention_pool = nn.Linear(cfg.dim, 1) if cfg.pool == "sequence" else None
         self.head = nn.Linear(cfg.dim, cfg.num_classes)
         # Each block's probability of keeping a branch, for stochastic depth; not a parameter,
         # not in the state dict.
@@ -142,15 +170,24 @@ class ViT(nn.Module):
         return torch.linspace(0.0, self.cfg.drop_path, self.cfg.depth).tolist()
 
     def reset_parameters(self):
+        """ViTConfig.init: timm's initialisation, or PyTorch's defaults as the reference code."""
+        pytorch = self.cfg.init == "pytorch"
         for module in self.modules():
-            if isinstance(module, nn.Linear):
+            if pytorch and isinstance(module, (nn.Linear, nn.Conv2d, nn.LayerNorm)):
+                module.reset_parameters()
+            elif isinstance(module, nn.Linear):
                 nn.init.trunc_normal_(module.weight, std=0.02)
                 nn.init.zeros_(module.bias)
             elif isinstance(module, nn.LayerNorm):
                 nn.init.ones_(module.weight)
                 nn.init.zeros_(module.bias)
-        nn.init.trunc_normal_(self.pos_embed, std=0.02)
-        nn.init.trunc_normal_(self.cls_token, std=0.02)
+        for embedding in (self.pos_embed, self.cls_token):
+            if embedding is None:
+                continue
+            if pytorch:
+                nn.init.normal_(embedding)
+            else:
+                nn.init.trunc_normal_(embedding, std=0.02)
 
     def set_backend(self, name: str):
         """Switch the implementation of the seams; the weights stay as they are."""
@@ -170,13 +207,18 @@ class ViT(nn.Module):
 
     def forward(self, images):
         x = self.patch_embed(images)
-        cls = self.cls_token.expand(x.shape[0], -1, -1)
-        x = torch.cat([cls, x], dim=1) + self.pos_embed
+        if self.cls_token is not None:
+            x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
+        x = x + self.pos_embed
         x = F.dropout(x, self.cfg.dropout, self.training)
         scales = self.branch_scales(x.shape[0])
         for index, block in enumerate(self.blocks):
             x = block(x, None if scales is None else scales[index])
-        return self.head(self.norm(x[:, 0]))
+        if self.attention_pool is None:
+            return self.head(self.norm(x[:, 0]))
+        x = self.norm(x)
+        weights = self.attention_pool(x).softmax(dim=1)  # [B, N, 1]
+        return self.head((weights.transpose(1, 2) @ x).squeeze(1))
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -24,7 +24,8 @@ def save_figure(fig: Figure, path, dpi: int = 120):
 
 
 def plot_curves(rows: list[dict], path):
-    """Train and test loss, train and test accuracy against epoch, from metrics rows."""
+    """Train and test loss, train and test accuracy against epoch, from metrics rows (and the
+    average of the weights' test loss and accuracy when the rows have them)."""
     save_figure(curves_figure(rows), path)
 
 
@@ -32,9 +33,12 @@ def curves_figure(rows: list[dict]) -> Figure:
     epochs = [int(r["epoch"]) for r in rows]
     fig = new_figure(figsize=(11, 4))
     loss_ax, acc_ax = fig.subplots(1, 2)
-    for split, style in (("train", "-o"), ("test", "-s")):
-        loss_ax.plot(epochs, [float(r[f"{split}_loss"]) for r in rows], style, label=split, markersize=3)
-        acc_ax.plot(epochs, [100 * float(r[f"{split}_acc"]) for r in rows], style, label=split, markersize=3)
+    curves = [("train", "train", "-o"), ("test", "test", "-s")]
+    if "ema_test_loss" in rows[0]:
+        curves.append(("ema_test", "test, average of the weights", "-^"))
+    for prefix, label, style in curves:
+        loss_ax.plot(epochs, [float(r[f"{prefix}_loss"]) for r in rows], style, label=label, markersize=3)
+        acc_ax.plot(epochs, [100 * float(r[f"{prefix}_acc"]) for r in rows], style, label=label, markersize=3)
     loss_ax.set(xlabel="epoch", ylabel="loss", title="Loss")
     acc_ax.set(xlabel="epoch", ylabel="accuracy (%)", title="Accuracy")
     best = max(rows, key=lambda r: float(r["test_acc"]))

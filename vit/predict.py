@@ -28,7 +28,7 @@ from torchvision.transforms import functional as TF
 from vit import cli
 from vit.backends import backend_names
 from vit.cli import RunError, one_line
-from vit.evaluate import CONFIG_NAME, class_names_of, load_trained_model, predict_logits
+from vit.evaluate import CONFIG_NAME, EMA_HELP, class_names_of, load_trained_model, predict_logits
 
 TOP_K = 3
 PREPROCESSING = ("RGB; shorter side resized to image_size (bilinear, antialiased); "
@@ -73,6 +73,7 @@ def build_parser() -> cli.Parser:
                         help="attention/MLP implementation (default: the run's backend if it can run on the device, "
                              "else torch)")
     parser.add_argument("--device", type=cli.device, default="auto", help=cli.DEVICE_HELP)
+    parser.add_argument("--ema", action="store_true", help=EMA_HELP)
     return parser
 
 
@@ -83,7 +84,7 @@ def main(argv=None) -> int:
 def _main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     device = args.device
-    trained = load_trained_model(args.checkpoint, device, args.backend)
+    trained = load_trained_model(args.checkpoint, device, args.backend, ema=args.ema)
     cfg = trained.model.cfg
     class_names = class_names_of(trained.config, cfg.num_classes, trained.checkpoint_path.parent / CONFIG_NAME)
     # Read every image before classifying any, so a bad file fails the command up front.
@@ -101,8 +102,8 @@ def _main(argv: list[str]) -> int:
         })
 
     if args.json:
-        print(json.dumps({"checkpoint": str(trained.checkpoint_path), "preprocessing": PREPROCESSING,
-                          "predictions": predictions}, indent=2))
+        print(json.dumps({"checkpoint": str(trained.checkpoint_path), "weights": trained.weights,
+                          "preprocessing": PREPROCESSING, "predictions": predictions}, indent=2))
     else:
         for prediction in predictions:
             print(prediction["image"])

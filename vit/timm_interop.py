@@ -18,6 +18,9 @@ def to_timm(model: ViT):
     if cfg.mlp_second_gelu:
         raise ValueError("timm's VisionTransformer has no GELU after fc2; a model with mlp_second_gelu=True has no "
                          "timm equivalent")
+    if cfg.pool == "sequence":
+        raise ValueError("timm's VisionTransformer has no sequence pooling (a learned attention-weighted average of "
+                         "the tokens, no class token); a model with pool='sequence' has no timm equivalent")
     timm_model = VisionTransformer(
         img_size=cfg.image_size, patch_size=cfg.patch_size, num_classes=cfg.num_classes,
         embed_dim=cfg.dim, depth=cfg.depth, num_heads=cfg.heads, mlp_ratio=cfg.mlp_dim / cfg.dim,

@@ -8,6 +8,10 @@ weights became non-finite all live on the device. The host reads them only at pr
 stop the run with NonFiniteLoss. With TrainConfig.cuda_graph the same function is captured once in
 a CUDA graph and replayed every step (GraphedStep).
 
+The step's loss (criterion) takes integer labels or the soft targets a mixing loader hands out;
+with TrainConfig.ema_decay the step also updates an exponential moving average of the weights,
+which is evaluated after every epoch beside the model and saved in the checkpoints.
+
 Between epochs, the host work stays off the training thread: a background thread copies the
 checkpoint's tensors into host buffers (from a GPU: pinned, non-blocking), writes the checkpoint
 and rewrites metrics.csv and curves.png from the metrics inside it (vit/checkpoint.py). The
@@ -16,6 +20,7 @@ training thread waits for the copy only before its next optimizer step changes t
 build_trainer() assembles everything from the configs (what train.py uses); Trainer takes its
 parts, so the bench can hand in timm's model or a timed loader.
 """
+import copy
 import math
 import random
 import threading
@@ -36,6 +41,7 @@ from vit.checkpoint import (BEST_CHECKPOINT, LAST_CHECKPOINT, BackgroundWriter, 
                             remove_stale_temporaries, write_epoch_files, write_outputs)
 from vit.config import TrainConfig  # defined apart for vit.checkpoint; imported from here by callers
 from vit.environment import device_name
+from vit.mixing import MixConfig, smooth_targets, soft_target_cross_entropy
 from vit.model import ViT, ViTConfig, count_parameters
 from vit.progress import Progress
 
@@ -60,6 +66,10 @@ class RunSummary:
     epochs: int  # the recipe's total
     wall_seconds: float  # this process's fit()
     images_per_second: float  # training images per second over this process's epochs
+    # The average of the weights (TrainConfig.ema_decay), when the run keeps one and an epoch finished.
+    ema_best_acc: float | None = None
+    ema_best_epoch: int = 0
+    ema_last_acc: float | None = None
 
 
 class NonFiniteLoss(RuntimeError):
@@ -88,15 +98,52 @@ def lr_schedule(cfg: TrainConfig, steps_per_epoch: int) -> torch.Tensor:
                         dtype=torch.float64).float()
 
 
-def make_optimizer(params, cfg: TrainConfig, device) -> torch.optim.Adam:
-    """Adam (coupled L2 weight decay) with the learning rate as a device tensor, which the trainer
-    overwrites on the device each step. The fused implementation on every device: it reads the
-    tensor learning rate without a host sync (the for-loop one calls .item() per parameter).
-    Capturable (its state steps kept on the device) for cfg.cuda_graph."""
+# Parameters without weight decay under AdamW, besides every norm's and every bias (timm's
+# no_weight_decay() of its VisionTransformer).
+NO_WEIGHT_DECAY = ("pos_embed", "cls_token")
+
+
+def weight_decay_groups(model: torch.nn.Module) -> tuple[list[str], list[str]]:
+    """AdamW's split of the model's parameters by name: (decayed: the weight matrices of the
+    linear layers and the patch embedding; not decayed: LayerNorm weights and biases, every bias,
+    the position embedding and the class token)."""
+    decayed, not_decayed = [], []
+    for module_name, module in model.named_modules():
+        for name, _ in module.named_parameters(recurse=False):
+            full_name = f"{module_name}.{name}" if module_name else name
+            exempt = isinstance(module, torch.nn.LayerNorm) or name == "bias" or full_name in NO_WEIGHT_DECAY
+            (not_decayed if exempt else decayed).append(full_name)
+    return decayed, not_decayed
+
+
+def make_optimizer(model, cfg: TrainConfig, device) -> torch.optim.Adam:
+    """cfg.optimizer over the model's parameters: "adam", Adam with coupled L2 weight decay on
+    every parameter, one group; "adamw", AdamW's decoupled weight decay on the weight matrices
+    and none on the rest (weight_decay_groups), two groups.
+
+    Each group's learning rate is a device tensor of its own, which the trainer overwrites on the
+    device each step. The fused implementation on every device: it reads the tensor learning
+    rate without a host sync (the for-loop one calls .item() per parameter). Capturable (its
+    state steps kept on the device) for cfg.cuda_graph.
+
+    model: the module; Adam also takes an iterable of parameters (AdamW's groups need the names)."""
     device = torch.device(device)
-    lr = torch.tensor(cfg.lr, dtype=torch.float32, device=device)
-    return torch.optim.Adam(params, lr=lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay, fused=True,
-                            capturable=cfg.cuda_graph and device.type == "cuda")
+
+    def lr():
+        return torch.tensor(cfg.lr, dtype=torch.float32, device=device)
+
+    options = dict(betas=(0.9, 0.999), weight_decay=cfg.weight_decay, fused=True,
+                   capturable=cfg.cuda_graph and device.type == "cuda")
+    if cfg.optimizer == "adam":
+        params = model.parameters() if isinstance(model, torch.nn.Module) else model
+        return torch.optim.Adam(params, lr=lr(), **options)
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError("make_optimizer: AdamW's weight-decay groups are chosen by parameter name; pass the model")
+    named = dict(model.named_parameters())
+    decayed, not_decayed = weight_decay_groups(model)
+    groups = [{"params": [named[n] for n in decayed], "lr": lr()},
+              {"params": [named[n] for n in not_decayed], "lr": lr(), "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=lr(), **options)
 
 
 def cuda_graph_unsupported_reason(cfg: TrainConfig, device: torch.device, world_size: int = 1) -> str | None:
@@ -143,18 +190,53 @@ def autocast_dtype(cfg: TrainConfig):
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[cfg.precision]
 
 
-def make_train_loader(cfg: TrainConfig, images, labels, device, rank=0, world_size=1):
+def mix_config(cfg: TrainConfig, num_classes: int) -> MixConfig | None:
+    """The loader's CutMix / MixUp settings (with the recipe's label smoothing), or None when off."""
+    if not cfg.mixing:
+        return None
+    return MixConfig(mixup_alpha=cfg.mixup_alpha, cutmix_alpha=cfg.cutmix_alpha, prob=cfg.mix_prob,
+                     switch_prob=cfg.mix_switch_prob, label_smoothing=cfg.label_smoothing,
+                     smoothing_convention=cfg.label_smoothing_convention, num_classes=num_classes)
+
+
+def make_train_loader(cfg: TrainConfig, images, labels, device, rank=0, world_size=1, num_classes: int = 10):
+    """The batched loader (cfg.augment "gpu", mixing when cfg.mixing) or the per-image one ("cpu")."""
+    mixing = mix_config(cfg, num_classes)
     if cfg.augment == "gpu":
-        return cifar.GPUTrainLoader(images, labels, cfg.batch_size, cfg.seed, device, rank=rank, world_size=world_size)
+        return cifar.GPUTrainLoader(images, labels, cfg.batch_size, cfg.seed, device, rank=rank, world_size=world_size,
+                                    auto_augment=cfg.auto_augment, mixing=mixing)
+    if mixing is not None:
+        raise ValueError("CutMix and MixUp run in the batched loader (augment 'gpu', which runs on the CPU too), "
+                         "not with augment 'cpu'")
     return cifar.CPUTrainLoader(images, labels, cfg.batch_size, cfg.seed, device, cfg.num_workers,
-                                rank=rank, world_size=world_size)
+                                rank=rank, world_size=world_size, auto_augment=cfg.auto_augment)
+
+
+def criterion(logits: torch.Tensor, targets: torch.Tensor, cfg: TrainConfig) -> torch.Tensor:
+    """The training loss, the mean over the batch, in float32. targets: integer labels [B],
+    cross-entropy with cfg.label_smoothing in cfg.label_smoothing_convention; or soft targets
+    [B, classes] (a mixing loader's, smoothing included), soft-target cross-entropy. Both on
+    the device, no host sync, the same shapes every step."""
+    logits = logits.float()
+    if targets.is_floating_point():
+        return soft_target_cross_entropy(logits, targets)
+    if cfg.label_smoothing_convention == "torch":
+        return F.cross_entropy(logits, targets, label_smoothing=cfg.label_smoothing)
+    return soft_target_cross_entropy(logits, smooth_targets(targets, logits.shape[-1], cfg.label_smoothing,
+                                                            cfg.label_smoothing_convention))
+
+
+def hard_labels(targets: torch.Tensor) -> torch.Tensor:
+    """The class each target names: integer labels as they are; soft targets' largest share
+    (a mixed sample's dominant image)."""
+    return targets.argmax(dim=-1) if targets.is_floating_point() else targets
 
 
 @torch.no_grad()
 def evaluate(model, images, labels, device, cfg: TrainConfig, batch_size=1000,
              ctx: distributed.Context = distributed.Context()) -> tuple[float, float]:
-    """(mean loss with the training criterion, accuracy) over the given test images;
-    under torchrun each rank takes a contiguous share and the sums are reduced."""
+    """(mean loss with the training criterion on the integer labels, accuracy) over the given
+    test images; under torchrun each rank takes a contiguous share and the sums are reduced."""
     total = len(labels)
     share = -(-total // ctx.world_size)
     images, labels = images[ctx.rank * share:(ctx.rank + 1) * share], labels[ctx.rank * share:(ctx.rank + 1) * share]
@@ -165,7 +247,7 @@ def evaluate(model, images, labels, device, cfg: TrainConfig, batch_size=1000,
     for x, y in cifar.test_batches(images, labels, batch_size, device):
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
             logits = model(x)
-        loss_sum += F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing, reduction="sum")
+        loss_sum += criterion(logits, y, cfg).double() * len(y)
         correct += (logits.argmax(-1) == y).sum()
     model.train()
     distributed.all_reduce(loss_sum)
@@ -249,9 +331,10 @@ class GraphedStep:
 class Trainer:
     def __init__(self, model: torch.nn.Module, loader, test_set: EvalSet, optimizer: torch.optim.Optimizer,
                  cfg: TrainConfig, run_dir, *, ctx: distributed.Context = distributed.Context(), log=print):
-        """model: on cfg.device; loader: one (images, labels) batch of fixed shape per step, with
-        set_epoch() and len(); optimizer: over model's parameters, with a tensor learning rate on
-        the device (make_optimizer), which the trainer drives from its schedule."""
+        """model: on cfg.device; loader: one (images, targets) batch of fixed shape per step, with
+        set_epoch() and len(), targets integer labels or soft targets (see criterion);
+        optimizer: over model's parameters, with a tensor learning rate on the device
+        (make_optimizer), which the trainer drives from its schedule."""
         self.model, self.loader, self.test_set, self.optimizer = model, loader, test_set, optimizer
         self.cfg, self.run_dir, self.ctx = cfg, Path(run_dir), ctx
         self.log = log if ctx.is_main else (lambda line: None)
@@ -280,6 +363,12 @@ class Trainer:
                 raise ValueError("the optimizer's learning rate must be a 0-d tensor on the training device "
                                  "(see vit.trainer.make_optimizer)")
         self.lr_table = lr_schedule(cfg, self.steps_per_epoch).to(self.device, self.lr_tensors[0].dtype)
+        # The average of the weights: a copy of the model whose parameters the step moves toward
+        # the model's (the model has no buffers that training changes).
+        self.ema_model = None
+        if cfg.ema_decay > 0:
+            self.ema_model = copy.deepcopy(model).requires_grad_(False)
+            self.ema_params, self.model_params = list(self.ema_model.parameters()), list(model.parameters())
         self.meters = StepMeters(self.device)
         self.graphed_step = GraphedStep(self) if cfg.cuda_graph else None
         self.progress = Progress(cfg.epochs, self.steps_per_epoch, enabled=cfg.progress and ctx.is_main)
@@ -292,14 +381,15 @@ class Trainer:
         self.metrics: list[dict] = []
 
     # -- the step ----------------------------------------------------------------------------------
-    def train_step(self, images: torch.Tensor, labels: torch.Tensor):
-        """One training step, all on the device: run eagerly, and captured by GraphedStep."""
+    def train_step(self, images: torch.Tensor, targets: torch.Tensor):
+        """One training step, all on the device: run eagerly, and captured by GraphedStep.
+        targets: integer labels or soft targets (see criterion)."""
         cfg, meters = self.cfg, self.meters
         dtype = autocast_dtype(cfg)
         # No autocast weight cache: a cast cached across a graph's capture would outlive it.
         with torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None, cache_enabled=False):
             logits = self.step_model(images)
-            loss = F.cross_entropy(logits.float(), labels, label_smoothing=cfg.label_smoothing)
+            loss = criterion(logits, targets, cfg)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         self.wait_for_snapshot()
@@ -307,9 +397,12 @@ class Trainer:
             torch.index_select(self.lr_table, 0, meters.step, out=lr.view(1))
         self.scaler.step(self.optimizer)
         self.scaler.update()
+        if self.ema_model is not None:  # average = decay * average + (1 - decay) * weights
+            with torch.no_grad():  # not a part of the graph: nothing differentiates the average
+                torch._foreach_lerp_(self.ema_params, self.model_params, 1.0 - cfg.ema_decay)
         loss = loss.detach()
         meters.loss_sum += loss
-        meters.correct += (logits.argmax(-1) == labels).sum()
+        meters.correct += (logits.argmax(-1) == hard_labels(targets)).sum()
         # Non-finite weights show in their largest magnitude; the loss of the step that broke them
         # may still have been finite.
         largest_weight = torch.stack(torch._foreach_norm(self.params, math.inf)).amax()
@@ -380,6 +473,10 @@ class Trainer:
     def evaluate(self) -> tuple[float, float]:
         return evaluate(self.model, self.test_set.images, self.test_set.labels, self.device, self.cfg, ctx=self.ctx)
 
+    def evaluate_ema(self) -> tuple[float, float]:
+        """evaluate() of the average of the weights (TrainConfig.ema_decay)."""
+        return evaluate(self.ema_model, self.test_set.images, self.test_set.labels, self.device, self.cfg, ctx=self.ctx)
+
     # -- the run ---------------------------------------------------------------------------------------
     def fit(self) -> RunSummary:
         cfg = self.cfg
@@ -395,23 +492,31 @@ class Trainer:
                 if not math.isfinite(test_loss):
                     raise NonFiniteLoss(f"non-finite test loss after epoch {epoch + 1}; {self._stopping()}")
                 row = {"epoch": epoch + 1, **row, "test_loss": test_loss, "test_acc": test_acc}
+                if self.ema_model is not None:
+                    row["ema_test_loss"], row["ema_test_acc"] = self.evaluate_ema()
                 self.metrics.append(row)
                 improved = self.best_epoch == 0 or test_acc > self.best_acc
                 if improved:
                     self.best_acc, self.best_epoch = test_acc, epoch + 1
                 if self.ctx.is_main:
                     self._save_epoch(epoch + 1, improved)
+                ema = f"  EMA acc {row['ema_test_acc']:.2%}" if self.ema_model is not None else ""
                 self.log(f"epoch {epoch + 1:>3}/{cfg.epochs}  train loss {row['train_loss']:.4f} acc {row['train_acc']:.2%}  "
-                         f"test loss {test_loss:.4f} acc {test_acc:.2%}  lr {row['lr']:.2e}  "
+                         f"test loss {test_loss:.4f} acc {test_acc:.2%}{ema}  lr {row['lr']:.2e}  "
                          f"{row['epoch_seconds']:.1f}s  {row['images_per_second']:,.0f} img/s  "
                          f"{self.progress.run_status()}" + ("  *best" if improved else ""))
         finally:
             self.writer.wait()  # every file complete before fit() returns or raises
             self.wait_for_snapshot()
-        return RunSummary(best_acc=self.best_acc, best_epoch=self.best_epoch,
-                          last_acc=self.metrics[-1]["test_acc"] if self.metrics else 0.0, epochs=cfg.epochs,
-                          wall_seconds=time.perf_counter() - started,
-                          images_per_second=trained_images / trained_seconds if trained_seconds else 0.0)
+        summary = RunSummary(best_acc=self.best_acc, best_epoch=self.best_epoch,
+                             last_acc=self.metrics[-1]["test_acc"] if self.metrics else 0.0, epochs=cfg.epochs,
+                             wall_seconds=time.perf_counter() - started,
+                             images_per_second=trained_images / trained_seconds if trained_seconds else 0.0)
+        if self.ema_model is not None and self.metrics:
+            best = max(self.metrics, key=lambda row: row["ema_test_acc"])  # the first of equals
+            summary.ema_best_acc, summary.ema_best_epoch = best["ema_test_acc"], best["epoch"]
+            summary.ema_last_acc = self.metrics[-1]["ema_test_acc"]
+        return summary
 
     # -- checkpoints -----------------------------------------------------------------------------------
     def _save_epoch(self, epoch: int, best: bool):
@@ -435,9 +540,11 @@ class Trainer:
             copied = None
             try:
                 with torch.cuda.stream(stream) if stream is not None else nullcontext():
-                    state.update(self.snapshot.copy({"model": self.model.state_dict(),
-                                                     "optimizer": self.optimizer.state_dict(),
-                                                     "scaler": self.scaler.state_dict()}))
+                    tensors = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                               "scaler": self.scaler.state_dict()}
+                    if self.ema_model is not None:
+                        tensors["ema"] = self.ema_model.state_dict()
+                    state.update(self.snapshot.copy(tensors))
                     if stream is not None:
                         copied = torch.cuda.Event()
                         copied.record(stream)
@@ -451,7 +558,7 @@ class Trainer:
         self._snapshot_taken = taken
 
     def resume(self):
-        """Continue from run_dir's last.pt: the weights, optimizer, RNG states and metrics. The run
+        """Continue from run_dir's last.pt: the weights (and their average), optimizer, RNG states and metrics. The run
         directory's metrics.csv and curves.png are rewritten from the checkpoint, and temporary
         files a killed write left are removed."""
         path = self.run_dir / LAST_CHECKPOINT
@@ -460,6 +567,11 @@ class Trainer:
             raise RuntimeError(f"{path}: written by an older version of the trainer, without the metrics history; "
                                "finish it with that version, or start a new run")
         self.model.load_state_dict(state["model"])
+        if self.ema_model is not None:
+            if "ema" not in state:
+                raise RuntimeError(f"{path}: has no average of the weights, but the run keeps one (ema_decay "
+                                   f"{self.cfg.ema_decay}); it was written by an older version of the trainer")
+            self.ema_model.load_state_dict(state["ema"])
         # The saved moments and steps, with this run's settings: the tensor learning rate the schedule
         # drives (load_state_dict puts a copy of the saved one in its place) and the capturable flag
         # (--cuda-graph may differ on resume).
@@ -519,11 +631,11 @@ def build_trainer(model_cfg: ViTConfig, cfg: TrainConfig, run_dir, *, resume: bo
     train_images, train_labels = data.train_images, data.train_labels
     if cfg.train_subset:
         train_images, train_labels = train_images[:cfg.train_subset], train_labels[:cfg.train_subset]
-    loader = make_train_loader(cfg, train_images, train_labels, device, ctx.rank, ctx.world_size)
+    loader = make_train_loader(cfg, train_images, train_labels, device, ctx.rank, ctx.world_size,
+                               num_classes=model_cfg.num_classes)
     test_set = EvalSet(data.test_images.to(device), data.test_labels.to(device), data.class_names)
     model = ViT(model_cfg).to(device)
-    trainer = Trainer(model, loader, test_set, make_optimizer(model.parameters(), cfg, device), cfg, run_dir,
-                      ctx=ctx, log=log)
+    trainer = Trainer(model, loader, test_set, make_optimizer(model, cfg, device), cfg, run_dir, ctx=ctx, log=log)
     if resume:
         trainer.resume()
     return trainer
