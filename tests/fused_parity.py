@@ -1,26 +1,9 @@
 """Parity checks shared by the fused linear ops' tests (layernorm_linear, linear_residual,
 layernorm_mlp): run an op and its torch reference on the same rounded inputs, differentiate
 both, and hold every result to tests/parity.py's rule against float64."""
-import os
-
-import pytest
 import torch
 
-from parity import assert_parity, randn
-
-INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
-HAS_CUDA = torch.cuda.is_available()
-# Where the kernels run: CPU tensors through the interpreter, else the GPU.
-DEVICE = torch.device("cuda" if HAS_CUDA and not INTERPRETED else "cpu")
-
-# Marks for a test module of Triton kernels.
-KERNEL_TEST_MARKS = [
-    pytest.mark.skipif(not INTERPRETED and not HAS_CUDA,
-                       reason="needs a CUDA GPU or TRITON_INTERPRET=1 to run Triton kernels"),
-    # The kernels use tl.make_block_ptr on purpose (kernels/_fused_linear.py); Triton 3.8 marks it deprecated.
-    pytest.mark.filterwarnings("ignore:tl.make_block_ptr is deprecated"),
-    pytest.mark.usefixtures("poisoned_outputs"),
-] + ([pytest.mark.interpreter] if INTERPRETED else [])
+from parity import DEVICE, HAS_CUDA, INTERPRETED, KERNEL_TEST_MARKS, assert_parity, randn  # noqa: F401 (re-exported)
 
 
 def run(function, inputs: dict, dy: torch.Tensor, autocast_dtype=None, **options) -> dict:

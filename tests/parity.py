@@ -14,7 +14,26 @@ pass.
 Inputs are fresh random numbers each run (the `generator` fixture); every failure message
 carries the seed, so `torch.Generator().manual_seed(seed)` replays it.
 """
+import os
+
+import pytest
 import torch
+
+# Where every kernel test runs: CPU tensors through Triton's interpreter (tests/conftest.py sets
+# TRITON_INTERPRET=1 before anything imports Triton when there is no GPU), else the GPU.
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+HAS_CUDA = torch.cuda.is_available()
+DEVICE = torch.device("cuda" if HAS_CUDA and not INTERPRETED else "cpu")
+
+# Marks for a test module of Triton kernels.
+KERNEL_TEST_MARKS = [
+    pytest.mark.skipif(not INTERPRETED and not HAS_CUDA,
+                       reason="needs a CUDA GPU or TRITON_INTERPRET=1 to run Triton kernels"),
+    # The fused linear ops use tl.make_block_ptr on purpose (kernels/_fused_linear.py); Triton 3.8
+    # marks it deprecated.
+    pytest.mark.filterwarnings("ignore:tl.make_block_ptr is deprecated"),
+    pytest.mark.usefixtures("poisoned_outputs"),
+] + ([pytest.mark.interpreter] if INTERPRETED else [])
 
 
 # Float32 ulps a kernel's float32 result may carry beyond twice PyTorch's error. Measured: the

@@ -14,15 +14,10 @@ import torch
 
 from kernels import attention as attention_module
 from kernels.attention import attention
-from parity import assert_parity, randn
+from parity import DEVICE, INTERPRETED, KERNEL_TEST_MARKS, assert_parity, randn
 from vit.backends import torch_attention
 
-INTERPRETED = attention_module._kernels_are_interpreted()
-if not INTERPRETED and not torch.cuda.is_available():
-    pytest.skip("needs TRITON_INTERPRET=1 (set by tests/conftest.py without a GPU) or a CUDA GPU",
-                allow_module_level=True)
-DEVICE = "cpu" if INTERPRETED else "cuda"
-pytestmark = [pytest.mark.usefixtures("poisoned_outputs")] + ([pytest.mark.interpreter] if INTERPRETED else [])
+pytestmark = KERNEL_TEST_MARKS
 
 
 def _forward_backward(fn, qkv, grad_out, num_heads, scale=None):
@@ -153,10 +148,10 @@ def test_broadcast_output_gradient(generator):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 def test_output_dtype_follows_qkv_under_autocast(dtype, generator):
-    autocast_dtype = torch.bfloat16 if DEVICE == "cpu" else torch.float16
+    autocast_dtype = torch.bfloat16 if DEVICE.type == "cpu" else torch.float16
     qkv, grad_out = _random_problem(generator, 1, 17, 2, 16, dtype)
     expected_out, expected_grad = _forward_backward(attention, qkv, grad_out, 2)
-    with torch.autocast(DEVICE, dtype=autocast_dtype):
+    with torch.autocast(DEVICE.type, dtype=autocast_dtype):
         out, grad = _forward_backward(attention, qkv, grad_out, 2)
     assert out.dtype == dtype and grad.dtype == dtype
     assert torch.equal(out, expected_out)

@@ -14,14 +14,9 @@ from bench.counts import DeviceWorkCounter
 from kernels import _common
 from kernels import attention as attention_module
 from kernels.attention import attention
-from parity import randn
+from parity import DEVICE, KERNEL_TEST_MARKS, randn
 
-INTERPRETED = attention_module._kernels_are_interpreted()
-if not INTERPRETED and not torch.cuda.is_available():
-    pytest.skip("needs TRITON_INTERPRET=1 (set by tests/conftest.py without a GPU) or a CUDA GPU",
-                allow_module_level=True)
-DEVICE = "cpu" if INTERPRETED else "cuda"
-pytestmark = [pytest.mark.usefixtures("poisoned_outputs")] + ([pytest.mark.interpreter] if INTERPRETED else [])
+pytestmark = KERNEL_TEST_MARKS
 
 # Inductor compiles the code around the operators to C++ on the CPU.
 HAS_CXX_COMPILER = shutil.which("g++") is not None or shutil.which("c++") is not None

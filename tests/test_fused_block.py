@@ -4,7 +4,6 @@ every gradient, with the recipe options), launches per block, torch.compile with
 breaks, deterministic gradients, stochastic depth, and checkpoints of the model before the
 seams were fused."""
 import dataclasses
-import os
 from pathlib import Path
 
 import pytest
@@ -12,14 +11,11 @@ import torch
 import torch.nn.functional as F
 
 from bench.counts import DeviceWorkCounter
-from parity import assert_parity
+from parity import DEVICE, HAS_CUDA, INTERPRETED, assert_parity
 from vit import ViT, ViTConfig
 from vit.backends import get_backend, torch_attention
 from vit.model import Block
 
-INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
-HAS_CUDA = torch.cuda.is_available()
-DEVICE = torch.device("cuda" if HAS_CUDA else "cpu")
 DATA = Path(__file__).resolve().parent / "data"
 
 needs_kernels = pytest.mark.skipif(not INTERPRETED and not HAS_CUDA, reason="the Triton kernels need CUDA or "
