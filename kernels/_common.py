@@ -1,9 +1,10 @@
 """What every op module in kernels/ needs besides its kernels: output allocation (with the
-NaN-poisoning switch the tests use), interpreter detection, input checks, and the device
-context a launch runs in.
+NaN-poisoning switch the tests use), interpreter detection, input checks, the device
+context a launch runs in, and planned launches.
 """
 import contextlib
 import os
+from dataclasses import dataclass
 
 import torch
 
@@ -23,6 +24,25 @@ def new_output(shape, dtype: torch.dtype, device) -> torch.Tensor:
         fill = float("nan") if dtype.is_floating_point else -1
         return torch.full(shape, fill, dtype=dtype, device=device)
     return torch.empty(shape, dtype=dtype, device=device)
+
+
+# Shapes whose launches each op module keeps planned (functools.lru_cache of its planner):
+# a model calls each op at one or two shapes (training and evaluation batches); tests at a few
+# dozen.
+PLANNED_SHAPES = 64
+
+
+@dataclass(frozen=True)
+class Launch:
+    """One kernel launch planned for a shape: its grid and keyword arguments (constexprs,
+    num_warps, num_stages), computed once, so that a call only passes the tensors and the
+    runtime integers."""
+    kernel: object
+    grid: tuple
+    options: dict
+
+    def __call__(self, *args):
+        self.kernel[self.grid](*args, **self.options)
 
 
 def is_interpreted(kernel) -> bool:
@@ -52,9 +72,12 @@ def interpreter_broken_reason() -> str | None:
     return None
 
 
+_NO_DEVICE_SWITCH = contextlib.nullcontext()  # reusable: it holds no state
+
+
 def on_device_of(tensor: torch.Tensor):
     """Triton launches on the current CUDA device: make it the tensor's (cuda:1 etc.)."""
-    return torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext()
+    return torch.cuda.device(tensor.device) if tensor.is_cuda else _NO_DEVICE_SWITCH
 
 
 def check_device(name: str, tensor: torch.Tensor, interpreted: bool, module: str):

@@ -45,6 +45,7 @@ dtype from autocast (which a trace resolves) and calls the operator.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -93,6 +94,7 @@ class Panel:
         return self.block_c * self.num_chunks
 
 
+@functools.lru_cache(maxsize=_common.PLANNED_SHAPES)
 def panel_width(n_cols: int, matmul_dtype: torch.dtype) -> int:
     """C rounded up to a multiple of PANEL_STEP; ValueError past the widest the kernels take."""
     limit = MAX_PANEL_COLUMNS if is_half(matmul_dtype) else MAX_FP32_PANEL_COLUMNS
@@ -182,7 +184,7 @@ def rows_view(t: torch.Tensor, n_cols: int) -> torch.Tensor:
 def contiguous(*tensors):
     """The parameters as the kernels index them (unit stride, row-major); None stays None.
     A no-op, launching nothing, for the parameters of a model."""
-    return tuple(t if t is None else t.contiguous() for t in tensors)
+    return [t if t is None else t.contiguous() for t in tensors]
 
 
 def rows_per_sample(x: torch.Tensor, branch_scale: torch.Tensor | None) -> int:
@@ -211,8 +213,8 @@ def result_dtype(*dtypes: torch.dtype) -> torch.dtype:
     return distinct.pop() if len(distinct) == 1 else torch.float32
 
 
-def launch(kernel, grid, *args, num_warps: int, num_stages: int, **constexprs):
-    kernel[grid](*args, **constexprs, num_warps=num_warps, num_stages=num_stages)
+def planned_launch(kernel, programs: int, num_warps: int, num_stages: int, constexprs: dict) -> _common.Launch:
+    return _common.Launch(kernel, (programs,), dict(constexprs, num_warps=num_warps, num_stages=num_stages))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -44,6 +44,7 @@ the HBM bytes and FLOPs of every launch from the same plan (kernels/cost.py's ru
 `h100_compile_specs()` lists every kernel in every configuration the planner can pick,
 for kernels/h100.py to compile for sm_90 and check for spills and tensor-core use.
 """
+import functools
 import math
 from dataclasses import dataclass
 
@@ -562,6 +563,39 @@ def _launch_plan(seq_len: int, head_dim: int, dtype: torch.dtype):
     return _half_whole_sequence_plan(seq_len, head_dim)
 
 
+@dataclass(frozen=True)
+class _Launches:
+    """The launches of one call at one shape: the forward, and the backward's one (whole
+    sequence) or two (streaming: the dq kernel, then the dk/dv kernel)."""
+    forward: _common.Launch
+    backward: _common.Launch  # the whole-sequence backward, or the streaming dq kernel
+    dkdv: _common.Launch | None  # streaming only
+
+
+@functools.lru_cache(maxsize=_common.PLANNED_SHAPES)
+def _launches(batch: int, seq_len: int, num_heads: int, head_dim: int, dtype: torch.dtype) -> _Launches:
+    plan = _launch_plan(seq_len, head_dim, dtype)
+    batch_heads = batch * num_heads
+    head = dict(HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim))
+    if isinstance(plan, _WholeSequencePlan):
+        def whole(kernel, config: _WholeSequenceKernel):
+            return _common.Launch(kernel, (batch_heads,), dict(head, LEAD=plan.lead, TAIL=plan.tail,
+                                                               QUERY_ROWS=config.query_rows,
+                                                               num_warps=config.num_warps, num_stages=1))
+
+        return _Launches(forward=whole(_attention_whole_forward_kernel, plan.forward),
+                         backward=whole(_attention_whole_backward_kernel, plan.backward), dkdv=None)
+
+    def streaming(kernel, config: _LaunchConfig, tile: int):
+        return _common.Launch(kernel, (batch_heads, triton.cdiv(seq_len, tile)),
+                              dict(head, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
+                                   num_warps=config.num_warps, num_stages=config.num_stages))
+
+    return _Launches(forward=streaming(_attention_forward_kernel, plan.forward, plan.forward.block_m),
+                     backward=streaming(_attention_backward_dq_kernel, plan.dq, plan.dq.block_m),
+                     dkdv=streaming(_attention_backward_dkdv_kernel, plan.dkdv, plan.dkdv.block_n))
+
+
 # --------------------------------------------------------------------------------------
 # Launchers
 # --------------------------------------------------------------------------------------
@@ -575,58 +609,36 @@ def _with_unit_last_stride(tensor: torch.Tensor) -> torch.Tensor:
     return tensor if tensor.stride(-1) == 1 else tensor.contiguous()
 
 
-def _attention_forward(qkv: torch.Tensor, num_heads: int, head_dim: int, scale: float, plan):
+def _attention_forward(qkv: torch.Tensor, num_heads: int, head_dim: int, scale: float, launches: _Launches):
     """out [B, N, C] and lse [B * heads, N] (fp32): one launch."""
     batch, seq_len, _ = qkv.shape
-    out = _common.new_output((batch, seq_len, num_heads * head_dim), qkv.dtype, qkv.device)
+    width = num_heads * head_dim
+    out = _common.new_output((batch, seq_len, width), qkv.dtype, qkv.device)
     lse = _common.new_output((batch * num_heads, seq_len), torch.float32, qkv.device)
     if out.numel() == 0:
         return out, lse
-    shape_arguments = (seq_len, num_heads, qkv.stride(0), qkv.stride(1), out.stride(0), out.stride(1), scale)
-    head = dict(HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim))
-    if isinstance(plan, _WholeSequencePlan):
-        _attention_whole_forward_kernel[(batch * num_heads,)](
-            qkv, out, lse, *shape_arguments, **head, LEAD=plan.lead, TAIL=plan.tail,
-            QUERY_ROWS=plan.forward.query_rows, num_warps=plan.forward.num_warps, num_stages=1)
-    else:
-        config = plan.forward
-        _attention_forward_kernel[(batch * num_heads, triton.cdiv(seq_len, config.block_m))](
-            qkv, out, lse, *shape_arguments, **head, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
-            num_warps=config.num_warps, num_stages=config.num_stages)
+    # out is the contiguous tensor just allocated: strides (N * C, C).
+    launches.forward(qkv, out, lse, seq_len, num_heads, qkv.stride(0), qkv.stride(1), seq_len * width, width, scale)
     return out, lse
 
 
-def _attention_backward(qkv, out, lse, dout, num_heads: int, head_dim: int, scale: float, plan):
+def _attention_backward(qkv, out, lse, dout, num_heads: int, head_dim: int, scale: float, launches: _Launches):
     """dqkv, laid out like qkv: one launch (whole sequence) or two (streaming)."""
-    batch, seq_len, _ = qkv.shape
+    batch, seq_len, width = qkv.shape
     dqkv = _common.new_output(qkv.shape, qkv.dtype, qkv.device)
     if dqkv.numel() == 0:
         return dqkv
-    batch_heads = batch * num_heads
-    head = dict(HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim))
-    strides = (qkv.stride(0), qkv.stride(1), dout.stride(0), dout.stride(1), dqkv.stride(0), dqkv.stride(1))
-    if isinstance(plan, _WholeSequencePlan):
-        _attention_whole_backward_kernel[(batch_heads,)](
-            qkv, dout, dqkv, lse, seq_len, num_heads, *strides, scale, **head, LEAD=plan.lead, TAIL=plan.tail,
-            QUERY_ROWS=plan.backward.query_rows, num_warps=plan.backward.num_warps, num_stages=1)
+    # dqkv is the contiguous tensor just allocated: strides (N * 3C, 3C).
+    strides = (qkv.stride(0), qkv.stride(1), dout.stride(0), dout.stride(1), seq_len * width, width)
+    if launches.dkdv is None:
+        launches.backward(qkv, dout, dqkv, lse, seq_len, num_heads, *strides, scale)
         return dqkv
 
-    delta = _common.new_output((batch_heads, seq_len), torch.float32, qkv.device)
-    dq_config, dkdv_config = plan.dq, plan.dkdv
-    _attention_backward_dq_kernel[(batch_heads, triton.cdiv(seq_len, dq_config.block_m))](
-        qkv, out, dout, dqkv, lse, delta,
-        seq_len, num_heads,
-        qkv.stride(0), qkv.stride(1),
-        out.stride(0), out.stride(1),
-        dout.stride(0), dout.stride(1),
-        dqkv.stride(0), dqkv.stride(1),
-        scale, **head, BLOCK_M=dq_config.block_m, BLOCK_N=dq_config.block_n,
-        num_warps=dq_config.num_warps, num_stages=dq_config.num_stages)
+    delta = _common.new_output((batch * num_heads, seq_len), torch.float32, qkv.device)
+    launches.backward(qkv, out, dout, dqkv, lse, delta, seq_len, num_heads, strides[0], strides[1],
+                      out.stride(0), out.stride(1), *strides[2:], scale)
     # Launched after the dq kernel on the same stream, so delta is ready.
-    _attention_backward_dkdv_kernel[(batch_heads, triton.cdiv(seq_len, dkdv_config.block_n))](
-        qkv, dout, dqkv, lse, delta, seq_len, num_heads, *strides, scale,
-        **head, BLOCK_M=dkdv_config.block_m, BLOCK_N=dkdv_config.block_n,
-        num_warps=dkdv_config.num_warps, num_stages=dkdv_config.num_stages)
+    launches.dkdv(qkv, dout, dqkv, lse, delta, seq_len, num_heads, *strides, scale)
     return dqkv
 
 
@@ -650,10 +662,11 @@ def _attention_backward(qkv, out, lse, dout, num_heads: int, head_dim: int, scal
 @torch.library.custom_op("vit_kernels::attention_forward", mutates_args=())
 def attention_forward_op(qkv: torch.Tensor, num_heads: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(out [B, N, C] in qkv's dtype, log-sum-exp [B * num_heads, N] in fp32) of validated arguments."""
-    head_dim = qkv.shape[-1] // (3 * num_heads)
-    plan = _launch_plan(qkv.shape[1], head_dim, qkv.dtype)
+    batch, seq_len, width = qkv.shape
+    head_dim = width // (3 * num_heads)
+    launches = _launches(batch, seq_len, num_heads, head_dim, qkv.dtype)
     with _common.on_device_of(qkv):
-        return _attention_forward(_with_unit_last_stride(qkv), num_heads, head_dim, scale, plan)
+        return _attention_forward(_with_unit_last_stride(qkv), num_heads, head_dim, scale, launches)
 
 
 @attention_forward_op.register_fake
@@ -667,11 +680,12 @@ def _attention_forward_fake(qkv, num_heads, scale):
 def attention_backward_op(qkv: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, dout: torch.Tensor,
                           num_heads: int, scale: float) -> torch.Tensor:
     """The gradient with respect to qkv (contiguous, qkv's shape and dtype); dout in qkv's dtype."""
-    head_dim = qkv.shape[-1] // (3 * num_heads)
-    plan = _launch_plan(qkv.shape[1], head_dim, qkv.dtype)
+    batch, seq_len, width = qkv.shape
+    head_dim = width // (3 * num_heads)
+    launches = _launches(batch, seq_len, num_heads, head_dim, qkv.dtype)
     with _common.on_device_of(qkv):
         return _attention_backward(_with_unit_last_stride(qkv), out, lse, _with_unit_last_stride(dout),
-                                   num_heads, head_dim, scale, plan)
+                                   num_heads, head_dim, scale, launches)
 
 
 @attention_backward_op.register_fake

@@ -25,6 +25,7 @@ autocast dtype when autocast is on for x's device, else x's; the output in that 
 The op is a PyTorch operator (torch.ops.vit_kernels.layernorm_linear) with a fake and its
 backward registered, so torch.compile traces through it without a graph break.
 """
+import functools
 import warnings
 from dataclasses import dataclass
 
@@ -174,6 +175,30 @@ def _split(plan: _Plan, n_rows: int, n_out: int) -> fl.Split:
     return fl.split_rows(n_rows, plan.block_r, triton.cdiv(n_out, plan.block_q), fl.WEIGHT_GRADIENT_PROGRAMS)
 
 
+@dataclass(frozen=True)
+class _Launches:
+    """The launches of one call at one shape (n_rows > 0)."""
+    forward: _common.Launch
+    weight: _common.Launch  # the backward's weight-gradient kernel
+    row: _common.Launch  # the backward's row kernel
+    split: fl.Split
+
+
+@functools.lru_cache(maxsize=_common.PLANNED_SHAPES)
+def _launches(n_rows: int, n_cols: int, n_out: int, matmul_dtype: torch.dtype) -> _Launches:
+    plan = _plan(n_cols, matmul_dtype)
+    split = _split(plan, n_rows, n_out)
+    row_tiles = triton.cdiv(n_rows, plan.block_m)
+    return _Launches(
+        forward=fl.planned_launch(_ln_linear_forward_kernel, row_tiles, plan.num_warps, plan.num_stages,
+                                  plan.forward_constexprs(matmul_dtype)),
+        weight=fl.planned_launch(_ln_linear_backward_weight_kernel, triton.cdiv(n_out, plan.block_q) * split.splits,
+                                 plan.num_warps, plan.num_stages, plan.weight_constexprs(matmul_dtype)),
+        row=fl.planned_launch(_ln_linear_backward_input_kernel, row_tiles, plan.num_warps, plan.row.num_stages,
+                              plan.row.constexprs(matmul_dtype)),
+        split=split)
+
+
 # ---------------------------------------------------------------------------------------------
 # Launchers and the operator
 # ---------------------------------------------------------------------------------------------
@@ -191,12 +216,10 @@ def _forward(x, ln_weight, ln_bias, weight, bias, eps: float, matmul_dtype: torc
     rstd = _common.new_output((n_rows,), torch.float32, x.device)
     x_hat = _common.new_output((n_rows, n_cols), matmul_dtype, x.device)
     if n_rows > 0:
-        plan = _plan(n_cols, matmul_dtype)
         with _common.on_device_of(x):
-            fl.launch(_ln_linear_forward_kernel, (triton.cdiv(n_rows, plan.block_m),),
-                      x2d, out, ln_weight, ln_bias, weight, bias, mean, rstd, x_hat,
-                      n_rows, n_cols, n_out, x2d.stride(0), n_out, eps,
-                      num_warps=plan.num_warps, num_stages=plan.num_stages, **plan.forward_constexprs(matmul_dtype))
+            _launches(n_rows, n_cols, n_out, matmul_dtype).forward(
+                x2d, out, ln_weight, ln_bias, weight, bias, mean, rstd, x_hat,
+                n_rows, n_cols, n_out, x2d.stride(0), n_out, eps)
     return out, mean, rstd, x_hat
 
 
@@ -212,20 +235,16 @@ def _backward(dout, x, ln_weight, ln_bias, weight, bias, mean, rstd, x_hat, matm
     if n_rows == 0:
         return (dx, *(g.zero_() for g in grads))
     d_ln_weight, d_ln_bias, dw, db = grads
-    plan = _plan(n_cols, matmul_dtype)
-    split = _split(plan, n_rows, n_out)
-    g_partial = _common.new_output((split.splits, n_cols, n_out), torch.float32, device)
-    db_partial = _common.new_output((split.splits, n_out), torch.float64, device)
+    launches = _launches(n_rows, n_cols, n_out, matmul_dtype)
+    splits = launches.split.splits
+    g_partial = _common.new_output((splits, n_cols, n_out), torch.float32, device)
+    db_partial = _common.new_output((splits, n_out), torch.float64, device)
     with _common.on_device_of(x):
-        fl.launch(_ln_linear_backward_weight_kernel, (triton.cdiv(n_out, plan.block_q) * split.splits,),
-                  x_hat, dout2d, g_partial, db_partial,
-                  n_rows, n_cols, n_out, dout2d.stride(0), split.rows_per_split,
-                  num_warps=plan.num_warps, num_stages=plan.num_stages, **plan.weight_constexprs(matmul_dtype))
-        fl.launch(_ln_linear_backward_input_kernel, (triton.cdiv(n_rows, plan.block_m),),
-                  x2d, dout2d, dx.view(n_rows, n_cols), ln_weight, ln_bias, weight, mean, rstd, g_partial, db_partial,
-                  dw, db, d_ln_weight, d_ln_bias,
-                  n_rows, n_cols, n_out, x2d.stride(0), dout2d.stride(0), n_cols, split.splits,
-                  num_warps=plan.num_warps, num_stages=plan.row.num_stages, **plan.row.constexprs(matmul_dtype))
+        launches.weight(x_hat, dout2d, g_partial, db_partial,
+                        n_rows, n_cols, n_out, dout2d.stride(0), launches.split.rows_per_split)
+        launches.row(x2d, dout2d, dx.view(n_rows, n_cols), ln_weight, ln_bias, weight, mean, rstd, g_partial,
+                     db_partial, dw, db, d_ln_weight, d_ln_bias,
+                     n_rows, n_cols, n_out, x2d.stride(0), dout2d.stride(0), n_cols, splits)
     return dx, d_ln_weight, d_ln_bias, dw, db
 
 
@@ -277,7 +296,7 @@ def _autograd_backward(ctx, dout, *_saved_output_gradients):
 _layernorm_linear_op.register_autograd(_autograd_backward, setup_context=_setup_context)
 
 
-def _validate(x, ln_weight, ln_bias, weight, bias):
+def _validate(x, ln_weight, ln_bias, weight, bias, matmul_dtype: torch.dtype):
     named = dict(x=x, ln_weight=ln_weight, ln_bias=ln_bias, weight=weight, bias=bias)
     for name, t in named.items():
         _common.check_floating(name, t)
@@ -294,8 +313,8 @@ def _validate(x, ln_weight, ln_bias, weight, bias):
             raise ValueError(f"{name} must have shape {list(shape)} (C={n_cols} from x, out={weight.shape[0]} from "
                              f"weight), got {list(named[name].shape)}")
     _common.check_device("x", x, _INTERPRETED, __name__)
-    fl.panel_width(n_cols, fl.matmul_dtype_of(x))
-    _common.refuse_interpreted_bf16("x (or autocast)", _INTERPRETED, fl.matmul_dtype_of(x))
+    fl.panel_width(n_cols, matmul_dtype)
+    _common.refuse_interpreted_bf16("x (or autocast)", _INTERPRETED, matmul_dtype)
 
 
 def layernorm_linear(x, ln_weight, ln_bias, weight, bias, eps: float = 1e-5) -> torch.Tensor:
@@ -306,8 +325,9 @@ def layernorm_linear(x, ln_weight, ln_bias, weight, bias, eps: float = 1e-5) -> 
     [..., out] in the matmul dtype, differentiable in x and the four parameters. Raises
     ValueError for inconsistent shapes, unsupported dtypes or devices.
     """
-    _validate(x, ln_weight, ln_bias, weight, bias)
-    return _layernorm_linear_op(x, ln_weight, ln_bias, weight, bias, float(eps), fl.matmul_dtype_of(x))[0]
+    matmul_dtype = fl.matmul_dtype_of(x)
+    _validate(x, ln_weight, ln_bias, weight, bias, matmul_dtype)
+    return _layernorm_linear_op(x, ln_weight, ln_bias, weight, bias, float(eps), matmul_dtype)[0]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -46,6 +46,7 @@ parameter gradient its parameter's. Tilings are in _plan below.
 The op is a PyTorch operator (torch.ops.vit_kernels.layernorm_mlp, with a fake for tracing
 and its backward registered), so torch.compile traces through it without a graph break.
 """
+import functools
 import warnings
 from dataclasses import dataclass
 
@@ -313,6 +314,29 @@ def _backward_grid(plan: _Plan, n_rows: int, n_cols: int, n_hidden: int) -> _Bac
     return _BackwardGrid(q_tiles, pre, w2, triton.cdiv(n_rows, plan.block_m))
 
 
+@dataclass(frozen=True)
+class _Launches:
+    """The launches of one call at one shape (n_rows > 0)."""
+    forward: _common.Launch
+    weight: _common.Launch  # the backward's weight-gradient kernel
+    row: _common.Launch  # the backward's row kernel
+    grid: _BackwardGrid
+
+
+@functools.lru_cache(maxsize=_common.PLANNED_SHAPES)
+def _launches(n_rows: int, n_cols: int, n_hidden: int, second_gelu: bool, matmul_dtype: torch.dtype) -> _Launches:
+    plan = _plan(n_cols, matmul_dtype)
+    grid = _backward_grid(plan, n_rows, n_cols, n_hidden)
+    return _Launches(
+        forward=fl.planned_launch(_ln_mlp_forward_kernel, grid.row_tiles, plan.num_warps, plan.num_stages,
+                                  plan.forward_constexprs(second_gelu, matmul_dtype)),
+        weight=fl.planned_launch(_ln_mlp_backward_weight_kernel, grid.weight_programs, plan.num_warps,
+                                 plan.num_stages, plan.weight_constexprs(second_gelu, matmul_dtype)),
+        row=fl.planned_launch(_ln_mlp_backward_input_kernel, grid.row_tiles, plan.num_warps, plan.row.num_stages,
+                              plan.row.constexprs(matmul_dtype)),
+        grid=grid)
+
+
 # ---------------------------------------------------------------------------------------------
 # Launchers
 # ---------------------------------------------------------------------------------------------
@@ -334,15 +358,12 @@ def _forward(x, ln_weight, ln_bias, w1, b1, w2, b2, branch_scale, eps: float, se
     pre = _common.new_output((n_rows, n_hidden), matmul_dtype, x.device)
     z = _common.new_output((n_rows, n_cols) if second_gelu else (0,), matmul_dtype, x.device)
     if n_rows > 0:
-        plan = _plan(n_cols, matmul_dtype)
         scale = branch_scale if branch_scale is not None else mean  # never read without a scale
         with _common.on_device_of(x):
-            fl.launch(_ln_mlp_forward_kernel, (triton.cdiv(n_rows, plan.block_m),),
-                      x2d, y, ln_weight, ln_bias, w1, b1, w2, b2, scale, mean, rstd, x_hat, pre, z,
-                      n_rows, n_cols, n_hidden, x2d.stride(0), n_cols, fl.rows_per_sample(x, branch_scale),
-                      int(branch_scale is not None), eps,
-                      num_warps=plan.num_warps, num_stages=plan.num_stages,
-                      **plan.forward_constexprs(second_gelu, matmul_dtype))
+            _launches(n_rows, n_cols, n_hidden, second_gelu, matmul_dtype).forward(
+                x2d, y, ln_weight, ln_bias, w1, b1, w2, b2, scale, mean, rstd, x_hat, pre, z,
+                n_rows, n_cols, n_hidden, x2d.stride(0), n_cols, fl.rows_per_sample(x, branch_scale),
+                int(branch_scale is not None), eps)
     return y, mean, rstd, x_hat, pre, z
 
 
@@ -359,8 +380,8 @@ def _backward(dy, x, ln_weight, ln_bias, w1, b1, w2, b2, mean, rstd, x_hat, pre,
     if n_rows == 0:  # every parameter gradient is an empty sum
         return (dx, *(g.zero_() for g in grads))
     d_ln_weight, d_ln_bias, dw1, db1, dw2, db2 = grads
-    plan = _plan(n_cols, matmul_dtype)
-    grid = _backward_grid(plan, n_rows, n_cols, n_hidden)
+    launches = _launches(n_rows, n_cols, n_hidden, second_gelu, matmul_dtype)
+    grid = launches.grid
     d_pre = _common.new_output((n_rows, n_hidden), matmul_dtype, device)
     g_partial = _common.new_output((grid.pre.splits, n_cols, n_hidden), torch.float32, device)
     db1_partial = _common.new_output((grid.pre.splits, n_hidden), torch.float64, device)
@@ -368,19 +389,15 @@ def _backward(dy, x, ln_weight, ln_bias, w1, b1, w2, b2, mean, rstd, x_hat, pre,
     db2_partial = _common.new_output((grid.w2.splits, n_cols), torch.float64, device)
     scale = branch_scale if branch_scale is not None else mean  # never read without a scale
     with _common.on_device_of(x):
-        fl.launch(_ln_mlp_backward_weight_kernel, (grid.weight_programs,),
-                  x_hat, dy2d, w2, scale, pre, z, d_pre, g_partial, db1_partial, dw2_partial, db2_partial,
-                  n_rows, n_cols, n_hidden, dy2d.stride(0), fl.rows_per_sample(x, branch_scale),
-                  int(branch_scale is not None), grid.pre.splits, grid.pre.rows_per_split, grid.w2.rows_per_split,
-                  num_warps=plan.num_warps, num_stages=plan.num_stages,
-                  **plan.weight_constexprs(second_gelu, matmul_dtype))
-        fl.launch(_ln_mlp_backward_input_kernel, (grid.row_tiles,),
-                  x2d, dy2d, dx.view(n_rows, n_cols), ln_weight, ln_bias, w1, mean, rstd, d_pre,
-                  g_partial, db1_partial, dw2_partial, db2_partial,
-                  dw1, db1, dw2, db2, d_ln_weight, d_ln_bias,
-                  n_rows, n_cols, n_hidden, x2d.stride(0), dy2d.stride(0), n_cols, grid.pre.splits, grid.w2.splits,
-                  num_warps=plan.num_warps, num_stages=plan.row.num_stages,
-                  **plan.row.constexprs(matmul_dtype))
+        launches.weight(x_hat, dy2d, w2, scale, pre, z, d_pre, g_partial, db1_partial, dw2_partial, db2_partial,
+                        n_rows, n_cols, n_hidden, dy2d.stride(0), fl.rows_per_sample(x, branch_scale),
+                        int(branch_scale is not None), grid.pre.splits, grid.pre.rows_per_split,
+                        grid.w2.rows_per_split)
+        launches.row(x2d, dy2d, dx.view(n_rows, n_cols), ln_weight, ln_bias, w1, mean, rstd, d_pre,
+                     g_partial, db1_partial, dw2_partial, db2_partial,
+                     dw1, db1, dw2, db2, d_ln_weight, d_ln_bias,
+                     n_rows, n_cols, n_hidden, x2d.stride(0), dy2d.stride(0), n_cols, grid.pre.splits,
+                     grid.w2.splits)
     return dx, d_ln_weight, d_ln_bias, dw1, db1, dw2, db2
 
 
@@ -452,7 +469,7 @@ _layernorm_mlp_op.register_autograd(_autograd_backward, setup_context=_setup_con
 # Entry point
 # ---------------------------------------------------------------------------------------------
 
-def _validate(x, ln_weight, ln_bias, w1, b1, w2, b2, branch_scale):
+def _validate(x, ln_weight, ln_bias, w1, b1, w2, b2, branch_scale, matmul_dtype: torch.dtype):
     named = dict(x=x, ln_weight=ln_weight, ln_bias=ln_bias, w1=w1, b1=b1, w2=w2, b2=b2)
     for name, t in named.items():
         _common.check_floating(name, t)
@@ -471,8 +488,8 @@ def _validate(x, ln_weight, ln_bias, w1, b1, w2, b2, branch_scale):
                              f"got {list(named[name].shape)}")
     fl.check_branch_scale(branch_scale, x)
     _common.check_device("x", x, _INTERPRETED, __name__)
-    fl.panel_width(n_cols, fl.matmul_dtype_of(x))
-    _common.refuse_interpreted_bf16("x (or autocast)", _INTERPRETED, fl.matmul_dtype_of(x))
+    fl.panel_width(n_cols, matmul_dtype)
+    _common.refuse_interpreted_bf16("x (or autocast)", _INTERPRETED, matmul_dtype)
 
 
 def layernorm_mlp(x, ln_weight, ln_bias, w1, b1, w2, b2, eps: float = 1e-5, *, second_gelu: bool = False,
@@ -485,9 +502,10 @@ def layernorm_mlp(x, ln_weight, ln_bias, w1, b1, w2, b2, eps: float = 1e-5, *, s
     one per sample (needs no gradient). Returns a tensor of x's shape, differentiable in x and
     the six parameters. Raises ValueError for inconsistent shapes, unsupported dtypes or devices.
     """
-    _validate(x, ln_weight, ln_bias, w1, b1, w2, b2, branch_scale)
+    matmul_dtype = fl.matmul_dtype_of(x)
+    _validate(x, ln_weight, ln_bias, w1, b1, w2, b2, branch_scale, matmul_dtype)
     return _layernorm_mlp_op(x, ln_weight, ln_bias, w1, b1, w2, b2, branch_scale, float(eps), bool(second_gelu),
-                             fl.matmul_dtype_of(x))[0]
+                             matmul_dtype)[0]
 
 
 # ---------------------------------------------------------------------------------------------

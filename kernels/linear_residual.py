@@ -22,6 +22,7 @@ dtype and branch_scale (the residual's dtype in the model); dh in h's dtype, the
 gradient in the residual's, parameter gradients in their parameters'. The op is a PyTorch
 operator (torch.ops.vit_kernels.linear_residual) with a fake and its backward registered.
 """
+import functools
 import warnings
 from dataclasses import dataclass
 
@@ -176,6 +177,32 @@ def _split(plan: _Plan, n_rows: int, n_in: int) -> fl.Split:
     return fl.split_rows(n_rows, plan.block_r, triton.cdiv(n_in, plan.block_q), fl.WEIGHT_GRADIENT_PROGRAMS)
 
 
+@dataclass(frozen=True)
+class _Launches:
+    """The launches of one call at one shape (n_rows > 0)."""
+    forward: _common.Launch
+    weight: _common.Launch  # the backward's weight-gradient kernel
+    row: _common.Launch  # the backward's row kernel
+    split: fl.Split
+
+
+@functools.lru_cache(maxsize=_common.PLANNED_SHAPES)
+def _launches(n_rows: int, n_in: int, n_out: int, matmul_dtype: torch.dtype) -> _Launches:
+    output_plan = _plan(n_out, matmul_dtype)  # the forward and the weight gradient hold C_out
+    input_plan = _plan(n_in, matmul_dtype)  # the row kernel holds C_in
+    split = _split(output_plan, n_rows, n_in)
+    return _Launches(
+        forward=fl.planned_launch(_linear_residual_forward_kernel, triton.cdiv(n_rows, output_plan.block_m),
+                                  output_plan.num_warps, output_plan.num_stages,
+                                  output_plan.forward_constexprs(matmul_dtype)),
+        weight=fl.planned_launch(_linear_residual_backward_weight_kernel,
+                                 triton.cdiv(n_in, output_plan.block_q) * split.splits, output_plan.num_warps,
+                                 output_plan.num_stages, output_plan.weight_constexprs(matmul_dtype)),
+        row=fl.planned_launch(_linear_residual_backward_input_kernel, triton.cdiv(n_rows, input_plan.block_m),
+                              input_plan.num_warps, input_plan.num_stages, input_plan.row.constexprs(matmul_dtype)),
+        split=split)
+
+
 # ---------------------------------------------------------------------------------------------
 # Launchers and the operator
 # ---------------------------------------------------------------------------------------------
@@ -195,14 +222,12 @@ def _forward(h, weight, bias, residual, branch_scale, matmul_dtype: torch.dtype)
     weight, bias, branch_scale = fl.contiguous(weight, bias, branch_scale)
     out = _common.new_output(residual.shape, _output_dtype(residual.dtype, matmul_dtype, branch_scale), h.device)
     if n_rows > 0:
-        plan = _plan(n_out, matmul_dtype)
         scale = branch_scale if branch_scale is not None else bias  # never read without a scale
         with _common.on_device_of(h):
-            fl.launch(_linear_residual_forward_kernel, (triton.cdiv(n_rows, plan.block_m),),
-                      h2d, weight, bias, residual2d, scale, out,
-                      n_rows, n_in, n_out, h2d.stride(0), residual2d.stride(0), n_out,
-                      fl.rows_per_sample(residual, branch_scale), int(branch_scale is not None),
-                      num_warps=plan.num_warps, num_stages=plan.num_stages, **plan.forward_constexprs(matmul_dtype))
+            _launches(n_rows, n_in, n_out, matmul_dtype).forward(
+                h2d, weight, bias, residual2d, scale, out,
+                n_rows, n_in, n_out, h2d.stride(0), residual2d.stride(0), n_out,
+                fl.rows_per_sample(residual, branch_scale), int(branch_scale is not None))
     return out
 
 
@@ -218,25 +243,19 @@ def _backward(dy, h, weight, bias, branch_scale, matmul_dtype: torch.dtype):
     db = _common.new_output(bias.shape, bias.dtype, device)
     if n_rows == 0:
         return dh, dw.zero_(), db.zero_()
-    weight_plan = _plan(n_out, matmul_dtype)
-    input_plan = _plan(n_in, matmul_dtype)
-    split = _split(weight_plan, n_rows, n_in)
-    dw_partial = _common.new_output((split.splits, n_out, n_in), torch.float32, device)
-    db_partial = _common.new_output((split.splits, n_out), torch.float64, device)
+    launches = _launches(n_rows, n_in, n_out, matmul_dtype)
+    splits = launches.split.splits
+    dw_partial = _common.new_output((splits, n_out, n_in), torch.float32, device)
+    db_partial = _common.new_output((splits, n_out), torch.float64, device)
     scale = branch_scale if branch_scale is not None else bias  # never read without a scale
     per_sample = fl.rows_per_sample(dy, branch_scale)
     has_scale = int(branch_scale is not None)
     with _common.on_device_of(h):
-        fl.launch(_linear_residual_backward_weight_kernel, (triton.cdiv(n_in, weight_plan.block_q) * split.splits,),
-                  h2d, dy2d, scale, dw_partial, db_partial,
-                  n_rows, n_in, n_out, h2d.stride(0), dy2d.stride(0), per_sample, has_scale, split.rows_per_split,
-                  num_warps=weight_plan.num_warps, num_stages=weight_plan.num_stages,
-                  **weight_plan.weight_constexprs(matmul_dtype))
-        fl.launch(_linear_residual_backward_input_kernel, (triton.cdiv(n_rows, input_plan.block_m),),
-                  dy2d, weight, scale, dh.view(n_rows, n_in), dw_partial, db_partial, dw, db,
-                  n_rows, n_in, n_out, dy2d.stride(0), n_in, per_sample, has_scale, split.splits,
-                  num_warps=input_plan.num_warps, num_stages=input_plan.num_stages,
-                  **input_plan.row.constexprs(matmul_dtype))
+        launches.weight(h2d, dy2d, scale, dw_partial, db_partial,
+                        n_rows, n_in, n_out, h2d.stride(0), dy2d.stride(0), per_sample, has_scale,
+                        launches.split.rows_per_split)
+        launches.row(dy2d, weight, scale, dh.view(n_rows, n_in), dw_partial, db_partial, dw, db,
+                     n_rows, n_in, n_out, dy2d.stride(0), n_in, per_sample, has_scale, splits)
     return dh, dw, db
 
 
@@ -280,7 +299,7 @@ def _autograd_backward(ctx, dy):
 _linear_residual_op.register_autograd(_autograd_backward, setup_context=_setup_context)
 
 
-def _validate(h, weight, bias, residual, branch_scale):
+def _validate(h, weight, bias, residual, branch_scale, matmul_dtype: torch.dtype):
     named = dict(h=h, weight=weight, bias=bias, residual=residual)
     for name, t in named.items():
         _common.check_floating(name, t)
@@ -299,8 +318,8 @@ def _validate(h, weight, bias, residual, branch_scale):
                          f"weight), got {list(residual.shape)}")
     fl.check_branch_scale(branch_scale, residual, "residual")
     _common.check_device("h", h, _INTERPRETED, __name__)
-    fl.panel_width(max(n_in, n_out), fl.matmul_dtype_of(h))
-    _common.refuse_interpreted_bf16("h (or autocast)", _INTERPRETED, fl.matmul_dtype_of(h))
+    fl.panel_width(max(n_in, n_out), matmul_dtype)
+    _common.refuse_interpreted_bf16("h (or autocast)", _INTERPRETED, matmul_dtype)
 
 
 def linear_residual(h, weight, bias, residual, branch_scale: torch.Tensor | None = None) -> torch.Tensor:
@@ -311,8 +330,9 @@ def linear_residual(h, weight, bias, residual, branch_scale: torch.Tensor | None
     Returns residual's shape, differentiable in h, weight, bias and residual. Raises ValueError
     for inconsistent shapes, unsupported dtypes or devices.
     """
-    _validate(h, weight, bias, residual, branch_scale)
-    return _linear_residual_op(h, weight, bias, residual, branch_scale, fl.matmul_dtype_of(h))
+    matmul_dtype = fl.matmul_dtype_of(h)
+    _validate(h, weight, bias, residual, branch_scale, matmul_dtype)
+    return _linear_residual_op(h, weight, bias, residual, branch_scale, matmul_dtype)
 
 
 # ---------------------------------------------------------------------------------------------

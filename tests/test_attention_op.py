@@ -74,13 +74,13 @@ def test_launch_planning_never_runs_inside_a_trace(monkeypatch, generator):
     from torch._guards import detect_fake_mode
 
     calls = []
-    plan = attention_module._launch_plan
+    plan = attention_module._launches
 
     def recording_plan(*args):
         calls.append({"compiling": torch.compiler.is_compiling(), "fake": detect_fake_mode() is not None})
         return plan(*args)
 
-    monkeypatch.setattr(attention_module, "_launch_plan", recording_plan)
+    monkeypatch.setattr(attention_module, "_launches", recording_plan)
     qkv, grad_out = _problem(generator)
     torch._dynamo.reset()
     leaf = qkv.clone().requires_grad_()
