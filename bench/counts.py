@@ -25,9 +25,24 @@ themselves. Both can be counted without a GPU, on the CPU, from the ops the code
   on a GPU each is a host-to-device copy, and blocking unless pinned.
 - device copies: copies between devices, by direction.
 CPU timings are never performance figures; these counts are the same on every machine.
+
+The host's own cost of a step is counted the same way, in Python calls (cProfile's count,
+builtins included), with Triton's launches stubbed so that nothing executes:
+
+    with StubbedTritonLaunches():
+        calls = count_python_calls(lambda: train_step(images, labels))
+    calls.total, calls.of("torch/_library/custom_ops.py", "__call__")
+
+On a GPU an eager step's launches are queued faster than the device runs them only while the
+host's calls cost less than the kernels: at about a microsecond a call, thousands of calls are
+milliseconds. The count runs on the CPU: the planning, allocations and dispatches are those of
+the GPU step (the same code, the same shapes), without Triton's own launcher and without the
+CUDA device guard each operator enters.
 """
 from __future__ import annotations
 
+import cProfile
+import pstats
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -190,3 +205,83 @@ class DeviceWorkCounter(TorchDispatchMode):
         counts.aten_launches += 1
         counts.by_op[name] += 1
         return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Python calls
+# ---------------------------------------------------------------------------------------------
+
+def _triton_function_classes() -> list:
+    from triton.runtime.jit import JITFunction
+
+    classes = [JITFunction]
+    try:
+        from triton.runtime.interpreter import InterpretedFunction
+        classes.append(InterpretedFunction)
+    except ImportError:  # a Triton without the interpreter
+        pass
+    return classes
+
+
+class StubbedTritonLaunches:
+    """Inside `with StubbedTritonLaunches() as stub:`, a @triton.jit kernel's launch
+    (`kernel[grid](...)`) returns at once: nothing compiles or executes, outputs keep what they
+    were allocated with. stub.launches counts them, by kernel name."""
+
+    def __init__(self):
+        self.launches = Counter()
+        self._patched = []
+
+    def __enter__(self):
+        stub = self
+        for cls in _triton_function_classes():
+            original = cls.__dict__["run"]
+
+            def run(kernel, *args, grid, warmup, _original=original, **kwargs):
+                if warmup:
+                    return _original(kernel, *args, grid=grid, warmup=warmup, **kwargs)
+                stub.launches[getattr(kernel, "__name__", repr(kernel))] += 1
+                return None
+
+            cls.run = run
+            self._patched.append((cls, original))
+        return self
+
+    def __exit__(self, *exc):
+        for cls, original in self._patched:
+            cls.run = original
+        self._patched.clear()
+
+
+@dataclass
+class PythonCalls:
+    """Python function calls made by a piece of host code, builtins included (cProfile's count)."""
+    total: int
+    by_function: Counter  # (file name, line, function name) -> calls; builtins have file name "~"
+
+    def of(self, file_suffix: str, function: str) -> int:
+        """Calls of `function` defined in a file whose path ends with file_suffix ("~" for builtins,
+        whose function reads e.g. "<built-in method torch.empty>")."""
+        return sum(calls for (file, _, name), calls in self.by_function.items()
+                   if file.endswith(file_suffix) and name == function)
+
+    def as_dict(self) -> dict:
+        return {"python_calls": self.total,
+                "custom_op_dispatches": self.of("torch/_library/custom_ops.py", "__call__"),
+                "torch_empty_calls": self.of("~", "<built-in method torch.empty>"),
+                "grid_helper_calls": (self.of("triton/__init__.py", "cdiv")
+                                      + self.of("triton/__init__.py", "next_power_of_2"))}
+
+
+def count_python_calls(fn) -> PythonCalls:
+    """The Python calls of one fn() (run it once before, so that one-off work such as imports,
+    plans and optimizer state is not counted)."""
+    profile = cProfile.Profile()
+    profile.enable()
+    try:
+        fn()
+    finally:
+        profile.disable()
+    stats = pstats.Stats(profile)
+    return PythonCalls(total=stats.total_calls,
+                       by_function=Counter({key: row[1] for key, row in stats.stats.items()}))

@@ -1,0 +1,75 @@
+"""The host's cost of an eager step at the model's shape, in Python calls (bench/counts.py):
+Triton's launches stubbed, so that the planning, allocations and operator dispatches of the
+GPU step are counted on the CPU, at the real shapes, without executing a kernel."""
+import pytest
+import torch
+
+from bench.counts import StubbedTritonLaunches, count_python_calls
+from bench.host_work import _parts
+from vit.model import ViTConfig
+from vit.trainer import TrainConfig, Trainer, evaluate
+
+MODEL = ViTConfig(backend="triton")  # the model's defaults: 7 blocks of 12 heads at dim 384, N = 65
+BATCH = 128
+# Operator calls per block and step: layernorm_linear, attention, linear_residual and
+# layernorm_mlp forward, and each one's backward operator.
+DISPATCHES_PER_BLOCK = 8
+# Kernel launches per block: one per operator forward, two per fused linear's backward, and
+# attention's backward: one at fp16 (the whole-sequence plan), two at fp32 (streaming at N = 65).
+FORWARD_LAUNCHES_PER_BLOCK = 4
+LAUNCHES_PER_BLOCK = {"fp32": FORWARD_LAUNCHES_PER_BLOCK + 8, "fp16": FORWARD_LAUNCHES_PER_BLOCK + 7}
+# Python calls per eager step, as measured (6,290 and 6,537; kernels/README.md, "Host cost",
+# breaks them down), with 3% room for another torch's internals. fp16 autocast runs the
+# half-precision plans the GPU's bf16 step runs, with a gradient scaler the bf16 step has not.
+STEP_BUDGET = {"fp32": 6_500, "fp16": 6_750}
+EVALUATION_BUDGET = {"fp32": 2_400, "fp16": 2_400}  # measured 2,333 and 2,340
+
+
+def _trainer(precision: str, run_dir) -> tuple[Trainer, torch.Tensor, torch.Tensor]:
+    cfg = TrainConfig(epochs=1, batch_size=BATCH, warmup_epochs=0, device="cpu", precision=precision,
+                      augment="gpu", progress=False, seed=0)
+    model, loader, test_set, optimizer = _parts(MODEL, cfg, 4 * BATCH, num_test=BATCH)
+    images, labels = next(iter(loader))
+    return Trainer(model, loader, test_set, optimizer, cfg, run_dir, log=lambda line: None), images, labels
+
+
+def _describe(calls) -> str:
+    top = ", ".join(f"{name} {count}" for (_, _, name), count in calls.by_function.most_common(12))
+    return f"{calls.as_dict()}; most called: {top}"
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_an_eager_training_step_plans_nothing_and_stays_within_its_python_calls(precision, tmp_path):
+    trainer, images, labels = _trainer(precision, tmp_path)
+    with StubbedTritonLaunches() as stub:
+        for _ in range(2):  # Adam's state and every launch plan are made here
+            trainer.train_step(images, labels)
+        stub.launches.clear()
+        calls = count_python_calls(lambda: trainer.train_step(images, labels))
+    figures = calls.as_dict()
+    print(f"{precision} training step: {_describe(calls)}")
+    assert figures["custom_op_dispatches"] == DISPATCHES_PER_BLOCK * MODEL.depth, figures
+    assert sum(stub.launches.values()) == LAUNCHES_PER_BLOCK[precision] * MODEL.depth, dict(stub.launches)
+    assert figures["grid_helper_calls"] == 0, _describe(calls)  # grids come from the plans, made once
+    assert calls.total <= STEP_BUDGET[precision], _describe(calls)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_an_evaluation_forward_plans_nothing_and_stays_within_its_python_calls(precision, tmp_path):
+    trainer, images, _ = _trainer(precision, tmp_path)
+    model = trainer.model.eval()
+
+    def forward():  # as vit.trainer.evaluate runs each batch
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.float16, enabled=precision == "fp16"):
+            model(images)
+
+    with StubbedTritonLaunches() as stub:
+        forward()
+        stub.launches.clear()
+        calls = count_python_calls(forward)
+    figures = calls.as_dict()
+    print(f"{precision} evaluation forward: {_describe(calls)}")
+    assert figures["custom_op_dispatches"] == DISPATCHES_PER_BLOCK // 2 * MODEL.depth, figures
+    assert sum(stub.launches.values()) == FORWARD_LAUNCHES_PER_BLOCK * MODEL.depth, dict(stub.launches)
+    assert figures["grid_helper_calls"] == 0, _describe(calls)
+    assert calls.total <= EVALUATION_BUDGET[precision], _describe(calls)
