@@ -115,6 +115,18 @@ def _copy_direction(op, args, kwargs, out) -> tuple[str, str] | None:
     return source.device.type, target.device.type
 
 
+def _triton_function_classes() -> list:
+    from triton.runtime.jit import JITFunction
+
+    classes = [JITFunction]
+    try:
+        from triton.runtime.interpreter import InterpretedFunction
+        classes.append(InterpretedFunction)
+    except ImportError:  # a Triton without the interpreter
+        pass
+    return classes
+
+
 class DeviceWorkCounter(TorchDispatchMode):
     """Counts the device work of everything run inside `with DeviceWorkCounter() as c:`; see the
     module docstring. c.counts holds the totals; the counter may be entered again to add to them."""
@@ -127,17 +139,8 @@ class DeviceWorkCounter(TorchDispatchMode):
 
     # -- Triton launches ---------------------------------------------------------------------
     def _patch_triton(self):
-        from triton.runtime.jit import JITFunction
-
-        classes = [JITFunction]
-        try:
-            from triton.runtime.interpreter import InterpretedFunction
-            classes.append(InterpretedFunction)
-        except ImportError:  # a Triton without the interpreter
-            pass
         counter = self
-
-        for cls in classes:
+        for cls in _triton_function_classes():
             original = cls.__dict__["run"]
 
             def run(kernel, *args, grid, warmup, _original=original, **kwargs):
@@ -210,18 +213,6 @@ class DeviceWorkCounter(TorchDispatchMode):
 # ---------------------------------------------------------------------------------------------
 # Python calls
 # ---------------------------------------------------------------------------------------------
-
-def _triton_function_classes() -> list:
-    from triton.runtime.jit import JITFunction
-
-    classes = [JITFunction]
-    try:
-        from triton.runtime.interpreter import InterpretedFunction
-        classes.append(InterpretedFunction)
-    except ImportError:  # a Triton without the interpreter
-        pass
-    return classes
-
 
 class StubbedTritonLaunches:
     """Inside `with StubbedTritonLaunches() as stub:`, a @triton.jit kernel's launch

@@ -76,8 +76,9 @@ _NO_DEVICE_SWITCH = contextlib.nullcontext()  # reusable: it holds no state
 
 
 def on_device_of(tensor: torch.Tensor):
-    """Triton launches on the current CUDA device: make it the tensor's (cuda:1 etc.). The guard
-    torch.cuda.device enters, without its parsing of the argument (12 Python calls an operator)."""
+    """Triton launches on the current CUDA device: make it the tensor's (cuda:1 etc.). torch's
+    device guard built from the index: torch.cuda.device would parse its argument in Python on
+    every operator call."""
     return torch.cuda._DeviceGuard(tensor.device.index) if tensor.is_cuda else _NO_DEVICE_SWITCH
 
 

@@ -214,6 +214,7 @@ def result_dtype(*dtypes: torch.dtype) -> torch.dtype:
 
 
 def planned_launch(kernel, programs: int, num_warps: int, num_stages: int, constexprs: dict) -> _common.Launch:
+    """A launch of `programs` programs (a one-axis grid) with a plan's options."""
     return _common.Launch(kernel, (programs,), dict(constexprs, num_warps=num_warps, num_stages=num_stages))
 
 
