@@ -28,10 +28,11 @@ from vit import cli, distributed  # noqa: E402
 from vit.backends import backend_names, get_backend  # noqa: E402
 from vit.checkpoint import load_checkpoint, read_config, write_config  # noqa: E402
 from vit.data import BatchSizeError  # noqa: E402
+from vit.evaluate import check_model_identity  # noqa: E402
 from vit.mixing import SMOOTHING_CONVENTIONS  # noqa: E402
 from vit.augment import AUTO_AUGMENT_VARIANTS  # noqa: E402
 from vit.config import OPTIMIZERS  # noqa: E402
-from vit.model import INITS, POOLS, ViTConfig, model_config_differences  # noqa: E402
+from vit.model import INITS, POOLS, ViTConfig  # noqa: E402
 from vit.recipes import RECIPES, recipe_configs  # noqa: E402
 from vit.trainer import (NonFiniteLoss, RunSummary, TrainConfig, Trainer, build_trainer,  # noqa: E402
                          cuda_graph_unsupported_reason)
@@ -377,13 +378,10 @@ def check_checkpoint_model(checkpoint_path: Path, model_cfg: ViTConfig):
     """Refuse to resume weights under another model than the one they were trained in: the
     checkpoint's own model_config against config.json's (which the typed flags were held to)."""
     try:
-        saved = load_checkpoint(checkpoint_path, "cpu").get("model_config")
+        checkpoint = load_checkpoint(checkpoint_path, "cpu")
     except (OSError, RuntimeError) as error:
         raise cli.RunError(f"cannot resume {checkpoint_path.parent}: {cli.one_line(error)}") from None
-    differences = model_config_differences(saved, asdict(model_cfg)) if isinstance(saved, dict) else []
-    if differences:
-        raise cli.RunError(f"cannot resume {checkpoint_path.parent}: the checkpoint's model differs from the one in "
-                           f"config.json in {'; '.join(differences)}; restore the run's own config.json")
+    check_model_identity(checkpoint, asdict(model_cfg), checkpoint_path)
 
 
 # ---------------------------------------------------------------------------- what the user reads

@@ -86,7 +86,8 @@ def test_resume_refuses_a_checkpoint_of_another_model(tmp_path, capsys):
     run = write_run(tmp_path / "run", checkpoint_cfg=TINY, config_cfg=replace(TINY, heads=4), checkpoint_name="last.pt")
     assert train.main(["--resume", str(run), "--print-config"]) == 1
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "cannot resume" in err and "heads (2 in the checkpoint, 4 in config.json)" in err
+    assert err.count("\n") == 1 and err.startswith(f"error: {run / 'last.pt'}: the checkpoint's model differs")
+    assert "heads (2 in the checkpoint, 4 in config.json)" in err
 
 
 def test_resume_of_the_same_model_goes_on(tmp_path, capsys):

@@ -142,6 +142,11 @@ def test_each_mode_is_decoded_by_its_range(mode, tmp_path):
         np.testing.assert_array_equal(loaded.pixels.permute(1, 2, 0).numpy(), expected)
 
 
+def test_a_float_image_stretches_over_its_finite_values():
+    values = np.array([[0.5, np.nan, 1.5, np.inf, -np.inf, 1.0]], dtype=np.float32)
+    np.testing.assert_array_equal(to_rgb8(Image.fromarray(values))[..., 0], [[0, 0, 255, 255, 0, 128]])
+
+
 def test_a_multi_frame_file_names_the_frame_used(tmp_path):
     frames = [Image.new("RGB", (SIZE, SIZE), colour) for colour in ((255, 0, 0), (0, 255, 0), (0, 0, 255))]
     path = tmp_path / "animation.gif"

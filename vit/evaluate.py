@@ -139,13 +139,14 @@ def load_weights(model: ViT, state_dict: dict, checkpoint_path: Path):
     model.load_state_dict(state_dict)
 
 
-def check_model_identity(checkpoint: dict, config: dict, checkpoint_path: Path):
+def check_model_identity(checkpoint: dict, model_config: dict, checkpoint_path: Path):
     """Refuse a checkpoint whose own model_config describes another model than config.json's
     "model" (vit.model.model_config_differences): the weights would run in a model they were not
-    trained in, shapes equal or not. A checkpoint without model_config has only its shapes to check."""
+    trained in, shapes equal or not. A checkpoint without model_config has only its shapes to check.
+    Shared with train.py --resume."""
     saved = checkpoint.get("model_config")
     if isinstance(saved, dict):
-        differences = model_config_differences(saved, config["model"])
+        differences = model_config_differences(saved, model_config)
         if differences:
             raise RunError(f"{checkpoint_path}: the checkpoint's model differs from the one in {CONFIG_NAME} in "
                            f"{'; '.join(differences)}; restore the run's own {CONFIG_NAME}")
@@ -173,7 +174,7 @@ def load_trained_model(path: str | os.PathLike, device: torch.device, backend: s
     if weights not in checkpoint:
         raise RunError(f"{checkpoint_path}: has no average of the weights; the run did not keep one "
                        f"(train.py --ema-decay), evaluate it without --ema")
-    check_model_identity(checkpoint, config, checkpoint_path)
+    check_model_identity(checkpoint, config["model"], checkpoint_path)
     model = ViT(model_config)
     load_weights(model, _strip_wrapper_prefix(checkpoint[weights]), checkpoint_path)
     epoch = checkpoint.get("epoch")
@@ -342,8 +343,8 @@ def _main(argv: list[str]) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     device = args.device
-    if args.backend and backend_problem(args.backend, device):
-        parser.error(backend_problem(args.backend, device))
+    if args.backend and (problem := backend_problem(args.backend, device)):
+        parser.error(problem)
     # The model first: a bad checkpoint is reported without waiting for the data set to load.
     trained = load_trained_model(args.path, device, args.backend, ema=args.ema)
     out_dir = cli.make_dir(args.out_dir, "--out-dir") if args.out_dir else trained.checkpoint_path.parent

@@ -8,8 +8,9 @@ model's input the same way:
 1. decoded to 8-bit RGB by the range its mode holds (to_rgb8): 8-bit modes as they are (greyscale
    replicated, a palette looked up, bilevel 0 or 255); 16-bit greyscale (I;16 and its byte orders)
    divided by 257, so 65535 is 255; 32-bit integer (I) and float (F) greyscale stretched from their
-   smallest to their largest value, as these modes have no standard white level (a float image may
-   hold 0..1 or any physical unit, an integer one any range); CMYK by R = (255 - C)(255 - K) / 255
+   smallest to their largest finite value, as these modes have no standard white level (a float
+   image may hold 0..1 or any physical unit, an integer one any range); CMYK by
+   R = (255 - C)(255 - K) / 255
    and likewise for G and B; a transparent image (RGBA, LA, PA, a palette with a transparent
    entry) composited over white, the page a viewer shows it on;
 2. of a multi-frame file (an animation, a multi-page TIFF) the first frame, which the output says;
@@ -57,7 +58,9 @@ def to_rgb8(image: Image.Image) -> np.ndarray:
         grey = np.round(np.asarray(image).astype(np.float64) / 257)
     elif mode in STRETCHED_MODES:
         values = np.asarray(image).astype(np.float64)
-        low, high = float(values.min()), float(values.max())
+        finite = values[np.isfinite(values)]
+        low, high = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 0.0)
+        values = np.nan_to_num(values, nan=low, posinf=high, neginf=low)  # a float image's NaN and infinities
         grey = np.round((values - low) * (255 / (high - low))) if high > low else np.zeros_like(values)
     elif mode == "CMYK":
         cmyk = np.asarray(image).astype(np.float64)
@@ -138,8 +141,8 @@ def _main(argv: list[str]) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     device = args.device
-    if args.backend and backend_problem(args.backend, device):
-        parser.error(backend_problem(args.backend, device))
+    if args.backend and (problem := backend_problem(args.backend, device)):
+        parser.error(problem)
     trained = load_trained_model(args.checkpoint, device, args.backend, ema=args.ema)
     cfg = trained.model.cfg
     class_names = class_names_of(trained.config, cfg.num_classes, trained.checkpoint_path.parent / CONFIG_NAME)
