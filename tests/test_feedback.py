@@ -4,7 +4,6 @@ run with the smoke-run command, the compiling lines, --resume of a checkpoint fi
 with its legend off the curves and the run's name in its title."""
 import io
 import math
-from pathlib import Path
 
 import pytest
 import torch

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from test_model_identity import TINY, write_run
+from test_model_identity import write_run
 from vit import predict
 from vit.predict import load_image, to_rgb8
 
