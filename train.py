@@ -26,8 +26,9 @@ import torch  # noqa: E402
 
 from vit import cli, distributed  # noqa: E402
 from vit.backends import backend_names, get_backend  # noqa: E402
-from vit.checkpoint import read_config, write_config  # noqa: E402
+from vit.checkpoint import load_checkpoint, read_config, write_config  # noqa: E402
 from vit.data import BatchSizeError  # noqa: E402
+from vit.evaluate import check_model_identity  # noqa: E402
 from vit.mixing import SMOOTHING_CONVENTIONS  # noqa: E402
 from vit.augment import AUTO_AUGMENT_VARIANTS  # noqa: E402
 from vit.config import OPTIMIZERS  # noqa: E402
@@ -51,6 +52,11 @@ MIN_STEPS_PER_EPOCH = 5
 # Above this share of the initial weights left in the average of the weights at the end of the
 # run (ema_decay ** steps), the average is mostly the untrained model: a warning says so.
 EMA_INITIAL_SHARE = 0.05
+# A CPU run whose first steps put it at more than this is most likely the GPU recipe started on a
+# CPU by mistake (the full recipe is hundreds of hours there): a warning gives the smoke run instead.
+LONG_CPU_RUN_SECONDS = 3600
+SMOKE_RUN_FLAGS = ("--device", "cpu", "--epochs", "2", "--warmup-epochs", "0.5", "--train-subset", "2000", "--depth", "2",
+                   "--dim", "64", "--heads", "4", "--mlp-dim", "64")  # README's quick start: minutes on 2 cores
 
 EXAMPLES = """\
 examples:
@@ -166,7 +172,8 @@ def build_parser(recipe: str = "default") -> argparse.ArgumentParser:
                    help="run directory, never overwritten (default: runs/<timestamp>, with -2, -3, ... if taken)")
     g.add_argument("--resume", default=None, metavar="RUN_DIR",
                    help="continue the run in RUN_DIR after its last finished epoch, or from its start if none "
-                        "finished; the recipe stays the saved one (default: a new run)")
+                        "finished; the recipe stays the saved one; a checkpoint file in it names it too "
+                        "(default: a new run)")
     g.add_argument("--num-workers", type=cli.non_negative_int, default=t.num_workers,
                    help=f"DataLoader workers for --augment cpu (default: the CPU count, at most 4; here {t.num_workers})")
     g.add_argument("--augment", choices=["gpu", "cpu"], default=None,
@@ -317,7 +324,15 @@ def resolve_resume(args, parser, typed: set[str], device: torch.device,
                    ctx: distributed.Context) -> tuple[ViTConfig, TrainConfig, Path, bool]:
     """The saved run's configs, its directory, and whether it has a checkpoint to continue from."""
     run_dir = Path(args.resume)
+    if run_dir.is_file() and run_dir.parent.joinpath("config.json").is_file():
+        # A checkpoint inside a run directory: the run continues from its last.pt either way.
+        if ctx.is_main:
+            print(f"note: --resume takes a run directory; {run_dir} is a file in one, so the run in {run_dir.parent} "
+                  f"continues from its last finished epoch", file=sys.stderr)
+        run_dir = run_dir.parent
     config_path = run_dir / "config.json"
+    if run_dir.is_file():
+        parser.error(f"--resume {run_dir}: a file, not a run directory (there is no config.json beside it)")
     if not run_dir.is_dir():
         parser.error(f"--resume {run_dir}: no such run directory")
     if not config_path.is_file():
@@ -353,7 +368,20 @@ def resolve_resume(args, parser, typed: set[str], device: torch.device,
     reason = get_backend(model_cfg.backend).unavailable_reason(device)
     if reason:
         parser.error(f"the run's backend {model_cfg.backend} cannot run here: {reason}")
-    return model_cfg, train_cfg, run_dir, (run_dir / "last.pt").exists()
+    has_checkpoint = (run_dir / "last.pt").exists()
+    if has_checkpoint:
+        check_checkpoint_model(run_dir / "last.pt", model_cfg)
+    return model_cfg, train_cfg, run_dir, has_checkpoint
+
+
+def check_checkpoint_model(checkpoint_path: Path, model_cfg: ViTConfig):
+    """Refuse to resume weights under another model than the one they were trained in: the
+    checkpoint's own model_config against config.json's (which the typed flags were held to)."""
+    try:
+        checkpoint = load_checkpoint(checkpoint_path, "cpu")
+    except (OSError, RuntimeError) as error:
+        raise cli.RunError(f"cannot resume {checkpoint_path.parent}: {cli.one_line(error)}") from None
+    check_model_identity(checkpoint, asdict(model_cfg), checkpoint_path)
 
 
 # ---------------------------------------------------------------------------- what the user reads
@@ -384,6 +412,27 @@ def startup_warnings(cfg: TrainConfig, typed: set[str], num_images: int, steps_p
         warnings.append("--augment cpu with --num-workers 0 augments in the training process: the GPU waits for "
                         "every batch")
     return warnings
+
+
+def long_cpu_run_warning(eta_seconds: float | None, data_dir: str) -> str | None:
+    """The warning for a CPU run that its first steps put at more than LONG_CPU_RUN_SECONDS, or None."""
+    if eta_seconds is None or eta_seconds < LONG_CPU_RUN_SECONDS:
+        return None
+    return (f"training on the CPU, at the pace of the first steps this run needs another {duration(eta_seconds)}; "
+            f"the recipe is sized for a GPU. A smoke run on the CPU takes minutes: "
+            f"{shell_command(script(), *SMOKE_RUN_FLAGS, '--data-dir', data_dir)}")
+
+
+def slow_start_notes(model_cfg: ViTConfig, cfg: TrainConfig, device: torch.device) -> list[str]:
+    """What makes the first steps slow before the progress shows: compilation."""
+    notes = []
+    if cfg.compile:
+        notes.append("compiling the model with torch.compile: the first training steps and the first evaluation "
+                     "wait for it (minutes on a CPU)")
+    if model_cfg.backend == "triton" and device.type == "cuda":
+        notes.append("compiling the Triton kernels for this GPU at their first launches (and autotuning them): the "
+                     "first steps wait for it; later runs reuse Triton's cache")
+    return notes
 
 
 def shell_command(*words) -> str:
@@ -522,6 +571,14 @@ def train(trainer, model_cfg: ViTConfig, cfg: TrainConfig, typed, run_dir: Path,
         say(f"warning: {warning}", file=sys.stderr)
     if resuming and trainer.start_epoch >= cfg.epochs:
         say(f"the run already finished its {cfg.epochs} epoch{'s' * (cfg.epochs != 1)}; nothing left to train")
+    if trainer.device.type == "cpu":
+        def warn_if_long(eta_seconds):
+            warning = long_cpu_run_warning(eta_seconds, cfg.data_dir)
+            if warning:
+                say(f"warning: {warning}", file=sys.stderr)
+        trainer.progress.on_first_eta = warn_if_long
+    for note in slow_start_notes(model_cfg, cfg, trainer.device):
+        say(note)
     try:
         summary = trainer.fit()
     except NonFiniteLoss as error:

@@ -225,25 +225,27 @@ def assert_clean_error(result: subprocess.CompletedProcess, *fragments: str):
 @pytest.mark.parametrize("module, case, fragments", [
     ("vit.evaluate", "missing", ["missing.pt", "no such checkpoint"]),
     ("vit.evaluate", "truncated", ["best.pt", "truncated"]),
-    ("vit.evaluate", "mismatched", ["best.pt", "do not fit", "dim=64 vs 32"]),
+    ("vit.evaluate", "mismatched", ["best.pt", "dim (64 in the checkpoint, 32 in config.json)"]),
     ("vit.evaluate", "no_config", ["config.json", "missing"]),
     ("vit.evaluate", "empty", ["no checkpoint"]),
     ("vit.predict", "truncated", ["best.pt", "truncated"]),
-    ("vit.predict", "mismatched", ["best.pt", "do not fit", "dim=64 vs 32"]),
+    ("vit.predict", "mismatched", ["best.pt", "dim (64 in the checkpoint, 32 in config.json)"]),
 ])
 def test_bad_checkpoint_is_a_one_line_error(bad_runs, module, case, fragments):
     image_args = [bad_runs["image"]] if module == "vit.predict" else []
     assert_clean_error(run_cli(module, bad_runs[case], *image_args), *fragments)
 
 
-def test_unreadable_images_are_one_line_errors(bad_runs, tmp_path):
+def test_unreadable_images_are_one_line_errors_with_strict(bad_runs, tmp_path):
     not_an_image = tmp_path / "notes.png"
     not_an_image.write_text("not a picture")
     truncated = tmp_path / "truncated.jpg"
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(truncated)
     truncated.write_bytes(truncated.read_bytes()[:600])
+    result = run_cli("vit.predict", bad_runs["good"], bad_runs["image"], not_an_image, truncated, "--strict")
+    assert_clean_error(result, "2 of 3 images could not be read")
     for bad_image in (not_an_image, truncated):
-        assert_clean_error(run_cli("vit.predict", bad_runs["good"], bad_runs["image"], bad_image), bad_image.name)
+        assert f"{bad_image}\n  error: cannot read the image" in result.stdout, result.stdout
 
 
 def test_evaluate_without_the_data_set_is_a_one_line_error(tiny_model, tmp_path):

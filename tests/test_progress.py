@@ -28,7 +28,7 @@ def test_durations_read_as_clock_times():
     assert [format_duration(s) for s in (0, 59.6, 61, 3600, 3725)] == ["0:00", "1:00", "1:01", "1:00:00", "1:02:05"]
 
 
-def test_plain_lines_when_not_a_terminal_at_most_every_interval_with_the_run_eta():
+def test_plain_lines_when_not_a_terminal_the_first_at_once_then_at_most_every_interval_with_the_run_eta():
     out, clock = io.StringIO(), FakeClock()
     progress = Progress(epochs=2, steps_per_epoch=100, stream=out, clock=clock)
     assert progress.mode == "lines"
@@ -40,10 +40,12 @@ def test_plain_lines_when_not_a_terminal_at_most_every_interval_with_the_run_eta
     progress.end_epoch()
     lines = out.getvalue().splitlines()
     assert "\r" not in out.getvalue()
-    assert len(lines) == 1  # three progress points over 1.5 intervals
-    # 50 of the run's 200 steps in one interval: 3 more intervals to go.
-    assert lines[0].startswith("epoch 1/2  step 50/100  loss 1.5000  acc 25.00%")
-    assert f"elapsed {format_duration(LINE_EVERY_SECONDS)}, ETA {format_duration(3 * LINE_EVERY_SECONDS)}" in lines[0]
+    assert len(lines) == 2  # the run's first progress point at once, then one in the interval after it
+    assert lines[0].startswith("epoch 1/2  step 25/100  loss 1.5000  acc 25.00%")
+    # 75 of the run's 200 steps in 1.5 intervals: 2.5 more intervals to go.
+    assert lines[1].startswith("epoch 1/2  step 75/100  loss 1.5000  acc 25.00%")
+    assert (f"elapsed {format_duration(1.5 * LINE_EVERY_SECONDS)}, ETA {format_duration(2.5 * LINE_EVERY_SECONDS)}"
+            in lines[1])
 
 
 def test_a_bar_on_a_terminal_with_the_run_elapsed_time_and_eta():
@@ -89,7 +91,7 @@ def test_train_py_with_output_to_a_file_writes_lines_only(fake_cifar, tmp_path):
 def test_best_note_stays_inside_the_axes_when_the_best_epoch_is_the_first():
     rows = [{"epoch": e, "train_loss": 1.0 + e, "test_loss": 1.0 + e, "train_acc": 0.5 / e, "test_acc": 0.5 / e}
             for e in range(1, 31)]
-    figure = curves_figure(rows)
+    figure = curves_figure(rows, run_name="run")
     figure.canvas.draw()
     renderer = figure.canvas.get_renderer()
     accuracy_axes = figure.axes[1]

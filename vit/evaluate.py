@@ -15,9 +15,10 @@ write_report() is the function that does the work; the trainer calls it at the e
 training so that a finished run directory holds its own evaluation. The loading helpers
 here (load_trained_model and friends) are shared with vit/predict.py.
 
-Bad input (a missing or truncated checkpoint, weights that do not fit the config, no
-config.json, no data set, an --out-dir that cannot be written) ends with a one-line message on
-stderr and exit code 1; a bad flag with exit code 2 (vit/cli.py's rule).
+Bad input (a missing or truncated checkpoint, a checkpoint whose own model_config differs from
+config.json's model in any field, weights that do not fit the config, no config.json, no data set,
+an --out-dir that cannot be written) ends with a one-line message on stderr and exit code 1; a bad
+flag, --backend that cannot run on the device included, with exit code 2 (vit/cli.py's rule).
 """
 import json
 import os
@@ -36,7 +37,7 @@ from vit.checkpoint import CONFIG_FILE as CONFIG_NAME
 from vit.cli import RunError, one_line
 from vit.data import load_cifar10
 from vit.environment import atomic_write
-from vit.model import ViT, ViTConfig
+from vit.model import ViT, ViTConfig, model_config_differences
 
 CHECKPOINT_NAMES = (BEST_CHECKPOINT, LAST_CHECKPOINT)  # what a run directory is searched for, in this order
 # The order of CIFAR-10's batches.meta; used when a run's config.json has no class_names.
@@ -82,13 +83,19 @@ def model_config_from(config: dict, config_path: Path) -> ViTConfig:
         raise RunError(f"{config_path}: \"model\" is not a valid ViTConfig ({one_line(error)})") from None
 
 
+def backend_problem(requested: str, device: torch.device) -> str | None:
+    """Why --backend `requested` cannot run on the device (a usage error: exit code 2), or None."""
+    reason = get_backend(requested).unavailable_reason(device)
+    return f"--backend {requested} cannot run on {device}: {reason}" if reason else None
+
+
 def choose_backend(requested: str | None, configured: str, device: torch.device) -> str:
     """--backend when given (it must be able to run on the device); otherwise the backend
     the run trained with, or "torch" when that one cannot run here (e.g. a GPU kernel on CPU)."""
     if requested is not None:
-        reason = get_backend(requested).unavailable_reason(device)
-        if reason:
-            raise RunError(f"--backend {requested} cannot run on {device}: {reason}")
+        problem = backend_problem(requested, device)
+        if problem:
+            raise RunError(problem)
         return requested
     if configured not in backend_names():
         print(f"note: the run's backend {configured!r} is not installed here; using torch", file=sys.stderr)
@@ -119,25 +126,30 @@ def _strip_wrapper_prefix(state_dict: dict) -> dict:
     return state_dict
 
 
-def load_weights(model: ViT, state_dict: dict, checkpoint_path: Path, checkpoint_config: dict | None):
-    """load_state_dict, but a mismatch becomes one line naming the first bad tensor and, when
-    the checkpoint records its own model config, the fields in which it differs."""
+def load_weights(model: ViT, state_dict: dict, checkpoint_path: Path):
+    """load_state_dict, but a mismatch becomes one line naming the first bad tensor."""
     expected = model.state_dict()
     problems = [f"{key} is {list(value.shape)} in the checkpoint but {list(expected[key].shape)} in the model"
                 for key, value in state_dict.items() if key in expected and value.shape != expected[key].shape]
     problems += [f"{key} is missing from the checkpoint" for key in expected if key not in state_dict]
     problems += [f"{key} is in the checkpoint but not in the model" for key in state_dict if key not in expected]
     if problems:
-        differences = ""
-        if isinstance(checkpoint_config, dict):
-            differing = [f"{name}={checkpoint_config[name]} vs {getattr(model.cfg, name)}"
-                         for name in ("image_size", "patch_size", "num_classes", "dim", "depth", "heads", "mlp_dim")
-                         if name in checkpoint_config and checkpoint_config[name] != getattr(model.cfg, name)]
-            if differing:
-                differences = f"; checkpoint's model_config vs {CONFIG_NAME}: {', '.join(differing)}"
         more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
-        raise RunError(f"{checkpoint_path}: weights do not fit the model in {CONFIG_NAME}: {problems[0]}{more}{differences}")
+        raise RunError(f"{checkpoint_path}: weights do not fit the model in {CONFIG_NAME}: {problems[0]}{more}")
     model.load_state_dict(state_dict)
+
+
+def check_model_identity(checkpoint: dict, model_config: dict, checkpoint_path: Path):
+    """Refuse a checkpoint whose own model_config describes another model than config.json's
+    "model" (vit.model.model_config_differences): the weights would run in a model they were not
+    trained in, shapes equal or not. A checkpoint without model_config has only its shapes to check.
+    Shared with train.py --resume."""
+    saved = checkpoint.get("model_config")
+    if isinstance(saved, dict):
+        differences = model_config_differences(saved, model_config)
+        if differences:
+            raise RunError(f"{checkpoint_path}: the checkpoint's model differs from the one in {CONFIG_NAME} in "
+                           f"{'; '.join(differences)}; restore the run's own {CONFIG_NAME}")
 
 
 @dataclass
@@ -162,8 +174,9 @@ def load_trained_model(path: str | os.PathLike, device: torch.device, backend: s
     if weights not in checkpoint:
         raise RunError(f"{checkpoint_path}: has no average of the weights; the run did not keep one "
                        f"(train.py --ema-decay), evaluate it without --ema")
+    check_model_identity(checkpoint, config["model"], checkpoint_path)
     model = ViT(model_config)
-    load_weights(model, _strip_wrapper_prefix(checkpoint[weights]), checkpoint_path, checkpoint.get("model_config"))
+    load_weights(model, _strip_wrapper_prefix(checkpoint[weights]), checkpoint_path)
     epoch = checkpoint.get("epoch")
     return TrainedModel(model.to(device).eval(), config, checkpoint_path, int(epoch) if epoch is not None else None,
                         weights)
@@ -327,8 +340,11 @@ def main(argv=None) -> int:
 
 
 def _main(argv: list[str]) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     device = args.device
+    if args.backend and (problem := backend_problem(args.backend, device)):
+        parser.error(problem)
     # The model first: a bad checkpoint is reported without waiting for the data set to load.
     trained = load_trained_model(args.path, device, args.backend, ema=args.ema)
     out_dir = cli.make_dir(args.out_dir, "--out-dir") if args.out_dir else trained.checkpoint_path.parent

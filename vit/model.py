@@ -10,7 +10,7 @@ Options beyond the plain ViT: the initialisation (timm's or PyTorch's defaults),
 reads (the class token, or sequence pooling as in Compact Transformers), a second GELU after
 the MLP's fc2, and stochastic depth.
 """
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn as nn
@@ -223,3 +223,25 @@ class ViT(nn.Module):
 
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+# How the model computes, not what: the backends agree within the parity rule, so a checkpoint may
+# run on another backend than the one it was trained with.
+EXECUTION_FIELDS = ("backend",)
+
+
+def model_config_differences(checkpoint: dict, config: dict) -> list[str]:
+    """The fields in which a checkpoint's model_config and a run's config.json "model" (both as
+    dicts) describe different models, each as "name (A in the checkpoint, B in config.json)".
+    A field one of them lacks (a file written before the field existed) counts as ViTConfig's
+    default. Shape-preserving differences count as much as the others: heads, the second GELU,
+    the layer-norm eps or the initialisation change what the same tensors compute or meant."""
+    defaults = asdict(ViTConfig())
+    differences = []
+    for name, default in defaults.items():
+        if name in EXECUTION_FIELDS:
+            continue
+        ours, theirs = checkpoint.get(name, default), config.get(name, default)
+        if ours != theirs:
+            differences.append(f"{name} ({ours!r} in the checkpoint, {theirs!r} in config.json)")
+    return differences

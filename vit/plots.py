@@ -1,6 +1,8 @@
 """Pictures of a run, drawn with matplotlib's object API on the Agg canvas: no display, no
 pyplot and its global figure registry, so a figure can be drawn on any thread (the trainer draws
 curves.png on its background writer)."""
+from pathlib import Path
+
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
@@ -25,13 +27,15 @@ def save_figure(fig: Figure, path, dpi: int = 120):
 
 def plot_curves(rows: list[dict], path):
     """Train and test loss, train and test accuracy against epoch, from metrics rows (and the
-    average of the weights' test loss and accuracy when the rows have them)."""
-    save_figure(curves_figure(rows), path)
+    average of the weights' test loss and accuracy when the rows have them), titled with the run's
+    name: the folder the picture is written into, the run directory."""
+    path = Path(path)
+    save_figure(curves_figure(rows, run_name=path.resolve().parent.name), path)
 
 
-def curves_figure(rows: list[dict]) -> Figure:
+def curves_figure(rows: list[dict], run_name: str) -> Figure:
     epochs = [int(r["epoch"]) for r in rows]
-    fig = new_figure(figsize=(11, 4))
+    fig = new_figure(figsize=(11, 4.6), layout="constrained")
     loss_ax, acc_ax = fig.subplots(1, 2)
     curves = [("train", "train", "-o"), ("test", "test", "-s")]
     if "ema_test_loss" in rows[0]:
@@ -50,7 +54,9 @@ def curves_figure(rows: list[dict]) -> Figure:
     for ax in (loss_ax, acc_ax):
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
-        ax.legend(loc="upper left" if ax is acc_ax else "best")
+    # One legend for both panels, below them: inside either it would cover curves that fill the axes.
+    fig.legend(*loss_ax.get_legend_handles_labels(), loc="outside lower center", ncols=len(curves))
+    fig.suptitle(f"Run {run_name}: {len(rows)} epoch{'s' * (len(rows) != 1)}")
     return fig
 
 

@@ -4,8 +4,9 @@ The step (Trainer.train_step) never waits for the device: the global step counte
 rate (a table of the whole schedule on the device, indexed by that counter and written into Adam's
 tensor learning rate), the running loss and accuracy, and the first step at which the loss or the
 weights became non-finite all live on the device. The host reads them only at progress points
-(every PROGRESS_EVERY steps, and once at the end of an epoch), where a non-finite loss or weights
-stop the run with NonFiniteLoss. With TrainConfig.cuda_graph the same function is captured once in
+(after an epoch's first step, then every PROGRESS_EVERY steps or PROGRESS_EVERY_SECONDS, whichever
+comes first, and once at the end of an epoch), where a non-finite loss or weights stop the run
+with NonFiniteLoss. With TrainConfig.cuda_graph the same function is captured once in
 a CUDA graph and replayed every step (GraphedStep).
 
 The step's loss (criterion) takes integer labels or the soft targets a mixing loader hands out;
@@ -46,6 +47,7 @@ from vit.model import ViT, ViTConfig, count_parameters
 from vit.progress import Progress
 
 PROGRESS_EVERY = 25  # steps between progress points; each one waits for the device
+PROGRESS_EVERY_SECONDS = 5.0  # or sooner, when steps are slow (the CPU, a first compile): the bar keeps moving
 GRAPH_WARMUP_STEPS = 3  # eager steps on the capture stream before capturing, as PyTorch's docs do
 CURVES_EVERY_SECONDS = 10.0  # curves.png is redrawn at most this often (and always after the last epoch)
 NO_STEP = 2**62  # "no non-finite value yet" in the device's first-bad-step record
@@ -426,14 +428,17 @@ class Trainer:
         self.loader.set_epoch(epoch)
         self.meters.reset(epoch * self.steps_per_epoch)
         self.progress.start_epoch(epoch)
-        start = time.perf_counter()
+        start = last_point = time.perf_counter()
         steps = 0
         try:
             for images, labels in self.loader:
                 step_fn(images, labels)
                 steps += 1
-                if steps % PROGRESS_EVERY == 0 and steps < self.steps_per_epoch:
+                # The host's clock, not the device's: the step is only enqueued, and a progress point waits for it.
+                due = steps == 1 or steps % PROGRESS_EVERY == 0 or time.perf_counter() - last_point >= PROGRESS_EVERY_SECONDS
+                if due and steps < self.steps_per_epoch:
                     self._progress_point(steps, start, final=False)
+                    last_point = time.perf_counter()
             means = self._progress_point(steps, start, final=True)
         finally:
             self.progress.end_epoch()
