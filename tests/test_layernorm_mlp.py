@@ -67,8 +67,15 @@ PARITY_CASES = [
 ]
 
 
-@pytest.mark.parametrize("dtype", PARITY_DTYPES, ids=PARITY_DTYPE_IDS)
-@pytest.mark.parametrize("shape, hidden", PARITY_CASES, ids=[f"{'x'.join(map(str, s))}-h{h}" for s, h in PARITY_CASES])
+# Each case in each dtype, but hidden 1024 in bf16: bf16 takes fp16's plans (_plan), and that case
+# differs from the others only in its number of hidden tiles, at the interpreter's slowest.
+PARITY_RUNS = [(shape, hidden, dtype, dtype_id) for shape, hidden in PARITY_CASES
+               for dtype, dtype_id in zip(PARITY_DTYPES, PARITY_DTYPE_IDS)
+               if not (dtype == torch.bfloat16 and hidden == 1024)]
+
+
+@pytest.mark.parametrize("shape, hidden, dtype", [(s, h, d) for s, h, d, _ in PARITY_RUNS],
+                         ids=[f"{'x'.join(map(str, s))}-h{h}-{i}" for s, h, _, i in PARITY_RUNS])
 def test_parity_with_torch(shape, hidden, dtype, generator, bf16_interpreter):
     check_parity(shape, hidden, dtype, generator)
 
