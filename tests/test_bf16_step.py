@@ -30,8 +30,10 @@ STEP_CONFIG = TrainConfig(epochs=1, batch_size=BATCH, warmup_epochs=0, lr=1e-2, 
 CLASSES = [str(i) for i in range(10)]
 
 
-def trainer_for(model: ViT, images, labels, cfg: TrainConfig, run_dir, steps_per_epoch: int, adam_eps=None) -> Trainer:
-    """A Trainer over one fixed batch, steps_per_epoch times an epoch."""
+def trainer_for(model: ViT, images, labels, cfg: TrainConfig, run_dir, steps_per_epoch: int,
+                adam_eps: float | None = None) -> Trainer:
+    """A Trainer over one fixed batch, steps_per_epoch times an epoch; Adam's epsilon replaced
+    when adam_eps is given."""
     optimizer = make_optimizer(model, cfg, cfg.device)
     for group in optimizer.param_groups:
         group["eps"] = adam_eps or group["eps"]
@@ -56,15 +58,16 @@ class FixedBatch:
         return iter([self.batch] * self.steps)
 
 
-def step_results(backend: str, state: dict, scales, images, labels, run_dir) -> dict:
-    """One Trainer.train_step of a copy of the model under backend: logits, loss, every
-    parameter's gradient and update."""
+def step_results(backend: str, state: dict, scales, images, labels, run_dir) -> tuple[dict, float]:
+    """One Trainer.train_step of a copy of the model under backend: {logits, loss, every
+    parameter's gradient and update}, and the learning rate the step used."""
     model = ViT(dataclasses.replace(MODEL, backend=backend))
     model.load_state_dict(state)
     model.branch_scales = lambda batch: scales  # the same stochastic-depth draw in every run
     captured = {}
     model.register_forward_hook(lambda module, inputs, output: captured.update(logits=output.detach()))
-    trainer = trainer_for(model, images, labels, STEP_CONFIG, run_dir / backend, steps_per_epoch=1, adam_eps=ADAM_EPS)
+    trainer = trainer_for(model, images, labels, STEP_CONFIG, run_dir / backend, steps_per_epoch=1,
+                          adam_eps=ADAM_EPS)
     trainer.train_step(images, labels)
     results = {"logits": captured["logits"], "loss": trainer.meters.loss_sum.clone()}
     for name, parameter in model.named_parameters():
@@ -125,3 +128,14 @@ def test_a_short_bf16_training_run_learns(generator, tmp_path):
     trainer = trainer_for(model, images, labels, cfg, tmp_path, steps_per_epoch=1)
     losses = [trainer.train_epoch(epoch)["train_loss"] for epoch in range(cfg.epochs)]
     assert losses[2] < losses[1] < losses[0], f"losses {losses} seed={seed}"
+
+
+def test_without_the_shim_the_bf16_step_refuses(tmp_path):
+    """Removing kernels.interpreter_bf16 makes the bf16 step fail with the ops' ValueError, not pass."""
+    from kernels import interpreter_bf16
+    interpreter_bf16.uninstall()
+    model = ViT(MODEL)
+    state = model.state_dict()
+    images, labels = torch.randn(BATCH, 3, MODEL.image_size, MODEL.image_size), torch.zeros(BATCH, dtype=torch.int64)
+    with pytest.raises(ValueError, match="bfloat16 matmuls, which the Triton interpreter computes wrongly"):
+        step_results("triton", state, torch.ones(MODEL.depth, 2, BATCH), images, labels, tmp_path)

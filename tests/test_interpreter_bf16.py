@@ -206,7 +206,8 @@ def test_float32_to_bf16_casts_round_as_torch(shim, generator):
 @pytest.mark.parametrize("source_dtype", [torch.float64, torch.float16, torch.int32, torch.int64])
 def test_casts_to_bf16_from_other_types_go_through_float32(source_dtype, generator):
     """A float64 weight-gradient sum of 67 must store as 67, not as the bit pattern 67."""
-    values = torch.cat([torch.tensor([67.0, -3.0, 0.0, 1.0 + 2**-8, 257.0]), torch.randn(11, generator=generator) * 100])
+    values = torch.cat([torch.tensor([67.0, -3.0, 0.0, 1.0 + 2**-8, 257.0]),
+                        torch.randn(11, generator=generator) * 100])
     source = values.to(source_dtype)
     expected = source.to(torch.float32).to(torch.bfloat16)
     got = run_cast(source, torch.bfloat16)
@@ -254,7 +255,8 @@ def test_operations_triton_promotes_to_float32_compute_on_the_values(shim, gener
 # --------------------------------------------------------------------------- install, refusal
 
 def test_install_is_idempotent_and_uninstall_restores_the_interpreter():
-    originals = {(owner, name): getattr(getattr(interpreter, owner), name) for owner, name, _ in interpreter_bf16.PATCHED}
+    originals = {(owner, name): getattr(getattr(interpreter, owner), name)
+                 for owner, name, _ in interpreter_bf16.PATCHED}
     interpreter_bf16.install()
     try:
         patched = {key: getattr(getattr(interpreter, key[0]), key[1]) for key in originals}
