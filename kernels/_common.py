@@ -8,6 +8,8 @@ from dataclasses import dataclass
 
 import torch
 
+from kernels import interpreter_bf16
+
 # When True, outputs and scratch buffers are allocated filled with NaN instead of left
 # uninitialised, so an element a kernel forgets to write shows up in tests. Tests switch it
 # on (monkeypatch this attribute); KERNELS_POISON_OUTPUTS=1 does the same for a whole run.
@@ -96,11 +98,12 @@ def check_device(name: str, tensor: torch.Tensor, interpreted: bool, module: str
 
 
 def refuse_interpreted_bf16(what: str, interpreted: bool, matmul_dtype: torch.dtype):
-    """The interpreter computes bf16 dots wrongly (Triton 3.6-3.8: garbage, no error):
-    refuse rather than return wrong numbers."""
-    if interpreted and matmul_dtype == torch.bfloat16:
+    """Triton's interpreter computes bf16 dots on bit patterns (Triton 3.6-3.8: garbage, no
+    error): refuse rather than return wrong numbers, unless kernels.interpreter_bf16 is installed."""
+    if interpreted and matmul_dtype == torch.bfloat16 and not interpreter_bf16.is_installed():
         raise ValueError(f"{what} asks for bfloat16 matmuls, which the Triton interpreter computes wrongly; "
-                         "use float32 or float16 under TRITON_INTERPRET=1 (bf16 runs on a GPU)")
+                         "call kernels.interpreter_bf16.install() first, or use float32 or float16 under "
+                         "TRITON_INTERPRET=1 (bf16 runs on a GPU)")
 
 
 def check_floating(name: str, tensor, supported=SUPPORTED_DTYPES):

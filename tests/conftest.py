@@ -48,6 +48,19 @@ def poisoned_outputs(monkeypatch):
     monkeypatch.setattr(_common, "POISON_OUTPUTS", True)
 
 
+@pytest.fixture
+def bf16_interpreter():
+    """bf16 kernels through Triton's interpreter computed as on a GPU (kernels.interpreter_bf16),
+    for this test only; without it the ops refuse bf16 under the interpreter."""
+    from kernels import interpreter_bf16
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        yield
+        return
+    interpreter_bf16.install()
+    yield
+    interpreter_bf16.uninstall()
+
+
 def has_real_cifar() -> bool:
     return (SHARED_DATA / "cifar-10-batches-py" / "test_batch").exists()
 

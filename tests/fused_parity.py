@@ -3,7 +3,8 @@ layernorm_mlp): run an op and its torch reference on the same rounded inputs, di
 both, and hold every result to tests/parity.py's rule against float64."""
 import torch
 
-from parity import DEVICE, HAS_CUDA, INTERPRETED, KERNEL_TEST_MARKS, assert_parity, randn  # noqa: F401 (re-exported)
+from parity import (DEVICE, HAS_CUDA, INTERPRETED, KERNEL_TEST_MARKS,  # noqa: F401 (re-exported)
+                    PARITY_DTYPE_IDS, PARITY_DTYPES, assert_parity, randn)
 
 
 def run(function, inputs: dict, dy: torch.Tensor, autocast_dtype=None, **options) -> dict:

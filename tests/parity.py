@@ -35,6 +35,12 @@ KERNEL_TEST_MARKS = [
     pytest.mark.usefixtures("poisoned_outputs"),
 ] + ([pytest.mark.interpreter] if INTERPRETED else [])
 
+# The dtypes of every kernel's parity tests, with their test ids. Under the interpreter, bf16
+# runs with kernels.interpreter_bf16 installed: the tests that take bf16 request the
+# `bf16_interpreter` fixture (tests/conftest.py); without it the ops refuse bf16 there.
+PARITY_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+PARITY_DTYPE_IDS = ["fp32", "fp16", "bf16"]
+
 
 # Float32 ulps a kernel's float32 result may carry beyond twice PyTorch's error. Measured: the
 # attention backward recomputes the probabilities from the saved log-sum-exp in base 2, whose

@@ -1,9 +1,10 @@
 """The fused attention kernels (kernels/attention.py) against vit.backends.torch_attention.
 
 Without a GPU the kernels run in Triton's interpreter on CPU tensors (tests/conftest.py
-sets TRITON_INTERPRET=1 before anything imports Triton). The interpreter cannot do bf16
-arithmetic, so its parity tests run in fp32 and fp16 (and bf16 is refused there); bf16 is
-checked on a GPU. Accuracy follows tests/parity.py's rule: at most twice PyTorch's own
+sets TRITON_INTERPRET=1 before anything imports Triton). The parity tests run in fp32, fp16
+and bf16; the interpreter computes bf16 as a GPU does only with kernels.interpreter_bf16
+installed (the `bf16_interpreter` fixture), and refuses it otherwise. On a GPU, bf16 is also
+checked at the model's shapes. Accuracy follows tests/parity.py's rule: at most twice PyTorch's own
 error against float64, on fresh random inputs whose seed is in every failure message, with
 NaN-poisoned outputs.
 """
@@ -14,7 +15,7 @@ import torch
 
 from kernels import attention as attention_module
 from kernels.attention import attention
-from parity import DEVICE, INTERPRETED, KERNEL_TEST_MARKS, assert_parity, randn
+from parity import DEVICE, INTERPRETED, KERNEL_TEST_MARKS, PARITY_DTYPE_IDS, PARITY_DTYPES, assert_parity, randn
 from vit.backends import torch_attention
 
 pytestmark = KERNEL_TEST_MARKS
@@ -64,10 +65,10 @@ PARITY_SHAPES = [
 ]
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("dtype", PARITY_DTYPES, ids=PARITY_DTYPE_IDS)
 @pytest.mark.parametrize("batch, seq_len, num_heads, head_dim", PARITY_SHAPES,
                          ids=[f"B{b}-N{n}-H{h}-D{d}" for b, n, h, d in PARITY_SHAPES])
-def test_matches_reference(batch, seq_len, num_heads, head_dim, dtype, generator):
+def test_matches_reference(batch, seq_len, num_heads, head_dim, dtype, generator, bf16_interpreter):
     _check_parity(generator, batch, seq_len, num_heads, head_dim, dtype)
 
 

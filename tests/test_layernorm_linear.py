@@ -1,11 +1,13 @@
 """Parity of the fused LayerNorm + linear kernels (kernels/layernorm_linear.py) with the torch
-reference, vit.backends.torch_layernorm_linear: through the interpreter in fp32 and fp16, on a
-GPU also bf16 at the model's shapes; tests/parity.py's rule, NaN-poisoned outputs, fresh seeds."""
+reference, vit.backends.torch_layernorm_linear: in fp32, fp16 and bf16 (through the interpreter
+with kernels.interpreter_bf16, the `bf16_interpreter` fixture), and under fp16 and bf16 autocast;
+on a GPU also bf16 at the model's shapes; tests/parity.py's rule, NaN-poisoned outputs, fresh
+seeds."""
 import pytest
 import torch
 
-from fused_parity import (DEVICE, INTERPRETED, KERNEL_TEST_MARKS, activations, cast, check, layer_norm_parameters,
-                          linear_weight, run)
+from fused_parity import (DEVICE, INTERPRETED, KERNEL_TEST_MARKS, PARITY_DTYPE_IDS, PARITY_DTYPES, activations, cast,
+                          check, layer_norm_parameters, linear_weight, run)
 from kernels.layernorm_linear import layernorm_linear
 from parity import randn
 from vit.backends import torch_layernorm_linear
@@ -41,10 +43,10 @@ PARITY_CASES = [
 ]
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("dtype", PARITY_DTYPES, ids=PARITY_DTYPE_IDS)
 @pytest.mark.parametrize("shape, out_features", PARITY_CASES,
                          ids=[f"{'x'.join(map(str, s))}-o{o}" for s, o in PARITY_CASES])
-def test_parity_with_torch(shape, out_features, dtype, generator):
+def test_parity_with_torch(shape, out_features, dtype, generator, bf16_interpreter):
     check_parity(shape, out_features, dtype, generator)
 
 
@@ -56,9 +58,11 @@ def test_eps_is_used(generator):
     check_parity((7, 48), 96, torch.float32, generator, eps=0.5)
 
 
-def test_autocast_returns_the_autocast_dtype_and_keeps_gradients_in_the_inputs_dtypes(generator):
-    got = check_parity((37, 96), 288, torch.float32, generator, autocast_dtype=torch.float16)
-    assert got["out"].dtype == torch.float16  # what F.linear returns under autocast
+@pytest.mark.parametrize("autocast_dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_autocast_returns_the_autocast_dtype_and_keeps_gradients_in_the_inputs_dtypes(autocast_dtype, generator,
+                                                                                       bf16_interpreter):
+    got = check_parity((37, 96), 288, torch.float32, generator, autocast_dtype=autocast_dtype)
+    assert got["out"].dtype == autocast_dtype  # what F.linear returns under autocast
     assert all(got[name].dtype == torch.float32 for name in RESULT_NAMES[1:])
 
 

@@ -2,8 +2,9 @@
 
 Without a GPU the kernels run in the Triton interpreter (TRITON_INTERPRET=1, set by
 conftest.py) on CPU tensors; with one they run on it, and the GPU-only tests add bf16 at the
-model's real shapes. The interpreter computes bf16 tl.dot wrongly, so it is tested in fp32 and
-fp16 only. Accuracy follows tests/parity.py's rule: at most twice PyTorch's own error against
+model's real shapes. The parity tests run in fp32, fp16 and bf16 and under fp16 and bf16
+autocast; the interpreter computes bf16 as a GPU does only with kernels.interpreter_bf16
+installed (the `bf16_interpreter` fixture), and refuses it otherwise. Accuracy follows tests/parity.py's rule: at most twice PyTorch's own error against
 float64 plus one rounding of the result, on fresh random inputs whose seed is in every failure
 message, with NaN-poisoned outputs.
 """
@@ -16,8 +17,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from fused_parity import (DEVICE, HAS_CUDA, INTERPRETED, KERNEL_TEST_MARKS, activations, branch_scales, cast, check,
-                          layer_norm_parameters, linear_weight, run)
+from fused_parity import (DEVICE, HAS_CUDA, INTERPRETED, KERNEL_TEST_MARKS, PARITY_DTYPE_IDS, PARITY_DTYPES,
+                          activations, branch_scales, cast, check, layer_norm_parameters, linear_weight, run)
 from kernels.layernorm_mlp import layernorm_mlp
 from parity import assert_parity, randn
 from vit.backends import torch_layernorm_mlp
@@ -66,9 +67,16 @@ PARITY_CASES = [
 ]
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
-@pytest.mark.parametrize("shape, hidden", PARITY_CASES, ids=[f"{'x'.join(map(str, s))}-h{h}" for s, h in PARITY_CASES])
-def test_parity_with_torch(shape, hidden, dtype, generator):
+# Each case in each dtype, but hidden 1024 in bf16: bf16 takes fp16's plans (_plan), and that case
+# differs from the others only in its number of hidden tiles, at the interpreter's slowest.
+PARITY_RUNS = [(shape, hidden, dtype, dtype_id) for shape, hidden in PARITY_CASES
+               for dtype, dtype_id in zip(PARITY_DTYPES, PARITY_DTYPE_IDS)
+               if not (dtype == torch.bfloat16 and hidden == 1024)]
+
+
+@pytest.mark.parametrize("shape, hidden, dtype", [(s, h, d) for s, h, d, _ in PARITY_RUNS],
+                         ids=[f"{'x'.join(map(str, s))}-h{h}-{i}" for s, h, _, i in PARITY_RUNS])
+def test_parity_with_torch(shape, hidden, dtype, generator, bf16_interpreter):
     check_parity(shape, hidden, dtype, generator)
 
 
@@ -78,17 +86,22 @@ def test_parity_at_the_widest_panel(generator):
 
 OPTION_CASES = [((4, 17, 96), 80), ((3, 5, 200), 48)]
 
+# (inputs' dtype, autocast dtype): each dtype, and the model's bf16 case, fp32 activations and
+# parameters with bf16 matmuls under autocast.
+OPTION_PRECISIONS = [(dtype, None) for dtype in PARITY_DTYPES] + [(torch.float32, torch.bfloat16)]
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+
+@pytest.mark.parametrize("dtype, autocast_dtype", OPTION_PRECISIONS, ids=PARITY_DTYPE_IDS + ["autocast-bf16"])
 @pytest.mark.parametrize("second_gelu, scaled", [(True, False), (False, True), (True, True)],
                          ids=["second_gelu", "branch_scale", "both"])
 @pytest.mark.parametrize("shape, hidden", OPTION_CASES, ids=[f"{'x'.join(map(str, s))}-h{h}" for s, h in OPTION_CASES])
-def test_options_parity_with_torch(shape, hidden, second_gelu, scaled, dtype, generator):
+def test_options_parity_with_torch(shape, hidden, second_gelu, scaled, dtype, autocast_dtype, generator,
+                                   bf16_interpreter):
     """The second GELU after fc2, and per-sample branch scales (some samples dropped)."""
     options = dict(second_gelu=second_gelu)
     if scaled:
         options["branch_scale"] = branch_scales(generator, shape[0])
-    check_parity(shape, hidden, dtype, generator, **options)
+    check_parity(shape, hidden, dtype, generator, autocast_dtype=autocast_dtype, **options)
 
 
 def test_branch_scale_of_ones_is_no_scale_and_zero_drops_the_branch(generator):
@@ -154,16 +167,17 @@ def test_empty_input_gives_empty_output_and_zero_gradients(generator):
         assert torch.equal(kernel["d" + name], torch.zeros_like(inputs[name], device=DEVICE, dtype=torch.float32)), name
 
 
-def test_autocast_runs_matmuls_in_the_autocast_dtype(generator):
+@pytest.mark.parametrize("autocast_dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_autocast_runs_matmuls_in_the_autocast_dtype(autocast_dtype, generator, bf16_interpreter):
     """Under autocast: fp32 in and out, LayerNorm in fp32, matmuls in the autocast dtype --
-    what the model does on a GPU with bf16, here with fp16 so the interpreter can run it."""
-    got = check_parity((37, 96), 80, torch.float32, generator, autocast_dtype=torch.float16)
+    what the model does on a GPU with bf16."""
+    got = check_parity((37, 96), 80, torch.float32, generator, autocast_dtype=autocast_dtype)
     for name in RESULT_NAMES:
         assert got[name].dtype == torch.float32, f"{name} is {got[name].dtype} under autocast"
     # And the matmuls really ran in fp16: far from the fp32 kernel, not within fp32 rounding.
     inputs, dy = random_problem((37, 96), 80, generator)
     inputs, dy = cast(inputs, torch.float32), dy.to(DEVICE, torch.float32)
-    half = run(layernorm_mlp, inputs, dy, autocast_dtype=torch.float16)
+    half = run(layernorm_mlp, inputs, dy, autocast_dtype=autocast_dtype)
     full_precision = run(layernorm_mlp, inputs, dy)
     assert (half["out"] - full_precision["out"]).abs().max().item() > 1e-4
 

@@ -1,11 +1,13 @@
 """Parity of the fused linear + residual kernels (kernels/linear_residual.py) with the torch
-reference, vit.backends.torch_linear_residual, with and without per-sample branch scales:
-through the interpreter in fp32 and fp16, on a GPU also bf16 at the model's shapes;
+reference, vit.backends.torch_linear_residual, with and without per-sample branch scales: in fp32,
+fp16 and bf16 (through the interpreter with kernels.interpreter_bf16, the `bf16_interpreter`
+fixture), and under fp16 and bf16 autocast; on a GPU also bf16 at the model's shapes;
 tests/parity.py's rule, NaN-poisoned outputs, fresh seeds."""
 import pytest
 import torch
 
-from fused_parity import DEVICE, INTERPRETED, KERNEL_TEST_MARKS, branch_scales, cast, check, linear_weight, run
+from fused_parity import (DEVICE, INTERPRETED, KERNEL_TEST_MARKS, PARITY_DTYPE_IDS, PARITY_DTYPES, branch_scales, cast,
+                          check, linear_weight, run)
 from kernels.linear_residual import linear_residual
 from parity import randn
 from vit.backends import torch_linear_residual
@@ -45,11 +47,11 @@ PARITY_CASES = [
 SCALED_CASES = [(case, scaled) for case in PARITY_CASES for scaled in (False, True) if not scaled or case[0][0] > 1]
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("dtype", PARITY_DTYPES, ids=PARITY_DTYPE_IDS)
 @pytest.mark.parametrize("case, scaled", SCALED_CASES,
                          ids=[f"{'x'.join(map(str, s))}-{i}to{o}-{'scaled' if scaled else 'plain'}"
                               for (s, i, o), scaled in SCALED_CASES])
-def test_parity_with_torch(case, scaled, dtype, generator):
+def test_parity_with_torch(case, scaled, dtype, generator, bf16_interpreter):
     leading, in_features, out_features = case
     check_parity(leading, in_features, out_features, dtype, generator, scaled)
 
@@ -58,19 +60,23 @@ def test_parity_at_the_widest_panel(generator):
     check_parity((5,), 512, 512, torch.float16, generator, scaled=True)
 
 
-def test_autocast_keeps_the_residual_stream_in_its_dtype(generator):
+@pytest.mark.parametrize("scaled", [False, True], ids=["plain", "scaled"])
+@pytest.mark.parametrize("autocast_dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_autocast_keeps_the_residual_stream_in_its_dtype(autocast_dtype, scaled, generator, bf16_interpreter):
     """The model's case: h from the attention in the autocast dtype, residual and parameters fp32."""
     inputs, dy = random_problem((3, 17), 96, 96, generator)
-    inputs = dict(inputs, h=inputs["h"].half().double())
-    context = f"autocast fp16 seed={generator.initial_seed()}"
+    inputs = dict(inputs, h=inputs["h"].to(autocast_dtype).double())
+    options = dict(branch_scale=branch_scales(generator, 3)) if scaled else {}
+    context = f"autocast {autocast_dtype} scaled={scaled} seed={generator.initial_seed()}"
     inputs32 = cast(inputs, torch.float32)
-    inputs32["h"] = inputs32["h"].half()
-    got = run(linear_residual, inputs32, dy.to(DEVICE, torch.float32), autocast_dtype=torch.float16)
-    expected = run(torch_linear_residual, inputs32, dy.to(DEVICE, torch.float32), autocast_dtype=torch.float16)
+    inputs32["h"] = inputs32["h"].to(autocast_dtype)
+    options32 = {name: scale.to(DEVICE, torch.float32) for name, scale in options.items()}
+    got = run(linear_residual, inputs32, dy.to(DEVICE, torch.float32), autocast_dtype, **options32)
+    expected = run(torch_linear_residual, inputs32, dy.to(DEVICE, torch.float32), autocast_dtype, **options32)
     for name in RESULT_NAMES:
         assert got[name].dtype == expected[name].dtype, f"{context}: {name} is {got[name].dtype}"
-    assert got["out"].dtype == torch.float32 and got["dh"].dtype == torch.float16
-    check(linear_residual, torch_linear_residual, inputs, dy, torch.float32, context, torch.float16)
+    assert got["out"].dtype == torch.float32 and got["dh"].dtype == autocast_dtype
+    check(linear_residual, torch_linear_residual, inputs, dy, torch.float32, context, autocast_dtype, **options)
 
 
 def test_branch_scale_of_zero_passes_the_residual_through(generator):
