@@ -70,7 +70,9 @@ class WriteError(OSError):
             self.reason = f"its folder {self.path.parent} no longer exists"
         else:
             self.reason = (cause.strerror or str(cause)).lower()
-        self.kept = "its previous version is intact" if self.path.exists() else "it was not written"
+        # A run's claim on its folder is an empty config.json: no version of it to keep.
+        kept = self.path.is_file() and self.path.stat().st_size > 0
+        self.kept = "its previous version is intact" if kept else "it was not written"
 
     def __str__(self):
         return f"cannot write {self.path}: {self.reason}; {self.kept}"
