@@ -29,7 +29,7 @@ from vit.trainer import Trainer
 REPO = Path(train.__file__).resolve().parent
 # 100 training images in 5 steps of 20: the smallest run without a few-steps warning.
 TINY = ["--device", "cpu", "--depth", "1", "--dim", "32", "--heads", "2", "--mlp-dim", "32", "--no-progress",
-        "--num-workers", "0", "--batch-size", "20", "--seed", "3"]
+        "--num-workers", "0", "--batch-size", "20", "--warmup-epochs", "0.5", "--seed", "3"]
 STEPS_PER_EPOCH = 5
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 HANG_GUARD_SECONDS = 900  # far above the seconds these runs take on a busy 2-core machine
@@ -122,19 +122,19 @@ def test_a_second_training_process_on_a_run_is_refused_naming_the_first(data_dir
 def test_a_stop_signal_in_epoch_2_stops_cleanly_and_resume_keeps_every_epoch_once(data_dir, tmp_path, signum):
     run = tmp_path / "run"
     process = start([sys.executable, "-c", SIGNAL_AT_STEP, signum.name, str(STEPS_PER_EPOCH + 1), *TINY,
-                     "--epochs", "3", "--data-dir", str(data_dir), "--out-dir", str(run)])
+                     "--epochs", "2", "--data-dir", str(data_dir), "--out-dir", str(run)])
     out, err = process.communicate()
     assert process.returncode == 128 + signum, err
     expected = f"{cli.stopped_by(signum)}; continue with: "
     assert err.startswith(expected) and err.count("\n") == 1, err
     assert shlex.split(err[len(expected):])[-2:] == ["--resume", str(run)]
-    assert "epoch   1/3" in out and "epoch   2/3" not in out
+    assert "epoch   1/2" in out and "epoch   2/2" not in out
     state = load_checkpoint(run / "last.pt")  # whole: the step in flight was abandoned, nothing half-written
     assert state["epoch"] == 1 and all(torch.isfinite(t).all() for t in state["model"].values())
     assert epochs_in(run) == [1] and hidden_files(run) == []
 
     assert train.main(["--resume", str(run)]) == 0
-    assert epochs_in(run) == [1, 2, 3] and load_checkpoint(run / "last.pt")["epoch"] == 3
+    assert epochs_in(run) == [1, 2] and load_checkpoint(run / "last.pt")["epoch"] == 2
 
 
 def test_a_stop_before_the_first_checkpoint_says_the_run_starts_over(data_dir, tmp_path):
