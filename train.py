@@ -373,7 +373,7 @@ def resolve_resume(args, parser, typed: set[str], device: torch.device,
         parser.error(f"--resume {run_dir}: not a run directory (it has no config.json); start a new run instead")
     if config_path.stat().st_size == 0:
         raise cli.RunError(f"{config_path} is empty: the run was stopped before it wrote its config, so there is "
-                           f"nothing to resume; start it again as a new run")
+                           f"nothing to resume; start it again as a new run (--out-dir {run_dir} may be reused)")
     try:
         model_cfg, train_cfg = read_config(run_dir)
     except (ValueError, KeyError, TypeError) as error:  # broken JSON, missing sections, unknown fields

@@ -96,7 +96,8 @@ def test_a_second_training_process_on_a_run_is_refused_naming_the_first(data_dir
     first = start([sys.executable, "train.py", *TINY, "--epochs", "1000", "--data-dir", str(data_dir),
                    "--out-dir", str(run)])
     try:
-        read_until(first, "epoch   1/1000")  # training, with a checkpoint to resume from
+        # Epoch 2's line comes after epoch 1's checkpoint is written: a run that trains, with files to read.
+        read_until(first, "epoch   2/1000")
         in_use = f"{run} is in use: process {first.pid} is training it"
         for argv, flag in ((["--resume", str(run)], "--resume"),
                            (TINY + ["--epochs", "1", "--data-dir", str(data_dir), "--out-dir", str(run)], "--out-dir")):
