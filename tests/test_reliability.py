@@ -31,12 +31,15 @@ REPO = Path(train.__file__).resolve().parent
 TINY = ["--device", "cpu", "--depth", "1", "--dim", "32", "--heads", "2", "--mlp-dim", "32", "--no-progress",
         "--num-workers", "0", "--batch-size", "20", "--warmup-epochs", "0.5", "--seed", "3"]
 STEPS_PER_EPOCH = 5
+# Per-image augmentation in two DataLoader workers, which the signal reaches too.
+WORKERS = ["--augment", "cpu", "--num-workers", "2"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 HANG_GUARD_SECONDS = 900  # far above the seconds these runs take on a busy 2-core machine
 
-# train.py as the user starts it, but the process sends itself SIGNAL when its training step
-# number STEP (1-based, over the whole run) begins: a stop at a known step, through the same
-# handler and the same delivery as a `kill` from outside.
+# train.py as the user starts it, but the process sends SIGNAL to its process group (itself and
+# its DataLoader workers, as a closed terminal or a scheduler does) when its training step number
+# STEP (1-based, over the whole run) begins: a stop at a known step, through the same handler and
+# the same delivery as a signal from outside.
 SIGNAL_AT_STEP = """
 import os, runpy, signal, sys
 from vit.trainer import Trainer
@@ -45,7 +48,7 @@ original, steps = Trainer.train_step, []
 def train_step(self, images, targets):
     steps.append(None)
     if len(steps) == at_step:
-        os.kill(os.getpid(), signum)
+        os.killpg(0, signum)
     return original(self, images, targets)
 Trainer.train_step = train_step
 sys.argv[0] = "train.py"
@@ -119,10 +122,11 @@ def test_a_second_training_process_on_a_run_is_refused_naming_the_first(data_dir
 
 # ------------------------------------------------------------------------------- stop signals
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP], ids=["sigterm", "sighup"])
-def test_a_stop_signal_in_epoch_2_stops_cleanly_and_resume_keeps_every_epoch_once(data_dir, tmp_path, signum):
+@pytest.mark.parametrize("signum, loader", [(signal.SIGTERM, []), (signal.SIGHUP, WORKERS)],
+                         ids=["sigterm", "sighup-with-workers"])
+def test_a_stop_signal_in_epoch_2_stops_cleanly_and_resume_keeps_every_epoch_once(data_dir, tmp_path, signum, loader):
     run = tmp_path / "run"
-    process = start([sys.executable, "-c", SIGNAL_AT_STEP, signum.name, str(STEPS_PER_EPOCH + 1), *TINY,
+    process = start([sys.executable, "-c", SIGNAL_AT_STEP, signum.name, str(STEPS_PER_EPOCH + 1), *TINY, *loader,
                      "--epochs", "2", "--data-dir", str(data_dir), "--out-dir", str(run)])
     out, err = process.communicate()
     assert process.returncode == 128 + signum, err

@@ -15,6 +15,7 @@ import math
 import os
 import pickle
 import signal
+import sys
 import tarfile
 import threading
 from contextlib import contextmanager
@@ -361,6 +362,16 @@ def _leave_interrupts_to_the_trainer(worker_id: int):
     the DataLoader reports as a failed worker."""
     for signum in STOP_SIGNALS:
         signal.signal(signum, signal.SIG_IGN)
+    sys.excepthook = _quiet_when_the_trainer_hangs_up
+
+
+def _quiet_when_the_trainer_hangs_up(kind, error, traceback):
+    """A worker hands each batch's shared memory over a connection the training process opens
+    (multiprocessing's resource sharer, whose thread reports errors through sys.excepthook). A
+    training process that stops mid-handover resets that connection: the worker, about to be
+    stopped, has nothing to report."""
+    if not issubclass(kind, ConnectionError):
+        sys.__excepthook__(kind, error, traceback)
 
 
 class CPUTrainLoader(TrainLoader):
