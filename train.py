@@ -351,7 +351,8 @@ def lock_on_rank_0(run_dir: Path, ctx: distributed.Context) -> RunLock | None:
         try:
             lock = RunLock.acquire(run_dir)
         except (RunInUse, OSError) as error:
-            problem = f"--resume {error}" if isinstance(error, RunInUse) else f"--resume {run_dir}: cannot lock it ({error})"
+            problem = (f"--resume {error}" if isinstance(error, RunInUse)
+                       else f"--resume {run_dir}: cannot lock it ({error})")
     problem = distributed.broadcast_object(problem)
     if problem:
         if ctx.is_main:
@@ -527,8 +528,8 @@ def run(args, parser, typed, device, ctx) -> int:
         try:
             trainer = start(args, parser, model_cfg, train_cfg, run_dir, has_checkpoint, ctx, say)
         finally:
-            if trainer is None and not args.resume and ctx.is_main:  # a new run that did not start gives its directory back
-                release_run_dir(run_dir, created, lock)
+            if trainer is None and not args.resume and ctx.is_main:
+                release_run_dir(run_dir, created, lock)  # a new run that did not start gives its directory back
         return train(trainer, model_cfg, train_cfg, typed, run_dir, has_checkpoint, say)
     except BaseException as error:
         code = ended_early(error, run_dir, started=trainer is not None or args.resume, say=say)

@@ -185,8 +185,8 @@ def stop_received() -> signal.Signals | None:
 
 def stopped_by(signum: int) -> str:
     """What happened, as the line that reports a stop starts."""
-    return {signal.SIGINT: "interrupted", signal.SIGTERM: "stopped by SIGTERM",
-            signal.SIGHUP: "stopped by SIGHUP (its terminal closed)"}.get(signum, f"stopped by {signal.Signals(signum).name}")
+    named = {signal.SIGINT: "interrupted", signal.SIGHUP: "stopped by SIGHUP (its terminal closed)"}
+    return named.get(signum, f"stopped by {signal.Signals(signum).name}")
 
 
 def exit_status(signum: int) -> int:
