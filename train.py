@@ -10,10 +10,13 @@ import signal
 import sys
 
 if __name__ == "__main__":
-    # Ctrl-C while the imports below load (torch takes seconds): no run exists yet, leave quietly.
-    signal.signal(signal.SIGINT, lambda signum, frame: sys.exit(130))
+    # Ctrl-C, SIGTERM or SIGHUP while the imports below load (torch takes seconds): no run exists
+    # yet, leave quietly.
+    for stop in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(stop, lambda signum, frame: sys.exit(128 + signum))
 
 import argparse  # noqa: E402
+import errno  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
 import shlex  # noqa: E402
@@ -26,8 +29,10 @@ import torch  # noqa: E402
 
 from vit import cli, distributed  # noqa: E402
 from vit.backends import backend_names, get_backend  # noqa: E402
-from vit.checkpoint import load_checkpoint, read_config, write_config  # noqa: E402
+from vit.checkpoint import (CONFIG_FILE, LAST_CHECKPOINT, LOCK_FILE, RunInUse, RunLock, is_own_leftover,  # noqa: E402
+                            load_checkpoint, read_config, write_config)
 from vit.data import BatchSizeError  # noqa: E402
+from vit.environment import WriteError  # noqa: E402
 from vit.evaluate import check_model_identity  # noqa: E402
 from vit.mixing import SMOOTHING_CONVENTIONS  # noqa: E402
 from vit.augment import AUTO_AUGMENT_VARIANTS  # noqa: E402
@@ -250,12 +255,14 @@ def resolve(args, parser, device: torch.device, ctx: distributed.Context) -> tup
     return model_cfg, train_cfg
 
 
-def claim_run_dir(out_dir: str | None) -> tuple[Path, bool]:
-    """Make a run directory this process's alone: (path, whether this process created it).
+def claim_run_dir(out_dir: str | None) -> tuple[Path, bool, RunLock]:
+    """Make a run directory this process's alone: (path, whether this process created it, the
+    directory's lock, held until the run ends).
 
-    The claim is the exclusive creation of the directory's config.json (O_CREAT | O_EXCL: of
-    two runs that try at once, exactly one succeeds), left empty until the trainer is built and
-    the real config replaces it. A directory holding anything else is never claimed. The default
+    The claim takes the directory's lock (RunLock), then finds it empty but for what a killed run
+    leaves (is_own_leftover: removed) and marks it with an empty config.json until the trainer is
+    built and the real config replaces it. A directory holding anything else is never claimed;
+    one whose lock another process holds is refused with RunInUse naming it. The default
     runs/<timestamp> takes a -2, -3, ... suffix when the name is taken. Raises ValueError with a
     one-line message.
     """
@@ -277,24 +284,43 @@ def claim_run_dir(out_dir: str | None) -> tuple[Path, bool]:
             created = False
         except OSError as error:
             raise ValueError(f"{name}: cannot create it ({error.strerror}); {advice}") from None
-        try:
-            if created or not any(path.iterdir()):
-                os.close(os.open(path / "config.json", os.O_CREAT | os.O_EXCL | os.O_WRONLY))
-                return path, created
-        except FileExistsError:
-            pass  # another run claimed it first
-        except OSError as error:
-            raise ValueError(f"{name}: cannot write in it ({error.strerror}); {advice}") from None
+
+        def foreign_contents() -> bool:
+            return any(not is_own_leftover(p) for p in path.iterdir())
+
+        # A finished run or a folder of the user's is refused without touching it; a lock file
+        # may belong to a run training there, which the lock names.
+        if created or not foreign_contents() or (path / LOCK_FILE).exists():
+            try:
+                lock = RunLock.acquire(path)
+            except RunInUse:
+                if out_dir is not None:
+                    raise
+                continue  # a run started in the same second holds this name
+            except OSError as error:
+                raise ValueError(f"{name}: cannot write in it ({error.strerror}); {advice}") from None
+            if not foreign_contents():
+                try:
+                    for leftover in path.iterdir():
+                        if leftover.name != LOCK_FILE:
+                            leftover.unlink()
+                    (path / CONFIG_FILE).touch()
+                except OSError as error:
+                    lock.release()
+                    raise ValueError(f"{name}: cannot write in it ({error.strerror}); {advice}") from None
+                return path, created, lock
+            lock.release()
         if out_dir is not None:
             raise ValueError(f"{name} exists and is not empty; pick another --out-dir, or --resume it")
     raise ValueError(f"every run directory name from {candidates[0]} to {candidates[-1]} is taken; pass --out-dir")
 
 
-def release_run_dir(path: Path, created: bool):
+def release_run_dir(path: Path, created: bool, lock: RunLock):
     """Undo claim_run_dir for a run that stopped before it wrote anything."""
-    config = path / "config.json"
+    config = path / CONFIG_FILE
     if config.exists() and config.stat().st_size == 0:
         config.unlink()
+    lock.release()
     if created:
         try:
             path.rmdir()
@@ -302,20 +328,44 @@ def release_run_dir(path: Path, created: bool):
             pass  # something was written there after all: keep it
 
 
-def claim_on_rank_0(args, parser, ctx: distributed.Context) -> tuple[Path, bool]:
-    """Rank 0 names and claims the directory; the others take its word (their clocks differ)."""
-    claim, problem = (None, False), None
+def claim_on_rank_0(args, parser, ctx: distributed.Context) -> tuple[Path, bool, RunLock | None]:
+    """Rank 0 names, claims and locks the directory; the others take its word (their clocks
+    differ) and its lock: they never write the run directory."""
+    claim, problem, in_use = (None, False, None), None, False
     if ctx.is_main:
         try:
             claim = claim_run_dir(args.out_dir)
         except ValueError as error:
             problem = str(error)
-    path, problem = distributed.broadcast_object((str(claim[0]) if claim[0] else None, problem))
+        except RunInUse as error:
+            problem, in_use = str(error), True
+    path, problem, in_use = distributed.broadcast_object((str(claim[0]) if claim[0] else None, problem, in_use))
+    if problem and in_use:
+        if ctx.is_main:
+            raise cli.RunError(f"--out-dir {problem}")
+        sys.exit(1)
     if problem:
         if ctx.is_main:
             parser.error(problem)
         sys.exit(2)
-    return Path(path), claim[1]
+    return Path(path), claim[1], claim[2]
+
+
+def lock_on_rank_0(run_dir: Path, ctx: distributed.Context) -> RunLock | None:
+    """The lock of a run to resume, taken by rank 0 for all ranks; RunError when another process holds it."""
+    lock, problem = None, None
+    if ctx.is_main:
+        try:
+            lock = RunLock.acquire(run_dir)
+        except (RunInUse, OSError) as error:
+            problem = (f"--resume {error}" if isinstance(error, RunInUse)
+                       else f"--resume {run_dir}: cannot lock it ({error})")
+    problem = distributed.broadcast_object(problem)
+    if problem:
+        if ctx.is_main:
+            raise cli.RunError(problem)
+        sys.exit(1)
+    return lock
 
 
 # ---------------------------------------------------------------------------- --resume
@@ -339,7 +389,7 @@ def resolve_resume(args, parser, typed: set[str], device: torch.device,
         parser.error(f"--resume {run_dir}: not a run directory (it has no config.json); start a new run instead")
     if config_path.stat().st_size == 0:
         raise cli.RunError(f"{config_path} is empty: the run was stopped before it wrote its config, so there is "
-                           f"nothing to resume; start it again as a new run")
+                           f"nothing to resume; start it again as a new run (--out-dir {run_dir} may be reused)")
     try:
         model_cfg, train_cfg = read_config(run_dir)
     except (ValueError, KeyError, TypeError) as error:  # broken JSON, missing sections, unknown fields
@@ -511,33 +561,69 @@ def run(args, parser, typed, device, ctx) -> int:
 
     if args.resume:
         model_cfg, train_cfg, run_dir, has_checkpoint = resolve_resume(args, parser, typed, device, ctx)
-        created = False
     else:
         model_cfg, train_cfg = resolve(args, parser, device, ctx)
     if args.print_config:
         say(json.dumps({"model": asdict(model_cfg), "train": asdict(train_cfg)}, indent=2))
         return 0
-    if not args.resume:
-        run_dir, created = claim_on_rank_0(args, parser, ctx)
+    if args.resume:
+        lock = lock_on_rank_0(run_dir, ctx)
+    else:
+        run_dir, created, lock = claim_on_rank_0(args, parser, ctx)
         train_cfg.out_dir = str(run_dir)
         has_checkpoint = False
-    resume_line = f"interrupted; continue with: {shell_command(script(), '--resume', run_dir)}"
+    trainer = None
     try:
-        trainer = start(args, parser, model_cfg, train_cfg, run_dir, has_checkpoint, ctx, say)
-    except BaseException as error:
-        if not args.resume and ctx.is_main:  # a new run that did not start gives its directory back
-            release_run_dir(run_dir, created)
-        if not isinstance(error, KeyboardInterrupt):
-            raise
-        cli.exit_on_next_interrupt()
-        say(resume_line if args.resume else "interrupted before the run started; nothing was saved", file=sys.stderr)
-        return 130
-    try:
+        try:
+            trainer = start(args, parser, model_cfg, train_cfg, run_dir, has_checkpoint, ctx, say)
+        finally:
+            if trainer is None and not args.resume and ctx.is_main:
+                release_run_dir(run_dir, created, lock)  # a new run that did not start gives its directory back
         return train(trainer, model_cfg, train_cfg, typed, run_dir, has_checkpoint, say)
-    except KeyboardInterrupt:
-        cli.exit_on_next_interrupt()
-        say(("\n" if sys.stderr.isatty() else "") + resume_line, file=sys.stderr)
-        return 130
+    except BaseException as error:
+        code = ended_early(error, run_dir, started=trainer is not None or args.resume, say=say)
+        if code is None:
+            raise
+        return code
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def ended_early(error: BaseException, run_dir: Path, started: bool, say) -> int | None:
+    """Report a run that a stop signal or a failed write ended, in one line; its exit status.
+    None for any other error (the error rule reports it). An error that follows a stop signal
+    (a torchrun peer that stopped first) is part of that stop; a failed write is reported even
+    then: it needs the user's hand before the run can go on."""
+    resume = shell_command(script(), "--resume", run_dir)
+    saved = (run_dir / LAST_CHECKPOINT).exists()
+    if isinstance(error, WriteError):
+        if error.errno == errno.ENOENT and not run_dir.is_dir():
+            say(f"error: {error}; the run directory was removed, start a new run", file=sys.stderr)
+            return 1
+        fix = {errno.ENOSPC: "free some space", errno.EDQUOT: "free some space within your quota",
+               errno.EROFS: "make the filesystem writable"}.get(error.errno, "fix that")
+        then = (f"then continue with: {resume}" if saved else
+                f"then start it over with: {resume} (no epoch was saved yet)" if started else
+                "then start the run again")
+        say(f"error: {error}; {fix}, {then}", file=sys.stderr)
+        return 1
+    if isinstance(error, KeyboardInterrupt):
+        signum = cli.stop_signal(error)
+    elif isinstance(error, Exception) and cli.stop_received():
+        signum = cli.stop_received()
+    else:
+        return None
+    cli.exit_on_next_interrupt()
+    what = ("\n" if sys.stderr.isatty() else "") + cli.stopped_by(signum)
+    if not started:
+        say(f"{what} before the run started; nothing was saved", file=sys.stderr)
+    elif saved:
+        say(f"{what}; continue with: {resume}", file=sys.stderr)
+    else:
+        say(f"{what} before the first epoch ended, so nothing was saved: the run will start over from the "
+            f"beginning (the work so far is lost); start it over with: {resume}", file=sys.stderr)
+    return cli.exit_status(signum)
 
 
 def start(args, parser, model_cfg, train_cfg, run_dir, has_checkpoint, ctx, say) -> Trainer:
@@ -591,5 +677,5 @@ def train(trainer, model_cfg: ViTConfig, cfg: TrainConfig, typed, run_dir: Path,
 
 
 if __name__ == "__main__":
-    signal.signal(signal.SIGINT, signal.default_int_handler)
+    cli.stop_on_signals()
     sys.exit(main())

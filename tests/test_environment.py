@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from vit.environment import atomic_write, device_name, parse_device, versions
+from vit.environment import WriteError, atomic_write, device_name, parse_device, versions
 
 
 def test_parse_device_defaults_to_what_the_machine_has():
@@ -41,7 +41,7 @@ def test_atomic_write_replaces_whole_or_leaves_the_old_file(tmp_path):
         tmp.write_text("half")
         raise OSError("disk full")
 
-    with pytest.raises(OSError):
+    with pytest.raises(WriteError, match=f"cannot write {path}: disk full; its previous version is intact"):
         atomic_write(path, crash_midway)
     assert path.read_text() == "first"
-    assert sorted(p.name for p in tmp_path.iterdir()) == [".state.txt.tmp", "state.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["state.txt"]  # the temporary is gone too

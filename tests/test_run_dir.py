@@ -19,6 +19,7 @@ import torch
 import train
 from conftest import write_cifar_folder
 from vit import data as cifar
+from vit.checkpoint import RunInUse
 from vit.trainer import load_checkpoint
 
 REPO = Path(train.__file__).resolve().parent
@@ -28,6 +29,9 @@ TINY = ["--device", "cpu", "--depth", "1", "--dim", "32", "--heads", "2", "--mlp
 # tracebacks on Ctrl-C.
 WORKERS = ["--augment", "cpu", "--num-workers", "2"]
 RESUME_LINE = "interrupted; continue with: "
+# Before the first checkpoint there is nothing to continue from: the same command starts over.
+START_OVER_LINE = ("interrupted before the first epoch ended, so nothing was saved: the run will start over from the "
+                   "beginning (the work so far is lost); start it over with: ")
 
 
 def epochs_in(run: Path) -> list[int]:
@@ -48,7 +52,7 @@ def longer_data_dir(tmp_path_factory):
 
 # --- claiming -------------------------------------------------------------------------------
 
-def _claim_in_child(folder, barrier, results):
+def _claim_in_child(folder, barrier, results, done):
     os.chdir(folder)
     time.strftime = lambda fmt: "20260101-000000"  # every claimant sees the same second
     barrier.wait()
@@ -56,28 +60,32 @@ def _claim_in_child(folder, barrier, results):
         results.put(str(train.claim_run_dir(None)[0]))
     except ValueError as error:
         results.put(f"error: {error}")
+    done.wait(120)  # a claim lasts as long as its run: keep it until every claimant has tried
 
 
 def test_runs_started_in_the_same_second_get_distinct_directories(tmp_path):
     context = multiprocessing.get_context("fork")
     claimants = 6
-    barrier, results = context.Barrier(claimants), context.Queue()
-    processes = [context.Process(target=_claim_in_child, args=(tmp_path, barrier, results)) for _ in range(claimants)]
+    barrier, results, done = context.Barrier(claimants), context.Queue(), context.Event()
+    processes = [context.Process(target=_claim_in_child, args=(tmp_path, barrier, results, done))
+                 for _ in range(claimants)]
     for process in processes:
         process.start()
     claimed = sorted(results.get(timeout=120) for _ in processes)
+    done.set()
     for process in processes:
         process.join(timeout=60)
     assert claimed == sorted(["runs/20260101-000000"] + [f"runs/20260101-000000-{n}" for n in range(2, claimants + 1)])
     assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == sorted(Path(c).name for c in claimed)
 
 
-def _claim_given_dir_in_child(out_dir, barrier, results):
+def _claim_given_dir_in_child(out_dir, barrier, results, done):
     barrier.wait()
     try:
         results.put(str(train.claim_run_dir(out_dir)[0]))
-    except ValueError as error:
+    except (ValueError, RunInUse) as error:
         results.put(f"error: {error}")
+    done.wait(120)  # a claim lasts as long as its run: keep it until every claimant has tried
 
 
 @pytest.mark.parametrize("exists", [False, True], ids=["new", "existing-empty"])
@@ -86,27 +94,28 @@ def test_one_out_dir_goes_to_exactly_one_of_two_runs(tmp_path, exists):
     if exists:
         out_dir.mkdir()
     context = multiprocessing.get_context("fork")
-    barrier, results = context.Barrier(4), context.Queue()
-    processes = [context.Process(target=_claim_given_dir_in_child, args=(str(out_dir), barrier, results))
+    barrier, results, done = context.Barrier(4), context.Queue(), context.Event()
+    processes = [context.Process(target=_claim_given_dir_in_child, args=(str(out_dir), barrier, results, done))
                  for _ in range(4)]
     for process in processes:
         process.start()
     outcomes = [results.get(timeout=120) for _ in processes]
+    done.set()
     for process in processes:
         process.join(timeout=60)
     assert outcomes.count(str(out_dir)) == 1, outcomes
-    assert all("exists and is not empty" in o for o in outcomes if o != str(out_dir)), outcomes
+    assert all(f"{out_dir} is in use: process " in o for o in outcomes if o != str(out_dir)), outcomes
 
 
 def test_release_undoes_only_the_claim(tmp_path):
-    path, created = train.claim_run_dir(str(tmp_path / "a"))
+    path, created, lock = train.claim_run_dir(str(tmp_path / "a"))
     assert created
-    train.release_run_dir(path, created)
+    train.release_run_dir(path, created, lock)
     assert not path.exists()
     (tmp_path / "b").mkdir()
-    path, created = train.claim_run_dir(str(tmp_path / "b"))
+    path, created, lock = train.claim_run_dir(str(tmp_path / "b"))
     assert not created and (path / "config.json").stat().st_size == 0  # the claim: an empty config.json
-    train.release_run_dir(path, created)
+    train.release_run_dir(path, created, lock)
     assert path.is_dir() and not any(path.iterdir())  # the folder was the user's: it stays
 
 
@@ -149,11 +158,11 @@ def interrupt(argv: list[str], after: str, delay: float = 0.0) -> tuple[int, str
     return process.returncode, "".join(lines) + out, err
 
 
-def assert_only_the_resume_line(code: int, err: str, run: Path) -> list[str]:
+def assert_only_the_resume_line(code: int, err: str, run: Path, line: str = RESUME_LINE) -> list[str]:
     """The interrupted run's stderr: exactly one line, the command that resumes it; returns that command."""
     assert code == 130, err
-    assert err.count("\n") == 1 and err.startswith(RESUME_LINE), err
-    command = shlex.split(err[len(RESUME_LINE):])
+    assert err.count("\n") == 1 and err.startswith(line), err
+    command = shlex.split(err[len(line):])
     assert command[-2:] == ["--resume", str(run)]
     return command
 
@@ -167,7 +176,7 @@ def test_ctrl_c_in_epoch_1_then_resume_starts_it_from_the_beginning(longer_data_
     run = tmp_path / "run"
     code, out, err = interrupt(TINY + WORKERS + ["--epochs", "2", "--data-dir", str(longer_data_dir),
                                                  "--out-dir", str(run)], after="run directory")
-    command = assert_only_the_resume_line(code, err, run)
+    command = assert_only_the_resume_line(code, err, run, START_OVER_LINE)
     assert "epoch   1/2" not in out
     assert (run / "config.json").stat().st_size > 0 and not (run / "last.pt").exists()
 

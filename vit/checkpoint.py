@@ -9,22 +9,30 @@ A run directory holds
 - metrics.csv and curves.png, regenerated from the checkpoint's metrics after each checkpoint
   and on resume, so a kill between two writes never loses an epoch's row.
 
-Every file is written atomically (a temporary name, then a rename): a kill at any moment leaves
-each file whole, in its previous or its new version. A resume removes the temporaries a kill left
-(remove_stale_temporaries).
+Every file is written atomically (a temporary name, then a rename): a kill or a failed write
+(vit.environment.WriteError: a full disk, a quota) at any moment leaves each file whole, in its
+previous or its new version. A resume removes the temporaries a kill left (remove_stale_temporaries).
+
+While a run trains, its process holds an exclusive lock on the directory (RunLock, an OS file lock
+that ends with the process): a second training process on the same directory is refused, naming
+the first. Reading a run (vit.evaluate, vit.predict) takes no lock: every file it reads is whole.
 
 Checkpoints are written off the training thread: HostSnapshot copies the state's tensors into host
 buffers kept from one epoch to the next (pinned, so the copies from a GPU run asynchronously), and
 BackgroundWriter runs the writes on a thread, one job at a time.
 """
 import csv
+import fcntl
 import json
 import os
+import pickle
+import re
 import shutil
 import signal
 import sys
 import threading
 import time
+import warnings
 from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Callable
@@ -40,6 +48,7 @@ LAST_CHECKPOINT = "last.pt"
 BEST_CHECKPOINT = "best.pt"
 METRICS_FILE = "metrics.csv"
 CURVES_FILE = "curves.png"
+LOCK_FILE = ".train.lock"  # held by the training process, holds its pid; removed when the run ends
 METRIC_COLUMNS = ["epoch", "train_loss", "train_acc", "test_loss", "test_acc", "lr", "epoch_seconds",
                   "images_per_second"]
 # After those, in a run that keeps an average of the weights (TrainConfig.ema_decay): its evaluation.
@@ -57,19 +66,50 @@ def _first_line(error: BaseException) -> str:
 
 # ---------------------------------------------------------------------------- checkpoints
 
+def _torch_save(state: dict, path: Path):
+    """torch.save through a Python file: a failed write is the OSError it is (no space, a quota),
+    where torch's own file writer reports an "enforce fail" RuntimeError."""
+    with open(path, "wb") as f:
+        torch.save(state, f)
+
+
 def save_checkpoint(path: Path, state: dict):
-    atomic_write(path, lambda tmp: torch.save(state, tmp))
+    atomic_write(path, lambda tmp: _torch_save(state, tmp))
+
+
+# What torch's weights-only unpickler says when a file names a Python object (a class, a function
+# to call) that a checkpoint of tensors never holds, with the object's name.
+_FOREIGN_OBJECT = re.compile(r"GLOBAL (\S+)|unrecognized function (\S+)|but got <class '([^']+)'>")
+
+
+def _unpickler_reason(message: str) -> str:
+    """The weights-only unpickler's own reason, without torch's advice around it (which suggests
+    loading the file with weights_only=False: running whatever it holds)."""
+    found = re.search(r"WeightsUnpickler error:\s*(\S.*)", message) or re.search(r"\n\n(\S.*)", message)
+    return found.group(1).strip() if found else "refused by torch's weights-only loader"
 
 
 def load_checkpoint(path: Path, device="cpu") -> dict:
     """A checkpoint written by save_checkpoint (weights_only: a checkpoint is data, never code).
     FileNotFoundError when it is missing; RuntimeError with a one-line message naming the file
-    when it cannot be read or is not a training checkpoint."""
+    when it holds Python objects beyond tensors (refused, nothing in it runs), cannot be read,
+    or is not a training checkpoint. torch's warnings about the file stay silent."""
     try:
-        state = torch.load(path, map_location=device, weights_only=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # e.g. "Detected pickle protocol 4": the error below says it all
+            state = torch.load(path, map_location=device, weights_only=True)
     except FileNotFoundError:
         raise
     except Exception as error:  # truncated, not a torch file, disallowed objects: many exception types
+        if isinstance(error, pickle.UnpicklingError) and str(error).startswith("Weights only load failed"):
+            reason = _unpickler_reason(str(error))
+            named = _FOREIGN_OBJECT.search(reason)
+            if named:
+                name = next(group for group in named.groups() if group)
+                raise RuntimeError(f"{path}: holds Python objects beyond tensors ({name}); refused, "
+                                   f"nothing was run") from None
+            raise RuntimeError(f"{path}: cannot read the checkpoint, not a torch.save file of tensors "
+                               f"({reason})") from None
         raise RuntimeError(f"{path}: cannot read the checkpoint, truncated or not a torch.save file "
                            f"({_first_line(error)})") from None
     if not isinstance(state, dict) or not isinstance(state.get("model"), dict):
@@ -95,7 +135,7 @@ def write_epoch_files(run_dir: Path, state: dict, best: bool, curves: bool):
     run_dir = Path(run_dir)
 
     def write_last(tmp: Path):
-        torch.save(state, tmp)
+        _torch_save(state, tmp)
         if best:
             atomic_write(run_dir / BEST_CHECKPOINT, lambda best_tmp: _link_or_copy(tmp, best_tmp))
 
@@ -111,6 +151,68 @@ def remove_stale_temporaries(run_dir: Path) -> list[Path]:
     for path in stale:
         path.unlink(missing_ok=True)
     return stale
+
+
+# ---------------------------------------------------------------------------- one writer per run
+
+class RunInUse(RuntimeError):
+    """Another process holds the run directory's lock: the message names it."""
+
+
+class RunLock:
+    """An exclusive lock on a run directory for the life of the process that trains it: flock on
+    LOCK_FILE, which the kernel releases when the process ends however it ends, so a killed run
+    never leaves a stale lock. The file holds the holder's pid, for the message of a refused one."""
+
+    def __init__(self, path: Path, descriptor: int):
+        self.path, self._descriptor = path, descriptor
+
+    @classmethod
+    def acquire(cls, run_dir: Path) -> "RunLock":
+        """The lock, or RunInUse naming the process that holds it."""
+        path = Path(run_dir) / LOCK_FILE
+        while True:
+            descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.read(descriptor, 32).decode(errors="replace").strip()
+                os.close(descriptor)
+                who = f"process {holder}" if holder.isdigit() else "another process"
+                raise RunInUse(f"{run_dir} is in use: {who} is training it (one training process per run "
+                               f"directory); wait for it to end, or stop it first") from None
+            try:
+                current = os.stat(path).st_ino == os.fstat(descriptor).st_ino
+            except FileNotFoundError:
+                current = False
+            if current:
+                break
+            os.close(descriptor)  # the holder removed the file as we opened it: lock the new one
+        try:
+            os.ftruncate(descriptor, 0)
+            os.write(descriptor, f"{os.getpid()}\n".encode())
+        except OSError:
+            pass  # no room for the pid on a full disk: the lock holds without it
+        return cls(path, descriptor)
+
+    def release(self):
+        """Remove the lock file, then unlock (a process that opened it meanwhile sees it removed)."""
+        if self._descriptor is None:
+            return
+        try:
+            self.path.unlink(missing_ok=True)
+        except OSError:
+            pass  # a folder gone read-only: the file stays, a leftover the next claim or lock reuses
+        os.close(self._descriptor)
+        self._descriptor = None
+
+
+def is_own_leftover(path: Path) -> bool:
+    """A file a run leaves only when it was killed: a temporary of an interrupted write, the lock
+    file, or the empty config.json by which a run claims its directory before writing it."""
+    name = path.name
+    return (name.startswith(".") and name.endswith(".tmp")) or name == LOCK_FILE or (
+        name == CONFIG_FILE and path.is_file() and path.stat().st_size == 0)
 
 
 # ---------------------------------------------------------------------------- metrics

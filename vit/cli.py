@@ -3,8 +3,9 @@ flag validators, the help format, --device, and the error rule.
 
 The error rule: a bad flag, path or file ends the command with one line on stderr that
 names what is wrong and what to do. Exit code 2 for a usage error (argparse's, or one found
-checking the flags before any work), 1 for a run that failed, 130 for Ctrl-C. Never a
-traceback, unless --debug or VIT_DEBUG=1 asks for it.
+checking the flags before any work), 1 for a run that failed, 128 + the signal for a stop
+signal (130 for Ctrl-C, 143 for SIGTERM, 129 for SIGHUP). Never a traceback, unless --debug or
+VIT_DEBUG=1 asks for it.
 """
 import argparse
 import math
@@ -18,7 +19,7 @@ from pathlib import Path
 import torch
 
 from vit.data import DataError
-from vit.environment import parse_device
+from vit.environment import STOP_SIGNALS, parse_device
 
 DEBUG_ENV = "VIT_DEBUG"
 MAX_SEED = 2**63 - 1  # torch.manual_seed's range, and what vit.data's sample seeds are reduced to
@@ -159,11 +160,57 @@ def describe(error: Exception) -> str:
             f"shows the traceback)")
 
 
+class Stopped(KeyboardInterrupt):
+    """A stop signal (vit.environment.STOP_SIGNALS), raised in the main thread as Ctrl-C's
+    KeyboardInterrupt is, so that every path that handles Ctrl-C handles SIGTERM and SIGHUP too."""
+
+    def __init__(self, signum: int):
+        self.signum = signal.Signals(signum)
+        super().__init__(self.signum.name)
+
+
+_first_stop: signal.Signals | None = None  # the first stop signal this process received
+
+
+def stop_signal(interrupt: KeyboardInterrupt) -> signal.Signals:
+    """The signal behind a KeyboardInterrupt: Ctrl-C's SIGINT unless it is a Stopped."""
+    return getattr(interrupt, "signum", signal.SIGINT)
+
+
+def stop_received() -> signal.Signals | None:
+    """The first stop signal received, or None: an error that follows one (a peer process that
+    stopped first, a DataLoader worker that ended) is part of the same stop."""
+    return _first_stop
+
+
+def stopped_by(signum: int) -> str:
+    """What happened, as the line that reports a stop starts."""
+    named = {signal.SIGINT: "interrupted", signal.SIGHUP: "stopped by SIGHUP (its terminal closed)"}
+    return named.get(signum, f"stopped by {signal.Signals(signum).name}")
+
+
+def exit_status(signum: int) -> int:
+    return 128 + signum
+
+
+def _raise_stop(signum, frame):
+    global _first_stop
+    _first_stop = _first_stop or signal.Signals(signum)
+    raise Stopped(signum)
+
+
+def stop_on_signals():
+    """Every stop signal raises Stopped in the main thread, from wherever it is."""
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, _raise_stop)
+
+
 def exit_on_next_interrupt():
-    """After the first Ctrl-C has been handled, a second one ends the process at once,
+    """After the first stop signal has been handled, a second one ends the process at once,
     without a traceback from whatever cleanup it interrupts."""
     if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGINT, lambda signum, frame: os._exit(130))
+        for signum in STOP_SIGNALS:
+            signal.signal(signum, lambda signum, frame: os._exit(exit_status(signum)))
 
 
 def run(main, argv=None) -> int:
@@ -172,23 +219,24 @@ def run(main, argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = debug_requested(argv)
     in_main_thread = threading.current_thread() is threading.main_thread()
-    sigint_handler = signal.getsignal(signal.SIGINT) if in_main_thread else None
+    handlers = {signum: signal.getsignal(signum) for signum in STOP_SIGNALS} if in_main_thread else {}
     try:
         return main(argv)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as interrupt:
         exit_on_next_interrupt()
         if debug:
             traceback.print_exc()
-        print("interrupted", file=sys.stderr)
-        return 130
+        print(stopped_by(stop_signal(interrupt)), file=sys.stderr)
+        return exit_status(stop_signal(interrupt))
     except Exception as error:
         if debug:
             traceback.print_exc()
         print(f"error: {describe(error)}", file=sys.stderr)
         return 1
     finally:
-        if sigint_handler is not None:
-            signal.signal(signal.SIGINT, sigint_handler)
+        for signum, handler in handlers.items():
+            if handler is not None:
+                signal.signal(signum, handler)
 
 
 # ---------------------------------------------------------------------------------------

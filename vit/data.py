@@ -15,6 +15,7 @@ import math
 import os
 import pickle
 import signal
+import sys
 import tarfile
 import threading
 from contextlib import contextmanager
@@ -25,6 +26,7 @@ import numpy as np
 import torch
 
 from vit import augment
+from vit.environment import STOP_SIGNALS
 from vit.mixing import MixConfig, mix_batch
 
 FOLDER = "cifar-10-batches-py"
@@ -327,29 +329,49 @@ class TrainLoader:
 
 @contextmanager
 def _interrupts_held():
-    """Ctrl-C is held while the DataLoader forks its workers and raised once they exist. Raised
-    during the fork, the KeyboardInterrupt would land in Python's after-fork hooks, which print
-    it and swallow it (the run went on), or in a worker before it ignores SIGINT."""
-    previous = signal.getsignal(signal.SIGINT)
-    if threading.current_thread() is not threading.main_thread() or previous is None:  # None: set outside Python
+    """Stop signals (Ctrl-C, SIGTERM, SIGHUP) are held while the DataLoader forks its workers and
+    raised once they exist. Raised during the fork, the KeyboardInterrupt would land in Python's
+    after-fork hooks, which print it and swallow it (the run went on), or in a worker before it
+    ignores the signal."""
+    if threading.current_thread() is not threading.main_thread():
         yield
         return
+    previous = {signum: signal.getsignal(signum) for signum in STOP_SIGNALS}
+    held = [signum for signum, handler in previous.items() if handler is not None]  # None: set outside Python
     received = []
-    signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+    for signum in held:
+        signal.signal(signum, lambda signum, frame: received.append(signum))
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
-        if received and callable(previous):
-            previous(signal.SIGINT, None)
-        elif received and previous == signal.SIG_DFL:
-            raise KeyboardInterrupt
+        for signum in held:
+            signal.signal(signum, previous[signum])
+        for signum in received[:1]:
+            if callable(previous[signum]):
+                previous[signum](signum, None)
+            elif previous[signum] == signal.SIG_DFL and signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            elif previous[signum] == signal.SIG_DFL:
+                signal.raise_signal(signum)
 
 
 def _leave_interrupts_to_the_trainer(worker_id: int):
-    """Ctrl-C reaches every process of the terminal's group. The training process stops the
-    workers itself; left to Python's default, each worker would print its own traceback."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    """Ctrl-C reaches every process of the terminal's group, and a scheduler or torchrun may send
+    SIGTERM or SIGHUP to the whole group. The training process stops the workers itself; left to
+    Python's default, each worker would print its own traceback or die with the signal, which
+    the DataLoader reports as a failed worker."""
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
+    sys.excepthook = _quiet_when_the_trainer_hangs_up
+
+
+def _quiet_when_the_trainer_hangs_up(kind, error, traceback):
+    """A worker hands each batch's shared memory over a connection the training process opens
+    (multiprocessing's resource sharer, whose thread reports errors through sys.excepthook). A
+    training process that stops mid-handover resets that connection: the worker, about to be
+    stopped, has nothing to report."""
+    if not issubclass(kind, ConnectionError):
+        sys.__excepthook__(kind, error, traceback)
 
 
 class CPUTrainLoader(TrainLoader):
