@@ -18,18 +18,18 @@ BATCH = 4
 CALLS = 3  # a warm-up call, then two to compare (the schedule covers CALLS epochs of 2 steps)
 
 
-def make_trainer(run_dir, backend="torch", mixing=False, **cfg_fields) -> Trainer:
-    """A one-block model at the smallest shapes over generated images; dropout and drop-path on,
-    so the step draws random numbers."""
-    cfg = TrainConfig(epochs=CALLS, batch_size=BATCH, device="cpu", precision="fp32", augment="gpu", progress=False,
+def make_trainer(run_dir, backend="torch", mixing=False, depth=2, batch_size=BATCH, **cfg_fields) -> Trainer:
+    """A small model over generated images; dropout and drop-path on, so the step draws random
+    numbers."""
+    cfg = TrainConfig(epochs=CALLS, batch_size=batch_size, device="cpu", precision="fp32", augment="gpu", progress=False,
                       seed=0, **cfg_fields)
     seed_everything(0)
     generator = torch.Generator().manual_seed(0)
-    images = torch.randint(0, 256, (2 * BATCH, 3, 32, 32), dtype=torch.uint8, generator=generator)
-    labels = torch.randint(0, 10, (2 * BATCH,), generator=generator)
+    images = torch.randint(0, 256, (2 * batch_size, 3, 32, 32), dtype=torch.uint8, generator=generator)
+    labels = torch.randint(0, 10, (2 * batch_size,), generator=generator)
     mix = MixConfig(mixup_alpha=0.8, cutmix_alpha=1.0) if mixing else None
-    loader = GPUTrainLoader(images, labels, BATCH, 0, cfg.device, mixing=mix)
-    model = ViT(ViTConfig(dim=32, depth=2, heads=2, mlp_dim=32, dropout=0.1, drop_path=0.1, backend=backend))
+    loader = GPUTrainLoader(images, labels, batch_size, 0, cfg.device, mixing=mix)
+    model = ViT(ViTConfig(dim=32, depth=depth, heads=2, mlp_dim=32, dropout=0.1, drop_path=0.1, backend=backend))
     return Trainer(model, loader, EvalSet(images, labels, [str(i) for i in range(10)]),
                    make_optimizer(model, cfg, cfg.device), cfg, run_dir, log=lambda line: None)
 
@@ -48,7 +48,8 @@ def test_the_torch_step_with_the_average_of_the_weights_and_mixed_targets_is_cap
 
 @pytest.mark.interpreter
 def test_the_triton_step_is_capture_safe(tmp_path):
-    trainer = make_trainer(tmp_path, backend="triton", ema_decay=0.99)
+    # One block of two images: every kernel of the step, each launched at the smallest shape.
+    trainer = make_trainer(tmp_path, backend="triton", depth=1, batch_size=2, ema_decay=0.99)
     images, labels = first_batch(trainer)
     problems = capture_problems(lambda: trainer.train_step(images, labels), CALLS)
     assert not problems, "\n".join(problems)
