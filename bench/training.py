@@ -116,15 +116,16 @@ def training_configs(device: torch.device) -> list[TrainingConfig]:
 
 
 def select_configs(configs: list[TrainingConfig], keys: list[str] | None) -> list[TrainingConfig]:
-    """The configurations named by --training-configs, in the priority order; ValueError
-    naming the known keys for an unknown one."""
+    """The configurations named by --training-configs, in the order named (the first named runs
+    first); ValueError naming the known keys for an unknown one."""
     if not keys:
         return configs
     known = {c.key for c in configs}
     unknown = [k for k in keys if k not in known]
     if unknown:
         raise ValueError(f"--training-configs: unknown {', '.join(unknown)}; known: {', '.join(c.key for c in configs)}")
-    return [c for c in configs if c.key in keys]
+    by_key = {c.key: c for c in configs}
+    return [by_key[k] for k in dict.fromkeys(keys)]
 
 
 @dataclass
