@@ -148,6 +148,7 @@ class DeviceWorkCounter(TorchDispatchMode):
                     return _original(kernel, *args, grid=grid, warmup=warmup, **kwargs)
                 counter.counts.triton_launches += 1
                 counter.counts.triton_by_kernel[getattr(kernel, "__name__", repr(kernel))] += 1
+                counter.on_triton_launch(kernel, grid, args, kwargs)
                 counter._inside_triton += 1  # the interpreter moves data with aten ops: not launches
                 try:
                     return _original(kernel, *args, grid=grid, warmup=warmup, **kwargs)
@@ -156,6 +157,9 @@ class DeviceWorkCounter(TorchDispatchMode):
 
             cls.run = run
             self._patched.append((cls, original))
+
+    def on_triton_launch(self, kernel, grid, args, kwargs):
+        """Called at each counted Triton launch; a subclass records more of it (tests/capture_check.py)."""
 
     def __enter__(self):
         self._patch_triton()

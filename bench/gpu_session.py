@@ -7,12 +7,14 @@ the plan handed from step 1 to step 2) goes to --work (default .device-data, ign
     python -m bench.gpu_session step1 RESULTS     # the GPU tests, then the kernel bench
     python -m bench.gpu_session step2 RESULTS     # the data, the full training run, the training bench
 
-step1: the tests marked gpu, bf16 parity first (pytest -m gpu -k "not determinis"), then
-       determinism (-m gpu -k determinis); then `python -m bench` on
-       synthetic images (kernels at the model's shape, augmentation, the triton training row
-       whose step time step2 plans with, sweeps).
+step1: the tests marked gpu that need no data set, bf16 parity first (-k "not determinis"), then
+       determinism (-k determinis), each group's test files spread over parallel pytest processes
+       so that the Triton kernels they launch first compile on all the machine's cores (into
+       Triton's cache, which the bench then finds warm); then `python -m bench` on synthetic
+       images (kernels at the model's shape, augmentation, the triton training rows: the
+       CUDA-graph one first, then the eager one whose step time step2 plans with; sweeps).
 step2: CIFAR-10 rebuilt from the two parts carried with the commands (device_data.py unpack);
-       the default recipe trained with the triton backend by train.py, all 200 epochs if the
+       the gpu tests of the real data (VIT_DATA_DIR set to it); the default recipe trained with the triton backend by train.py, all 200 epochs if the
        step time measured in step1 says they fit before the training bench's share, else as
        many as fit (a recipe of that many epochs, labelled so); then `python -m bench --only
        training` on the real data in the time left.
@@ -50,11 +52,15 @@ from vit.environment import atomic_write
 MAX_RESULT_FILES = 8  # what the GPU machine sends back from a results folder
 DEFAULT_SECONDS = {"step1": 210, "step2": 480}
 TESTS_SHARE = 0.4  # of step1's time, at most, for the two test groups (the parity group gets 3/4 of it)
-# `pytest -m gpu` in two groups: the bf16 parity tests at the model's shapes first, then the
+# step1's gpu tests: those of the real data run in step2, once it is unpacked.
+STEP1_TESTS, STEP2_TESTS = "gpu and not real_data", "gpu and real_data"
+# step1's tests in two groups: the bf16 parity tests at the model's shapes first, then the
 # determinism tests (their names say so).
 TEST_GROUPS = (("bf16 parity", "not determinis"), ("determinism", "determinis"))
-# The row step2 plans with; the training peers run in step2, on the real data, with more time.
-STEP1_TRAINING_CONFIGS = "triton"
+# Our kernels' whole-step CUDA graph first, then the eager row step2 plans with; the training
+# peers run in step2, on the real data, with more time.
+STEP1_TRAINING_CONFIGS = "triton-graphs,triton"
+DATA_TESTS_SECONDS = 90  # step2: the gpu tests of the real data (two short bf16 runs of the default model)
 BENCH_FILES = {"step1": 6, "step2": 4}  # the bench's share of the 8 files, beside the session's own
 RECIPE_EPOCHS = 200
 # step2 keeps at least this for the training bench after the full run (--bench-seconds): the
@@ -95,25 +101,31 @@ class Session:
                                                                   *sys.argv[1:]],
                        "substeps": []}
         self.failed = False
+        self.data_dir: Path | None = None  # the real CIFAR-10, once step2 has it
+        self._lock = threading.Lock()  # parallel test processes log and record at once
 
     # -- time, log, record -------------------------------------------------------------------
     def left(self) -> float:
         return self.deadline - time.perf_counter()
 
     def say(self, line: str):
-        print(line, flush=True)
-        self.log_file.write(line + "\n")
-        self.log_file.flush()
+        with self._lock:
+            print(line, flush=True)
+            self.log_file.write(line + "\n")
+            self.log_file.flush()
 
     def save(self):
-        self.record["elapsed_seconds"] = round(time.perf_counter() - self.started, 1)
-        text = json.dumps(self.record, indent=2) + "\n"
-        atomic_write(self.results / "session.json", lambda tmp: tmp.write_text(text))
+        with self._lock:
+            self.record["elapsed_seconds"] = round(time.perf_counter() - self.started, 1)
+            text = json.dumps(self.record, indent=2) + "\n"
+            atomic_write(self.results / "session.json", lambda tmp: tmp.write_text(text))
 
     def environment(self) -> dict:
         env = dict(os.environ, PYTHONPATH=str(REPO), PYTHONUNBUFFERED="1", PYTHONDONTWRITEBYTECODE="1")
         if self.dry_run:
             env["TRITON_INTERPRET"] = "1"  # our kernels through the interpreter, as in the tests
+        if self.data_dir is not None:
+            env["VIT_DATA_DIR"] = str(self.data_dir)  # where tests/conftest.py finds the real data
         return env
 
     # -- subprocesses ------------------------------------------------------------------------
@@ -252,21 +264,70 @@ def plan_from_bench(results_json: Path) -> dict | None:
             "host_work_seconds": row["host_work_seconds"], "overhead_seconds": row["overhead_seconds"]}
 
 
+def _pytest(markers: str, expression: str | None, junit: Path) -> list[str]:
+    return [sys.executable, "-m", "pytest", "-m", markers, *(["-k", expression] if expression else []),
+            "-p", "no:cacheprovider", "-q", "-rfEs", f"--junitxml={junit}"]
+
+
+def test_shards(node_ids: list[str], workers: int) -> list[list[str]]:
+    """The test files of node_ids (pytest's "path::name[...]"), spread over at most `workers`
+    shards with about as many tests each: the files with the most tests first, each to the
+    shard with the fewest so far. A file stays whole (its kernels compile once, in one process)."""
+    counts: dict[str, int] = {}
+    for node in node_ids:
+        path = node.split("::")[0]
+        counts[path] = counts.get(path, 0) + 1
+    shards = [[] for _ in range(max(1, min(workers, len(counts))))]
+    sizes = [0] * len(shards)
+    for path in sorted(counts, key=lambda p: (-counts[p], p)):
+        smallest = sizes.index(min(sizes))
+        shards[smallest].append(path)
+        sizes[smallest] += counts[path]
+    return [shard for shard in shards if shard]
+
+
+def _collect(session: Session, markers: str, expression: str, seconds: float) -> list[str]:
+    """The node ids pytest selects (an empty list when it selects none or cannot collect)."""
+    try:
+        proc = subprocess.run([sys.executable, "-m", "pytest", "tests", "-m", markers, "-k", expression,
+                               "--collect-only", "-q", "-p", "no:cacheprovider"], cwd=REPO,
+                              env=session.environment(), capture_output=True, text=True, timeout=max(1.0, seconds))
+    except subprocess.TimeoutExpired:
+        return []
+    return [line for line in proc.stdout.splitlines() if "::" in line]
+
+
+def run_test_group(session: Session, title: str, expression: str, index: int, until: float):
+    """One group of step1's tests, its files in parallel pytest processes (one substep each)."""
+    node_ids = _collect(session, STEP1_TESTS, expression, until - time.perf_counter())
+    shards = test_shards(node_ids, os.cpu_count() or 1) or [["tests"]]  # nothing collected: pytest says why
+    substeps = [None] * len(shards)
+
+    def run_shard(k: int):
+        junit = session.work / f"pytest-{index + 1}-{k + 1}.xml"
+        junit.unlink(missing_ok=True)
+        name = f"tests: {title}" + (f" ({k + 1} of {len(shards)})" if len(shards) > 1 else "")
+        substep = session.run(name, [*_pytest(STEP1_TESTS, expression, junit), *shards[k]], until - time.perf_counter())
+        substep["tests"] = _junit_summary(junit)
+        substeps[k] = substep
+
+    threads = [threading.Thread(target=run_shard, args=(k,)) for k in range(len(shards))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    # pytest exits 5 when nothing was selected: no GPU tests is not a failure of the code.
+    if any(substep["exit_code"] not in (0, 5) for substep in substeps):
+        session.failed = True
+    session.save()
+
+
 def step1(session: Session) -> None:
     (session.work / "plan.json").unlink(missing_ok=True)  # a plan is this step's, or none
     for index, (title, expression) in enumerate(TEST_GROUPS):
         # The parity group may not take all of the determinism group's time.
         until = session.started + (0.75 if index == 0 else 1.0) * TESTS_SHARE * session.args.seconds
-        junit = session.work / f"pytest-{index + 1}.xml"
-        junit.unlink(missing_ok=True)
-        substep = session.run(f"tests: {title}", [
-            sys.executable, "-m", "pytest", "tests", "-m", "gpu", "-k", expression, "-p", "no:cacheprovider", "-q", "-rfEs",
-            f"--junitxml={junit}"], until - time.perf_counter())
-        substep["tests"] = _junit_summary(junit)
-        # pytest exits 5 when nothing was selected: no GPU tests is not a failure of the code.
-        if substep["exit_code"] not in (0, 5):
-            session.failed = True
-        session.save()
+        run_test_group(session, title, expression, index, until)
 
     bench_out = session.results / "bench"
     substep = session.run_bench("kernel bench", bench_out, session.left() - MARGIN_SECONDS, BENCH_FILES["step1"],
@@ -417,6 +478,16 @@ def step2(session: Session) -> None:
     data_dir, how = _real_data(session)
     session.record["data"] = {"dir": str(data_dir) if data_dir else None, "how": how}
     session.save()
+    if data_dir is not None:
+        session.data_dir = data_dir
+        junit = session.work / "pytest-data.xml"
+        junit.unlink(missing_ok=True)
+        substep = session.run("tests: the real data", [*_pytest(STEP2_TESTS, None, junit), "tests"],
+                              min(DATA_TESTS_SECONDS, session.left() - MARGIN_SECONDS))
+        substep["tests"] = _junit_summary(junit)
+        if substep["exit_code"] not in (0, 5):
+            session.failed = True
+        session.save()
     if data_dir is None:
         session.say(f"no real CIFAR-10 ({how}): no full run; the training bench runs on synthetic images")
         session.record["full_run"] = {"skipped": f"no real CIFAR-10: {how}"}
@@ -437,8 +508,9 @@ def step2(session: Session) -> None:
             session.say(f"!! full run: {type(error).__name__}: {error}")
             session.save()
     data_flags = ["--data-dir", str(data_dir)] if data_dir else ["--data", "synthetic"]
+    configs = ["--training-configs", session.args.bench_configs] if session.args.bench_configs else []
     substep = session.run_bench("training bench", session.results / "bench", session.left() - MARGIN_SECONDS,
-                                BENCH_FILES["step2"], "--only", "training", *data_flags)
+                                BENCH_FILES["step2"], "--only", "training", *data_flags, *configs)
     if substep["exit_code"] != 0:
         session.failed = True
 
@@ -472,6 +544,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="step2: CIFAR-10 already on this machine (default: unpack the carried parts into --work)")
     p.add_argument("--bench-seconds", type=cli.positive_float, default=BENCH_SECONDS,
                    help="step2: seconds kept for the training bench after the full run")
+    p.add_argument("--bench-configs", default=None, metavar="KEYS",
+                   help="step2: the training bench's configurations, as python -m bench --training-configs "
+                        "(default: all, the headline pair first)")
     p.add_argument("--max-epochs", type=cli.positive_int, default=RECIPE_EPOCHS,
                    help="step2: at most this many epochs in the full run (the recipe's 200; fewer when they do not fit)")
     p.add_argument("--commit", default=None,

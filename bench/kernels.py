@@ -13,8 +13,9 @@ Providers, in the order they are measured (the headline comparisons first)
 - then, budgeted (bench/compiling.py), torch.compile of each reference, the row naming its mode.
 Each row says whose code it times: "ours" (our kernels and our torch reference) or "peer".
 A peer that cannot run here (no CUDA, no SDPA kernel for the case, compile not affordable)
-is a row with status "skipped" and the reason; a crash is a row with status "failed" and the
-reason, and a failure of ours makes the run exit non-zero.
+is a row with status "skipped" and the reason, and so is ours on a CPU whose Triton interpreter
+cannot run (kernels._common.interpreter_broken_reason); a crash is a row with status "failed" and
+the reason, and a failure of ours makes the run exit non-zero.
 
 Every provider is also checked for correctness at every shape it is timed at: fresh
 random inputs (another seed than the timed ones), forward and all input gradients
@@ -39,6 +40,7 @@ import torch.nn.functional as F
 
 from bench.compiling import CompilePolicy, uses_cuda_graphs
 from bench.measure import describe_error, synchronize, time_fn
+from kernels._common import interpreter_broken_reason
 from vit.backends import torch_attention, torch_layernorm_mlp
 
 LAYER_NORM_EPS = 1e-5
@@ -78,8 +80,10 @@ QUICK_SHAPE = KernelShape(batch=2, seq_len=17, dim=64, heads=2, mlp_dim=64)
 # Sequence lengths of 32x32 images in patches of 8, 4 (the model), 2, and the lengths between.
 SWEEP_BATCH_SIZES = (16, 32, 64, 128, 256, 512)
 SWEEP_SEQ_LENS = (17, 33, 65, 129, 257, 513)
-QUICK_SWEEP_BATCH_SIZES = (1, 2, 4)
-QUICK_SWEEP_SEQ_LENS = (9, 17, 33)
+# --quick: the quick shape and one point above it on each axis, the least interpreted work that
+# runs a sweep's code path (each interpreted call takes seconds).
+QUICK_SWEEP_BATCH_SIZES = (2, 4)
+QUICK_SWEEP_SEQ_LENS = (17, 33)
 
 
 # ------------------------------------------------------------------ work and traffic of each op
@@ -154,6 +158,10 @@ class Unavailable(Exception):
     """The provider cannot run here; the message says why."""
 
 
+class InterpreterBroken(Unavailable):
+    """Our kernels cannot run here: this stack's Triton interpreter is broken (not our code)."""
+
+
 @dataclass
 class Provider:
     name: str
@@ -183,6 +191,9 @@ def _triton_provider(op: str, device: torch.device) -> Provider:
     module = f"kernels.{op}"
 
     def build(s: KernelShape):
+        broken = interpreter_broken_reason() if device.type != "cuda" else None
+        if broken:
+            raise InterpreterBroken(broken)
         if op == "attention":
             attention = _import_kernel(module, "attention")
             return lambda qkv: attention(qkv, s.heads)
@@ -359,7 +370,7 @@ def measure_shape(op: str, s: KernelShape, provider: Provider, modes, dtype, dev
                 synchronize(device)
         except Exception as error:
             reason = _describe_failure(error, caught)
-            if provider.owner == "peer" and _is_unavailable(error):
+            if isinstance(error, InterpreterBroken) or (provider.owner == "peer" and _is_unavailable(error)):
                 return not_measured(op, s, provider, modes, dtype, in_sweeps, reason)
             return failed(f"crashed: {reason}")
     compile_seconds = time.perf_counter() - started if provider.is_compile else None

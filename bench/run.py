@@ -98,7 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=cli.positive_int, default=None,
                    help=f"training batch size (default: the recipe's 128; {QUICK_BATCH_SIZE} with --quick)")
     p.add_argument("--training-configs", default=None, metavar="KEYS",
-                   help="comma-separated training configurations to run (default: all), e.g. triton,torch-bf16-compile")
+                   help="comma-separated training configurations to run, in this order (default: all, in priority "
+                        "order), e.g. triton,torch-bf16-compile")
     p.add_argument("--compile-mode", choices=["auto", "none", *MODES], default="auto",
                    help="torch.compile mode of the compiled rows; auto: kernel rows max-autotune where it fits the "
                         "budget, else default, training rows default (skipped in a --quick CPU run); none: no "

@@ -61,6 +61,7 @@ from vit.trainer import (EvalSet, TrainConfig, Trainer, cuda_graph_unsupported_r
                          make_train_loader, seed_everything)
 
 RECIPE_EPOCHS = 200
+COUNT_TRIMMED = "not counted: the row's share of the budget was spent in training"  # a row's counts, then
 HOST_WORK_EPOCHS = 5  # fit() epochs behind the host-work figures: 4 gaps between epochs, 5 background writes
 
 # The reference implementation's published runs of the same recipe.
@@ -116,15 +117,16 @@ def training_configs(device: torch.device) -> list[TrainingConfig]:
 
 
 def select_configs(configs: list[TrainingConfig], keys: list[str] | None) -> list[TrainingConfig]:
-    """The configurations named by --training-configs, in the priority order; ValueError
-    naming the known keys for an unknown one."""
+    """The configurations named by --training-configs, in the order named (the first named runs
+    first); ValueError naming the known keys for an unknown one."""
     if not keys:
         return configs
     known = {c.key for c in configs}
     unknown = [k for k in keys if k not in known]
     if unknown:
         raise ValueError(f"--training-configs: unknown {', '.join(unknown)}; known: {', '.join(c.key for c in configs)}")
-    return [c for c in configs if c.key in keys]
+    by_key = {c.key: c for c in configs}
+    return [by_key[k] for k in dict.fromkeys(keys)]
 
 
 @dataclass
@@ -453,8 +455,10 @@ def _accuracy_note(row: TrainingRow, settings: TrainingSettings, data: BenchData
 
 def run_config(config: TrainingConfig, settings: TrainingSettings, device: torch.device, data: BenchData,
                compile_mode: str | None, stop_at: float, host_work: dict | None, log) -> tuple[TrainingRow, dict]:
-    """One configuration: train, evaluate, count. Returns the row and the per-epoch host work
-    (measured here when host_work is None)."""
+    """One configuration: train, evaluate, count, within its share of the budget (until stop_at):
+    the host work (measured here when host_work is None) before training, whose epochs stop at
+    stop_at; after training only the counting, when time is left. Returns the row and the
+    per-epoch host work."""
     row = TrainingRow(name=config.name, key=config.key, model=config.model, backend=config.backend,
                       precision=config.precision, compile=config.compile, cuda_graphs=config.cuda_graphs,
                       status="ok", owner=config.owner, compile_mode=compile_mode,
@@ -471,6 +475,8 @@ def run_config(config: TrainingConfig, settings: TrainingSettings, device: torch
     full_steps = len(data.images.train_labels) // settings.batch_size
     row.steps_per_full_epoch, row.test_images = full_steps, len(test_labels)
     row.setup_seconds = time.perf_counter() - started
+    if host_work is None:  # before the training, whose epochs stop in time for the share
+        host_work = measure_host_work(settings.model, device, config.precision)
 
     # Accuracy before any training: where the accuracy-against-time curve starts.
     untrained_accuracy, first_eval = _timed_evaluate(trainer.model, test_images, test_labels, device, trainer.cfg)
@@ -485,7 +491,8 @@ def run_config(config: TrainingConfig, settings: TrainingSettings, device: torch
         metrics = trainer.train_epoch(epoch)
         row.epoch_wall_seconds.append(metrics["epoch_seconds"])
         row.train_loss, row.train_acc = metrics["train_loss"], metrics["train_acc"]
-        accuracy, _ = _timed_evaluate(trainer.model, test_images, test_labels, device, trainer.cfg)
+        # After the first, an evaluation runs warm: the last one's time is the steady one.
+        accuracy, steady_eval = _timed_evaluate(trainer.model, test_images, test_labels, device, trainer.cfg)
         row.test_acc = accuracy
         row.accuracy_curve.append([time.perf_counter() - train_started, accuracy])
         row.epochs_run = epoch + 1
@@ -494,9 +501,6 @@ def run_config(config: TrainingConfig, settings: TrainingSettings, device: torch
         if loader.stopped_early:
             row.stopped_early = True
             break
-    # Timed once more when everything is warm: the first evaluation carries one-time costs
-    # (cuDNN heuristics, allocator growth), counted in the overhead instead.
-    _, steady_eval = _timed_evaluate(trainer.model, test_images, test_labels, device, trainer.cfg)
     if device.type == "cuda":
         row.peak_memory = torch.cuda.max_memory_allocated(device)
     else:
@@ -516,17 +520,18 @@ def run_config(config: TrainingConfig, settings: TrainingSettings, device: torch
     row.eval_seconds = steady_eval * len(data.images.test_labels) / len(test_labels)
     trained_seconds = sum(row.epoch_wall_seconds)
     # One-time costs: compile and warm-up (the epochs' wall time beyond their steps at the
-    # steady rate), and the first evaluation's extra time.
+    # steady rate), and the first evaluation's extra time (cuDNN heuristics, allocator growth).
     row.overhead_seconds = (max(0.0, trained_seconds - step_seconds * len(steps))
                             + max(0.0, first_eval - steady_eval))
     row.accuracy_note = _accuracy_note(row, settings, data)
-    if host_work is None:
-        host_work = measure_host_work(settings.model, device, config.precision)
     row.host_work_seconds = host_seconds_per_epoch(host_work, row.epoch_seconds + row.eval_seconds)
     row.projected_200_epoch_seconds = row.overhead_seconds + RECIPE_EPOCHS * (
         row.epoch_seconds + row.eval_seconds + row.host_work_seconds)
     # Eager steps only: a compiled or graph-replayed step launches what the dispatcher does not see.
-    if compile_mode is None and not config.cuda_graphs and settings.count_steps:
+    if compile_mode is None and not config.cuda_graphs and settings.count_steps and time.perf_counter() >= stop_at:
+        row.counts = {"error": COUNT_TRIMMED}
+        log(f"    device work {COUNT_TRIMMED}")
+    elif compile_mode is None and not config.cuda_graphs and settings.count_steps:
         try:
             if settings.count_model is None:
                 row.counts = count_device_work(trainer, inner_loader, settings.count_steps, row.epochs_run - 1,
@@ -649,6 +654,8 @@ def run_training(settings: TrainingSettings, configs: list[TrainingConfig], devi
             log(f"  {config.name:<28} {row.images_per_second:,.0f} img/s, {row.step_ms:.2f} ms/step, epoch "
                 f"{row.epoch_seconds:.1f}s, test acc {accuracy}, data wait {row.data_wait_share:.0%}, 200 epochs "
                 f"~{row.projected_200_epoch_seconds / 60:.0f} min ({seconds:.0f}s)")
+            if row.counts and row.counts.get("error") == COUNT_TRIMMED:
+                budget.trim(f"training {config.name}: device work counted", COUNT_TRIMMED)
             if row.stopped_early:
                 budget.trim(f"training {config.name}",
                             f"stopped after {row.steps_run} steps ({row.epochs_run} epoch(s) begun of "

@@ -21,16 +21,20 @@ INTERPRETER_BROKEN = interpreter_broken_reason()
 
 
 def pytest_collection_modifyitems(config, items):
-    """`gpu` tests skip without CUDA; `interpreter` tests skip where the interpreter is broken."""
+    """`gpu` tests skip without CUDA; `interpreter` tests skip where the interpreter is broken;
+    tests of the real CIFAR-10 are marked `real_data` (a GPU session runs them once it has the data)."""
     for item in items:
+        if "real_data_dir" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.real_data)
         if "gpu" in item.keywords and not HAS_CUDA:
             item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU"))
         if "interpreter" in item.keywords and INTERPRETER_BROKEN:
             item.add_marker(pytest.mark.skip(reason=INTERPRETER_BROKEN))
 
 
-# CI and developers have the real CIFAR-10 beside the checkout.
-SHARED_DATA = REPO.parent / "shared" / "data"
+# The folder holding the real CIFAR-10: VIT_DATA_DIR (bench/gpu_session.py sets it where it unpacked
+# the data), else beside the checkout, where CI and developers have it.
+REAL_DATA = Path(os.environ.get("VIT_DATA_DIR") or REPO.parent / "shared" / "data")
 
 
 @pytest.fixture
@@ -62,14 +66,14 @@ def bf16_interpreter():
 
 
 def has_real_cifar() -> bool:
-    return (SHARED_DATA / "cifar-10-batches-py" / "test_batch").exists()
+    return (REAL_DATA / "cifar-10-batches-py" / "test_batch").exists()
 
 
 @pytest.fixture(scope="session")
 def real_data_dir():
     if not has_real_cifar():
-        pytest.skip(f"real CIFAR-10 not found at {SHARED_DATA}/cifar-10-batches-py")
-    return SHARED_DATA
+        pytest.skip(f"real CIFAR-10 not found at {REAL_DATA}/cifar-10-batches-py (set VIT_DATA_DIR to its folder)")
+    return REAL_DATA
 
 
 @pytest.fixture(scope="session")

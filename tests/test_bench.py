@@ -204,8 +204,13 @@ def test_every_training_configuration_is_measured_or_skipped_with_a_reason(smoke
         # The accuracy-against-time curve starts untrained at 0 s and ends at the reported accuracy.
         assert row["accuracy_curve"][0][0] == 0.0 and len(row["accuracy_curve"]) == row["epochs_run"] + 1
         assert row["accuracy_curve"][-1][1] == row["test_acc"]
-        # Eager configurations: the device work of a step, counted by dispatch.
+        # Eager configurations: the device work of a step, counted by dispatch, when the row's
+        # share of the budget has time left after training (else trimmed, and recorded so).
         counts = row["counts"]
+        if counts.get("error") == tb.COUNT_TRIMMED:
+            trims = {t["what"]: t["why"] for t in results["trimmed"]}
+            assert trims[f"training {row['name']}: device work counted"] == tb.COUNT_TRIMMED
+            continue
         assert counts["steps_counted"] == results["settings"]["training"]["count_steps"]
         # The step counted at the full model's depth, on a fresh model.
         assert counts["model"] == bench_run.COUNT_MODEL and counts["model"]["depth"] == bench_run.FULL_MODEL["depth"]
@@ -301,6 +306,16 @@ def test_a_crash_is_failed_and_only_an_unavailable_peer_is_skipped(owner, error,
     assert [r.status for r in rows] == [status] * 3 and all(r.owner == owner and r.skipped_reason for r in rows)
     if status == "failed":
         assert all(r.skipped_reason.startswith("crashed: ") for r in rows)
+
+
+@pytest.mark.parametrize("op", ["attention", "layernorm_mlp"])
+def test_our_kernels_are_skipped_with_the_reason_where_the_interpreter_is_broken(monkeypatch, op):
+    monkeypatch.setattr(kb, "interpreter_broken_reason", lambda: "the interpreter is broken for this test")
+    provider = kb._triton_provider(op, torch.device("cpu"))
+    rows = kb.measure_shape(op, kb.QUICK_SHAPE, provider, kb.MODES, torch.float32, torch.device("cpu"),
+                            {"matmul_tflops": 1.0, "copy_gbps": 1.0}, ["model"], quick=True)
+    assert [r.status for r in rows] == ["skipped"] * 3 and all(r.owner == "ours" for r in rows)
+    assert all("the interpreter is broken for this test" in r.skipped_reason for r in rows), rows
 
 
 def test_our_kernel_with_wrong_results_fails_its_row():
@@ -546,3 +561,25 @@ def test_synthetic_images_have_cifar10s_shape_and_sizes():
     assert images.test_images.shape == (10_000, 3, 32, 32) and images.test_labels.shape == (10_000,)
     assert 0 <= int(images.train_labels.min()) and int(images.train_labels.max()) == 9
     assert not data.accuracy_valid and data.describe()["note"] == datasets.SYNTHETIC_NOTE
+
+
+@pytest.mark.parametrize("share_left", [False, True], ids=["share-spent", "time-left"])
+def test_a_training_row_after_its_share_only_evaluates_its_epochs(monkeypatch, share_left):
+    """The phases after training are bounded by the row's share (stop_at): one evaluation per
+    epoch beside the untrained one, no extra one; the counting runs only with time left."""
+    evaluations, counted = [], []
+    timed_evaluate = tb._timed_evaluate
+    monkeypatch.setattr(tb, "_timed_evaluate", lambda *args: (evaluations.append(1), timed_evaluate(*args))[1])
+    monkeypatch.setattr(tb, "count_device_work", lambda *args: counted.append(1) or {"note": "counted"})
+    settings = tb.TrainingSettings(model=bench_run.TINY_MODEL, epochs=2, batch_size=4, train_subset=8, test_subset=8,
+                                   warmup_steps=1, min_measured_steps=1, count_steps=1)
+    data = datasets.BenchData("synthetic", "test", "synthetic", False, datasets.synthetic_cifar10(16, 8))
+    host_work = {"gap_seconds": 0.0, "write_seconds": 0.0}  # measured once per run, by the first row
+    stop_at = math.inf if share_left else time.perf_counter()
+    row, _ = tb.run_config(tb.TrainingConfig("ours", "torch", "fp32", False), settings, torch.device("cpu"), data,
+                           None, stop_at, host_work, log=lambda line: None)
+    assert len(evaluations) == row.epochs_run + 1 and row.eval_seconds > 0
+    if share_left:
+        assert row.epochs_run == 2 and counted == [1] and row.counts["note"] == "counted"
+    else:
+        assert row.epochs_run == 1 and not counted and row.counts == {"error": tb.COUNT_TRIMMED}

@@ -5,11 +5,14 @@ report (test outcomes, the plan, the full run's accuracy and wall clock, the ben
 
 The dry run takes several minutes of one core: the two test groups, the bench's kernel phase
 and its interpreted triton row, a two-epoch training run of a tiny model through the Triton
-interpreter (seconds a step: step2's budget leaves room for two epochs on a busy machine), and a
-training bench that trims what its budget cannot hold.
+interpreter, and a training bench of one torch row. Its work is bounded by the tiny sizes, the
+sweeps' shapes, --max-epochs and --bench-configs; its seconds budgets are far above what that work
+takes, so that a slow or busy machine cannot fail it: it runs beside a CPU-bound job of its own
+(a second process spinning) to prove it.
 """
 import csv
 import json
+import os
 import re
 import subprocess
 import sys
@@ -23,6 +26,9 @@ from conftest import write_cifar_folder
 
 REPO = Path(__file__).resolve().parents[1]
 FILE_NAME = re.compile(r"^[A-Za-z0-9._-]+$")
+HANG_GUARD_SECONDS = 1800  # each step's budget: far above the minutes its bounded work takes
+# A second CPU-bound job beside the dry run, bounded: it spins for at most the dry run's hang guard.
+BURNER = f"import time\nend = time.monotonic() + {2 * HANG_GUARD_SECONDS}\nwhile time.monotonic() < end:\n    pass"
 
 
 def _repository_outputs() -> set[str]:
@@ -42,14 +48,23 @@ def dry_run(tmp_path_factory):
     work, step1_out, step2_out = root / "work", root / "step1", root / "step2"
     before = _repository_outputs()
     runs = {}
-    # Budgets generous enough for a busy machine; the work is bounded by the tiny sizes (the
-    # sweeps end when every shape is done) and by --max-epochs, not by the seconds.
-    for name, out, flags in (("step1", step1_out, ["--seconds", "240"]),
-                             ("step2", step2_out, ["--seconds", "360", "--max-epochs", "2", "--data-dir", str(data)])):
-        proc = subprocess.run([sys.executable, "-m", "bench.gpu_session", name, str(out), "--device", "cpu",
-                               "--work", str(work), *flags], cwd=REPO, capture_output=True, text=True, timeout=600)
-        runs[name] = {"proc": proc, "out": out, "session": json.loads((out / "session.json").read_text())}
-    return {**runs, "work": work, "data": data, "repository_changed": _repository_outputs() - before}
+    # The work is bounded by the tiny sizes (the sweeps end when every shape is done), by
+    # --max-epochs and by --bench-configs; the seconds budgets and the timeouts are hang guards.
+    burner = subprocess.Popen([sys.executable, "-c", BURNER])
+    try:
+        for name, out, flags in (("step1", step1_out, ["--seconds", str(HANG_GUARD_SECONDS)]),
+                                 ("step2", step2_out, ["--seconds", str(HANG_GUARD_SECONDS), "--max-epochs", "2",
+                                                       "--bench-configs", "torch-fp32", "--data-dir", str(data)])):
+            proc = subprocess.run([sys.executable, "-m", "bench.gpu_session", name, str(out), "--device", "cpu",
+                                   "--work", str(work), *flags], cwd=REPO, capture_output=True, text=True,
+                                  timeout=2 * HANG_GUARD_SECONDS)
+            runs[name] = {"proc": proc, "out": out, "session": json.loads((out / "session.json").read_text())}
+        burner_ran = burner.poll() is None  # still spinning: it ran beside both steps
+    finally:
+        burner.kill()
+        burner.wait()
+    return {**runs, "work": work, "data": data, "repository_changed": _repository_outputs() - before,
+            "burner_ran": burner_ran}
 
 
 def _files(folder: Path) -> list[Path]:
@@ -77,28 +92,85 @@ def test_nothing_is_written_in_the_repository(dry_run):
     assert dry_run["repository_changed"] == set()
 
 
-def test_step1_runs_the_gpu_tests_parity_first_then_the_kernel_bench(dry_run):
+def test_the_dry_run_passed_beside_a_cpu_bound_job(dry_run):
+    assert dry_run["burner_ran"]
+    for step in ("step1", "step2"):
+        assert dry_run[step]["proc"].returncode == 0
+        assert not any(s.get("stopped_at_time_limit") for s in dry_run[step]["session"]["substeps"])
+
+
+def _test_groups(session: dict) -> dict[str, list[dict]]:
+    groups = {}
+    for substep in session["substeps"]:
+        if substep["name"].startswith("tests: "):
+            groups.setdefault(substep["name"].split(" (")[0].removeprefix("tests: "), []).append(substep)
+    return groups
+
+
+def _shard_files(command: list[str]) -> list[str]:
+    """The test files a shard's pytest command names (after its options)."""
+    junit = next(k for k, part in enumerate(command) if part.startswith("--junitxml="))
+    return command[junit + 1:]
+
+
+def test_step1_runs_the_gpu_tests_parity_first_in_parallel_files_then_the_kernel_bench(dry_run):
     session = dry_run["step1"]["session"]
     names = [s["name"] for s in session["substeps"]]
-    assert names == ["tests: bf16 parity", "tests: determinism", "kernel bench"]
-    parity, determinism, bench = session["substeps"]
-    assert parity["command"][1:8] == ["-m", "pytest", "tests", "-m", "gpu", "-k", "not determinis"]
-    assert determinism["command"][4:8] == ["-m", "gpu", "-k", "determinis"]
-    for group in (parity, determinism):
-        assert group["exit_code"] == 0 and group["tests"]["tests"] > 0 and group["tests"]["failed"] == []
-        assert group["tests"]["passed"] + group["tests"]["skipped"] == group["tests"]["tests"]
-    # On the CPU every gpu test skips; the parity group holds the model-shape bf16 tests.
-    assert parity["tests"]["skipped"] == parity["tests"]["tests"] >= 5
-    assert determinism["tests"]["skipped"] == determinism["tests"]["tests"] >= 2
+    groups = _test_groups(session)
+    assert list(groups) == ["bf16 parity", "determinism"] and names[-1] == "kernel bench"
+    assert names.index(groups["determinism"][0]["name"]) > max(names.index(s["name"]) for s in groups["bf16 parity"])
+    for shards, expression in ((groups["bf16 parity"], "not determinis"), (groups["determinism"], "determinis")):
+        files = [path for shard in shards for path in _shard_files(shard["command"])]
+        for shard in shards:
+            command = shard["command"]
+            assert command[1:7] == ["-m", "pytest", "-m", gs.STEP1_TESTS, "-k", expression]
+            assert shard["exit_code"] == 0 and shard["tests"]["tests"] > 0 and shard["tests"]["failed"] == []
+            # On the CPU every gpu test skips.
+            assert shard["tests"]["skipped"] == shard["tests"]["tests"]
+        assert len(files) == len(set(files)) and all(f.startswith("tests/test_") for f in files)  # each file once
+    # The parity group holds the model-shape bf16 tests.
+    assert sum(s["tests"]["tests"] for s in groups["bf16 parity"]) >= 5
+    assert sum(s["tests"]["tests"] for s in groups["determinism"]) >= 2
+    bench = session["substeps"][-1]
     assert bench["exit_code"] == 0 and not bench["stopped_at_time_limit"]
     command = bench["command"]
-    for flag, value in (("--data", "synthetic"), ("--training-configs", "triton"), ("--max-files", "6"),
+    for flag, value in (("--data", "synthetic"), ("--training-configs", "triton-graphs,triton"), ("--max-files", "6"),
                         ("--out", str(dry_run["step1"]["out"] / "bench")), ("--device", "cpu")):
         assert command[command.index(flag) + 1] == value
     results = json.loads((dry_run["step1"]["out"] / "bench" / "results.json").read_text())
     assert results["complete"] and results["label"] == "CPU smoke, synthetic images"
-    assert [r["key"] for r in results["training"]] == ["triton"] and results["training"][0]["status"] == "ok"
+    graphs, eager = results["training"]  # the CUDA-graph row first; on the CPU it cannot run
+    assert graphs["key"] == "triton-graphs" and graphs["status"] == "skipped" and "CUDA" in graphs["skipped_reason"]
+    assert eager["key"] == "triton" and eager["status"] == "ok"
     assert results["kernels"] and results["phases_done"][:2] == ["peaks", "kernels"]
+
+
+def test_step2_runs_the_gpu_tests_of_the_real_data_where_it_found_the_data(dry_run):
+    (tests,) = _test_groups(dry_run["step2"]["session"])["the real data"]
+    assert tests["command"][1:5] == ["-m", "pytest", "-m", gs.STEP2_TESTS] and tests["command"][-1] == "tests"
+    assert tests["exit_code"] == 0 and tests["tests"]["tests"] >= 1  # skipped on the CPU
+    log = (dry_run["step2"]["out"] / "session.log").read_text()
+    assert "tests: the real data" in log
+
+
+def test_test_files_are_spread_over_shards_whole_and_largest_first():
+    nodes = ([f"tests/test_a.py::t{i}" for i in range(5)] + [f"tests/test_b.py::t{i}" for i in range(3)]
+             + [f"tests/test_c.py::t{i}" for i in range(2)] + ["tests/test_d.py::t0"])
+    # 5 tests, then 3 + 2, then 1 to the first of the two equal shards.
+    assert gs.test_shards(nodes, 2) == [["tests/test_a.py", "tests/test_d.py"], ["tests/test_b.py", "tests/test_c.py"]]
+    assert gs.test_shards(nodes, 3) == [["tests/test_a.py"], ["tests/test_b.py"], ["tests/test_c.py", "tests/test_d.py"]]
+    assert gs.test_shards(nodes, 16) == [[f"tests/test_{x}.py"] for x in "abcd"]
+    assert gs.test_shards([], 4) == []
+
+
+def test_the_real_data_is_found_where_vit_data_dir_says(tmp_path):
+    """The GPU machine has no ../shared: the session points the tests at the data it unpacked."""
+    data = tmp_path / "elsewhere"
+    write_cifar_folder(data, per_batch=2, num_test=3)
+    probe = ("import conftest; print(conftest.has_real_cifar(), conftest.REAL_DATA)")
+    proc = subprocess.run([sys.executable, "-c", probe], cwd=REPO / "tests", capture_output=True, text=True,
+                          env={**os.environ, "VIT_DATA_DIR": str(data)}, timeout=600)
+    assert proc.stdout.split() == ["True", str(data)], proc.stderr
 
 
 def test_step1_hands_step2_a_plan_measured_from_the_triton_step(dry_run):
@@ -106,7 +178,7 @@ def test_step1_hands_step2_a_plan_measured_from_the_triton_step(dry_run):
     plan = json.loads((dry_run["work"] / "plan.json").read_text())
     assert session["plan"] == plan
     results = json.loads((dry_run["step1"]["out"] / "bench" / "results.json").read_text())
-    row = results["training"][0]
+    row = next(r for r in results["training"] if r["key"] == "triton")  # the eager row, after the graph one
     assert plan["step_seconds"] == pytest.approx(row["step_ms"] / 1e3) and plan["batch_size"] == 8
     assert plan["host_work_seconds"] == row["host_work_seconds"] > 0
     assert plan["eval_seconds_per_image"] == pytest.approx(row["eval_seconds"] / 10_000)

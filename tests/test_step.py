@@ -1,5 +1,7 @@
 """The training step: no host sync inside it, the schedule applied on the device, non-finite values
 caught where they start, and the CUDA-graph step (GPU tests) computing what the eager one does."""
+import contextlib
+import json
 import math
 import time
 
@@ -249,29 +251,35 @@ def deterministic_cudnn():
     torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = saved
 
 
-def per_step_losses(run_dir, steps: int, **fields) -> list[float]:
+def per_step_losses(run_dir, steps: int, backend: str, **fields) -> list[float]:
     """The loss of each step of one epoch (read between steps: a test may sync)."""
     sums = []
-    trainer = make_trainer(run_dir, model_cfg=ViTConfig(dim=64, depth=2, heads=4, mlp_dim=64), steps=steps,
-                           batch_size=32, epochs=1, device="cuda", **fields)
+    trainer = make_trainer(run_dir, model_cfg=ViTConfig(dim=64, depth=2, heads=4, mlp_dim=64, backend=backend),
+                           steps=steps, batch_size=32, epochs=1, device="cuda", **fields)
     trainer.loader = MarkedLoader(trainer.loader, on_ask=lambda: sums.append(trainer.meters.loss_sum.item()))
     trainer.train_epoch(0)
     return [after - before for before, after in zip(sums, sums[1:])]
 
 
+# Our kernels first: the whole-step graph of the triton backend is what the GPU session must see.
+GRAPH_BACKENDS = ("triton", "torch")
+
+
 @pytest.mark.gpu
 @needs_cuda
-def test_graph_step_gives_the_eager_loss_sequence_exactly_at_fp32(tmp_path, deterministic_cudnn):
-    eager = per_step_losses(tmp_path / "eager", 20, precision="fp32")
-    graphed = per_step_losses(tmp_path / "graph", 20, precision="fp32", cuda_graph=True)
+@pytest.mark.parametrize("backend", GRAPH_BACKENDS)
+def test_graph_step_gives_the_eager_loss_sequence_exactly_at_fp32(tmp_path, deterministic_cudnn, backend):
+    eager = per_step_losses(tmp_path / "eager", 20, backend, precision="fp32")
+    graphed = per_step_losses(tmp_path / "graph", 20, backend, precision="fp32", cuda_graph=True)
     assert len(eager) == 20 and eager == graphed, (eager, graphed)
 
 
 @pytest.mark.gpu
 @needs_cuda
-def test_graph_step_stays_close_to_the_eager_one_at_bf16(tmp_path, deterministic_cudnn):
-    eager = per_step_losses(tmp_path / "eager", 20, precision="bf16")
-    graphed = per_step_losses(tmp_path / "graph", 20, precision="bf16", cuda_graph=True)
+@pytest.mark.parametrize("backend", GRAPH_BACKENDS)
+def test_graph_step_stays_close_to_the_eager_one_at_bf16(tmp_path, deterministic_cudnn, backend):
+    eager = per_step_losses(tmp_path / "eager", 20, backend, precision="bf16")
+    graphed = per_step_losses(tmp_path / "graph", 20, backend, precision="bf16", cuda_graph=True)
     torch.testing.assert_close(torch.tensor(graphed), torch.tensor(eager), rtol=2e-2, atol=0)
 
 
@@ -289,9 +297,12 @@ def test_on_cuda_steps_do_not_sync_and_a_replayed_step_only_copies_its_batch():
 
 @pytest.mark.gpu
 @needs_cuda
-def test_checkpoint_snapshots_from_the_gpu_hold_the_epochs_weights(tmp_path, monkeypatch):
-    """The copies run on the writer's thread while the next epoch begins (and, here, while the
-    graph is captured): the files must hold the weights as they were at the end of their epoch."""
+@pytest.mark.parametrize("backend", GRAPH_BACKENDS)
+def test_checkpoint_snapshots_from_the_gpu_hold_the_epochs_weights(tmp_path, monkeypatch, backend):
+    """The copies run on the writer's thread while the next epoch begins (here: while the graph's
+    warm-up steps run, one per epoch, and while the graph is captured), slowed so that the next
+    epoch's steps are ready first: the files must hold the weights as they were at the end of
+    their epoch."""
     weights = []
     evaluate = Trainer.evaluate
 
@@ -300,9 +311,65 @@ def test_checkpoint_snapshots_from_the_gpu_hold_the_epochs_weights(tmp_path, mon
         return evaluate(self)
 
     monkeypatch.setattr(Trainer, "evaluate", evaluate_and_keep_the_weights)
-    trainer = make_trainer(tmp_path, steps=3, epochs=3, device="cuda", precision="bf16", cuda_graph=True)
+    trainer = make_trainer(tmp_path, model_cfg=ViTConfig(dim=32, depth=1, heads=2, mlp_dim=32, backend=backend),
+                           steps=1, epochs=5, device="cuda", precision="bf16", cuda_graph=True)
+    copy = trainer.snapshot.copy
+    monkeypatch.setattr(trainer.snapshot, "copy", lambda tensors, path=(): (  # HostSnapshot.copy recurses
+        time.sleep(0 if path else 0.5), copy(tensors, path))[1])
     trainer.fit()
     for path in ("last.pt", "best.pt"):
         state = load_checkpoint(tmp_path / path)
         for name, value in weights[state["epoch"] - 1].items():
             assert torch.equal(state["model"][name], value), (path, name)
+
+
+class RecordingStream:
+    """A CUDA stream's stand-in on the CPU: records whether the checkpoint's copy was taken
+    each time a stream is ordered after another."""
+
+    def __init__(self, orderings: list, copied: list):
+        self.orderings, self.copied = orderings, copied
+
+    def wait_stream(self, other):
+        self.orderings.append(bool(self.copied))
+
+
+def test_a_graph_warm_up_step_is_ordered_after_the_checkpoints_copy(tmp_path, monkeypatch):
+    """A warm-up step in an epoch after the first runs on the capture stream: that stream may be
+    ordered after the training stream only once the (slowed) writer has enqueued its copy there,
+    or the step's update races the copy."""
+    trainer = make_trainer(tmp_path, steps=2, epochs=2)
+    copied, orderings = [], []
+    copy = trainer.snapshot.copy
+
+    def slow_copy(tensors, path=()):  # HostSnapshot.copy recurses into the state's dicts
+        if path:
+            return copy(tensors, path)
+        time.sleep(0.5)
+        taken = copy(tensors)
+        copied.append(True)
+        return taken
+
+    monkeypatch.setattr(trainer.snapshot, "copy", slow_copy)
+    default = RecordingStream(orderings, copied)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: default)
+    monkeypatch.setattr(torch.cuda, "stream", lambda stream: contextlib.nullcontext())
+    graphed = trainer_module.GraphedStep.__new__(trainer_module.GraphedStep)  # its constructor makes a CUDA stream
+    graphed.trainer, graphed.stream, graphed.warmup_left, graphed.graph = trainer, default, 1, None
+    trainer.train_epoch(0)
+    trainer.metrics.append({"epoch": 1, "train_loss": 1.0, "train_acc": 0.1, "test_loss": 1.0, "test_acc": 0.1,
+                            "lr": 0.0, "epoch_seconds": 1.0, "images_per_second": 1.0})
+    trainer._save_epoch(1, best=True)
+    graphed(*next(iter(trainer.loader)))
+    trainer.writer.wait()
+    assert orderings and all(orderings), orderings
+
+
+def test_finish_evaluates_the_best_weights_in_the_runs_precision(tmp_path):
+    """eval.json and metrics.csv agree: the best epoch's accuracy, computed under the same autocast."""
+    trainer = make_trainer(tmp_path, steps=2, epochs=1, precision="bf16")
+    trainer.fit()
+    trainer.finish()
+    report = json.loads((tmp_path / "eval.json").read_text())
+    assert report["precision"] == "bf16"
+    assert report["accuracy"] == trainer.metrics[0]["test_acc"]

@@ -201,8 +201,9 @@ def predict_logits(model, images_uint8: torch.Tensor, device, batch_size: int = 
     The caller's model is put in eval mode (no dropout) for the pass and handed back in
     the mode it came in, so the trainer can call this mid-run.
     """
-    if precision not in ("fp32", "bf16"):
-        raise ValueError(f"precision must be 'fp32' or 'bf16', got {precision!r}")
+    autocast = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}  # fp16: a run's own, from Trainer.finish
+    if precision not in autocast:
+        raise ValueError(f"precision must be 'fp32', 'bf16' or 'fp16', got {precision!r}")
     device = torch.device(device)
     was_training = model.training
     model.eval()
@@ -210,7 +211,7 @@ def predict_logits(model, images_uint8: torch.Tensor, device, batch_size: int = 
     try:
         for start in range(0, len(images_uint8), batch_size):
             images = normalize(images_uint8[start:start + batch_size].to(device, non_blocking=True))
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+            with torch.autocast(device.type, dtype=autocast[precision], enabled=autocast[precision] is not None):
                 logits = model(images)
             chunks.append(logits.float().cpu())
     finally:
@@ -259,7 +260,7 @@ def write_report(model, images_uint8: torch.Tensor, labels: torch.Tensor, class_
     """Evaluate the model (already on `device`) on uint8 images [N, 3, H, W] with int64 labels,
     write eval.json, confusion.png and mistakes.png into out_dir, and return eval.json's dict.
 
-    precision: "fp32", or "bf16" for bf16 autocast. source: what was evaluated (checkpoint,
+    precision: "fp32", or "bf16" / "fp16" for that autocast. source: what was evaluated (checkpoint,
     epoch, ...), stored under "source" in eval.json.
     """
     from vit import plots  # matplotlib is imported only by what draws: vit.predict never pays for it

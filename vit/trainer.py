@@ -16,7 +16,8 @@ which is evaluated after every epoch beside the model and saved in the checkpoin
 Between epochs, the host work stays off the training thread: a background thread copies the
 checkpoint's tensors into host buffers (from a GPU: pinned, non-blocking), writes the checkpoint
 and rewrites metrics.csv and curves.png from the metrics inside it (vit/checkpoint.py). The
-training thread waits for the copy only before its next optimizer step changes the weights.
+training thread waits for the copy only before its next optimizer step changes the weights (a
+CUDA graph's warm-up step, before it starts).
 
 build_trainer() assembles everything from the configs (what train.py uses); Trainer takes its
 parts, so the bench can hand in timm's model or a timed loader.
@@ -300,6 +301,9 @@ class GraphedStep:
         trainer = self.trainer
         if self.graph is None and self.warmup_left > 0:
             self.warmup_left -= 1
+            # The checkpoint's copies are enqueued on the training stream once the snapshot is
+            # taken: only then may the capture stream be ordered after them.
+            trainer.wait_for_snapshot()
             self.stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(self.stream), warnings.catch_warnings():
                 # Adam warns when a capturable instance steps uncaptured: these steps are meant to.
@@ -593,8 +597,8 @@ class Trainer:
             self.writer.submit(lambda: write_outputs(self.run_dir, self.metrics))
 
     def finish(self):
-        """Evaluate the best epoch's weights in full: confusion matrix, per-class accuracy,
-        the most confident mistakes, next to the checkpoints."""
+        """Evaluate the best epoch's weights in full, in the run's precision (as its epochs were):
+        confusion matrix, per-class accuracy, the most confident mistakes, next to the checkpoints."""
         from vit.evaluate import write_report
 
         if not self.ctx.is_main:
@@ -606,8 +610,9 @@ class Trainer:
         source = {"checkpoint": str(best), "epoch": state["epoch"], "device": str(self.device),
                   "model": state.get("model_config")}
         report = write_report(self.model, self.test_set.images, self.test_set.labels, self.test_set.class_names,
-                              self.run_dir, self.device, source=source)
-        per_class = "  ".join(f"{name} {acc:.1%}" for name, acc in report["per_class_accuracy"].items())
+                              self.run_dir, self.device, precision=self.cfg.precision, source=source)
+        per_class = "  ".join(f"{name} {acc:.1%}" if acc is not None else f"{name} (no test images)"
+                              for name, acc in report["per_class_accuracy"].items())
         self.log(f"best epoch per class: {per_class}")
 
     def describe(self) -> str:
