@@ -49,11 +49,18 @@ class FuseReport:
     fused: list[str] = field(default_factory=list)
     refused: dict[str, str] = field(default_factory=dict)
 
+    def refusals(self) -> list[str]:
+        """One line per distinct reason: the blocks it holds back, then the reason."""
+        by_reason: dict[str, list[str]] = {}
+        for name, reason in self.refused.items():
+            by_reason.setdefault(reason, []).append(name)
+        return [f"{names[0] if len(names) == 1 else f'{len(names)} blocks ({names[0]} .. {names[-1]})'}: {reason}"
+                for reason, names in by_reason.items()]
+
     def __str__(self) -> str:
         total = len(self.fused) + len(self.refused)
-        lines = [f"fused {len(self.fused)} of {total} transformer blocks"]
-        lines += [f"  {name}: {reason}" for name, reason in self.refused.items()]
-        return "\n".join(lines)
+        return "\n".join([f"fused {len(self.fused)} of {total} transformer blocks"]
+                         + [f"  {line}" for line in self.refusals()])
 
 
 def fuse(model: nn.Module, strict: bool = False, backend: str = "triton") -> FuseReport:
@@ -71,8 +78,7 @@ def fuse(model: nn.Module, strict: bool = False, backend: str = "triton") -> Fus
     if strict and (report.refused or not report.fused):
         if not report.fused and not report.refused:
             raise ValueError(f"{type(model).__name__} has no timm transformer block to fuse")
-        raise ValueError(f"cannot fuse every block of {type(model).__name__} (strict): "
-                         + "; ".join(f"{name}: {reason}" for name, reason in report.refused.items()))
+        raise ValueError(f"cannot fuse every block of {type(model).__name__} (strict): " + "; ".join(report.refusals()))
     modules = dict(model.named_modules())
     for name in report.fused:
         block = modules[name]
