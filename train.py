@@ -220,7 +220,8 @@ def resolve_timm_model(args, parser, typed: set[str]) -> ViTConfig:
                                         num_classes=args.num_classes, dropout=args.dropout, drop_path=args.drop_path,
                                         backend=args.backend, patch_size=args.patch_size if "patch_size" in typed else None,
                                         depth=args.depth if "depth" in typed else None)
-        build_model(model_cfg)
+        if model_cfg.backend != "torch":
+            build_model(model_cfg)  # fuses every block, or says which cannot be
     except ValueError as error:
         parser.error(f"--model {args.model}: {cli.one_line(error)}")
     return model_cfg

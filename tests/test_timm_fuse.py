@@ -211,3 +211,68 @@ def test_layer_scale_drop_path_and_registers_same_as_timm_in_training(dtype):
     images, labels = images_and_labels(4, 8)
     assert dropped_samples(model.to(DEVICE), images) > 0  # DropPath is exercised
     assert_same_as_timm_within_the_parity_rule(model, images, labels, dtype, "LayerScale, DropPath, registers")
+
+
+# ---------------------------------------------------------------------------------------------
+# train.py --model timm:NAME, and evaluate loading the run
+# ---------------------------------------------------------------------------------------------
+
+@runs_kernels
+def test_train_py_trains_a_timm_model_with_both_backends_to_the_same_losses(tmp_path):
+    """One step of 2 images (32 px: 4 patches and the class token of 192), one block, each
+    backend; the fused run's losses are the unfused run's (fp32), and vit.evaluate rebuilds the
+    run's model, fused."""
+    import csv
+
+    import train
+    from conftest import write_cifar_folder
+    from vit.evaluate import load_trained_model
+
+    data = write_cifar_folder(tmp_path / "data", per_batch=2, num_test=2).parent
+    losses = {}
+    for backend in ("torch", "triton"):
+        run = tmp_path / backend
+        assert train.main(["--model", "timm:vit_tiny_patch16_224", "--depth", "1", "--backend", backend,
+                           "--device", "cpu", "--epochs", "1", "--train-subset", "2", "--batch-size", "2",
+                           "--data-dir", str(data), "--out-dir", str(run), "--no-progress", "--num-workers", "0"]) == 0
+        with open(run / "metrics.csv") as f:
+            row = next(csv.DictReader(f))
+        losses[backend] = torch.tensor([float(row["train_loss"]), float(row["test_loss"])])
+        trained = load_trained_model(run, torch.device("cpu"))
+        assert trained.model.cfg.timm_model == "vit_tiny_patch16_224" and trained.model.cfg.dim == 192
+        assert is_fused(trained.model.blocks[0]) == (backend == "triton")
+    torch.testing.assert_close(losses["triton"], losses["torch"], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--model", "timm:vit_tiny_patch16_224", "--dim", "64"], "--dim describe this project's ViT"),
+    (["--model", "timm:no_such_model"], "Unknown model"),
+    (["--model", "timm:vit_base_patch16_224", "--depth", "1", "--backend", "triton"], "width 768"),
+    (["--model", "timm"], "expected vit or timm:NAME"),
+])
+def test_train_py_refuses_what_a_timm_model_cannot_run_with_a_usage_error(flags, message, capsys, monkeypatch):
+    import train
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # --backend triton may run on the CPU: the model is what fails
+    with pytest.raises(SystemExit) as exited:
+        train.main(flags + ["--device", "cpu", "--print-config"])
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+
+
+def test_train_py_print_config_records_the_timm_architecture(capsys):
+    import json
+
+    import train
+    assert train.main(["--model", "timm:deit_small_patch16_224", "--patch-size", "8", "--depth", "2", "--device",
+                       "cpu", "--print-config"]) == 0
+    model = json.loads(capsys.readouterr().out)["model"]
+    assert model["timm_model"] == "deit_small_patch16_224"
+    assert (model["dim"], model["heads"], model["depth"], model["patch_size"], model["layer_norm_eps"]) == (
+        384, 6, 2, 8, 1e-6)
+
+
+def test_cost_report_at_a_timm_models_shape(capsys):
+    from kernels.report import main
+    assert main(["--only", "cost", "--model", "vit_small_patch16_224", "--batch", "64"]) == 0
+    assert "B=64 N=197 C=384 heads=6x64 MLP=1536 depth=12" in capsys.readouterr().out
