@@ -670,8 +670,10 @@ def settings_dict(settings: TrainingSettings) -> dict:
 TIMM_STEP_MODEL = "vit_small_patch16_224"
 TIMM_STEP_BATCH = 64  # timm's usual per-GPU batch for ViT-S; fits an H100 in bf16 with room
 TIMM_STEP_WARMUP, TIMM_STEP_MEASURED = 5, 20  # steps before timing (compiles, allocator), steps timed
-# A CPU smoke: one block at 32 pixels (4 patches), 2 images, fp32 (the interpreter's).
-TIMM_SMOKE = dict(depth=1, img_size=32, batch=2, warmup=1, measured=2)
+# The smoke (CPU, --quick): one block 64 wide (4 heads of 16) at 32 pixels (4 patches), one image,
+# fp32 (the interpreter's): ViT-S's 384 columns take a minute a step through the interpreter.
+TIMM_SMOKE_MODEL = dict(depth=1, img_size=32, embed_dim=64, num_heads=4)
+TIMM_SMOKE_BATCH, TIMM_SMOKE_STEPS = 1, 1
 
 
 def timm_step_rows(device: torch.device, quick: bool, policy: CompilePolicy, log) -> list[dict]:
@@ -681,9 +683,9 @@ def timm_step_rows(device: torch.device, quick: bool, policy: CompilePolicy, log
 
     from vit.timm_fuse import fuse
 
-    depth, image_size, batch, warmup, measured = (
-        (TIMM_SMOKE["depth"], TIMM_SMOKE["img_size"], TIMM_SMOKE["batch"], TIMM_SMOKE["warmup"], TIMM_SMOKE["measured"])
-        if quick else (None, 224, TIMM_STEP_BATCH, TIMM_STEP_WARMUP, TIMM_STEP_MEASURED))
+    overrides, batch, warmup, measured = ((TIMM_SMOKE_MODEL, TIMM_SMOKE_BATCH, TIMM_SMOKE_STEPS, TIMM_SMOKE_STEPS)
+                                          if quick else ({}, TIMM_STEP_BATCH, TIMM_STEP_WARMUP, TIMM_STEP_MEASURED))
+    image_size = overrides.get("img_size", 224)
     precision = "bf16" if device.type == "cuda" else "fp32"
     generator = torch.Generator().manual_seed(0)
     images = torch.randn(batch, 3, image_size, image_size, generator=generator).to(device)
@@ -691,7 +693,7 @@ def timm_step_rows(device: torch.device, quick: bool, policy: CompilePolicy, log
     rows = []
     for way in ("fused", "timm", "timm + compile"):
         row = dict(name=f"timm {TIMM_STEP_MODEL} {way}", model=TIMM_STEP_MODEL, way=way, image_size=image_size,
-                   batch=batch, depth=depth, precision=precision, status="ok", ms_per_step=None,
+                   batch=batch, overrides=overrides, precision=precision, status="ok", ms_per_step=None,
                    images_per_second=None, peak_memory_gb=None, error=None)
         rows.append(row)
         reason = (get_backend("triton").unavailable_reason(device) if way == "fused"
@@ -703,8 +705,7 @@ def timm_step_rows(device: torch.device, quick: bool, policy: CompilePolicy, log
         _free_memory(device)
         try:
             torch.manual_seed(0)
-            model = timm.create_model(TIMM_STEP_MODEL, pretrained=False, img_size=image_size,
-                                      **({"depth": depth} if depth else {})).to(device).train()
+            model = timm.create_model(TIMM_STEP_MODEL, pretrained=False, **overrides).to(device).train()
             if way == "fused":
                 fuse(model, strict=True)
             step_model = torch.compile(model) if way == "timm + compile" else model

@@ -283,3 +283,17 @@ def test_cost_report_at_a_timm_models_shape(capsys):
     from kernels.report import main
     assert main(["--only", "cost", "--model", "vit_small_patch16_224", "--batch", "64"]) == 0
     assert "B=64 N=197 C=384 heads=6x64 MLP=1536 depth=12" in capsys.readouterr().out
+
+
+@runs_kernels
+def test_bench_times_a_step_of_timm_vit_s_fused_and_timms_own():
+    """The CPU smoke of the bench's ViT-S/16 row: the fused and timm's steps run, the compiled
+    one is skipped as the policy says."""
+    from bench.compiling import CompilePolicy
+    from bench.training import timm_step_rows
+
+    policy = CompilePolicy("auto", "cpu", skip_reason="skipped in a CPU smoke")
+    rows = timm_step_rows(torch.device("cpu"), True, policy, lambda line: None)
+    assert [(row["way"], row["status"]) for row in rows] == [
+        ("fused", "ok"), ("timm", "ok"), ("timm + compile", "skipped")]
+    assert all(row["ms_per_step"] > 0 for row in rows[:2]) and rows[2]["error"] == "skipped in a CPU smoke"
