@@ -228,14 +228,22 @@ def test_layer_scale_drop_path_and_registers_same_as_timm_in_training(dtype):
 def test_train_py_trains_a_timm_model_with_both_backends_to_the_same_losses(tmp_path):
     """One step of 2 images (32 px: 4 patches and the class token of 192), one block, each
     backend; the fused run's losses are the unfused run's (fp32), and vit.evaluate rebuilds the
-    run's model, fused."""
+    run's model, fused. The test set is one image of each class (the run's report has every
+    class's accuracy)."""
     import csv
+    import pickle
 
     import train
     from conftest import write_cifar_folder
     from vit.evaluate import load_trained_model
 
-    data = write_cifar_folder(tmp_path / "data", per_batch=2, num_test=2).parent
+    data = write_cifar_folder(tmp_path / "data", per_batch=2, num_test=10)
+    with open(data / "test_batch", "rb") as f:
+        test_batch = pickle.load(f)
+    test_batch[b"labels"] = list(range(10))
+    with open(data / "test_batch", "wb") as f:
+        pickle.dump(test_batch, f)
+    data = data.parent
     losses = {}
     for backend in ("torch", "triton"):
         run = tmp_path / backend
