@@ -226,7 +226,7 @@ def test_layer_scale_drop_path_and_registers_same_as_timm_in_training(dtype):
 
 @runs_kernels
 def test_train_py_trains_a_timm_model_with_both_backends_to_the_same_losses(tmp_path):
-    """One step of 2 images (32 px: 4 patches and the class token of 192), one block, each
+    """One step of 2 images (one 32-pixel patch and the class token, 192 wide), one block, each
     backend; the fused run's losses are the unfused run's (fp32), and vit.evaluate rebuilds the
     run's model, fused. The test set is one image of each class (the run's report has every
     class's accuracy)."""
@@ -247,9 +247,9 @@ def test_train_py_trains_a_timm_model_with_both_backends_to_the_same_losses(tmp_
     losses = {}
     for backend in ("torch", "triton"):
         run = tmp_path / backend
-        assert train.main(["--model", "timm:vit_tiny_patch16_224", "--depth", "1", "--backend", backend,
-                           "--device", "cpu", "--epochs", "1", "--train-subset", "2", "--batch-size", "2",
-                           "--data-dir", str(data), "--out-dir", str(run), "--no-progress", "--num-workers", "0"]) == 0
+        assert train.main(["--model", "timm:vit_tiny_patch16_224", "--depth", "1", "--patch-size", "32",
+                           "--backend", backend, "--device", "cpu", "--epochs", "1", "--train-subset", "2",
+                           "--batch-size", "2", "--data-dir", str(data), "--out-dir", str(run), "--no-progress", "--num-workers", "0"]) == 0
         with open(run / "metrics.csv") as f:
             row = next(csv.DictReader(f))
         losses[backend] = torch.tensor([float(row["train_loss"]), float(row["test_loss"])])
