@@ -218,7 +218,8 @@ def resolve_timm_model(args, parser, typed: set[str]) -> ViTConfig:
     try:
         model_cfg = resolve_timm_config(args.model[len(TIMM_PREFIX):], image_size=args.image_size,
                                         num_classes=args.num_classes, dropout=args.dropout, drop_path=args.drop_path,
-                                        backend=args.backend, patch_size=args.patch_size if "patch_size" in typed else None,
+                                        backend=args.backend,
+                                        patch_size=args.patch_size if "patch_size" in typed else None,
                                         depth=args.depth if "depth" in typed else None)
         if model_cfg.backend != "torch":
             build_model(model_cfg)  # fuses every block, or says which cannot be
