@@ -39,6 +39,7 @@ from vit.augment import AUTO_AUGMENT_VARIANTS  # noqa: E402
 from vit.config import OPTIMIZERS  # noqa: E402
 from vit.model import INITS, POOLS, ViTConfig  # noqa: E402
 from vit.recipes import RECIPES, recipe_configs  # noqa: E402
+from vit.timm_interop import build_model, resolve_timm_config  # noqa: E402
 from vit.trainer import (NonFiniteLoss, RunSummary, TrainConfig, Trainer, build_trainer,  # noqa: E402
                          cuda_graph_unsupported_reason)
 
@@ -51,6 +52,10 @@ RESUME_MAY_CHANGE = {"device", "num_workers", "progress", "resume", "data_dir", 
 CIFAR10_IMAGE_SIZE = 32  # the images are used as they are, never resized
 CIFAR10_CLASSES = 10
 TRITON_HEAD_DIMS = (16, 32, 48, 64)  # kernels/attention.py's SUPPORTED_HEAD_DIMS
+# --model timm:NAME trains timm's registered model NAME; these flags describe this project's ViT,
+# which a timm model fixes itself (--patch-size and --depth override it through timm's arguments).
+TIMM_PREFIX = "timm:"
+OWN_ARCHITECTURE_FLAGS = ("dim", "heads", "mlp_dim", "init", "pool", "mlp_second_gelu")
 # Below this many steps an epoch's train loss and accuracy average over a handful of batches,
 # and the warmup and cosine schedule move in large jumps.
 MIN_STEPS_PER_EPOCH = 5
@@ -102,6 +107,10 @@ def build_parser(recipe: str = "default") -> argparse.ArgumentParser:
     p = cli.Parser(prog="train.py", description="Train a Vision Transformer from scratch on CIFAR-10.",
                    epilog=EXAMPLES)
     g = p.add_argument_group("model")
+    g.add_argument("--model", type=model_name, default="vit", metavar="vit|timm:NAME",
+                   help="vit: this project's ViT; timm:NAME: timm's registered model NAME (a VisionTransformer, random "
+                        "weights, at the data's image size and --num-classes; --patch-size and --depth override its "
+                        "own), run by timm's code under --backend torch and on the fused kernels under triton")
     g.add_argument("--backend", choices=backend_names(), default=None,
                    help="implementation of attention and LayerNorm+MLP (default: triton on CUDA when available, else torch)")
     g.add_argument("--image-size", type=cli.positive_int, default=m.image_size,
@@ -197,6 +206,12 @@ def build_parser(recipe: str = "default") -> argparse.ArgumentParser:
     return p
 
 
+def model_name(value: str) -> str:
+    if value == "vit" or (value.startswith(TIMM_PREFIX) and len(value) > len(TIMM_PREFIX)):
+        return value
+    raise argparse.ArgumentTypeError(f"expected vit or timm:NAME, got {value!r}")
+
+
 def typed_flags(parser: argparse.ArgumentParser, argv: list[str]) -> set[str]:
     """The destinations of the flags the user actually typed, as opposed to defaults."""
     return {action.dest for action in parser._actions for opt in action.option_strings
@@ -205,7 +220,28 @@ def typed_flags(parser: argparse.ArgumentParser, argv: list[str]) -> set[str]:
 
 # ---------------------------------------------------------------------------- a new run
 
-def resolve(args, parser, device: torch.device, ctx: distributed.Context) -> tuple[ViTConfig, TrainConfig]:
+def resolve_timm_model(args, parser, typed: set[str]) -> ViTConfig:
+    """--model timm:NAME's config: timm's architecture at the data's size, checked to build (and
+    fuse, under the triton backend) before any work."""
+    own = [MODEL_FLAGS[name] for name in OWN_ARCHITECTURE_FLAGS if name in typed]
+    if own:
+        parser.error(f"--model {args.model}: {', '.join(own)} describe this project's ViT; timm's model fixes its own "
+                     f"(--patch-size and --depth override it)")
+    try:
+        model_cfg = resolve_timm_config(args.model[len(TIMM_PREFIX):], image_size=args.image_size,
+                                        num_classes=args.num_classes, dropout=args.dropout, drop_path=args.drop_path,
+                                        backend=args.backend,
+                                        patch_size=args.patch_size if "patch_size" in typed else None,
+                                        depth=args.depth if "depth" in typed else None)
+        if model_cfg.backend != "torch":
+            build_model(model_cfg)  # fuses every block, or says which cannot be
+    except ValueError as error:
+        parser.error(f"--model {args.model}: {cli.one_line(error)}")
+    return model_cfg
+
+
+def resolve(args, parser, typed: set[str], device: torch.device,
+            ctx: distributed.Context) -> tuple[ViTConfig, TrainConfig]:
     """Fill the defaults that depend on the machine and refuse, before any work, what cannot train."""
     if args.backend is None:
         # Triton's interpreter (TRITON_INTERPRET=1) can run the kernels on the CPU, but only for
@@ -231,11 +267,12 @@ def resolve(args, parser, device: torch.device, ctx: distributed.Context) -> tup
                      f"and are not resized; leave --image-size at {CIFAR10_IMAGE_SIZE}")
     if args.num_classes < CIFAR10_CLASSES:
         parser.error(f"--num-classes {args.num_classes} is fewer than CIFAR-10's {CIFAR10_CLASSES} classes")
-    if args.dim % args.heads:
+    timm_model = args.model.startswith(TIMM_PREFIX)
+    if args.dim % args.heads and not timm_model:
         parser.error(f"--heads {args.heads} does not divide --dim {args.dim}")
-    if args.image_size % args.patch_size:
+    if args.image_size % args.patch_size and (not timm_model or "patch_size" in typed):
         parser.error(f"--patch-size {args.patch_size} does not divide --image-size {args.image_size}")
-    if args.backend == "triton" and args.dim // args.heads not in TRITON_HEAD_DIMS:
+    if args.backend == "triton" and args.dim // args.heads not in TRITON_HEAD_DIMS and not timm_model:
         parser.error(f"--backend triton supports heads of {', '.join(map(str, TRITON_HEAD_DIMS))} dimensions; "
                      f"--dim {args.dim} / --heads {args.heads} gives {args.dim // args.heads}")
     if args.min_lr > args.lr:
@@ -244,7 +281,10 @@ def resolve(args, parser, device: torch.device, ctx: distributed.Context) -> tup
         parser.error(f"--train-subset {args.train_subset} is smaller than one batch of {args.batch_size}")
     if args.batch_size % ctx.world_size:
         parser.error(f"--batch-size {args.batch_size} (global) is not divisible by the {ctx.world_size} processes")
-    model_cfg = ViTConfig(**{k: getattr(args, k) for k in MODEL_FLAGS})
+    if timm_model:
+        model_cfg = resolve_timm_model(args, parser, typed)
+    else:
+        model_cfg = ViTConfig(**{k: getattr(args, k) for k in MODEL_FLAGS})
     train_fields = {f.name for f in fields(TrainConfig)}
     train_cfg = TrainConfig(**{k: v for k, v in vars(args).items() if k in train_fields and k != "device"},
                             device=str(device))
@@ -562,7 +602,7 @@ def run(args, parser, typed, device, ctx) -> int:
     if args.resume:
         model_cfg, train_cfg, run_dir, has_checkpoint = resolve_resume(args, parser, typed, device, ctx)
     else:
-        model_cfg, train_cfg = resolve(args, parser, device, ctx)
+        model_cfg, train_cfg = resolve(args, parser, typed, device, ctx)
     if args.print_config:
         say(json.dumps({"model": asdict(model_cfg), "train": asdict(train_cfg)}, indent=2))
         return 0

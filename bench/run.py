@@ -234,7 +234,7 @@ def _main(argv: list[str]) -> int:
             "training": training_bench.settings_dict(training_settings),
         },
         "published_runs": training_bench.PUBLISHED_RUNS,
-        "peaks": {}, "kernels": [], "augmentation": [], "training": [], "host_work": None,
+        "peaks": {}, "kernels": [], "augmentation": [], "training": [], "timm_step": [], "host_work": None,
         "trimmed": budget.trimmed, "phase_errors": [],
     }
 
@@ -278,6 +278,8 @@ def _main(argv: list[str]) -> int:
         outcome = training_bench.run_training(training_settings, configs, device, data, policy, budget,
                                               deadlines["training"], log, on_row)
         results["training"], results["host_work"] = outcome["rows"], outcome["host_work"]
+        log(f"-- a training step of timm's {training_bench.TIMM_STEP_MODEL}: fused, timm's own, compiled")
+        results["timm_step"] = training_bench.timm_step_rows(device, quick, policy, log)
 
     def sweeps():
         compile_modes = {r["op"]: r["compile_mode"] for r in results["kernels"]

@@ -53,7 +53,7 @@ from bench.compiling import CompilePolicy
 from bench.counts import DeviceWorkCounter
 from bench.datasets import BenchData
 from bench.host_work import measure_epoch_gap
-from bench.measure import describe_error
+from bench.measure import describe_error, synchronize
 from vit.data import GPUTrainLoader
 from vit.backends import backend_names, get_backend
 from vit.model import ViT, ViTConfig
@@ -667,3 +667,80 @@ def run_training(settings: TrainingSettings, configs: list[TrainingConfig], devi
 
 def settings_dict(settings: TrainingSettings) -> dict:
     return asdict(settings)
+
+
+# --------------------------------------------------------------------------- timm's ViT-S/16 at 224
+# A training step of timm's own ViT-S/16 at ImageNet's 224 pixels (197 tokens, 6 heads of 64),
+# three ways in one run: its blocks on our kernels (vit.fuse), timm's forward (SDPA attention),
+# and torch.compile of timm's forward. Synthetic images: the step's time does not depend on them.
+
+TIMM_STEP_MODEL = "vit_small_patch16_224"
+TIMM_STEP_BATCH = 64  # timm's usual per-GPU batch for ViT-S; fits an H100 in bf16 with room
+TIMM_STEP_WARMUP, TIMM_STEP_MEASURED = 5, 20  # steps before timing (compiles, allocator), steps timed
+# The smoke (CPU, --quick): one block 64 wide (4 heads of 16) at 32 pixels (4 patches), one image,
+# fp32 (the interpreter's): ViT-S's 384 columns take a minute a step through the interpreter.
+TIMM_SMOKE_MODEL = dict(depth=1, img_size=32, embed_dim=64, num_heads=4)
+TIMM_SMOKE_BATCH, TIMM_SMOKE_STEPS = 1, 1
+
+
+def timm_step_rows(device: torch.device, quick: bool, policy: CompilePolicy, log) -> list[dict]:
+    """ms per training step (forward, backward, AdamW) of timm's ViT-S/16, fused, timm's own and
+    compiled; bf16 autocast on a GPU, the tiny smoke in fp32 on the CPU or with --quick."""
+    import timm
+
+    from vit.timm_fuse import fuse
+
+    overrides, batch, warmup, measured = ((TIMM_SMOKE_MODEL, TIMM_SMOKE_BATCH, TIMM_SMOKE_STEPS, TIMM_SMOKE_STEPS)
+                                          if quick else ({}, TIMM_STEP_BATCH, TIMM_STEP_WARMUP, TIMM_STEP_MEASURED))
+    image_size = overrides.get("img_size", 224)
+    precision = "bf16" if device.type == "cuda" else "fp32"
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randn(batch, 3, image_size, image_size, generator=generator).to(device)
+    labels = torch.randint(0, 1000, (batch,), generator=generator).to(device)
+    rows = []
+    for way in ("fused", "timm", "timm + compile"):
+        row = dict(name=f"timm {TIMM_STEP_MODEL} {way}", model=TIMM_STEP_MODEL, way=way, image_size=image_size,
+                   batch=batch, overrides=overrides, precision=precision, status="ok", ms_per_step=None,
+                   images_per_second=None, peak_memory_gb=None, error=None)
+        rows.append(row)
+        reason = (get_backend("triton").unavailable_reason(device) if way == "fused"
+                  else policy.skip_reason if way == "timm + compile" else None)
+        if reason:
+            row.update(status="skipped", error=reason)
+            log(f"  {row['name']}: skipped ({reason})")
+            continue
+        _free_memory(device)
+        try:
+            torch.manual_seed(0)
+            model = timm.create_model(TIMM_STEP_MODEL, pretrained=False, **overrides).to(device).train()
+            if way == "fused":
+                fuse(model, strict=True)
+            step_model = torch.compile(model) if way == "timm + compile" else model
+            optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
+
+            def step():
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+                    loss = torch.nn.functional.cross_entropy(step_model(images).float(), labels)
+                loss.backward()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+
+            for _ in range(warmup):
+                step()
+            synchronize(device)
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            started = time.perf_counter()
+            for _ in range(measured):
+                step()
+            synchronize(device)
+            seconds = (time.perf_counter() - started) / measured
+            row.update(ms_per_step=seconds * 1e3, images_per_second=batch / seconds,
+                       peak_memory_gb=torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else None)
+            log(f"  {row['name']}: {seconds * 1e3:.1f} ms/step, {batch / seconds:.0f} img/s")
+        except Exception as error:  # one way failing leaves the others' numbers
+            row.update(status="failed", error=describe_error(error))
+            log(f"  {row['name']}: failed ({row['error']})")
+        finally:
+            model = step_model = optimizer = None
+    return rows

@@ -3,6 +3,7 @@ shape, and how every configuration compiles for an H100.
 
     python -m kernels.report [--only cost|compile] [--batch 128 --seq-len 65 --dim 384 --heads 12
                              --mlp-dim 384 --depth 7 --matmul-dtype bf16 --residual-dtype fp32]
+                             [--model vit_small_patch16_224]
                              [--bandwidth 3.3 --peak 790] [--json PATH] [--sass-dir DIR] [--jobs N]
 
 Cost: each launch of one transformer block at the given shape (the model's by default: bf16
@@ -12,6 +13,10 @@ useful and executed FLOPs, launches, and the floor (memory or arithmetic time, w
 larger, at --bandwidth TB/s and --peak TFLOP/s); then per block and per training step
 (forward + backward, times depth) beside the targets. The block is composed from BLOCK_OPS;
 the torch ops the model runs around our kernels are rows of their own, marked "torch".
+
+--model NAME takes the block's shape (tokens with the class and register tokens, width, heads, MLP
+width, depth) from timm's registered model NAME at its own image size, in place of those flags;
+the fused kernels run such a model through vit.fuse.
 
 Compile: every configuration the op modules' launch planners can pick, compiled for sm_90a by
 kernels.h100 in a fresh process (so it works under TRITON_INTERPRET=1 too). Exits non-zero
@@ -95,6 +100,19 @@ BLOCK_FLOOR_TARGET_US = 50.0
 EXECUTED_PER_USEFUL_TARGET = 1.3
 LAUNCH_TARGETS = {"forward": 4, "backward": 8}
 STEP_LAUNCH_TARGET = 120
+
+
+def timm_block_shape(name: str, batch: int, matmul_dtype: torch.dtype, residual_dtype: torch.dtype) -> BlockShape:
+    """The block shape of timm's registered VisionTransformer `name` (built on the meta device:
+    no weights allocated)."""
+    import timm
+
+    with torch.device("meta"):
+        model = timm.create_model(name, pretrained=False)
+    block = model.blocks[0]
+    return BlockShape(batch=batch, seq_len=model.patch_embed.num_patches + model.num_prefix_tokens,
+                      dim=model.embed_dim, heads=block.attn.num_heads, mlp_dim=block.mlp.fc2.in_features,
+                      depth=len(model.blocks), matmul_dtype=matmul_dtype, residual_dtype=residual_dtype)
 
 
 def block_costs(shape: BlockShape, ops=BLOCK_OPS) -> list[tuple[BlockOp, KernelCost]]:
@@ -286,6 +304,9 @@ def main(argv: list[str] | None = None) -> int:
     shape.add_argument("--matmul-dtype", choices=list(_DTYPES), default=DTYPE_NAMES[model.matmul_dtype])
     shape.add_argument("--residual-dtype", choices=list(_DTYPES), default=DTYPE_NAMES[model.residual_dtype],
                        help="the residual stream's and the parameters' dtype")
+    shape.add_argument("--model", metavar="NAME",
+                       help="timm's registered ViT NAME's block (tokens, width, heads, MLP width, depth) in place of "
+                            "--seq-len --dim --heads --mlp-dim --depth")
     shape.add_argument("--bandwidth", type=float, default=DEFAULT_BANDWIDTH / 1e12, help="HBM bandwidth, TB/s")
     shape.add_argument("--peak", type=float, default=DEFAULT_PEAK_FLOPS / 1e12, help="matmul peak, TFLOP/s")
     compiling = parser.add_argument_group("compile")
@@ -298,6 +319,11 @@ def main(argv: list[str] | None = None) -> int:
         block = BlockShape(batch=args.batch, seq_len=args.seq_len, dim=args.dim, heads=args.heads,
                            mlp_dim=args.mlp_dim, depth=args.depth, matmul_dtype=_DTYPES[args.matmul_dtype],
                            residual_dtype=_DTYPES[args.residual_dtype])
+        if args.model:
+            try:
+                block = timm_block_shape(args.model, args.batch, block.matmul_dtype, block.residual_dtype)
+            except (RuntimeError, AttributeError) as error:  # an unknown name, or not a VisionTransformer
+                parser.error(f"--model {args.model}: {error}")
         if block.dim % block.heads:
             parser.error(f"--heads {block.heads} does not divide --dim {block.dim}")
         print(cost_report(block, bandwidth=args.bandwidth * 1e12, peak_flops=args.peak * 1e12))

@@ -38,6 +38,7 @@ from vit.cli import RunError, one_line
 from vit.data import load_cifar10
 from vit.environment import atomic_write
 from vit.model import ViT, ViTConfig, model_config_differences
+from vit.timm_interop import build_model
 
 CHECKPOINT_NAMES = (BEST_CHECKPOINT, LAST_CHECKPOINT)  # what a run directory is searched for, in this order
 # The order of CIFAR-10's batches.meta; used when a run's config.json has no class_names.
@@ -175,7 +176,10 @@ def load_trained_model(path: str | os.PathLike, device: torch.device, backend: s
         raise RunError(f"{checkpoint_path}: has no average of the weights; the run did not keep one "
                        f"(train.py --ema-decay), evaluate it without --ema")
     check_model_identity(checkpoint, config["model"], checkpoint_path)
-    model = ViT(model_config)
+    try:
+        model = build_model(model_config)
+    except ValueError as error:  # a timm model the backend cannot fuse, or no longer the recorded one
+        raise RunError(f"{checkpoint_path}: {one_line(error)}") from None
     load_weights(model, _strip_wrapper_prefix(checkpoint[weights]), checkpoint_path)
     epoch = checkpoint.get("epoch")
     return TrainedModel(model.to(device).eval(), config, checkpoint_path, int(epoch) if epoch is not None else None,

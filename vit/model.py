@@ -49,6 +49,11 @@ class ViTConfig:
     # sequence pooling (Compact Transformers): softmax over the tokens of a learned linear score,
     # the weighted average of the tokens; no class token.
     pool: str = "token"
+    # A timm registry name ("vit_tiny_patch16_224"): the model is timm's, built at this config's
+    # image size, patch size, classes, depth and drop rates with random weights (vit/timm_interop.py
+    # build_model), fused under the triton backend; dim, heads, mlp_dim and layer_norm_eps record
+    # its architecture. Empty: this module's ViT.
+    timm_model: str = ""
 
     def __post_init__(self):
         for name in ("image_size", "patch_size", "num_classes", "dim", "depth", "heads", "mlp_dim"):

@@ -44,7 +44,8 @@ from vit.checkpoint import (BEST_CHECKPOINT, LAST_CHECKPOINT, BackgroundWriter, 
 from vit.config import TrainConfig  # defined apart for vit.checkpoint; imported from here by callers
 from vit.environment import device_name
 from vit.mixing import MixConfig, smooth_targets, soft_target_cross_entropy
-from vit.model import ViT, ViTConfig, count_parameters
+from vit.model import ViTConfig, count_parameters
+from vit.timm_interop import build_model
 from vit.progress import Progress
 
 PROGRESS_EVERY = 25  # steps between progress points; each one waits for the device
@@ -620,7 +621,8 @@ class Trainer:
         model_cfg = getattr(self.model, "cfg", None)
         if isinstance(model_cfg, ViTConfig):
             backend = get_backend(model_cfg.backend)
-            model = f"ViT with {count_parameters(self.model):,} parameters; backend {backend.name} ({backend.description})"
+            name = f"timm's {model_cfg.timm_model}" if model_cfg.timm_model else "ViT"
+            model = f"{name} with {count_parameters(self.model):,} parameters; backend {backend.name} ({backend.description})"
         else:
             model = f"{type(self.model).__name__} with {count_parameters(self.model):,} parameters"
         return (f"{model}; device {device_name(self.device)}; precision {cfg.precision}; "
@@ -644,7 +646,7 @@ def build_trainer(model_cfg: ViTConfig, cfg: TrainConfig, run_dir, *, resume: bo
     loader = make_train_loader(cfg, train_images, train_labels, device, ctx.rank, ctx.world_size,
                                num_classes=model_cfg.num_classes)
     test_set = EvalSet(data.test_images.to(device), data.test_labels.to(device), data.class_names)
-    model = ViT(model_cfg).to(device)
+    model = build_model(model_cfg).to(device)
     trainer = Trainer(model, loader, test_set, make_optimizer(model, cfg, device), cfg, run_dir, ctx=ctx, log=log)
     if resume:
         trainer.resume()
