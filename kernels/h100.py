@@ -535,8 +535,14 @@ class CompileOutcome:
         return self.error is None and not self.problems
 
 
+# Seconds after which compile_isolated gives up on its process: a hang guard only. Every
+# configuration takes about 750 CPU seconds (kernels/README.md), 45 minutes of wall time on a
+# busy 2-core machine.
+COMPILE_HANG_GUARD = 4 * 3600
+
+
 def compile_isolated(sources=OP_MODULES, jobs: int | None = None, sass_dir: Path | str | None = None,
-                     python_path=(), timeout: float = 3600, triton_dir: Path | str | None = None) -> list[CompileOutcome]:
+                     python_path=(), timeout: float = COMPILE_HANG_GUARD, triton_dir: Path | str | None = None) -> list[CompileOutcome]:
     """Compile every spec of `sources` (see specs_from_source) for sm_90a in a fresh Python
     process that has never run Triton's interpreter, `jobs` compiles at a time (default: one
     per CPU). python_path: extra import roots for the sources (the repository is always one).
