@@ -536,7 +536,7 @@ class CompileOutcome:
 
 
 # Seconds after which compile_isolated gives up on its process: a hang guard only. Every
-# configuration takes about 750 CPU seconds (kernels/README.md), 45 minutes of wall time on a
+# configuration takes 750-800 CPU seconds (kernels/README.md), 45 minutes of wall time on a
 # busy 2-core machine.
 COMPILE_HANG_GUARD = 4 * 3600
 
