@@ -1,11 +1,17 @@
 # Two commands do all the set-up on a fresh machine:
 #   make train   creates .venv, installs the project and trains with the defaults
-#   make test    creates .venv, installs the project with its test dependencies and runs the tests
+#   make test    creates .venv, installs the project with its test dependencies (and the GPU
+#                machine's Triton beside it, for the compile check) and runs the tests
 # Extra arguments: make train ARGS="--epochs 10 --data-dir ~/data"
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 ARGS ?=
+# The GPU machine's Triton (kernels/h100.py's GPU_MACHINE_TRITON): the tests compile every kernel
+# under it as well as under the installed one. It lies alone in its directory, which the
+# compiling process puts ahead of the installed Triton; torch comes from $(VENV).
+GPU_MACHINE_TRITON := 3.6.0
+GPU_MACHINE_TRITON_DIR := .triton-3.6.0
 
 .PHONY: install train test bench clean
 
@@ -14,16 +20,21 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install --quiet -e '.[test]'
 	touch $@
 
+$(GPU_MACHINE_TRITON_DIR)/.installed: | $(VENV)/.installed
+	rm -rf $(GPU_MACHINE_TRITON_DIR)
+	$(PY) -m pip install --quiet --no-deps --target $(GPU_MACHINE_TRITON_DIR) triton==$(GPU_MACHINE_TRITON)
+	touch $@
+
 install: $(VENV)/.installed
 
 train: install
 	$(PY) train.py $(ARGS)
 
-test: install
+test: install $(GPU_MACHINE_TRITON_DIR)/.installed
 	$(PY) -m pytest tests $(ARGS)
 
 bench: install
 	$(PY) -m bench $(ARGS)
 
 clean:
-	rm -rf $(VENV) *.egg-info
+	rm -rf $(VENV) $(GPU_MACHINE_TRITON_DIR) *.egg-info

@@ -523,6 +523,8 @@ _TAIL_TOKENS = 16
 _FP32_WHOLE = _WholeSequencePlan(lead=16, tail=0, forward=_WholeSequenceKernel(16, num_warps=2),
                                  backward=_WholeSequenceKernel(16, num_warps=2))
 _FP32_STREAMING = _LaunchConfig(block_m=32, block_n=32, num_warps=4, num_stages=2)
+# dQ steps over 16 keys at a time: 32 spilled 8 B at head_dim 32 under Triton 3.6 (README).
+_FP32_STREAMING_DQ = _LaunchConfig(block_m=32, block_n=16, num_warps=4, num_stages=2)
 # fp16/bf16 past 128 tokens: 64 x 64 tiles (128 query rows in the forward), double-buffered.
 _HALF_STREAMING = _StreamingPlan(forward=_LaunchConfig(block_m=128, block_n=64, num_warps=8, num_stages=2),
                                  dq=_LaunchConfig(block_m=64, block_n=64, num_warps=8, num_stages=2),
@@ -557,7 +559,7 @@ def _launch_plan(seq_len: int, head_dim: int, dtype: torch.dtype):
     if dtype == torch.float32:
         if seq_len <= _FP32_WHOLE.tokens:
             return _FP32_WHOLE
-        return _StreamingPlan(forward=_FP32_STREAMING, dq=_FP32_STREAMING, dkdv=_FP32_STREAMING)
+        return _StreamingPlan(forward=_FP32_STREAMING, dq=_FP32_STREAMING_DQ, dkdv=_FP32_STREAMING)
     if seq_len > _HALF_WHOLE_TOKENS:
         return _HALF_STREAMING
     return _half_whole_sequence_plan(seq_len, head_dim)

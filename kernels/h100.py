@@ -65,6 +65,14 @@ H100_GPU_NAME = "sm_90a"
 # refuses to launch a kernel whose metadata "shared" exceeds the device's value.
 SHARED_MEMORY_LIMIT = 227 * 1024
 
+# The GPU machine's Triton (with torch 2.11 and Python 3.12 there). The compile check runs under
+# it as well as under the Triton installed here: `make test` installs it alone into
+# GPU_MACHINE_TRITON_DIR (pip install --no-deps --target), and compile_isolated(triton_dir=...)
+# puts that directory ahead of the installed Triton on the compiling process's import path;
+# torch and everything else still come from the running environment.
+GPU_MACHINE_TRITON = "3.6.0"
+GPU_MACHINE_TRITON_DIR = REPO / f".triton-{GPU_MACHINE_TRITON}"
+
 # The launcher marks an argument 16-divisible when it is, and kernels are compiled
 # for that. The hint changes the code a lot (vectorised 16-byte loads, cp.async, TMA),
 # so leaving it out would report registers for a kernel that never runs.
@@ -72,7 +80,7 @@ _DIVISIBILITY_ATTR = [["tt.divisibility", 16]]
 
 
 class ToolchainMissingError(RuntimeError):
-    """ptxas or cuobjdump is not where Triton keeps them."""
+    """ptxas or cuobjdump is not where Triton keeps them, or a Triton asked for is not installed."""
 
 
 @dataclass
@@ -177,6 +185,14 @@ def toolchain_missing_reason() -> str | None:
     except ToolchainMissingError as error:
         return str(error)
     return None
+
+
+def triton_missing_reason(triton_dir: Path | str) -> str | None:
+    """Why compile_isolated(triton_dir=triton_dir) cannot run here, or None when it can."""
+    if (Path(triton_dir) / "triton" / "__init__.py").is_file():
+        return None
+    return (f"no Triton in {triton_dir}: `make test` installs the GPU machine's there, as "
+            f"`pip install --no-deps --target {triton_dir} triton=={GPU_MACHINE_TRITON}`")
 
 
 # ---------------------------------------------------------------- what a spec declares
@@ -505,6 +521,7 @@ class CompileOutcome:
     num_warps: int
     num_stages: int
     seconds: float
+    triton: str  # the version of the Triton that compiled it
     result: CompileResult | None = None
     problems: list | None = None  # check_result's, when it compiled
     error: str | None = None  # type and message, when it did not
@@ -518,15 +535,25 @@ class CompileOutcome:
         return self.error is None and not self.problems
 
 
+# Seconds after which compile_isolated gives up on its process: a hang guard only. Every
+# configuration takes 750-800 CPU seconds (kernels/README.md), 45 minutes of wall time on a
+# busy 2-core machine.
+COMPILE_HANG_GUARD = 4 * 3600
+
+
 def compile_isolated(sources=OP_MODULES, jobs: int | None = None, sass_dir: Path | str | None = None,
-                     python_path=(), timeout: float = 3600) -> list[CompileOutcome]:
+                     python_path=(), timeout: float = COMPILE_HANG_GUARD, triton_dir: Path | str | None = None) -> list[CompileOutcome]:
     """Compile every spec of `sources` (see specs_from_source) for sm_90a in a fresh Python
     process that has never run Triton's interpreter, `jobs` compiles at a time (default: one
     per CPU). python_path: extra import roots for the sources (the repository is always one).
-    Returns one outcome per spec, in the sources' order; raises when the process fails as a
-    whole (a source that cannot be imported, a toolchain that is missing)."""
+    triton_dir: a directory holding another Triton (GPU_MACHINE_TRITON_DIR) to compile with,
+    its ptxas and cuobjdump included; None: the installed one. Returns one outcome per spec,
+    in the sources' order, each naming the Triton version that compiled it; raises when the
+    process fails as a whole (a source that cannot be imported, a toolchain that is missing)."""
+    if triton_dir is not None and triton_missing_reason(triton_dir) is not None:
+        raise ToolchainMissingError(triton_missing_reason(triton_dir))
     environment = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
-    roots = [str(REPO), *map(str, python_path)]
+    roots = ([] if triton_dir is None else [str(Path(triton_dir).resolve())]) + [str(REPO), *map(str, python_path)]
     if environment.get("PYTHONPATH"):
         roots.append(environment["PYTHONPATH"])
     environment["PYTHONPATH"] = os.pathsep.join(roots)
@@ -560,8 +587,8 @@ def _compile_one(index: int, sass_dir: str | None) -> dict:
     spec = _SPECS_TO_COMPILE[index]
     started = time.perf_counter()
     record = {"name": spec.name, "config": spec.config, "instructions": spec.instructions,
-              "num_warps": spec.num_warps, "num_stages": spec.num_stages, "result": None, "problems": None,
-              "error": None}
+              "num_warps": spec.num_warps, "num_stages": spec.num_stages, "triton": triton.__version__,
+              "result": None, "problems": None, "error": None}
     try:
         result = compile_for_h100(spec, sass_dir=sass_dir)
     except ToolchainMissingError:

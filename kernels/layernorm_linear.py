@@ -167,7 +167,8 @@ def _plan(n_cols: int, matmul_dtype: torch.dtype) -> _Plan:
                      half=True, block_m=block_m, block_n=64, block_k=64, block_r=64,
                      block_q=32 if width > 384 else 64, num_warps=8, num_stages=2)
     # Exact fp32 on the FMA units: operands in registers, so 16-wide steps.
-    return _Plan(fl.chunked(width, 128), fl.RowKernel(fl.chunked(width, 128), 16, 16, 8, num_stages=1), half=False,
+    # Row kernel in 32-wide chunks: 128-wide ones spilled 24-44 B under Triton 3.6 (README).
+    return _Plan(fl.chunked(width, 128), fl.RowKernel(fl.chunked(width, 32), 16, 16, 8, num_stages=1), half=False,
                  block_m=16, block_n=64, block_k=16, block_r=16, block_q=16, num_warps=8, num_stages=1)
 
 

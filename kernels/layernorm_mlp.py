@@ -284,12 +284,16 @@ def _plan(n_cols: int, matmul_dtype: torch.dtype) -> _Plan:
         # - row kernel: the gradient panel in 64-wide chunks, unpipelined; 128-wide chunks or
         #   two stages left the LayerNorm backward's temporaries no room.
         block_m = 32 if width > 384 else 64
+        # 16 hidden units a forward step at C = 512, and fp16 at C = 384: 32 spilled 8 B with the
+        # second GELU under Triton 3.6 (bf16 at C = 384 fits, 252-255 registers; README).
+        block_h = 16 if width > 384 or matmul_dtype == torch.float16 else 32
         return _Plan(fl.chunked(width, 128), fl.RowKernel(fl.chunked(width, 64), block_m, 64, 8, num_stages=1),
-                     half=True, block_m=block_m, block_k=64, block_h=32, block_r=64,
+                     half=True, block_m=block_m, block_k=64, block_h=block_h, block_r=64,
                      block_q=16 if width > 384 else 32, num_warps=8, num_stages=2)
     # Exact fp32 on the FMA units: an FMA dot holds its operands in registers, so tiles and
-    # contraction steps stay at 16.
-    return _Plan(fl.chunked(width, 128), fl.RowKernel(fl.chunked(width, 128), 16, 16, 8, num_stages=1), half=False,
+    # contraction steps stay at 16. Row kernel in 32-wide chunks: 128-wide ones spilled under
+    # Triton 3.6 (README).
+    return _Plan(fl.chunked(width, 128), fl.RowKernel(fl.chunked(width, 32), 16, 16, 8, num_stages=1), half=False,
                  block_m=16, block_k=16, block_h=16, block_r=16, block_q=16, num_warps=8, num_stages=1)
 
 

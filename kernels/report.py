@@ -5,6 +5,7 @@ shape, and how every configuration compiles for an H100.
                              --mlp-dim 384 --depth 7 --matmul-dtype bf16 --residual-dtype fp32]
                              [--model vit_small_patch16_224]
                              [--bandwidth 3.3 --peak 790] [--json PATH] [--sass-dir DIR] [--jobs N]
+                             [--triton installed|gpu-machine|both]
 
 Cost: each launch of one transformer block at the given shape (the model's by default: bf16
 matmuls under autocast with an fp32 residual stream), from the op modules' launch_costs()
@@ -19,10 +20,12 @@ width, depth) from timm's registered model NAME at its own image size, in place 
 the fused kernels run such a model through vit.fuse.
 
 Compile: every configuration the op modules' launch planners can pick, compiled for sm_90a by
-kernels.h100 in a fresh process (so it works under TRITON_INTERPRET=1 too). Exits non-zero
-when a kernel fails to compile or breaks a rule (spills, shared memory over
-SHARED_MEMORY_LIMIT, matmuls on another instruction class than the spec declares), so it
-can gate CI as well. Registers at REGISTER_WARNING or above are flagged, not failed.
+kernels.h100 in a fresh process (so it works under TRITON_INTERPRET=1 too), by the installed
+Triton, the GPU machine's (GPU_MACHINE_TRITON, as `make test` installs it) or both, one table
+each, headed by the version that compiled its rows. Exits non-zero when a kernel fails to
+compile or breaks a rule (spills, shared memory over SHARED_MEMORY_LIMIT, matmuls on another
+instruction class than the spec declares), so it can gate CI as well. Registers at
+REGISTER_WARNING or above are flagged, not failed.
 """
 from __future__ import annotations
 
@@ -38,8 +41,9 @@ import torch
 
 from kernels._common import DTYPE_NAMES
 from kernels.cost import DEFAULT_BANDWIDTH, DEFAULT_PEAK_FLOPS, KernelCost, element_size
-from kernels.h100 import (INSTRUCTION_CLASSES, OP_MODULES, REGISTER_WARNING, SHARED_MEMORY_LIMIT, CompileOutcome,
-                          compile_isolated, found_instructions, toolchain_missing_reason)
+from kernels.h100 import (GPU_MACHINE_TRITON_DIR, INSTRUCTION_CLASSES, OP_MODULES, REGISTER_WARNING,
+                          SHARED_MEMORY_LIMIT, CompileOutcome, compile_isolated, found_instructions,
+                          toolchain_missing_reason, triton_missing_reason)
 
 # ------------------------------------------------------------------------------ the block
 
@@ -262,31 +266,55 @@ def _row(outcome: CompileOutcome) -> tuple[str, ...]:
                    outcome.instructions, found_instructions(result), "; ".join(notes))
 
 
+# --triton: which Triton compiles, as compile_isolated's triton_dir (None: the installed one).
+TRITON_CHOICES = {"installed": [None], "gpu-machine": [GPU_MACHINE_TRITON_DIR],
+                  "both": [None, GPU_MACHINE_TRITON_DIR]}
+
+
 def compile_report(args) -> int:
-    missing_tools = toolchain_missing_reason()
-    if missing_tools is not None:
-        print(f"cannot compile for H100: {missing_tools}", file=sys.stderr)
+    triton_dirs = TRITON_CHOICES[args.triton]
+    missing = [toolchain_missing_reason()] + [triton_missing_reason(d) for d in triton_dirs if d is not None]
+    missing = [reason for reason in missing if reason is not None]
+    if missing:
+        print(f"cannot compile for H100: {missing[0]}", file=sys.stderr)
         return 2
 
-    outcomes = compile_isolated(OP_MODULES, jobs=args.jobs, sass_dir=args.sass_dir)
-    failed = [outcome for outcome in outcomes if not outcome.ok]
-    flagged = [o for o in outcomes if o.result is not None and o.result.registers >= REGISTER_WARNING]
-    print(f"Triton kernels compiled for H100 (sm_90a): every configuration the launch planners of "
-          f"{', '.join(OP_MODULES)} can pick; shared memory limit {SHARED_MEMORY_LIMIT // 1024} KiB per block")
-    print(_table(COLUMNS, [_row(outcome) for outcome in outcomes], right_aligned_from=len(COLUMNS)))
-    by_class = {name: sum(o.instructions == name for o in outcomes) for name in INSTRUCTION_CLASSES}
-    print(f"{len(outcomes)} configurations ({', '.join(f'{n} {name}' for name, n in by_class.items() if n)}): "
-          f"{len(outcomes) - len(failed)} fit, {len(failed)} do not; {len(flagged)} at {REGISTER_WARNING}+ registers")
+    tables = []
+    for triton_dir in triton_dirs:
+        sass_dir = args.sass_dir
+        if sass_dir is not None and len(triton_dirs) > 1:
+            sass_dir = sass_dir / ("installed" if triton_dir is None else "gpu-machine")
+        tables.append(compile_isolated(OP_MODULES, jobs=args.jobs, sass_dir=sass_dir, triton_dir=triton_dir))
+    failed = 0
+    for outcomes in tables:
+        failed += _print_compile_table(outcomes)
+        print()
 
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        records = [{**asdict(outcome), "label": outcome.label} for outcome in outcomes]
+        records = [{**asdict(outcome), "label": outcome.label} for outcomes in tables for outcome in outcomes]
         for record in records:
             if record["result"] and record["result"]["sass_path"]:
                 record["result"]["sass_path"] = str(record["result"]["sass_path"])
         args.json.write_text(json.dumps({"target": "sm_90a", "shared_memory_limit": SHARED_MEMORY_LIMIT,
                                          "register_warning": REGISTER_WARNING, "kernels": records}, indent=2) + "\n")
     return 1 if failed else 0
+
+
+def _print_compile_table(outcomes: list[CompileOutcome]) -> int:
+    """One Triton's table and summary; returns how many configurations do not fit."""
+    versions = sorted({outcome.triton for outcome in outcomes})
+    failed = [outcome for outcome in outcomes if not outcome.ok]
+    flagged = [o for o in outcomes if o.result is not None and o.result.registers >= REGISTER_WARNING]
+    print(f"Compiled by Triton {', '.join(versions)} for H100 (sm_90a): every configuration the launch planners of "
+          f"{', '.join(OP_MODULES)} can pick; shared memory limit {SHARED_MEMORY_LIMIT // 1024} KiB per block")
+    print(_table(COLUMNS, [_row(outcome) for outcome in outcomes], right_aligned_from=len(COLUMNS)))
+    by_class = {name: sum(o.instructions == name for o in outcomes) for name in INSTRUCTION_CLASSES}
+    print(f"Triton {', '.join(versions)}: {len(outcomes)} configurations "
+          f"({', '.join(f'{n} {name}' for name, n in by_class.items() if n)}): "
+          f"{len(outcomes) - len(failed)} fit, {len(failed)} do not; {len(flagged)} at {REGISTER_WARNING}+ registers; "
+          f"{sum(o.seconds for o in outcomes):.0f} s of compiling")
+    return len(failed)
 
 
 # ------------------------------------------------------------------------------------ main
@@ -313,6 +341,9 @@ def main(argv: list[str] | None = None) -> int:
     compiling.add_argument("--json", type=Path, help="also write the compile results to this JSON file")
     compiling.add_argument("--sass-dir", type=Path, help="write each kernel's SASS into this directory")
     compiling.add_argument("--jobs", type=int, default=None, help="compiles at a time (default: one per CPU)")
+    compiling.add_argument("--triton", choices=list(TRITON_CHOICES), default="installed",
+                           help="which Triton compiles: the installed one, the GPU machine's "
+                                f"(installed by `make test` in {GPU_MACHINE_TRITON_DIR.name}), or both, one table each")
     args = parser.parse_args(argv)
 
     if args.only != "compile":

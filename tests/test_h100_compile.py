@@ -6,15 +6,23 @@ No GPU is needed: kernels.h100 compiles for sm_90a and reads ptxas's and cuobjdu
 reports, in a fresh process that has never run Triton's interpreter (this test process
 has). The first tests check that machinery itself on small kernels with known properties
 (tests/h100_selftest_kernels.py), so a broken detector cannot make the real checks pass.
+
+Both run under two Tritons: the installed one and the GPU machine's (h100.GPU_MACHINE_TRITON,
+which `make test` installs in h100.GPU_MACHINE_TRITON_DIR). Each set of specs is compiled
+once per run and Triton, all CPUs at a time, whichever test asks first; pytest-xdist workers
+share it (the first compiles, the others wait for its result).
 """
-import functools
+import hashlib
 import os
+import pickle
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
 import pytest
+import triton
+from filelock import FileLock
 
 from kernels import h100
 from kernels.h100 import SHARED_MEMORY_LIMIT, KernelSpec
@@ -23,29 +31,66 @@ TESTS = Path(__file__).resolve().parent
 REPO = TESTS.parent
 MISSING_TOOLCHAIN = h100.toolchain_missing_reason()
 needs_toolchain = pytest.mark.skipif(MISSING_TOOLCHAIN is not None, reason=MISSING_TOOLCHAIN or "")
-SELFTEST_SOURCE = "h100_selftest_kernels:selftest_specs"
+SELFTEST_SOURCES = ("h100_selftest_kernels:selftest_specs",)
 
 # Collected in this (interpreted) process: building specs only evaluates the planners.
 PROJECT_SPECS = {spec.label: spec for spec in h100.collect_specs()}
 
-
-@functools.lru_cache(maxsize=None)
-def _selftest_outcomes() -> dict:
-    return {o.name: o for o in h100.compile_isolated([SELFTEST_SOURCE], python_path=[TESTS])}
+# Test id -> compile_isolated's triton_dir.
+TRITONS = {f"triton-{triton.__version__}": None, f"triton-{h100.GPU_MACHINE_TRITON}": h100.GPU_MACHINE_TRITON_DIR}
 
 
-@functools.lru_cache(maxsize=None)
-def _project_outcomes() -> dict:
-    """Every project spec, compiled once per session in one fresh process."""
-    return {o.label: o for o in h100.compile_isolated(h100.OP_MODULES)}
+@pytest.fixture(params=list(TRITONS))
+def triton_dir(request):
+    """Each Triton the compile check runs under; the GPU machine's skips where it is not
+    installed, except in CI, whose `make test` always installs it."""
+    directory = TRITONS[request.param]
+    missing = None if directory is None else h100.triton_missing_reason(directory)
+    if missing is not None:
+        if os.environ.get("CI"):
+            pytest.fail(missing)
+        pytest.skip(missing)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def compiled(tmp_path_factory):
+    """compiled(source, triton_dir) -> {label: outcome}: compile_isolated([source]) once per run
+    and Triton. Under pytest-xdist the first worker to ask compiles and leaves the outcomes in
+    the run's temporary directory, which every worker shares; the others wait on its lock."""
+    shared = tmp_path_factory.getbasetemp().parent if os.environ.get("PYTEST_XDIST_WORKER") else None
+    cache = {}
+
+    def outcomes(sources: tuple, triton_dir) -> dict:
+        key = repr((sources, None if triton_dir is None else str(triton_dir)))
+        if key not in cache:
+            def compile_now():
+                return {o.label: o for o in h100.compile_isolated(sources, python_path=[TESTS], triton_dir=triton_dir)}
+            if shared is None:
+                cache[key] = compile_now()
+            else:
+                stored = shared / f"h100_compile_{hashlib.sha256(key.encode()).hexdigest()[:16]}.pickle"
+                with FileLock(f"{stored}.lock"):
+                    if not stored.exists():
+                        stored.write_bytes(pickle.dumps(compile_now()))
+                    cache[key] = pickle.loads(stored.read_bytes())
+        return cache[key]
+
+    return outcomes
+
+
+@pytest.fixture
+def selftest(compiled, triton_dir):
+    """The self-test kernels' outcomes by name, under each Triton."""
+    return {o.name: o for o in compiled(SELFTEST_SOURCES, triton_dir).values()}
 
 
 # ------------------------------------------------------------------------- self-tests
 
 
 @needs_toolchain
-def test_matmul_kernel_uses_hgmma_without_spills():
-    outcome = _selftest_outcomes()["selftest_matmul"]
+def test_matmul_kernel_uses_hgmma_without_spills(selftest):
+    outcome = selftest["selftest_matmul"]
     result = outcome.result
     assert result.uses_hgmma, "a 64x64x64 bf16 tl.dot with 4 warps must become HGMMA on sm_90a"
     assert result.spills == 0 and 0 < result.registers <= 255
@@ -55,8 +100,8 @@ def test_matmul_kernel_uses_hgmma_without_spills():
 
 
 @needs_toolchain
-def test_elementwise_kernel_uses_no_tensor_cores_and_no_shared_memory():
-    outcome = _selftest_outcomes()["selftest_scale_relu"]
+def test_elementwise_kernel_uses_no_tensor_cores_and_no_shared_memory(selftest):
+    outcome = selftest["selftest_scale_relu"]
     result = outcome.result
     assert not result.uses_hgmma and not result.uses_hmma
     assert result.spills == 0 and result.shared_bytes == 0 and 0 < result.registers <= 255
@@ -64,35 +109,35 @@ def test_elementwise_kernel_uses_no_tensor_cores_and_no_shared_memory():
 
 
 @needs_toolchain
-def test_forced_register_spills_are_reported():
-    outcome = _selftest_outcomes()["selftest_spilling_matmul"]
+def test_forced_register_spills_are_reported(selftest):
+    outcome = selftest["selftest_spilling_matmul"]
     assert outcome.result.spills > 0 and outcome.result.stack_frame_bytes > 0
     assert any("register spills" in problem for problem in outcome.problems)
 
 
 @needs_toolchain
-def test_matmul_that_falls_back_to_mma_sync_is_not_reported_as_hgmma():
-    result = _selftest_outcomes()["selftest_small_matmul"].result
+def test_matmul_that_falls_back_to_mma_sync_is_not_reported_as_hgmma(selftest):
+    result = selftest["selftest_small_matmul"].result
     assert not result.uses_hgmma and result.uses_hmma
     assert h100.found_instructions(result) == "HMMA"
 
 
 @needs_toolchain
-def test_exact_fp32_matmul_runs_on_fma_units():
-    outcome = _selftest_outcomes()["selftest_fp32_matmul"]
+def test_exact_fp32_matmul_runs_on_fma_units(selftest):
+    outcome = selftest["selftest_fp32_matmul"]
     assert outcome.result.uses_ffma and not outcome.result.uses_hgmma and not outcome.result.uses_hmma
     assert outcome.ok, outcome.problems
 
 
 @needs_toolchain
-def test_an_instruction_class_other_than_declared_is_a_problem():
-    outcome = _selftest_outcomes()["selftest_mislabelled_matmul"]
+def test_an_instruction_class_other_than_declared_is_a_problem(selftest):
+    outcome = selftest["selftest_mislabelled_matmul"]
     assert outcome.problems == ["matmuls compiled to HMMA, declared HGMMA"]
 
 
 @needs_toolchain
 def test_sass_is_written_when_asked(tmp_path):
-    outcomes = h100.compile_isolated([SELFTEST_SOURCE], python_path=[TESTS], sass_dir=tmp_path, jobs=1)
+    outcomes = h100.compile_isolated(SELFTEST_SOURCES, python_path=[TESTS], sass_dir=tmp_path, jobs=1)
     sass_path = {o.name: o for o in outcomes}["selftest_scale_relu"].result.sass_path
     assert sass_path is not None and sass_path.parent == tmp_path
     assert "Function : _scale_relu_kernel" in sass_path.read_text()
@@ -244,14 +289,43 @@ def test_every_planner_configuration_is_a_spec():
 
 
 @needs_toolchain
-def test_the_fresh_process_compiles_the_same_specs():
-    assert sorted(_project_outcomes()) == sorted(PROJECT_SPECS)
+def test_the_fresh_process_compiles_the_same_specs_with_the_triton_asked_for(compiled, triton_dir):
+    outcomes = compiled(h100.OP_MODULES, triton_dir)
+    assert sorted(outcomes) == sorted(PROJECT_SPECS)
+    expected = triton.__version__ if triton_dir is None else h100.GPU_MACHINE_TRITON
+    assert {outcome.triton for outcome in outcomes.values()} == {expected}
+
+
+def test_a_triton_that_is_not_installed_is_explained(tmp_path):
+    assert "make test" in h100.triton_missing_reason(tmp_path)
+    with pytest.raises(h100.ToolchainMissingError, match=f"no Triton in {tmp_path}"):
+        h100.compile_isolated(SELFTEST_SOURCES, python_path=[TESTS], triton_dir=tmp_path)
+
+
+def test_the_compile_report_heads_each_table_with_the_triton_that_compiled_it(capsys):
+    from kernels import report
+
+    result = h100.CompileResult(name="k", config="c", registers=250, spills=8, shared_bytes=2048, uses_hgmma=False,
+                                sass_path=None, uses_ffma=True)
+    outcomes = [h100.CompileOutcome(name="k", config="c", instructions="FMA", num_warps=8, num_stages=1, seconds=2.5,
+                                    triton="3.6.0", result=result, problems=["8 bytes of register spills (250 registers)"])]
+    assert report._print_compile_table(outcomes) == 1
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[0].startswith("Compiled by Triton 3.6.0 for H100 (sm_90a)")
+    assert "8 bytes of register spills" in printed[3] and "registers >= 240" in printed[3]
+    assert printed[-1].startswith("Triton 3.6.0: 1 configurations (1 FMA): 0 fit, 1 do not; 1 at 240+ registers")
+
+
+def test_make_test_installs_the_gpu_machines_triton_where_the_compile_check_looks():
+    makefile = (REPO / "Makefile").read_text()
+    assert f"GPU_MACHINE_TRITON := {h100.GPU_MACHINE_TRITON}\n" in makefile
+    assert f"GPU_MACHINE_TRITON_DIR := {h100.GPU_MACHINE_TRITON_DIR.relative_to(REPO)}\n" in makefile
 
 
 @needs_toolchain
 # Explicit ids: pytest replaces auto-generated ids over 100 characters by "label<N>".
 @pytest.mark.parametrize("label", [pytest.param(label, id=label) for label in sorted(PROJECT_SPECS)])
-def test_kernel_fits_an_h100(label):
-    outcome = _project_outcomes()[label]
+def test_kernel_fits_an_h100(label, compiled, triton_dir):
+    outcome = compiled(h100.OP_MODULES, triton_dir)[label]
     assert outcome.error is None, f"{label}: {outcome.error}"
     assert not outcome.problems, f"{label}: " + "; ".join(outcome.problems)
