@@ -218,6 +218,17 @@ def planned_launch(kernel, programs: int, num_warps: int, num_stages: int, const
     return _common.Launch(kernel, (programs,), dict(constexprs, num_warps=num_warps, num_stages=num_stages))
 
 
+@dataclass(frozen=True)
+class SeamLaunches:
+    """The launches of one fused linear op's call at one shape (n_rows > 0): the forward, the
+    backward's weight-gradient and row kernels, and how the backward divides the rows among the
+    weight-gradient programs (a Split; layernorm_mlp's grid of two)."""
+    forward: _common.Launch
+    weight: _common.Launch
+    row: _common.Launch
+    backward_grid: object
+
+
 # ---------------------------------------------------------------------------------------------
 # Device helpers (Triton)
 # ---------------------------------------------------------------------------------------------

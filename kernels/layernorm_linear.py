@@ -176,28 +176,19 @@ def _split(plan: _Plan, n_rows: int, n_out: int) -> fl.Split:
     return fl.split_rows(n_rows, plan.block_r, triton.cdiv(n_out, plan.block_q), fl.WEIGHT_GRADIENT_PROGRAMS)
 
 
-@dataclass(frozen=True)
-class _Launches:
-    """The launches of one call at one shape (n_rows > 0)."""
-    forward: _common.Launch
-    weight: _common.Launch  # the backward's weight-gradient kernel
-    row: _common.Launch  # the backward's row kernel
-    split: fl.Split
-
-
 @functools.lru_cache(maxsize=_common.PLANNED_SHAPES)
-def _launches(n_rows: int, n_cols: int, n_out: int, matmul_dtype: torch.dtype) -> _Launches:
+def _launches(n_rows: int, n_cols: int, n_out: int, matmul_dtype: torch.dtype) -> fl.SeamLaunches:
     plan = _plan(n_cols, matmul_dtype)
     split = _split(plan, n_rows, n_out)
     row_tiles = triton.cdiv(n_rows, plan.block_m)
-    return _Launches(
+    return fl.SeamLaunches(
         forward=fl.planned_launch(_ln_linear_forward_kernel, row_tiles, plan.num_warps, plan.num_stages,
                                   plan.forward_constexprs(matmul_dtype)),
         weight=fl.planned_launch(_ln_linear_backward_weight_kernel, triton.cdiv(n_out, plan.block_q) * split.splits,
                                  plan.num_warps, plan.num_stages, plan.weight_constexprs(matmul_dtype)),
-        row=fl.planned_launch(_ln_linear_backward_input_kernel, row_tiles, plan.num_warps, plan.row.num_stages,
+        row=fl.planned_launch(_ln_linear_backward_input_kernel, row_tiles, plan.row.num_warps, plan.row.num_stages,
                               plan.row.constexprs(matmul_dtype)),
-        split=split)
+        backward_grid=split)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -237,12 +228,12 @@ def _backward(dout, x, ln_weight, ln_bias, weight, bias, mean, rstd, x_hat, matm
         return (dx, *(g.zero_() for g in grads))
     d_ln_weight, d_ln_bias, dw, db = grads
     launches = _launches(n_rows, n_cols, n_out, matmul_dtype)
-    splits = launches.split.splits
+    splits = launches.backward_grid.splits
     g_partial = _common.new_output((splits, n_cols, n_out), torch.float32, device)
     db_partial = _common.new_output((splits, n_out), torch.float64, device)
     with _common.on_device_of(x):
         launches.weight(x_hat, dout2d, g_partial, db_partial,
-                        n_rows, n_cols, n_out, dout2d.stride(0), launches.split.rows_per_split)
+                        n_rows, n_cols, n_out, dout2d.stride(0), launches.backward_grid.rows_per_split)
         launches.row(x2d, dout2d, dx.view(n_rows, n_cols), ln_weight, ln_bias, weight, mean, rstd, g_partial,
                      db_partial, dw, db, d_ln_weight, d_ln_bias,
                      n_rows, n_cols, n_out, x2d.stride(0), dout2d.stride(0), n_cols, splits)
@@ -421,6 +412,6 @@ def h100_compile_specs():
                 fl.instruction_class(matmul, [plan.panel.block_c], plan.num_warps), dimensions))
             specs.append(fl.kernel_spec(
                 "ln_linear_backward_input", _ln_linear_backward_input_kernel, f"{variant} {plan.row.describe()}",
-                pointer_types, plan.row.constexprs(matmul), plan.num_warps, plan.row.num_stages,
+                pointer_types, plan.row.constexprs(matmul), plan.row.num_warps, plan.row.num_stages,
                 fl.instruction_class(matmul, [plan.block_m], plan.num_warps), dimensions))
     return specs

@@ -318,27 +318,18 @@ def _backward_grid(plan: _Plan, n_rows: int, n_cols: int, n_hidden: int) -> _Bac
     return _BackwardGrid(q_tiles, pre, w2, triton.cdiv(n_rows, plan.block_m))
 
 
-@dataclass(frozen=True)
-class _Launches:
-    """The launches of one call at one shape (n_rows > 0)."""
-    forward: _common.Launch
-    weight: _common.Launch  # the backward's weight-gradient kernel
-    row: _common.Launch  # the backward's row kernel
-    grid: _BackwardGrid
-
-
 @functools.lru_cache(maxsize=_common.PLANNED_SHAPES)
-def _launches(n_rows: int, n_cols: int, n_hidden: int, second_gelu: bool, matmul_dtype: torch.dtype) -> _Launches:
+def _launches(n_rows: int, n_cols: int, n_hidden: int, second_gelu: bool, matmul_dtype: torch.dtype) -> fl.SeamLaunches:
     plan = _plan(n_cols, matmul_dtype)
     grid = _backward_grid(plan, n_rows, n_cols, n_hidden)
-    return _Launches(
+    return fl.SeamLaunches(
         forward=fl.planned_launch(_ln_mlp_forward_kernel, grid.row_tiles, plan.num_warps, plan.num_stages,
                                   plan.forward_constexprs(second_gelu, matmul_dtype)),
         weight=fl.planned_launch(_ln_mlp_backward_weight_kernel, grid.weight_programs, plan.num_warps,
                                  plan.num_stages, plan.weight_constexprs(second_gelu, matmul_dtype)),
-        row=fl.planned_launch(_ln_mlp_backward_input_kernel, grid.row_tiles, plan.num_warps, plan.row.num_stages,
+        row=fl.planned_launch(_ln_mlp_backward_input_kernel, grid.row_tiles, plan.row.num_warps, plan.row.num_stages,
                               plan.row.constexprs(matmul_dtype)),
-        grid=grid)
+        backward_grid=grid)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -385,7 +376,7 @@ def _backward(dy, x, ln_weight, ln_bias, w1, b1, w2, b2, mean, rstd, x_hat, pre,
         return (dx, *(g.zero_() for g in grads))
     d_ln_weight, d_ln_bias, dw1, db1, dw2, db2 = grads
     launches = _launches(n_rows, n_cols, n_hidden, second_gelu, matmul_dtype)
-    grid = launches.grid
+    grid = launches.backward_grid
     d_pre = _common.new_output((n_rows, n_hidden), matmul_dtype, device)
     g_partial = _common.new_output((grid.pre.splits, n_cols, n_hidden), torch.float32, device)
     db1_partial = _common.new_output((grid.pre.splits, n_hidden), torch.float64, device)
@@ -637,6 +628,6 @@ def h100_compile_specs():
                     fl.instruction_class(matmul, [plan.block_r, plan.panel.block_c], plan.num_warps), dimensions))
             specs.append(fl.kernel_spec(
                 "ln_mlp_backward_input", _ln_mlp_backward_input_kernel, f"{variant} {plan.row.describe()}",
-                pointer_types, plan.row.constexprs(matmul), plan.num_warps, plan.row.num_stages,
+                pointer_types, plan.row.constexprs(matmul), plan.row.num_warps, plan.row.num_stages,
                 fl.instruction_class(matmul, [plan.block_m], plan.num_warps), dimensions))
     return specs

@@ -178,21 +178,12 @@ def _split(plan: _Plan, n_rows: int, n_in: int) -> fl.Split:
     return fl.split_rows(n_rows, plan.block_r, triton.cdiv(n_in, plan.block_q), fl.WEIGHT_GRADIENT_PROGRAMS)
 
 
-@dataclass(frozen=True)
-class _Launches:
-    """The launches of one call at one shape (n_rows > 0)."""
-    forward: _common.Launch
-    weight: _common.Launch  # the backward's weight-gradient kernel
-    row: _common.Launch  # the backward's row kernel
-    split: fl.Split
-
-
 @functools.lru_cache(maxsize=_common.PLANNED_SHAPES)
-def _launches(n_rows: int, n_in: int, n_out: int, matmul_dtype: torch.dtype) -> _Launches:
+def _launches(n_rows: int, n_in: int, n_out: int, matmul_dtype: torch.dtype) -> fl.SeamLaunches:
     output_plan = _plan(n_out, matmul_dtype)  # the forward and the weight gradient hold C_out
     input_plan = _plan(n_in, matmul_dtype)  # the row kernel holds C_in
     split = _split(output_plan, n_rows, n_in)
-    return _Launches(
+    return fl.SeamLaunches(
         forward=fl.planned_launch(_linear_residual_forward_kernel, triton.cdiv(n_rows, output_plan.block_m),
                                   output_plan.num_warps, output_plan.num_stages,
                                   output_plan.forward_constexprs(matmul_dtype)),
@@ -201,7 +192,7 @@ def _launches(n_rows: int, n_in: int, n_out: int, matmul_dtype: torch.dtype) -> 
                                  output_plan.num_stages, output_plan.weight_constexprs(matmul_dtype)),
         row=fl.planned_launch(_linear_residual_backward_input_kernel, triton.cdiv(n_rows, input_plan.block_m),
                               input_plan.num_warps, input_plan.num_stages, input_plan.row.constexprs(matmul_dtype)),
-        split=split)
+        backward_grid=split)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -245,7 +236,7 @@ def _backward(dy, h, weight, bias, branch_scale, matmul_dtype: torch.dtype):
     if n_rows == 0:
         return dh, dw.zero_(), db.zero_()
     launches = _launches(n_rows, n_in, n_out, matmul_dtype)
-    splits = launches.split.splits
+    splits = launches.backward_grid.splits
     dw_partial = _common.new_output((splits, n_out, n_in), torch.float32, device)
     db_partial = _common.new_output((splits, n_out), torch.float64, device)
     scale = branch_scale if branch_scale is not None else bias  # never read without a scale
@@ -254,7 +245,7 @@ def _backward(dy, h, weight, bias, branch_scale, matmul_dtype: torch.dtype):
     with _common.on_device_of(h):
         launches.weight(h2d, dy2d, scale, dw_partial, db_partial,
                         n_rows, n_in, n_out, h2d.stride(0), dy2d.stride(0), per_sample, has_scale,
-                        launches.split.rows_per_split)
+                        launches.backward_grid.rows_per_split)
         launches.row(dy2d, weight, scale, dh.view(n_rows, n_in), dw_partial, db_partial, dw, db,
                      n_rows, n_in, n_out, dy2d.stride(0), n_in, per_sample, has_scale, splits)
     return dh, dw, db
