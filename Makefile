@@ -31,7 +31,7 @@ train: install
 	$(PY) train.py $(ARGS)
 
 test: install $(GPU_MACHINE_TRITON_DIR)/.installed
-	$(PY) -m pytest tests $(ARGS)
+	$(PY) -m pytest tests --durations=10 $(ARGS)
 
 bench: install
 	$(PY) -m bench $(ARGS)
