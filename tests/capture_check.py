@@ -33,6 +33,8 @@ from bench.counts import DeviceWorkCounter
 
 REPO = Path(__file__).resolve().parents[1]
 CHECKER_FILES = {Path(__file__).resolve(), (REPO / "bench" / "counts.py").resolve()}
+# The project's own code; anything else under the checkout (a .venv's packages) is not.
+PROJECT_CODE = ("train.py", "vit", "kernels", "bench", "tests")
 HOST_READS = ("cpu", "numpy", "tolist")  # Tensor methods that hand the host a device value
 
 
@@ -57,7 +59,7 @@ def _where() -> str:
     """The innermost frame of the project's code outside this checker: where a problem starts."""
     for frame in reversed(traceback.extract_stack()):
         path = Path(frame.filename).resolve()
-        if path.is_relative_to(REPO) and path not in CHECKER_FILES:
+        if path.is_relative_to(REPO) and path.relative_to(REPO).parts[0] in PROJECT_CODE and path not in CHECKER_FILES:
             return f"{path.relative_to(REPO)}:{frame.lineno}"
     return "outside the project"
 

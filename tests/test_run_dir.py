@@ -104,7 +104,9 @@ def test_one_out_dir_goes_to_exactly_one_of_two_runs(tmp_path, exists):
     for process in processes:
         process.join(timeout=60)
     assert outcomes.count(str(out_dir)) == 1, outcomes
-    assert all(f"{out_dir} is in use: process " in o for o in outcomes if o != str(out_dir)), outcomes
+    # A loser names the winner's pid, or "another process" when it looked between the winner's lock
+    # and its writing of the pid (tests/test_reliability.py checks the pid of a running holder).
+    assert all(f"{out_dir} is in use: " in o for o in outcomes if o != str(out_dir)), outcomes
 
 
 def test_release_undoes_only_the_claim(tmp_path):
