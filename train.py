@@ -22,40 +22,35 @@ import os  # noqa: E402
 import shlex  # noqa: E402
 import shutil  # noqa: E402
 import time  # noqa: E402
-from dataclasses import asdict, fields  # noqa: E402
+from dataclasses import asdict, fields, replace  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
 
 from vit import cli, distributed  # noqa: E402
-from vit.backends import backend_names, get_backend  # noqa: E402
+from vit.backends import get_backend  # noqa: E402
 from vit.checkpoint import (CONFIG_FILE, LAST_CHECKPOINT, LOCK_FILE, RunInUse, RunLock, is_own_leftover,  # noqa: E402
-                            load_checkpoint, read_config, write_config)
+                            load_checkpoint, write_config)
+from vit.config import (CONFIG_CLASSES, add_config_flags, as_flags, build_configs, flag, flag_fields,  # noqa: E402
+                        machine_defaults, read_config_file, resolve_device)
 from vit.data import BatchSizeError  # noqa: E402
 from vit.environment import WriteError  # noqa: E402
 from vit.evaluate import check_model_identity  # noqa: E402
-from vit.mixing import SMOOTHING_CONVENTIONS  # noqa: E402
-from vit.augment import AUTO_AUGMENT_VARIANTS  # noqa: E402
-from vit.config import OPTIMIZERS  # noqa: E402
-from vit.model import INITS, POOLS, ViTConfig  # noqa: E402
-from vit.recipes import RECIPES, recipe_configs  # noqa: E402
+from vit.fields import ConfigError  # noqa: E402
+from vit.model import ViTConfig  # noqa: E402
+from vit.recipes import RECIPES, recipe_values  # noqa: E402
 from vit.timm_interop import build_model, resolve_timm_config  # noqa: E402
 from vit.trainer import (NonFiniteLoss, RunSummary, TrainConfig, Trainer, build_trainer,  # noqa: E402
                          cuda_graph_unsupported_reason)
 
-MODEL_FLAGS = {"image_size": "--image-size", "patch_size": "--patch-size", "num_classes": "--num-classes", "dim": "--dim",
-               "depth": "--depth", "heads": "--heads", "mlp_dim": "--mlp-dim", "dropout": "--dropout",
-               "backend": "--backend", "init": "--init", "pool": "--pool", "mlp_second_gelu": "--mlp-second-gelu",
-               "drop_path": "--drop-path"}
 # What may differ on --resume: where and how the run executes, never what it computes.
 RESUME_MAY_CHANGE = {"device", "num_workers", "progress", "resume", "data_dir", "cuda_graph"}
 CIFAR10_IMAGE_SIZE = 32  # the images are used as they are, never resized
 CIFAR10_CLASSES = 10
-TRITON_HEAD_DIMS = (16, 32, 48, 64)  # kernels/attention.py's SUPPORTED_HEAD_DIMS
 # --model timm:NAME trains timm's registered model NAME; these flags describe this project's ViT,
 # which a timm model fixes itself (--patch-size and --depth override it through timm's arguments).
 TIMM_PREFIX = "timm:"
-OWN_ARCHITECTURE_FLAGS = ("dim", "heads", "mlp_dim", "init", "pool", "mlp_second_gelu")
+OWN_ARCHITECTURE_FIELDS = ("dim", "heads", "mlp_dim", "layer_norm_eps", "init", "pool", "mlp_second_gelu")
 # Below this many steps an epoch's train loss and accuracy average over a handful of batches,
 # and the warmup and cosine schedule move in large jumps.
 MIN_STEPS_PER_EPOCH = 5
@@ -78,6 +73,8 @@ examples:
       AdamW, stochastic depth, CutMix and MixUp, an average of the weights (README: recipes)
   python train.py --recipe reference --print-config
       the preset's resolved settings, without training; --recipe reference --help lists them as defaults
+  python train.py --config runs/20261125-101500/config.json --out-dir runs/again
+      the same run again: a run's config.json is a config file; typed flags override its values
   python train.py --resume runs/20261125-101500
       continue an interrupted run after its last finished epoch
   torchrun --nproc_per_node=8 train.py --data-dir ~/data
@@ -85,124 +82,34 @@ examples:
 """
 
 
-def on_off(value: bool) -> str:
-    return "on" if value else "off"
-
-
-def recipe_named_in(argv: list[str]) -> str:
-    """The --recipe of a command line, read before the parser is built: its values are the
-    parser's defaults. An unknown name, or a --recipe without one, is left for the parser to refuse."""
-    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False, exit_on_error=False)
-    pre.add_argument("--recipe", default="default")
-    try:
-        recipe = pre.parse_known_args(argv)[0].recipe
-    except argparse.ArgumentError:
-        return "default"
-    return recipe if recipe in RECIPES else "default"
-
-
-def build_parser(recipe: str = "default") -> argparse.ArgumentParser:
-    """The command line, with the recipe's values as the defaults."""
-    m, t = recipe_configs(recipe)
+def build_parser(defaults: dict | None = None, typed_only: bool = False) -> argparse.ArgumentParser:
+    """The command line: the run's options, then one flag per configuration field (vit/config.py).
+    defaults: what each field's flag takes when not typed (starting_values; those of the "default"
+    recipe when None); typed_only: a parser whose namespace holds only the flags typed."""
+    defaults = starting_values("default", {}) if defaults is None else defaults
     p = cli.Parser(prog="train.py", description="Train a Vision Transformer from scratch on CIFAR-10.",
-                   epilog=EXAMPLES)
-    g = p.add_argument_group("model")
-    g.add_argument("--model", type=model_name, default="vit", metavar="vit|timm:NAME",
+                   epilog=EXAMPLES, argument_default=argparse.SUPPRESS if typed_only else None)
+    g = p.add_argument_group("run")
+    g.add_argument("--config", metavar="FILE",
+                   help="a config file of ViTConfig and TrainConfig fields: JSON (flat, or a run's config.json) or "
+                        "YAML; its values replace the recipe's, typed flags replace its (default: none)")
+    g.add_argument("--recipe", choices=list(RECIPES), **({} if typed_only else {"default": defaults["recipe"]}),
+                   help="a preset of the model and training fields (README: recipes); a flag typed with it overrides "
+                        "its value, and --recipe NAME --help lists its values here")
+    timm_model = defaults.get("timm_model")
+    g.add_argument("--model", type=model_name, metavar="vit|timm:NAME",
+                   **({} if typed_only else {"default": f"{TIMM_PREFIX}{timm_model}" if timm_model else "vit"}),
                    help="vit: this project's ViT; timm:NAME: timm's registered model NAME (a VisionTransformer, random "
                         "weights, at the data's image size and --num-classes; --patch-size and --depth override its "
                         "own), run by timm's code under --backend torch and on the fused kernels under triton")
-    g.add_argument("--backend", choices=backend_names(), default=None,
-                   help="implementation of attention and LayerNorm+MLP (default: triton on CUDA when available, else torch)")
-    g.add_argument("--image-size", type=cli.positive_int, default=m.image_size,
-                   help=f"input height and width; CIFAR-10's images are {CIFAR10_IMAGE_SIZE}x{CIFAR10_IMAGE_SIZE} and not resized")
-    g.add_argument("--patch-size", type=cli.positive_int, default=m.patch_size, help="patch height and width")
-    g.add_argument("--num-classes", type=cli.positive_int, default=m.num_classes,
-                   help=f"outputs of the classifier head, at least CIFAR-10's {CIFAR10_CLASSES}")
-    g.add_argument("--dim", type=cli.positive_int, default=m.dim, help="hidden size")
-    g.add_argument("--depth", type=cli.positive_int, default=m.depth, help="number of transformer blocks")
-    g.add_argument("--heads", type=cli.positive_int, default=m.heads, help="attention heads, a divisor of --dim")
-    g.add_argument("--mlp-dim", type=cli.positive_int, default=m.mlp_dim, help="MLP hidden size")
-    g.add_argument("--dropout", type=cli.fraction, default=m.dropout, help="dropout on embeddings and attention output")
-    g.add_argument("--init", choices=INITS, default=m.init,
-                   help="initialisation: timm (weights, class token and position embedding truncated normal 0.02, "
-                        "zero biases) or pytorch (nn.Linear's and nn.Conv2d's own, non-zero biases included; class "
-                        "token and position embedding from randn, as the reference code)")
-    g.add_argument("--pool", choices=POOLS, default=m.pool,
-                   help="what the head reads: the class token, or sequence pooling (a learned attention-weighted "
-                        "average of the final tokens, no class token; Compact Transformers)")
-    g.add_argument("--mlp-second-gelu", action=argparse.BooleanOptionalAction, default=m.mlp_second_gelu,
-                   help=f"a GELU after the MLP's fc2 too (Linear-GELU-Linear-GELU, as the reference code) "
-                        f"(default: {on_off(m.mlp_second_gelu)})")
-    g.add_argument("--drop-path", type=cli.fraction, default=m.drop_path, metavar="RATE",
-                   help="stochastic depth: in training each sample skips each attention and MLP branch with its "
-                        "block's rate, rising linearly from 0 at the first block to RATE at the last (timm's rule)")
-    g = p.add_argument_group("recipe")
-    g.add_argument("--recipe", choices=list(RECIPES), default=recipe,
-                   help="a preset of the model and recipe flags (README: recipes); a flag typed with it overrides "
-                        "its value, and --recipe NAME --help lists its values here")
-    g.add_argument("--epochs", type=cli.positive_int, default=t.epochs,
-                   help="passes over the training set; the cosine schedule ends with the last")
-    g.add_argument("--batch-size", type=cli.positive_int, default=t.batch_size,
-                   help="images per step, over all processes together")
-    g.add_argument("--lr", type=cli.positive_float, default=t.lr, help="peak learning rate, reached at the end of warmup")
-    g.add_argument("--min-lr", type=cli.non_negative_float, default=t.min_lr,
-                   help="learning rate at the last step (at most --lr)")
-    g.add_argument("--warmup-epochs", type=cli.non_negative_float, default=t.warmup_epochs,
-                   help="linear warmup to --lr, per step; fractions allowed")
-    g.add_argument("--optimizer", choices=OPTIMIZERS, default=t.optimizer,
-                   help="adam: Adam, coupled L2 weight decay on every parameter; adamw: AdamW, decoupled weight decay "
-                        "on the weight matrices, none on norms, biases, position embedding and class token")
-    g.add_argument("--weight-decay", type=cli.non_negative_float, default=t.weight_decay,
-                   help="the optimizer's weight decay: coupled L2 with adam, decoupled with adamw")
-    g.add_argument("--label-smoothing", type=cli.fraction, default=t.label_smoothing,
-                   help="label smoothing of the cross-entropy (train and test loss)")
-    g.add_argument("--label-smoothing-convention", choices=SMOOTHING_CONVENTIONS, default=t.label_smoothing_convention,
-                   help="where --label-smoothing S goes: torch keeps 1 - S + S/K on the true class and S/K on each "
-                        "other (F.cross_entropy's); reference keeps 1 - S and S/(K - 1) (the reference code's)")
-    g.add_argument("--auto-augment", choices=list(AUTO_AUGMENT_VARIANTS), default=t.auto_augment,
-                   help="AutoAugment variant (CIFAR10 policy): torchvision's (zero fill, rotation by +-theta, nearest "
-                        "shears) or the reference code's (grey 128 fill, rotation by +theta, bicubic shears)")
-    g.add_argument("--mixup-alpha", type=cli.non_negative_float, default=t.mixup_alpha,
-                   help="MixUp: a mixed sample blends with its partner by a Beta(alpha, alpha) share; 0 turns MixUp "
-                        "off. CutMix and MixUp run in the batched loader (--augment gpu, which runs on the CPU too)")
-    g.add_argument("--cutmix-alpha", type=cli.non_negative_float, default=t.cutmix_alpha,
-                   help="CutMix: a mixed sample gets a box of its partner covering a 1 - Beta(alpha, alpha) share; "
-                        "0 turns CutMix off")
-    g.add_argument("--mix-prob", type=cli.probability, default=t.mix_prob,
-                   help="chance that a sample is mixed, when --mixup-alpha or --cutmix-alpha is positive")
-    g.add_argument("--mix-switch-prob", type=cli.probability, default=t.mix_switch_prob,
-                   help="chance that a mixed sample takes CutMix rather than MixUp, when both alphas are positive")
-    g.add_argument("--ema-decay", type=cli.fraction, default=t.ema_decay,
-                   help="an average of the weights, each step decay * average + (1 - decay) * weights, evaluated "
-                        "after every epoch beside the model and saved in the checkpoints; 0 turns it off")
-    g.add_argument("--precision", choices=["bf16", "fp16", "fp32"], default=None,
-                   help="autocast precision (default: bf16 on CUDA, fp32 on the CPU)")
-    g.add_argument("--seed", type=cli.seed, default=t.seed, help="seeds python, numpy, torch and the data order")
-    g = p.add_argument_group("run")
-    g.add_argument("--device", type=cli.device, default="auto", help=cli.DEVICE_HELP)
-    g.add_argument("--data-dir", default=t.data_dir,
-                   help="folder holding cifar-10-batches-py, or that folder itself; downloaded there if missing")
-    g.add_argument("--out-dir", default=None,
-                   help="run directory, never overwritten (default: runs/<timestamp>, with -2, -3, ... if taken)")
-    g.add_argument("--resume", default=None, metavar="RUN_DIR",
+    g.add_argument("--resume", metavar="RUN_DIR",
                    help="continue the run in RUN_DIR after its last finished epoch, or from its start if none "
                         "finished; the recipe stays the saved one; a checkpoint file in it names it too "
                         "(default: a new run)")
-    g.add_argument("--num-workers", type=cli.non_negative_int, default=t.num_workers,
-                   help=f"DataLoader workers for --augment cpu (default: the CPU count, at most 4; here {t.num_workers})")
-    g.add_argument("--augment", choices=["gpu", "cpu"], default=None,
-                   help="batched augmentation on the device, or torchvision per image in workers (default: gpu on CUDA "
-                        "or with CutMix/MixUp, else cpu)")
-    g.add_argument("--train-subset", type=cli.positive_int, default=None, metavar="N",
-                   help="train on the first N images only (default: all of them)")
-    g.add_argument("--compile", action="store_true", help="torch.compile the model")
-    g.add_argument("--cuda-graph", action="store_true",
-                   help="capture the whole training step in a CUDA graph and replay it each step (CUDA only; "
-                        "bf16 or fp32, one process, not with --compile)")
-    g.add_argument("--no-progress", dest="progress", action="store_false", help="no live progress bar")
     g.add_argument("--print-config", action="store_true",
                    help="print the resolved model and training configuration (config.json's \"model\" and "
-                        "\"train\") and exit, without loading data")
+                        "\"train\", itself a --config file) and exit, without loading data")
+    add_config_flags(p, None if typed_only else defaults)
     return p
 
 
@@ -212,27 +119,55 @@ def model_name(value: str) -> str:
     raise argparse.ArgumentTypeError(f"expected vit or timm:NAME, got {value!r}")
 
 
-def typed_flags(parser: argparse.ArgumentParser, argv: list[str]) -> set[str]:
-    """The destinations of the flags the user actually typed, as opposed to defaults."""
-    return {action.dest for action in parser._actions for opt in action.option_strings
-            if any(arg == opt or arg.startswith(opt + "=") for arg in argv)}
+def starting_values(recipe: str, file_values: dict) -> dict:
+    """What the flags start from: the recipe's values, then the config file's; a field whose
+    default depends on the machine is None (decided for the device by machine_defaults) unless
+    the file sets it."""
+    machine = {f.name: None for cls in CONFIG_CLASSES for f in fields(cls) if f.metadata["default_help"]}
+    return {**machine, **recipe_values(recipe), **file_values}
+
+
+def read_starting_values(argv: list[str]) -> tuple[dict, dict]:
+    """starting_values of a command line's --recipe and --config, read before the parser is built
+    (its values are the parser's defaults), and the config file's own values. A config file that cannot be read, or whose values the
+    configs refuse, is a usage error naming the field; an unknown recipe, or a flag without its
+    value, is left for the parser to refuse."""
+    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False, exit_on_error=False)
+    pre.add_argument("--recipe")
+    pre.add_argument("--config")
+    try:
+        named = pre.parse_known_args(argv)[0]
+    except argparse.ArgumentError:
+        return starting_values("default", {}), {}
+    file_values = {}
+    if named.config:
+        try:
+            file_values = read_config_file(named.config)
+        except ConfigError as error:
+            build_parser().error(f"--config {error}")
+    recipe = named.recipe or file_values.get("recipe", "default")
+    if named.recipe is None and recipe not in RECIPES:
+        build_parser().error(f"--config {named.config}: recipe {recipe!r} is not a preset; choose one of "
+                             f"{', '.join(RECIPES)}")
+    return starting_values(recipe if recipe in RECIPES else "default", file_values), file_values
 
 
 # ---------------------------------------------------------------------------- a new run
 
-def resolve_timm_model(args, parser, typed: set[str]) -> ViTConfig:
+def resolve_timm_model(args, values: dict, typed: dict, explicit: set[str], parser) -> ViTConfig:
     """--model timm:NAME's config: timm's architecture at the data's size, checked to build (and
-    fuse, under the triton backend) before any work."""
-    own = [MODEL_FLAGS[name] for name in OWN_ARCHITECTURE_FLAGS if name in typed]
+    fuse, under the triton backend) before any work. explicit: the fields typed or set by the
+    config file, whose --patch-size and --depth override timm's own."""
+    own = [flag(name) for name in OWN_ARCHITECTURE_FIELDS if name in typed]
     if own:
         parser.error(f"--model {args.model}: {', '.join(own)} describe this project's ViT; timm's model fixes its own "
                      f"(--patch-size and --depth override it)")
     try:
-        model_cfg = resolve_timm_config(args.model[len(TIMM_PREFIX):], image_size=args.image_size,
-                                        num_classes=args.num_classes, dropout=args.dropout, drop_path=args.drop_path,
-                                        backend=args.backend,
-                                        patch_size=args.patch_size if "patch_size" in typed else None,
-                                        depth=args.depth if "depth" in typed else None)
+        model_cfg = resolve_timm_config(args.model[len(TIMM_PREFIX):], image_size=values["image_size"],
+                                        num_classes=values["num_classes"], dropout=values["dropout"],
+                                        drop_path=values["drop_path"], backend=values["backend"],
+                                        patch_size=values["patch_size"] if "patch_size" in explicit else None,
+                                        depth=values["depth"] if "depth" in explicit else None)
         if model_cfg.backend != "torch":
             build_model(model_cfg)  # fuses every block, or says which cannot be
     except ValueError as error:
@@ -240,59 +175,53 @@ def resolve_timm_model(args, parser, typed: set[str]) -> ViTConfig:
     return model_cfg
 
 
-def resolve(args, parser, typed: set[str], device: torch.device,
+def resolve(args, parser, typed: dict, file_values: dict, device: torch.device,
             ctx: distributed.Context) -> tuple[ViTConfig, TrainConfig]:
-    """Fill the defaults that depend on the machine and refuse, before any work, what cannot train."""
-    if args.backend is None:
-        # Triton's interpreter (TRITON_INTERPRET=1) can run the kernels on the CPU, but only for
-        # checking them: the CPU default stays the torch reference.
-        use_triton = (device.type == "cuda" and "triton" in backend_names()
-                      and get_backend("triton").unavailable_reason(device) is None)
-        args.backend = "triton" if use_triton else "torch"
-    reason = get_backend(args.backend).unavailable_reason(device)
-    if reason:
-        parser.error(f"--backend {args.backend} cannot run here: {reason}")
-    if args.precision is None:
-        args.precision = "bf16" if device.type == "cuda" else "fp32"
-    if args.precision != "fp32" and device.type == "cpu":
-        parser.error(f"--precision {args.precision} needs CUDA; use --precision fp32 on the CPU")
-    mixing = args.mixup_alpha > 0 or args.cutmix_alpha > 0
-    if args.augment is None:
-        args.augment = "gpu" if device.type == "cuda" or mixing else "cpu"
-    if mixing and args.augment == "cpu":
-        parser.error("--mixup-alpha and --cutmix-alpha: CutMix and MixUp run in the batched loader; use --augment gpu "
-                     "(it runs on the CPU too) or set both alphas to 0")
-    if args.image_size != CIFAR10_IMAGE_SIZE:
-        parser.error(f"--image-size {args.image_size}: CIFAR-10's images are {CIFAR10_IMAGE_SIZE}x{CIFAR10_IMAGE_SIZE} "
-                     f"and are not resized; leave --image-size at {CIFAR10_IMAGE_SIZE}")
-    if args.num_classes < CIFAR10_CLASSES:
-        parser.error(f"--num-classes {args.num_classes} is fewer than CIFAR-10's {CIFAR10_CLASSES} classes")
+    """The new run's configs: the parsed flags over the machine's defaults, refused before any
+    work when they cannot train here."""
+    values = {**starting_values("default", {}), **file_values,
+              **{f.name: getattr(args, f.name) for cls in CONFIG_CLASSES for f in flag_fields(cls)},
+              "recipe": args.recipe, "device": str(device)}
+    values = machine_defaults(values, device)
     timm_model = args.model.startswith(TIMM_PREFIX)
-    if args.dim % args.heads and not timm_model:
-        parser.error(f"--heads {args.heads} does not divide --dim {args.dim}")
-    if args.image_size % args.patch_size and (not timm_model or "patch_size" in typed):
-        parser.error(f"--patch-size {args.patch_size} does not divide --image-size {args.image_size}")
-    if args.backend == "triton" and args.dim // args.heads not in TRITON_HEAD_DIMS and not timm_model:
-        parser.error(f"--backend triton supports heads of {', '.join(map(str, TRITON_HEAD_DIMS))} dimensions; "
-                     f"--dim {args.dim} / --heads {args.heads} gives {args.dim // args.heads}")
-    if args.min_lr > args.lr:
-        parser.error(f"--min-lr {args.min_lr} is above --lr {args.lr}; the schedule only decays")
-    if args.train_subset is not None and args.train_subset < args.batch_size:
-        parser.error(f"--train-subset {args.train_subset} is smaller than one batch of {args.batch_size}")
-    if args.batch_size % ctx.world_size:
-        parser.error(f"--batch-size {args.batch_size} (global) is not divisible by the {ctx.world_size} processes")
+    values["timm_model"] = ""
+    try:
+        model_cfg, train_cfg = build_configs(values)
+    except ConfigError as error:
+        parser.error(as_flags(error))
     if timm_model:
-        model_cfg = resolve_timm_model(args, parser, typed)
-    else:
-        model_cfg = ViTConfig(**{k: getattr(args, k) for k in MODEL_FLAGS})
-    train_fields = {f.name for f in fields(TrainConfig)}
-    train_cfg = TrainConfig(**{k: v for k, v in vars(args).items() if k in train_fields and k != "device"},
-                            device=str(device))
-    if train_cfg.cuda_graph:
-        reason = cuda_graph_unsupported_reason(train_cfg, device, ctx.world_size)
-        if reason:
-            parser.error(reason)
+        model_cfg = resolve_timm_model(args, values, typed, set(typed) | set(file_values), parser)
+    check_data(model_cfg, parser)
+    if train_cfg.precision != "fp32" and device.type == "cpu":
+        parser.error(f"--precision {train_cfg.precision} needs CUDA; use --precision fp32 on the CPU")
+    check_machine(model_cfg, train_cfg, device, ctx.world_size, typed, parser)
     return model_cfg, train_cfg
+
+
+def check_data(model_cfg: ViTConfig, parser):
+    """What CIFAR-10 asks of the model: its image size and at least its classes."""
+    if model_cfg.image_size != CIFAR10_IMAGE_SIZE:
+        parser.error(f"--image-size {model_cfg.image_size}: CIFAR-10's images are {CIFAR10_IMAGE_SIZE}x"
+                     f"{CIFAR10_IMAGE_SIZE} and are not resized; leave --image-size at {CIFAR10_IMAGE_SIZE}")
+    if model_cfg.num_classes < CIFAR10_CLASSES:
+        parser.error(f"--num-classes {model_cfg.num_classes} is fewer than CIFAR-10's {CIFAR10_CLASSES} classes")
+
+
+def check_machine(model_cfg: ViTConfig, train_cfg: TrainConfig, device: torch.device, world_size: int, typed: dict,
+                  parser):
+    """What the device asks of the configs, for a new run and a resumed one alike (the batch's
+    split over the processes is the loader's to check). A saved run's CUDA graph, which this
+    device cannot replay and the user did not ask for again, is turned off."""
+    try:
+        get_backend(model_cfg.backend).check(model_cfg, device)
+    except ConfigError as error:
+        parser.error(as_flags(error))
+    if train_cfg.cuda_graph:
+        reason = cuda_graph_unsupported_reason(train_cfg, device, world_size)
+        if reason and "cuda_graph" not in typed and device.type != "cuda":
+            train_cfg.cuda_graph = False  # an execution choice of the saved run that this device cannot make
+        elif reason:
+            parser.error(reason)
 
 
 def claim_run_dir(out_dir: str | None) -> tuple[Path, bool, RunLock]:
@@ -368,13 +297,13 @@ def release_run_dir(path: Path, created: bool, lock: RunLock):
             pass  # something was written there after all: keep it
 
 
-def claim_on_rank_0(args, parser, ctx: distributed.Context) -> tuple[Path, bool, RunLock | None]:
+def claim_on_rank_0(out_dir: str | None, parser, ctx: distributed.Context) -> tuple[Path, bool, RunLock | None]:
     """Rank 0 names, claims and locks the directory; the others take its word (their clocks
     differ) and its lock: they never write the run directory."""
     claim, problem, in_use = (None, False, None), None, False
     if ctx.is_main:
         try:
-            claim = claim_run_dir(args.out_dir)
+            claim = claim_run_dir(out_dir)
         except ValueError as error:
             problem = str(error)
         except RunInUse as error:
@@ -410,7 +339,7 @@ def lock_on_rank_0(run_dir: Path, ctx: distributed.Context) -> RunLock | None:
 
 # ---------------------------------------------------------------------------- --resume
 
-def resolve_resume(args, parser, typed: set[str], device: torch.device,
+def resolve_resume(args, parser, typed: dict, device: torch.device,
                    ctx: distributed.Context) -> tuple[ViTConfig, TrainConfig, Path, bool]:
     """The saved run's configs, its directory, and whether it has a checkpoint to continue from."""
     run_dir = Path(args.resume)
@@ -431,33 +360,21 @@ def resolve_resume(args, parser, typed: set[str], device: torch.device,
         raise cli.RunError(f"{config_path} is empty: the run was stopped before it wrote its config, so there is "
                            f"nothing to resume; start it again as a new run (--out-dir {run_dir} may be reused)")
     try:
-        model_cfg, train_cfg = read_config(run_dir)
-    except (ValueError, KeyError, TypeError) as error:  # broken JSON, missing sections, unknown fields
-        raise cli.RunError(f"{config_path}: unreadable ({cli.one_line(error)}); the run cannot be resumed, "
-                           f"start a new one") from None
+        model_cfg, train_cfg = build_configs(read_config_file(config_path, drop_unknown=True))
+    except ConfigError as error:  # broken JSON, missing sections, values the configs refuse
+        raise cli.RunError(f"{cli.one_line(error)}; the run cannot be resumed, start a new one") from None
     saved = {**asdict(model_cfg), **asdict(train_cfg)}
-    if "epochs" in typed and args.epochs != train_cfg.epochs:
+    if "epochs" in typed and typed["epochs"] != train_cfg.epochs:
         parser.error(f"--resume continues the saved recipe of {train_cfg.epochs} epochs, whose learning-rate schedule "
-                     f"ends there; to train {args.epochs} epochs, start a new run with --epochs {args.epochs}")
-    conflicts = sorted(f"--{k.replace('_', '-')}" for k in typed - RESUME_MAY_CHANGE
-                       if k in saved and getattr(args, k) != saved[k])
+                     f"ends there; to train {typed['epochs']} epochs, start a new run with --epochs {typed['epochs']}")
+    conflicts = sorted(flag(k) for k in set(typed) - RESUME_MAY_CHANGE if k in saved and typed[k] != saved[k])
     if conflicts:
         parser.error(f"--resume continues the saved recipe; these flags differ from it: {', '.join(conflicts)}")
-    for k in RESUME_MAY_CHANGE & typed:
-        if k in saved and k != "device":
-            setattr(train_cfg, k, getattr(args, k))
     if "device" not in typed and torch.device(train_cfg.device).type == "cuda" and not torch.cuda.is_available():
         parser.error(f"the run trained on {train_cfg.device}; pass --device cpu to resume it here")
-    if train_cfg.batch_size % ctx.world_size:
-        parser.error(f"the run's global batch {train_cfg.batch_size} is not divisible by the {ctx.world_size} processes")
-    if train_cfg.cuda_graph and device.type != "cuda":
-        if "cuda_graph" in typed:
-            parser.error(f"--cuda-graph needs CUDA; the device is {device}")
-        train_cfg.cuda_graph = False  # an execution choice of the saved run that this device cannot make
-    train_cfg.device = str(device)
-    reason = get_backend(model_cfg.backend).unavailable_reason(device)
-    if reason:
-        parser.error(f"the run's backend {model_cfg.backend} cannot run here: {reason}")
+    changes = {k: typed[k] for k in RESUME_MAY_CHANGE & set(typed) if k in saved}
+    train_cfg = replace(train_cfg, **{**changes, "device": str(device)})
+    check_machine(model_cfg, train_cfg, device, ctx.world_size, typed, parser)
     has_checkpoint = (run_dir / "last.pt").exists()
     if has_checkpoint:
         check_checkpoint_model(run_dir / "last.pt", model_cfg)
@@ -581,20 +498,27 @@ def main(argv=None) -> int:
 
 
 def _main(argv: list[str]) -> int:
-    parser = build_parser(recipe_named_in(argv))
+    start, file_values = read_starting_values(argv)
+    parser = build_parser(start)
     args = parser.parse_args(argv)
-    typed = typed_flags(parser, argv)
-    device = args.device
+    typed = vars(build_parser(start, typed_only=True).parse_args(argv))
+    if args.resume and args.config:
+        parser.error("--config and --resume: a resumed run keeps its saved config; start a new run from it with "
+                     "--config RUN_DIR/config.json")
+    try:
+        device = resolve_device(typed.get("device") if args.resume else args.device)
+    except ConfigError as error:
+        parser.error(as_flags(error))
     ctx = distributed.setup(device.type)
     if ctx.enabled and device.type == "cuda":
         device = torch.device("cuda", ctx.local_rank)  # one GPU per process
     try:
-        return run(args, parser, typed, device, ctx)
+        return run(args, parser, typed, file_values, device, ctx)
     finally:
         distributed.teardown(ctx)
 
 
-def run(args, parser, typed, device, ctx) -> int:
+def run(args, parser, typed: dict, file_values: dict, device: torch.device, ctx: distributed.Context) -> int:
     def say(*lines, file=sys.stdout):
         if ctx.is_main:
             print(*lines, file=file, flush=True)
@@ -602,14 +526,14 @@ def run(args, parser, typed, device, ctx) -> int:
     if args.resume:
         model_cfg, train_cfg, run_dir, has_checkpoint = resolve_resume(args, parser, typed, device, ctx)
     else:
-        model_cfg, train_cfg = resolve(args, parser, typed, device, ctx)
+        model_cfg, train_cfg = resolve(args, parser, typed, file_values, device, ctx)
     if args.print_config:
         say(json.dumps({"model": asdict(model_cfg), "train": asdict(train_cfg)}, indent=2))
         return 0
     if args.resume:
         lock = lock_on_rank_0(run_dir, ctx)
     else:
-        run_dir, created, lock = claim_on_rank_0(args, parser, ctx)
+        run_dir, created, lock = claim_on_rank_0(train_cfg.out_dir, parser, ctx)
         train_cfg.out_dir = str(run_dir)
         has_checkpoint = False
     trainer = None

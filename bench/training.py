@@ -54,6 +54,7 @@ from bench.counts import DeviceWorkCounter
 from bench.datasets import BenchData
 from bench.host_work import measure_epoch_gap
 from bench.measure import describe_error, synchronize
+from vit.config import build_configs
 from vit.data import GPUTrainLoader
 from vit.backends import backend_names, get_backend
 from vit.model import ViT, ViTConfig
@@ -318,18 +319,19 @@ def make_trainer(config: TrainingConfig, settings: TrainingSettings, device: tor
                  compile_mode: str | None) -> Trainer:
     """A Trainer for the configuration over the bench's data set in memory (real or synthetic): our
     ViT, or timm's VisionTransformer of the same configuration and initial weights."""
-    train_cfg = TrainConfig(
+    model_cfg, train_cfg = build_configs(dict(
+        settings.model, backend=config.backend,
         epochs=settings.epochs, batch_size=settings.batch_size, precision=config.precision, device=str(device),
         compile=compile_mode == "default", cuda_graph=config.cuda_graphs, data_dir="(in memory)",
         train_subset=settings.train_subset, augment=settings.augment, num_workers=settings.num_workers,
-        progress=False, seed=0)
+        progress=False, seed=0))
     seed_everything(train_cfg.seed)
     images, labels = data.images.train_images, data.images.train_labels
     if train_cfg.train_subset:
         images, labels = images[:train_cfg.train_subset], labels[:train_cfg.train_subset]
     loader = make_train_loader(train_cfg, images, labels, device)
     test_set = EvalSet(data.images.test_images.to(device), data.images.test_labels.to(device), data.images.class_names)
-    model = ViT(ViTConfig(**settings.model, backend=config.backend)).to(device)
+    model = ViT(model_cfg).to(device)
     if config.model == "timm":
         from vit.timm_interop import to_timm
         model = to_timm(model).train()

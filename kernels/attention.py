@@ -54,8 +54,7 @@ import triton.language as tl
 
 from kernels import _common
 from kernels.cost import KernelCost, element_size, reads
-
-SUPPORTED_HEAD_DIMS = (16, 32, 48, 64)
+from kernels.head_dims import SUPPORTED_HEAD_DIMS
 
 # Softmax exponentials use exp2 (one instruction on the GPU), so scores and log-sum-exps
 # are converted to base 2 with log2(e), and back with ln(2).

@@ -272,7 +272,7 @@ def arguments_after(module: str, words: list[str]) -> list[str]:
 
 def test_train_help_names_each_flag_once_with_the_values_users_asked_for():
     text = " ".join(train.build_parser().format_help().split())
-    assert "--no-progress no live progress bar (default: off)" in text
+    assert "--progress, --no-progress a live progress bar (default: on)" in text
     assert "--epochs EPOCHS passes over the training set" in text and "(default: 200)" in text
     assert "--label-smoothing LABEL_SMOOTHING label smoothing" in text and "(default: 0.1)" in text
 

@@ -83,9 +83,9 @@ def test_the_readme_table_lists_every_value_of_every_preset():
 def test_an_unknown_recipe_or_field_is_refused():
     with pytest.raises(ValueError, match="unknown recipe"):
         recipe_configs("fast")
-    from vit import recipes
+    from vit.config import build_configs
     with pytest.raises(ValueError, match="not a ViTConfig or TrainConfig field: warmup"):
-        recipes._split({"warmup": 5})
+        build_configs({"warmup": 5})
 
 
 # -------------------------------------------------------------------------------- the command line

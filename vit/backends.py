@@ -13,6 +13,9 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from kernels.head_dims import SUPPORTED_HEAD_DIMS
+from vit.fields import ConfigError
+
 
 def torch_attention(qkv: torch.Tensor, num_heads: int, scale: float | None = None) -> torch.Tensor:
     """softmax(q k^T * scale) v over the heads.
@@ -74,6 +77,18 @@ class Backend:
     description: str = ""
     # Why the backend cannot run on a device, or None when it can.
     unavailable_reason: Callable[[torch.device], str | None] = lambda device: None
+    head_dims: tuple[int, ...] | None = None  # the attention head sizes it supports; None: any
+
+    def check(self, cfg, device: torch.device):
+        """Refuse, before any work, a model (a ViTConfig) this backend cannot run on the device:
+        vit.fields.ConfigError naming the fields."""
+        reason = self.unavailable_reason(device)
+        if reason:
+            raise ConfigError(f"backend {self.name} cannot run on {device}: {reason}", "backend")
+        head_dim = cfg.dim // cfg.heads
+        if self.head_dims is not None and head_dim not in self.head_dims:
+            raise ConfigError(f"backend {self.name} supports heads of {', '.join(map(str, self.head_dims))} "
+                              f"dimensions; dim {cfg.dim} / heads {cfg.heads} gives {head_dim}", "backend", "dim", "heads")
 
 
 def _torch_backend() -> Backend:
@@ -103,10 +118,10 @@ def _triton_backend() -> Backend:
         def not_installed(*args, **kwargs):
             raise RuntimeError(missing)
         return Backend("triton", not_installed, not_installed, not_installed, not_installed, "unavailable",
-                       lambda device: missing)
+                       lambda device: missing, SUPPORTED_HEAD_DIMS)
     return Backend("triton", layernorm_linear, attention, linear_residual, layernorm_mlp,
                    "fused Triton kernels: kernels.layernorm_linear, kernels.attention, kernels.linear_residual, "
-                   "kernels.layernorm_mlp", _triton_unavailable)
+                   "kernels.layernorm_mlp", _triton_unavailable, SUPPORTED_HEAD_DIMS)
 
 
 # Name -> factory. Factories import lazily so that a backend's dependencies are only
@@ -119,6 +134,17 @@ _REGISTRY: dict[str, Callable[[], Backend]] = {
 
 def backend_names() -> list[str]:
     return list(_REGISTRY)
+
+
+def default_backend(device: torch.device, preferred: str | None = None) -> str:
+    """The backend a model runs on when none is asked for: `preferred` (a run's own) when it is
+    installed and can run on the device, else triton on CUDA when it can run there, else torch.
+    Triton's interpreter (TRITON_INTERPRET=1) runs the kernels on the CPU only for checking them:
+    the CPU default stays the torch reference."""
+    for name in (preferred, "triton" if device.type == "cuda" else None):
+        if name in _REGISTRY and get_backend(name).unavailable_reason(device) is None:
+            return name
+    return "torch"
 
 
 def get_backend(name: str) -> Backend:

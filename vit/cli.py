@@ -8,7 +8,6 @@ signal (130 for Ctrl-C, 143 for SIGTERM, 129 for SIGHUP). Never a traceback, unl
 VIT_DEBUG=1 asks for it.
 """
 import argparse
-import math
 import os
 import signal
 import sys
@@ -20,9 +19,9 @@ import torch
 
 from vit.data import DataError
 from vit.environment import STOP_SIGNALS, parse_device
+from vit.fields import BOUNDS
 
 DEBUG_ENV = "VIT_DEBUG"
-MAX_SEED = 2**63 - 1  # torch.manual_seed's range, and what vit.data's sample seeds are reduced to
 
 
 class RunError(RuntimeError):
@@ -43,62 +42,31 @@ def one_line(error: BaseException) -> str:
 # Flag validators: argparse types whose message completes "argument --flag: ..."
 
 
-def _parse(text: str, kind):
-    try:
-        return kind(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected {'a whole number' if kind is int else 'a number'}, got {text!r}") from None
+def bounded(kind: type, bound: str | None = None):
+    """An argparse type: text to `kind` (int or float), within one of vit.fields.BOUNDS (the
+    configuration fields' bounds) when one is named."""
+    test, words = BOUNDS[bound] if bound else (lambda value: True, "")
+
+    def convert(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'a whole number' if kind is int else 'a number'}, "
+                                             f"got {text!r}") from None
+        if not test(value):
+            raise argparse.ArgumentTypeError(f"{words}, got {text}")
+        return value
+    convert.__name__ = kind.__name__  # argparse names the type in its messages
+    return convert
 
 
-def positive_int(text: str) -> int:
-    value = _parse(text, int)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
-
-
-def non_negative_int(text: str) -> int:
-    value = _parse(text, int)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be zero or positive, got {text}")
-    return value
-
-
-def seed(text: str) -> int:
-    value = _parse(text, int)
-    if not 0 <= value <= MAX_SEED:
-        raise argparse.ArgumentTypeError(f"must be a whole number from 0 to {MAX_SEED}, got {text}")
-    return value
-
-
-def positive_float(text: str) -> float:
-    value = _parse(text, float)
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"must be a positive finite number, got {text}")
-    return value
-
-
-def non_negative_float(text: str) -> float:
-    value = _parse(text, float)
-    if not (math.isfinite(value) and value >= 0):
-        raise argparse.ArgumentTypeError(f"must be zero or a positive finite number, got {text}")
-    return value
-
-
-def fraction(text: str) -> float:
-    """A probability-like value in [0, 1): dropout, label smoothing."""
-    value = _parse(text, float)
-    if not 0 <= value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 0 and below 1, got {text}")
-    return value
-
-
-def probability(text: str) -> float:
-    """A chance in [0, 1], both ends included: how often something happens."""
-    value = _parse(text, float)
-    if not 0 <= value <= 1:
-        raise argparse.ArgumentTypeError(f"must be from 0 to 1, got {text}")
-    return value
+positive_int = bounded(int, "positive")
+non_negative_int = bounded(int, "non_negative")
+seed = bounded(int, "seed")
+positive_float = bounded(float, "positive")
+non_negative_float = bounded(float, "non_negative")
+fraction = bounded(float, "fraction")  # dropout, label smoothing: [0, 1)
+probability = bounded(float, "probability")  # how often something happens: [0, 1]
 
 
 DEVICE_HELP = "cuda, cuda:N or cpu (default: auto, which is cuda when available, else cpu)"

@@ -31,12 +31,14 @@ import torch.nn.functional as F
 
 from vit import cli
 from vit.augment import normalize
-from vit.backends import backend_names, get_backend
+from vit.backends import backend_names, default_backend, get_backend
 from vit.checkpoint import BEST_CHECKPOINT, LAST_CHECKPOINT, load_checkpoint, read_config_file
 from vit.checkpoint import CONFIG_FILE as CONFIG_NAME
 from vit.cli import RunError, one_line
 from vit.data import load_cifar10
 from vit.environment import atomic_write
+from vit.config import build_configs, flat_values
+from vit.fields import ConfigError
 from vit.model import ViT, ViTConfig, model_config_differences
 from vit.timm_interop import build_model
 
@@ -78,9 +80,11 @@ def read_run_config(checkpoint_path: Path) -> dict:
 
 
 def model_config_from(config: dict, config_path: Path) -> ViTConfig:
+    """config.json's model through the configs' one loader (vit/config.py); fields this version
+    does not have are left out."""
     try:
-        return ViTConfig(**config["model"])
-    except (TypeError, ValueError) as error:
+        return build_configs(flat_values({"model": config["model"]}, str(config_path), drop_unknown=True))[0]
+    except ConfigError as error:
         raise RunError(f"{config_path}: \"model\" is not a valid ViTConfig ({one_line(error)})") from None
 
 
@@ -92,20 +96,16 @@ def backend_problem(requested: str, device: torch.device) -> str | None:
 
 def choose_backend(requested: str | None, configured: str, device: torch.device) -> str:
     """--backend when given (it must be able to run on the device); otherwise the backend
-    the run trained with, or "torch" when that one cannot run here (e.g. a GPU kernel on CPU)."""
+    the run trained with when it can run here, else the device's default (vit.backends.default_backend)."""
     if requested is not None:
         problem = backend_problem(requested, device)
         if problem:
             raise RunError(problem)
         return requested
-    if configured not in backend_names():
-        print(f"note: the run's backend {configured!r} is not installed here; using torch", file=sys.stderr)
-        return "torch"
-    reason = get_backend(configured).unavailable_reason(device)
-    if reason:
-        print(f"note: the run's backend {configured!r} cannot run on {device} ({reason}); using torch", file=sys.stderr)
-        return "torch"
-    return configured
+    chosen = default_backend(device, preferred=configured)
+    if chosen != configured:
+        print(f"note: the run's backend {configured!r} cannot run on {device}; using {chosen}", file=sys.stderr)
+    return chosen
 
 
 def read_checkpoint(checkpoint_path: Path) -> dict:

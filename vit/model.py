@@ -16,7 +16,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from vit.backends import Backend, get_backend
+from vit.backends import Backend, backend_names, get_backend
+from vit.fields import ConfigError, check_fields, option
 
 INITS = ("timm", "pytorch")
 POOLS = ("token", "sequence")
@@ -24,55 +25,48 @@ POOLS = ("token", "sequence")
 
 @dataclass
 class ViTConfig:
-    image_size: int = 32
-    patch_size: int = 4
-    num_classes: int = 10
-    dim: int = 384
-    depth: int = 7
-    heads: int = 12
-    mlp_dim: int = 384
-    dropout: float = 0.0
-    backend: str = "torch"
-    layer_norm_eps: float = 1e-5  # torch's default, as the recipe uses; timm's models use 1e-6
-    mlp_second_gelu: bool = False  # GELU after fc2 too: the reference code's Linear-GELU-Linear-GELU MLP
-    # Stochastic depth: in training, each block's attention and MLP branches are dropped per
-    # sample, block i at rate drop_path * i / (depth - 1) (timm's rule, torch.linspace(0,
-    # drop_path, depth): 0 for the first block, drop_path for the last), kept ones scaled by
-    # 1 / (1 - rate).
-    drop_path: float = 0.0
-    # "timm": Linear weights, class token and position embedding truncated normal (std 0.02), zero
-    # biases. "pytorch": nn.Linear's and nn.Conv2d's own defaults (weights and biases uniform in
-    # +-1/sqrt(fan_in)) and the class token and position embedding from randn (std 1), as the
-    # reference code.
-    init: str = "timm"
-    # What the head reads after the final LayerNorm: "token", the class token; "sequence",
-    # sequence pooling (Compact Transformers): softmax over the tokens of a learned linear score,
-    # the weighted average of the tokens; no class token.
-    pool: str = "token"
-    # A timm registry name ("vit_tiny_patch16_224"): the model is timm's, built at this config's
-    # image size, patch size, classes, depth and drop rates with random weights (vit/timm_interop.py
-    # build_model), fused under the triton backend; dim, heads, mlp_dim and layer_norm_eps record
-    # its architecture. Empty: this module's ViT.
-    timm_model: str = ""
+    """The model; every field is a flag of train.py (vit/fields.py)."""
+    image_size: int = option(32, bound="positive", help="input height and width; CIFAR-10's images are 32x32 and not "
+                                                        "resized")
+    patch_size: int = option(4, bound="positive", help="patch height and width")
+    num_classes: int = option(10, bound="positive", help="outputs of the classifier head, at least CIFAR-10's 10")
+    dim: int = option(384, bound="positive", help="hidden size")
+    depth: int = option(7, bound="positive", help="number of transformer blocks")
+    heads: int = option(12, bound="positive", help="attention heads, a divisor of --dim")
+    mlp_dim: int = option(384, bound="positive", help="MLP hidden size")
+    dropout: float = option(0.0, bound="fraction", help="dropout on embeddings and attention output")
+    backend: str = option("torch", choices=backend_names, default_help="triton on CUDA when available, else torch",
+                          help="implementation of attention and LayerNorm+MLP")
+    # torch's default, as the recipe uses; timm's models use 1e-6.
+    layer_norm_eps: float = option(1e-5, bound="unit_open", help="epsilon of every LayerNorm")
+    mlp_second_gelu: bool = option(False, help="a GELU after the MLP's fc2 too (Linear-GELU-Linear-GELU, as the "
+                                               "reference code)")
+    # Block i drops at rate drop_path * i / (depth - 1), torch.linspace(0, drop_path, depth) as
+    # timm; kept branches are scaled by 1 / (1 - rate).
+    drop_path: float = option(0.0, bound="fraction", metavar="RATE",
+                              help="stochastic depth: in training each sample skips each attention and MLP branch "
+                                   "with its block's rate, rising linearly from 0 at the first block to RATE at the "
+                                   "last (timm's rule)")
+    init: str = option("timm", choices=INITS,
+                       help="initialisation: timm (weights, class token and position embedding truncated normal "
+                            "0.02, zero biases) or pytorch (nn.Linear's and nn.Conv2d's own, non-zero biases "
+                            "included; class token and position embedding from randn, as the reference code)")
+    pool: str = option("token", choices=POOLS,
+                       help="what the head reads: the class token, or sequence pooling (a learned attention-weighted "
+                            "average of the final tokens, no class token; Compact Transformers)")
+    # The model is timm's, built at this config's image size, patch size, classes, depth and drop
+    # rates with random weights (vit/timm_interop.py build_model), fused under the triton backend;
+    # dim, heads, mlp_dim and layer_norm_eps record its architecture. train.py's --model sets it.
+    timm_model: str = option("", flag=False, help="a timm registry name (vit_tiny_patch16_224), or empty for this "
+                                                  "module's ViT")
 
     def __post_init__(self):
-        for name in ("image_size", "patch_size", "num_classes", "dim", "depth", "heads", "mlp_dim"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        check_fields(self)
         if self.image_size % self.patch_size:
-            raise ValueError(f"patch_size {self.patch_size} does not divide image_size {self.image_size}")
+            raise ConfigError(f"patch_size {self.patch_size} does not divide image_size {self.image_size}",
+                              "patch_size", "image_size")
         if self.dim % self.heads:
-            raise ValueError(f"heads {self.heads} does not divide dim {self.dim}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
-        if not 0.0 <= self.drop_path < 1.0:
-            raise ValueError(f"drop_path must be in [0, 1), got {self.drop_path}")
-        if not 0.0 < self.layer_norm_eps < 1.0:
-            raise ValueError(f"layer_norm_eps must be in (0, 1), got {self.layer_norm_eps}")
-        if self.init not in INITS:
-            raise ValueError(f"init must be one of {', '.join(INITS)}, got {self.init!r}")
-        if self.pool not in POOLS:
-            raise ValueError(f"pool must be one of {', '.join(POOLS)}, got {self.pool!r}")
+            raise ConfigError(f"heads {self.heads} does not divide dim {self.dim}", "heads", "dim")
 
     @property
     def num_patches(self) -> int:

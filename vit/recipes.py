@@ -1,8 +1,9 @@
 """Recipes: named presets of the model and training settings (`train.py --recipe NAME`).
 
-A preset is data: the ViTConfig and TrainConfig fields it sets, each of them also a flag of
-train.py (the field name with dashes). Fields a preset leaves out keep the dataclasses' defaults;
-a flag typed on the command line overrides the preset's value. README.md's recipes table lists
+A preset is data: the ViTConfig and TrainConfig fields it sets, as a config file (`--config
+FILE`) sets them, each of them also a flag of train.py (the field name with dashes). Fields a
+preset leaves out keep the dataclasses' defaults; a config file and then the flags typed on the
+command line override the preset's values (vit/config.py). README.md's recipes table lists
 every value of every preset with its source.
 
 - default: the dataclasses' defaults, the reference's published table (12 heads, one GELU,
@@ -14,9 +15,7 @@ every value of every preset with its source.
 - strong: the same 6.3M-parameter ViT with the training of the stronger CIFAR-10 ViT anchors
   (SPT_LSA_ViT, Compact Transformers, DeiT/timm's defaults for what they share).
 """
-from dataclasses import fields
-
-from vit.config import TrainConfig
+from vit.config import TrainConfig, build_configs
 from vit.model import ViTConfig
 
 RECIPES: dict[str, dict] = {
@@ -47,20 +46,14 @@ RECIPES: dict[str, dict] = {
 }
 
 
-def _split(values: dict) -> tuple[dict, dict]:
-    model_fields = {f.name for f in fields(ViTConfig)}
-    train_fields = {f.name for f in fields(TrainConfig)}
-    unknown = set(values) - model_fields - train_fields
-    if unknown:
-        raise ValueError(f"not a ViTConfig or TrainConfig field: {', '.join(sorted(unknown))}")
-    return ({k: v for k, v in values.items() if k in model_fields},
-            {k: v for k, v in values.items() if k in train_fields})
+def recipe_values(name: str) -> dict:
+    """A preset's fields, TrainConfig.recipe naming it."""
+    if name not in RECIPES:
+        raise ValueError(f"unknown recipe {name!r}; choose one of {', '.join(RECIPES)}")
+    return {**RECIPES[name], "recipe": name}
 
 
 def recipe_configs(name: str) -> tuple[ViTConfig, TrainConfig]:
     """The model and training configuration of a preset: the dataclasses' defaults with the
-    preset's values, TrainConfig.recipe naming it."""
-    if name not in RECIPES:
-        raise ValueError(f"unknown recipe {name!r}; choose one of {', '.join(RECIPES)}")
-    model_values, train_values = _split(RECIPES[name])
-    return ViTConfig(**model_values), TrainConfig(**train_values, recipe=name)
+    preset's values."""
+    return build_configs(recipe_values(name))
