@@ -129,9 +129,9 @@ def starting_values(recipe: str, file_values: dict) -> dict:
 
 def read_starting_values(argv: list[str]) -> tuple[dict, dict]:
     """starting_values of a command line's --recipe and --config, read before the parser is built
-    (its values are the parser's defaults), and the config file's own values. A config file that cannot be read, or whose values the
-    configs refuse, is a usage error naming the field; an unknown recipe, or a flag without its
-    value, is left for the parser to refuse."""
+    (its values are the parser's defaults), and the config file's own values. A config file that
+    cannot be read, or whose values the configs refuse, is a usage error naming the field; an
+    unknown recipe, or a flag without its value, is left for the parser to refuse."""
     pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False, exit_on_error=False)
     pre.add_argument("--recipe")
     pre.add_argument("--config")
@@ -154,14 +154,10 @@ def read_starting_values(argv: list[str]) -> tuple[dict, dict]:
 
 # ---------------------------------------------------------------------------- a new run
 
-def resolve_timm_model(args, values: dict, typed: dict, explicit: set[str], parser) -> ViTConfig:
+def resolve_timm_model(args, values: dict, explicit: set[str], parser) -> ViTConfig:
     """--model timm:NAME's config: timm's architecture at the data's size, checked to build (and
     fuse, under the triton backend) before any work. explicit: the fields typed or set by the
     config file, whose --patch-size and --depth override timm's own."""
-    own = [flag(name) for name in OWN_ARCHITECTURE_FIELDS if name in typed]
-    if own:
-        parser.error(f"--model {args.model}: {', '.join(own)} describe this project's ViT; timm's model fixes its own "
-                     f"(--patch-size and --depth override it)")
     try:
         model_cfg = resolve_timm_config(args.model[len(TIMM_PREFIX):], image_size=values["image_size"],
                                         num_classes=values["num_classes"], dropout=values["dropout"],
@@ -185,12 +181,16 @@ def resolve(args, parser, typed: dict, file_values: dict, device: torch.device,
     values = machine_defaults(values, device)
     timm_model = args.model.startswith(TIMM_PREFIX)
     values["timm_model"] = ""
+    own = [flag(name) for name in OWN_ARCHITECTURE_FIELDS if name in typed]
+    if timm_model and own:
+        parser.error(f"--model {args.model}: {', '.join(own)} describe this project's ViT; timm's model fixes its own "
+                     f"(--patch-size and --depth override it)")
     try:
         model_cfg, train_cfg = build_configs(values)
     except ConfigError as error:
         parser.error(as_flags(error))
     if timm_model:
-        model_cfg = resolve_timm_model(args, values, typed, set(typed) | set(file_values), parser)
+        model_cfg = resolve_timm_model(args, values, set(typed) | set(file_values), parser)
     check_data(model_cfg, parser)
     if train_cfg.precision != "fp32" and device.type == "cpu":
         parser.error(f"--precision {train_cfg.precision} needs CUDA; use --precision fp32 on the CPU")

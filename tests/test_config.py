@@ -12,7 +12,7 @@ import train
 from conftest import write_cifar_folder
 from vit.backends import default_backend, get_backend
 from vit.config import CONFIG_CLASSES, TrainConfig, build_configs, flag, read_config_file
-from vit.fields import BOUNDS, ConfigError, choices_of, optional, value_type
+from vit.fields import ConfigError, bound_words, choices_of, optional, value_type
 from vit.model import ViTConfig
 
 REPO = Path(train.__file__).resolve().parent
@@ -45,7 +45,7 @@ def test_every_field_has_help_a_default_a_flag_and_validation(cls, f):
         with pytest.raises(ConfigError, match=rf"^{f.name} must be one of"):
             cls(**{f.name: "no-such-choice"})
     if f.metadata["bound"] is not None:
-        with pytest.raises(ConfigError, match=rf"^{f.name} {BOUNDS[f.metadata['bound']][1]}"):
+        with pytest.raises(ConfigError, match=rf"^{f.name} {bound_words(f.metadata['bound'], value_type(f))}"):
             cls(**{f.name: OUTSIDE[f.metadata["bound"]]})
     if optional(f):
         cls(**{f.name: None})

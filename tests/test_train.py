@@ -114,11 +114,11 @@ def test_existing_run_directory_is_never_overwritten(fake_cifar, tmp_path, capsy
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--epochs", "-1"], "--epochs: must be a positive integer"),
-    (["--batch-size", "0"], "--batch-size: must be a positive integer"),
+    (["--epochs", "-1"], "--epochs must be a positive integer"),
+    (["--batch-size", "0"], "--batch-size must be a positive integer"),
     (["--backend", "nope"], "invalid choice: 'nope'"),
     (["--heads", "5"], "--heads 5 does not divide --dim 384"),
-    (["--lr", "-1"], "--lr: must be a positive finite number"),
+    (["--lr", "-1"], "--lr must be a positive finite number"),
     (["--device", "cuda:0"], None),  # no CUDA here
     (["--precision", "bf16", "--device", "cpu"], "needs CUDA"),
 ])

@@ -88,7 +88,8 @@ class Backend:
         head_dim = cfg.dim // cfg.heads
         if self.head_dims is not None and head_dim not in self.head_dims:
             raise ConfigError(f"backend {self.name} supports heads of {', '.join(map(str, self.head_dims))} "
-                              f"dimensions; dim {cfg.dim} / heads {cfg.heads} gives {head_dim}", "backend", "dim", "heads")
+                              f"dimensions; dim {cfg.dim} / heads {cfg.heads} gives {head_dim}",
+                              "backend", "dim", "heads")
 
 
 def _torch_backend() -> Backend:

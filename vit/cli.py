@@ -19,7 +19,7 @@ import torch
 
 from vit.data import DataError
 from vit.environment import STOP_SIGNALS, parse_device
-from vit.fields import BOUNDS
+from vit.fields import BOUNDS, bound_words
 
 DEBUG_ENV = "VIT_DEBUG"
 
@@ -45,7 +45,7 @@ def one_line(error: BaseException) -> str:
 def bounded(kind: type, bound: str | None = None):
     """An argparse type: text to `kind` (int or float), within one of vit.fields.BOUNDS (the
     configuration fields' bounds) when one is named."""
-    test, words = BOUNDS[bound] if bound else (lambda value: True, "")
+    test = BOUNDS[bound][0] if bound else (lambda value: True)
 
     def convert(text: str):
         try:
@@ -54,7 +54,7 @@ def bounded(kind: type, bound: str | None = None):
             raise argparse.ArgumentTypeError(f"expected {'a whole number' if kind is int else 'a number'}, "
                                              f"got {text!r}") from None
         if not test(value):
-            raise argparse.ArgumentTypeError(f"{words}, got {text}")
+            raise argparse.ArgumentTypeError(f"{bound_words(bound, kind)}, got {text}")
         return value
     convert.__name__ = kind.__name__  # argparse names the type in its messages
     return convert

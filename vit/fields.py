@@ -19,14 +19,15 @@ class ConfigError(ValueError):
         self.names = names
 
 
-# Bounds of numeric fields: name -> (the test, what a value must be).
+# Bounds of numeric fields: name -> (the test, what a value must be; {kind}: integer or finite number).
 BOUNDS = {
-    "positive": (lambda v: math.isfinite(v) and v > 0, "must be a positive finite number"),
-    "non_negative": (lambda v: math.isfinite(v) and v >= 0, "must be zero or a positive finite number"),
+    "positive": (lambda v: math.isfinite(v) and v > 0, "must be a positive {kind}"),
+    "non_negative": (lambda v: math.isfinite(v) and v >= 0, "must be zero or a positive {kind}"),
     "fraction": (lambda v: 0 <= v < 1, "must be at least 0 and below 1"),  # dropout, smoothing, decay
     "probability": (lambda v: 0 <= v <= 1, "must be from 0 to 1"),  # how often something happens
     "unit_open": (lambda v: 0 < v < 1, "must be above 0 and below 1"),
-    "seed": (lambda v: 0 <= v <= 2**63 - 1, f"must be a whole number from 0 to {2**63 - 1}"),  # torch.manual_seed's range
+    # torch.manual_seed's range, and what vit.data's sample seeds are reduced to
+    "seed": (lambda v: 0 <= v <= 2**63 - 1, f"must be a whole number from 0 to {2**63 - 1}"),
 }
 
 
@@ -80,9 +81,14 @@ def check_fields(cfg):
             raise ConfigError(f"{f.name} must be one of {', '.join(map(str, allowed))}, got {value!r}", f.name)
         bound = f.metadata.get("bound")
         if bound is not None:
-            test, words = BOUNDS[bound]
+            test, _ = BOUNDS[bound]
             if not test(value):
-                raise ConfigError(f"{f.name} {words}, got {value}", f.name)
+                raise ConfigError(f"{f.name} {bound_words(bound, kind)}, got {value}", f.name)
+
+
+def bound_words(bound: str, kind: type) -> str:
+    """What a value of type kind within the bound must be."""
+    return BOUNDS[bound][1].format(kind="integer" if kind is int else "finite number")
 
 
 def type_words(f) -> str:
