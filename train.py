@@ -595,7 +595,7 @@ def start(args, parser, model_cfg, train_cfg, run_dir, has_checkpoint, ctx, say)
     try:
         trainer = build_trainer(model_cfg, train_cfg, run_dir, resume=has_checkpoint, ctx=ctx, log=say)
     except BatchSizeError as error:
-        parser.error(f"--batch-size {train_cfg.batch_size}: {error}; pass a smaller one")
+        parser.error(f"--batch-size {train_cfg.batch_size}: {error}")
     except RuntimeError as error:
         if not has_checkpoint or isinstance(error, cli.EXPECTED_ERRORS):
             raise

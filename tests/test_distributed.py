@@ -69,4 +69,4 @@ def test_world_size_that_does_not_divide_the_batch_is_a_clear_error(fake_cifar, 
     result = torchrun(*TINY, "--batch-size", "63", "--data-dir", str(fake_cifar), "--out-dir", str(tmp_path / "run"),
                       timeout=300)
     assert result.returncode != 0
-    assert "--batch-size 63 (global) is not divisible by the 2 processes" in result.stderr
+    assert "--batch-size 63: global batch size 63 is not divisible by the world size 2" in result.stderr
