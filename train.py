@@ -3,6 +3,7 @@
     python train.py                                  # the full recipe, defaults below
     python train.py --recipe strong                  # a preset (vit/recipes.py); typed flags override it
     python train.py --device cpu --epochs 2 --train-subset 2000 --depth 2 --dim 64 --heads 4 --mlp-dim 64
+    python train.py --config my.yaml --lr 5e-4       # fields from a file (a run's config.json is one)
     python train.py --resume runs/20261125-101500    # continue an interrupted run
     torchrun --nproc_per_node=8 train.py             # data-parallel; --batch-size stays global
 """
