@@ -176,12 +176,11 @@ def resolve(args, parser, typed: dict, file_values: dict, device: torch.device,
             ctx: distributed.Context) -> tuple[ViTConfig, TrainConfig]:
     """The new run's configs: the parsed flags over the machine's defaults, refused before any
     work when they cannot train here."""
-    values = {**starting_values("default", {}), **file_values,
-              **{f.name: getattr(args, f.name) for cls in CONFIG_CLASSES for f in flag_fields(cls)},
+    values = {**file_values, **{f.name: getattr(args, f.name) for cls in CONFIG_CLASSES for f in flag_fields(cls)},
               "recipe": args.recipe, "device": str(device)}
     values = machine_defaults(values, device)
     timm_model = args.model.startswith(TIMM_PREFIX)
-    values["timm_model"] = ""
+    values["timm_model"] = ""  # --model names the model: a timm one is resolved from timm below
     own = [flag(name) for name in OWN_ARCHITECTURE_FIELDS if name in typed]
     if timm_model and own:
         parser.error(f"--model {args.model}: {', '.join(own)} describe this project's ViT; timm's model fixes its own "
