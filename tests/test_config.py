@@ -134,6 +134,7 @@ def test_typed_flags_override_a_yaml_file_which_overrides_its_recipe(tmp_path, c
     ('{"dim": 32, "heads": 3}', ["heads 3 does not divide dim 32"]),
     ('{"optimizer": "sgd"}', ["optimizer must be one of adam, adamw"]),
     ('{"lr": ', ["unreadable"]),
+    ('{"model": {"dim": 32}, "train": 5}', ['"train" must be a mapping of TrainConfig fields']),
 ])
 def test_a_bad_config_file_is_one_line_naming_the_field(text, names, tmp_path, capsys):
     config = tmp_path / "bad.json"

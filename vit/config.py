@@ -147,6 +147,8 @@ def flat_values(config: dict, source: str, drop_unknown: bool = False) -> dict:
     for section, cls in (("model", ViTConfig), ("train", TrainConfig)):
         known = {f.name for f in fields(cls)}
         part = config.get(section, {})
+        if not isinstance(part, dict):
+            raise ConfigError(f"{source}: \"{section}\" must be a mapping of {cls.__name__} fields to values")
         unknown = sorted(set(part) - known)
         if drop_unknown:
             part = {k: v for k, v in part.items() if k in known}
