@@ -352,11 +352,12 @@ def test_a_run_warns_once_prints_its_seed_and_ends_with_its_summary(data_dir, tm
 
 
 def test_validators_refuse_what_cannot_train():
+    fraction, seed = cli.bounded(float, "fraction"), cli.bounded(int, "seed")
     for check, bad in [(cli.positive_float, ["0", "-1", "inf", "nan", "x"]), (cli.positive_int, ["0", "1.5", "-3"]),
-                       (cli.non_negative_float, ["-0.1", "inf", "nan"]), (cli.fraction, ["1", "-0.1", "nan"]),
-                       (cli.seed, ["-1", str(2**63)]), (cli.non_negative_int, ["-1", "two"])]:
+                       (cli.bounded(float, "non_negative"), ["-0.1", "inf", "nan"]), (fraction, ["1", "-0.1", "nan"]),
+                       (seed, ["-1", str(2**63)]), (cli.bounded(int, "non_negative"), ["-1", "two"])]:
         for text in bad:
             with pytest.raises(argparse.ArgumentTypeError):
                 check(text)
-    assert cli.positive_float("1e-3") == 1e-3 and cli.fraction("0") == 0 and cli.seed(str(2**63 - 1)) == 2**63 - 1
+    assert cli.positive_float("1e-3") == 1e-3 and fraction("0") == 0 and seed(str(2**63 - 1)) == 2**63 - 1
     assert cli.device("cpu") == torch.device("cpu") and cli.device("auto").type in ("cpu", "cuda")

@@ -61,12 +61,7 @@ def bounded(kind: type, bound: str | None = None):
 
 
 positive_int = bounded(int, "positive")
-non_negative_int = bounded(int, "non_negative")
-seed = bounded(int, "seed")
 positive_float = bounded(float, "positive")
-non_negative_float = bounded(float, "non_negative")
-fraction = bounded(float, "fraction")  # dropout, label smoothing: [0, 1)
-probability = bounded(float, "probability")  # how often something happens: [0, 1]
 
 
 DEVICE_HELP = "cuda, cuda:N or cpu (default: auto, which is cuda when available, else cpu)"
