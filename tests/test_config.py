@@ -159,3 +159,13 @@ def test_the_loader_checks_what_it_reads(tmp_path):
     assert (model_cfg.dim, model_cfg.heads) == (64, 4)
     assert train_cfg.lr == 1.0 and isinstance(train_cfg.lr, float)  # a whole number in a float field
     assert TrainConfig(lr=1).lr == 1.0
+
+
+def test_a_bad_yaml_file_is_one_line_naming_the_field(tmp_path, capsys):
+    config = tmp_path / "run.yml"
+    config.write_text("dropout: 1\n")
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(["--config", str(config), "--device", "cpu", "--print-config"])
+    assert exit_info.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and f"--config {config}: dropout must be at least 0 and below 1, got 1.0" in lines[0], lines
