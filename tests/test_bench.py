@@ -405,7 +405,7 @@ def test_compile_mode_is_chosen_per_row_from_what_fits():
 
 def test_phase_deadlines_leave_the_training_rows_what_they_need():
     budget = Budget(total_seconds=200)
-    all_phases = bench_run.PHASES
+    all_phases = bench_run.ONLY["all"]
     few = bench_run.phase_deadlines(budget, all_phases, training_seconds=20)
     many = bench_run.phase_deadlines(budget, all_phases, training_seconds=1000)
     assert few["sweeps"] == budget.end() - 15 and few["training"] == few["sweeps"] - 30
