@@ -1,7 +1,7 @@
 """`python -m bench`: time the kernels and CIFAR-10 training, side by side with what a user
 would pick instead, check the results are right, and write a report.
 
-Phases, in the order they run, each within its share of the budget:
+The phases (PHASES, which run_phase walks in order), each within its share of the budget:
   1. peaks: the device's matmul FLOP/s and copy bandwidth, measured now;
   2. kernels at the model's shape: ours and SDPA's backends first, then the eager reference,
      then torch.compile (each compile budgeted; bench/compiling.py);
@@ -27,7 +27,7 @@ from bench import datasets
 from bench import kernels as kernel_bench
 from bench import training as training_bench
 from bench.budget import Budget
-from bench.compiling import MODES, CompilePolicy
+from bench.compiling import COMPILE_MODES, CompilePolicy
 from bench.measure import (REPO, command_line, describe_error, device_properties, device_slug, git_commit,
                            measure_peaks)
 from bench.outputs import DEFAULT_MAX_FILES, MIN_FILES, Outputs
@@ -102,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--training-configs", default=None, metavar="KEYS",
                    help="comma-separated training configurations to run, in this order (default: all, in priority "
                         "order), e.g. triton,torch-bf16-compile")
-    p.add_argument("--compile-mode", choices=["auto", "none", *MODES], default="auto",
+    p.add_argument("--compile-mode", choices=["auto", "none", *COMPILE_MODES], default="auto",
                    help="torch.compile mode of the compiled rows; auto: kernel rows max-autotune where it fits the "
                         "budget, else default, training rows default (skipped in a --quick CPU run); none: no "
                         "compiled rows")
