@@ -349,6 +349,33 @@ def test_a_crash_of_our_kernels_is_a_failed_row_and_a_non_zero_exit(monkeypatch,
     assert "FAILED: kernel attention" in capsys.readouterr().out
 
 
+def test_the_runner_walks_the_selected_phases_in_order_and_a_crashed_phase_leaves_the_rest(monkeypatch, tmp_path,
+                                                                                          keep_threads):
+    walked = []
+
+    def measure(name):
+        def run(bench):
+            walked.append((name, bench.results["phase_running"], list(bench.results["phases_done"])))
+            if name == "kernels":
+                raise RuntimeError("phase exploded")
+        return run
+
+    peaks = bench_run.Phase("peaks", lambda bench: "peaks", measure("peaks"), always=True)
+    monkeypatch.setattr(bench_run, "PHASES", (peaks, *(bench_run.Phase(name, lambda bench: name, measure(name))
+                                                       for name in bench_run.ONLY["all"])))
+    out = tmp_path / "out"
+    code = bench_run.main(["--device", "cpu", "--only", "kernels", "--budget-seconds", "60", "--out", str(out)])
+    # The peaks always, then --only's phases in order; the sweeps still run after the kernels crashed.
+    assert code == 1 and walked == [("peaks", "peaks", []), ("kernels", "kernels", ["peaks"]),
+                                    ("sweeps", "sweeps", ["peaks", "kernels"])]
+    results = json.loads((out / "results.json").read_text())
+    assert results["phases_done"] == ["peaks", "kernels", "sweeps"] and results["phase_running"] is None
+    assert results["complete"] and results["settings"]["phases"] == ["kernels", "sweeps"]
+    (error,) = results["phase_errors"]
+    assert error["phase"] == "kernels" and "phase exploded" in error["error"] and "Traceback" in error["traceback"]
+    assert "phase kernels: RuntimeError: phase exploded" in ours_failures(results)
+
+
 def test_a_crash_of_our_trainer_is_a_failed_row_and_a_non_zero_exit(monkeypatch, tmp_path, keep_threads):
     def broken(self, epoch):
         raise RuntimeError("trainer exploded")
