@@ -15,7 +15,7 @@ its mode.
 """
 from dataclasses import dataclass, field
 
-MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # torch.compile's
 KINDS = ("kernel", "training")  # one sub-block op forward+backward; the whole model's training step
 # Seconds a cold compile takes at the least, before the run has measured one: (device type, kind) ->
 # mode -> seconds. Guesses from compiles of models of this size; replaced by measurements.
@@ -40,7 +40,7 @@ def uses_cuda_graphs(mode: str) -> bool:
 
 @dataclass
 class CompilePolicy:
-    requested: str  # "auto", "none" or one of MODES
+    requested: str  # "auto", "none" or one of COMPILE_MODES
     device_type: str  # "cuda" | "cpu"
     skip_reason: str | None = None  # set: every compiled row is skipped with this reason
     measured: dict = field(default_factory=dict)  # (kind, mode) -> [seconds]

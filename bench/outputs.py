@@ -11,7 +11,7 @@ priority (the first --max-files of them get a file of their own; --max-files is 
   the plots           training images/s, kernels against batch size, accuracy against time,
                       kernels against sequence length (only those the phases done can draw)
 With the default of 8 every file gets its own. With 3, log.txt lives only in the archive
-(as of the last write): the caller captures the output (bench/gpu_session.py does).
+(as of the last write): the caller captures the output (bench/session/ does).
 """
 import io
 import json

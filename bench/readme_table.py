@@ -5,7 +5,7 @@
     python -m bench.readme_table --check    # exit 1 if README.md differs from what the results say
 
 Rows: the reference implementation's published runs; every full training run of a GPU session
-(bench/gpu_session.py step2: session.json), with what it was (all 200 epochs, or a shortened
+(python -m bench.session step2: session.json), with what it was (all 200 epochs, or a shortened
 recipe, labelled), its final and best test accuracy and its wall clock; and, from the latest
 GPU bench of each device (results.json), the 200-epoch projection of the headline training
 configurations, whose accuracy is not measured by a short row. Each row names the device, the
@@ -77,7 +77,7 @@ def render(results_dir: Path) -> str:
         rows += [["this project, torch backend", "a GPU", "not measured yet", "not measured yet", "", ""],
                  ["this project, triton backend", "a GPU", "not measured yet", "not measured yet", "", ""]]
         note = ("No GPU has run this code yet, so no speed or full-recipe accuracy of this project is quoted; "
-                "the prepared GPU session (`bench/gpu_session.py`, see `bench/README.md`) fills these rows from "
+                "the prepared GPU session (`bench/session/`, see `bench/README.md`) fills these rows from "
                 "`bench/results/`.")
     lines = ["| " + " | ".join(HEADER) + " |", "|" + "|".join("---" for _ in HEADER) + "|"]
     lines += ["| " + " | ".join(row) + " |" for row in rows]

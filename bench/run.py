@@ -1,7 +1,7 @@
 """`python -m bench`: time the kernels and CIFAR-10 training, side by side with what a user
 would pick instead, check the results are right, and write a report.
 
-Phases, in the order they run, each within its share of the budget:
+The phases (PHASES, which run_phase walks in order), each within its share of the budget:
   1. peaks: the device's matmul FLOP/s and copy bandwidth, measured now;
   2. kernels at the model's shape: ours and SDPA's backends first, then the eager reference,
      then torch.compile (each compile budgeted; bench/compiling.py);
@@ -16,8 +16,9 @@ import argparse
 import sys
 import time
 import traceback
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -26,7 +27,7 @@ from bench import datasets
 from bench import kernels as kernel_bench
 from bench import training as training_bench
 from bench.budget import Budget
-from bench.compiling import MODES, CompilePolicy
+from bench.compiling import COMPILE_MODES, CompilePolicy
 from bench.measure import (REPO, command_line, describe_error, device_properties, device_slug, git_commit,
                            measure_peaks)
 from bench.outputs import DEFAULT_MAX_FILES, MIN_FILES, Outputs
@@ -44,8 +45,9 @@ REPORT_RESERVE_SHARE, REPORT_RESERVE_FLOOR = 0.15, 6.0
 # it, more when the training configurations need less; the sweeps keep SWEEP_SHARE.
 KERNEL_SHARE = 0.35
 SWEEP_SHARE = 0.15
-PHASES = ("kernels", "augmentation", "training", "sweeps")
-ONLY = {"all": PHASES, "kernels": ("kernels", "sweeps"), "training": ("augmentation", "training")}
+# --only: the phases each choice runs (beside the peaks, which always run).
+ONLY = {"all": ("kernels", "augmentation", "training", "sweeps"), "kernels": ("kernels", "sweeps"),
+        "training": ("augmentation", "training")}
 COMPILE_SKIPPED_IN_QUICK_CPU = "skipped in a --quick CPU smoke: compile time dominates"
 # Patches of 8: 17 tokens, like the quick kernel shape. With the model's 65 tokens one step of
 # the Triton interpreter takes ~20 s on a CPU core; with 17, about one.
@@ -100,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--training-configs", default=None, metavar="KEYS",
                    help="comma-separated training configurations to run, in this order (default: all, in priority "
                         "order), e.g. triton,torch-bf16-compile")
-    p.add_argument("--compile-mode", choices=["auto", "none", *MODES], default="auto",
+    p.add_argument("--compile-mode", choices=["auto", "none", *COMPILE_MODES], default="auto",
                    help="torch.compile mode of the compiled rows; auto: kernel rows max-autotune where it fits the "
                         "budget, else default, training rows default (skipped in a --quick CPU run); none: no "
                         "compiled rows")
@@ -130,6 +132,115 @@ def phase_deadlines(budget: Budget, phases: tuple[str, ...], training_seconds: f
     return {"kernels": kernels_end, "training": training_end, "sweeps": end - reserve}
 
 
+@dataclass
+class BenchRun:
+    """What the phases share: the run's settings, the results they fill in (results.json, rewritten
+    after each phase) and the log."""
+    args: argparse.Namespace
+    device: torch.device
+    smoke: bool  # a CPU run: --quick sizes, never performance figures
+    dtype: torch.dtype  # of the kernel rows
+    policy: CompilePolicy
+    budget: Budget
+    deadlines: dict  # phase name -> perf_counter() time by which it must end (phase_deadlines)
+    base_shape: kernel_bench.KernelShape  # the kernel rows' model shape
+    points: list  # the kernel shapes: the model shape and the sweeps' (kernel_bench.sweep_points)
+    sweep_modes: tuple[str, ...]
+    configs: list  # the training configurations, in the order they run
+    training_settings: training_bench.TrainingSettings
+    data: datasets.BenchData | None  # the training rows' images; None when no training phase runs
+    outputs: Outputs
+    results: dict
+
+    @property
+    def quick(self) -> bool:
+        return self.args.quick
+
+    def log(self, line: str):
+        self.outputs.log(line)
+
+    def write(self, phase_done: str | None = None):
+        self.results["elapsed_seconds"] = self.budget.elapsed()
+        self.outputs.write(self.results, phase_done)
+
+
+def measure_device_peaks(run: BenchRun):
+    peaks = run.results["peaks"] = measure_peaks(run.device, run.dtype, run.quick)
+    run.log(f"  matmul {peaks['matmul_tflops']:.3g} TFLOP/s, copy {peaks['copy_gbps']:.3g} GB/s")
+
+
+def kernels_at_model_shape(run: BenchRun):
+    run.results["kernels"] += [asdict(r) for r in kernel_bench.run_model_shape(
+        run.points, run.device, run.dtype, run.results["peaks"], run.quick, run.policy, run.budget,
+        run.deadlines["kernels"], run.log)]
+
+
+def augmentation_alone(run: BenchRun):
+    batch_sizes = augmentation_bench.batch_sizes(run.quick, run.training_settings.batch_size)
+    run.results["augmentation"] = [asdict(r) for r in augmentation_bench.run_augmentation(
+        run.device, batch_sizes, run.quick, run.log)]
+
+
+def end_to_end_training(run: BenchRun):
+    def on_row(rows):
+        run.results["training"] = rows
+        run.write()
+
+    outcome = training_bench.run_training(run.training_settings, run.configs, run.device, run.data, run.policy,
+                                          run.budget, run.deadlines["training"], run.log, on_row)
+    run.results["training"], run.results["host_work"] = outcome["rows"], outcome["host_work"]
+    run.log(f"-- a training step of timm's {training_bench.TIMM_STEP_MODEL}: fused, timm's own, compiled")
+    run.results["timm_step"] = training_bench.timm_step_rows(run.device, run.quick, run.policy, run.log)
+
+
+def kernel_sweeps(run: BenchRun):
+    # Each op's sweep compiles with the mode its model-shape row ran with.
+    compile_modes = {r["op"]: r["compile_mode"] for r in run.results["kernels"]
+                     if r["compile_mode"] and r["status"] == "ok" and "model" in r["in_sweeps"]}
+    run.results["kernels"] += [asdict(r) for r in kernel_bench.run_sweeps(
+        run.points, run.sweep_modes, run.device, run.dtype, run.results["peaks"], run.quick, run.policy,
+        compile_modes, run.budget, run.deadlines["sweeps"], run.log)]
+
+
+@dataclass(frozen=True)
+class Phase:
+    name: str  # in results.json's phases_done and phase_errors, and in ONLY
+    title: Callable[[BenchRun], str]  # the log's heading of the phase
+    measure: Callable[[BenchRun], None]
+    always: bool = False  # runs whatever --only selects
+
+
+# In the order they run. The peaks always run: the other phases' rows are fractions of them.
+PHASES = (
+    Phase("peaks", lambda run: "peaks", measure_device_peaks, always=True),
+    Phase("kernels", lambda run: f"kernels at {run.base_shape.label()} ({run.results['settings']['kernel_dtype']})",
+          kernels_at_model_shape),
+    Phase("augmentation", lambda run: "augmentation alone (vit/augment.py, uint8 on the device)", augmentation_alone),
+    Phase("training", lambda run: "end-to-end training", end_to_end_training),
+    Phase("sweeps", lambda run: "kernel sweeps", kernel_sweeps),
+)
+
+
+def run_phase(run: BenchRun, phase: Phase):
+    """One phase, timed and logged; its crash is recorded in phase_errors and the run goes on
+    (one phase failing still leaves the others' numbers and a report). results.json and the
+    rest are rewritten after it."""
+    started = time.perf_counter()
+    run.results["phase_running"] = phase.name
+    run.log(f"== {phase.title(run)}")
+    try:
+        phase.measure(run)
+    except Exception as error:
+        run.results["phase_errors"].append({"phase": phase.name, "error": describe_error(error),
+                                            "traceback": traceback.format_exc()})
+        run.log(f"!! {phase.name} failed: {describe_error(error)}\n{traceback.format_exc()}")
+    run.results["phases_done"].append(phase.name)
+    run.results["phase_running"] = None
+    run.log(f"   ({time.perf_counter() - started:.1f}s; {run.budget.elapsed():.0f}s of "
+            f"{run.args.budget_seconds:.0f}s used)")
+    run.write(phase_done=phase.name)
+
+
 def main(argv=None) -> int:
     return cli.run(_main, argv)
 
@@ -148,8 +259,7 @@ def _main(argv: list[str]) -> int:
     if smoke and not args.quick:
         args.quick = True
         notes.append("--device cpu runs at --quick sizes: the Triton interpreter would take hours at the model's")
-    quick = args.quick
-    phases = ONLY[args.only]
+    selected = ONLY[args.only]
     keys = [k.strip() for k in args.training_configs.split(",") if k.strip()] if args.training_configs else None
     try:
         configs = training_bench.select_configs(training_bench.training_configs(device), keys)
@@ -162,7 +272,7 @@ def _main(argv: list[str]) -> int:
 
     # The data first: a run that cannot get its images stops before writing anything.
     data = None
-    if "training" in phases:
+    if "training" in selected:
         try:
             data = datasets.load(args.data, args.data_dir, args.download)
         except DataError as error:
@@ -174,142 +284,101 @@ def _main(argv: list[str]) -> int:
         commit = {"commit": args.commit, "dirty": None, "source": "--commit: this folder is not a git checkout"}
     out_dir = Path(args.out) if args.out else default_out_dir(device, commit)
     outputs = Outputs(out_dir, args.max_files)
-    log = outputs.log
-
-    label = ("CPU smoke" if smoke else device_name(device) + (" (--quick sizes)" if quick else "")) + (
-        ", synthetic images" if data is not None and not data.accuracy_valid else "")
-    log(f"bench: {label}; device {device_name(device)}; budget {args.budget_seconds:.0f}s; out {out_dir}")
+    synthetic = data is not None and not data.accuracy_valid
+    label = ("CPU smoke" if smoke else device_name(device) + (" (--quick sizes)" if args.quick else "")) + (
+        ", synthetic images" if synthetic else "")
+    outputs.log(f"bench: {label}; device {device_name(device)}; budget {args.budget_seconds:.0f}s; out {out_dir}")
     for note in notes:
-        log(f"note: {note}")
+        outputs.log(f"note: {note}")
     if data is not None:
-        log(f"data: {data.note}")
+        outputs.log(f"data: {data.note}")
 
-    if args.compile_mode == "none":
-        policy = CompilePolicy("none", device.type, skip_reason="skipped: --compile-mode none")
-    elif args.compile_mode == "auto" and quick and smoke:
-        policy = CompilePolicy("auto", device.type, skip_reason=COMPILE_SKIPPED_IN_QUICK_CPU)
-    else:
-        policy = CompilePolicy(args.compile_mode, device.type)
-    deadlines = phase_deadlines(budget, phases, training_bench.minimum_seconds(configs, device, policy)
-                                if "training" in phases else 0.0)
-
+    policy = compile_policy(args.compile_mode, device, smoke)
     # The Triton interpreter computes bf16 matmuls wrongly: fp32 on the CPU.
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    quick = args.quick
     base_shape = kernel_bench.QUICK_SHAPE if quick else kernel_bench.MODEL_SHAPE
-    points = kernel_bench.sweep_points(
-        base_shape,
-        kernel_bench.QUICK_SWEEP_BATCH_SIZES if quick else kernel_bench.SWEEP_BATCH_SIZES,
-        kernel_bench.QUICK_SWEEP_SEQ_LENS if quick else kernel_bench.SWEEP_SEQ_LENS)
-    # A CPU smoke run sweeps forward+backward only: each interpreted call takes ~0.1 s.
-    sweep_modes = ("forward+backward",) if smoke else kernel_bench.MODES
+    run = BenchRun(
+        args=args, device=device, smoke=smoke, dtype=dtype, policy=policy, budget=budget,
+        deadlines=phase_deadlines(budget, selected, training_bench.minimum_seconds(configs, device, policy)
+                                  if "training" in selected else 0.0),
+        base_shape=base_shape,
+        points=kernel_bench.sweep_points(
+            base_shape, kernel_bench.QUICK_SWEEP_BATCH_SIZES if quick else kernel_bench.SWEEP_BATCH_SIZES,
+            kernel_bench.QUICK_SWEEP_SEQ_LENS if quick else kernel_bench.SWEEP_SEQ_LENS),
+        # A CPU smoke run sweeps forward+backward only: each interpreted call takes ~0.1 s.
+        sweep_modes=("forward+backward",) if smoke else kernel_bench.MODES,
+        configs=configs, training_settings=training_settings(args, data), data=data, outputs=outputs, results={})
+    run.results = initial_results(run, label, notes, commit, selected)
 
+    run.write()
+    for phase in PHASES:
+        if phase.always or phase.name in selected:
+            run_phase(run, phase)
+
+    run.results["complete"] = True
+    failures = ours_failures(run.results)
+    for line in failures:
+        outputs.log(f"FAILED: {line}")
+    outputs.log(f"writing {out_dir}: {', '.join(outputs.file_plan()['standalone'])} after {budget.elapsed():.0f}s"
+                + (" — CPU smoke: not performance numbers" if smoke else "")
+                + (" — synthetic images: accuracy meaningless" if synthetic else ""))
+    run.write()
+    outputs.close()
+    return 1 if failures else 0
+
+
+def compile_policy(compile_mode: str, device: torch.device, smoke: bool) -> CompilePolicy:
+    """--compile-mode as a policy; a CPU smoke run (always at --quick sizes) skips the compiles of
+    auto."""
+    if compile_mode == "none":
+        return CompilePolicy("none", device.type, skip_reason="skipped: --compile-mode none")
+    if compile_mode == "auto" and smoke:
+        return CompilePolicy("auto", device.type, skip_reason=COMPILE_SKIPPED_IN_QUICK_CPU)
+    return CompilePolicy(compile_mode, device.type)
+
+
+def training_settings(args: argparse.Namespace, data: datasets.BenchData | None) -> training_bench.TrainingSettings:
+    quick = args.quick
     batch_size = args.batch_size or (QUICK_BATCH_SIZE if quick else 128)
-    training_settings = training_bench.TrainingSettings(
+    return training_bench.TrainingSettings(
         model=TINY_MODEL if quick else FULL_MODEL, epochs=args.epochs, batch_size=batch_size,
         train_subset=6 * batch_size if quick else None, test_subset=64 if quick else None,
         warmup_steps=2 if quick else 10, min_measured_steps=3 if quick else 30, count_steps=2 if quick else 3,
-        count_model=COUNT_MODEL if quick else None, count_batch_size=COUNT_BATCH_SIZE if quick else None, augment="gpu", num_workers=0, data=data.describe() if data else {})
+        count_model=COUNT_MODEL if quick else None, count_batch_size=COUNT_BATCH_SIZE if quick else None,
+        augment="gpu", num_workers=0, data=data.describe() if data else {})
 
-    results = {
-        "label": label, "smoke": smoke, "quick": quick, "notes": notes, "complete": False, "phases_done": [],
+
+def initial_results(run: BenchRun, label: str, notes: list[str], commit: dict, selected: tuple[str, ...]) -> dict:
+    """results.json before the first phase: what runs, where and how; the phases fill in the rest."""
+    args, device, data = run.args, run.device, run.data
+    return {
+        "label": label, "smoke": run.smoke, "quick": run.quick, "notes": notes, "complete": False, "phases_done": [],
         "phase_running": None, "device": device_name(device), "device_type": device.type,
         "versions": versions(), "device_properties": device_properties(device), "commit": commit,
         "command": command_line(), "started": time.strftime("%Y-%m-%d %H:%M:%S %z"),
         "budget_seconds": args.budget_seconds, "elapsed_seconds": 0.0, "data": data.describe() if data else None,
         "settings": {
-            "phases": list(phases),
-            "kernel_dtype": str(dtype).removeprefix("torch."),
-            "kernel_model_shape": asdict(base_shape),
-            "sweep_shapes": [{**asdict(p.shape), "in_sweeps": list(p.in_sweeps)} for p in points],
-            "sweep_modes": list(sweep_modes),
+            "phases": list(selected),
+            "kernel_dtype": str(run.dtype).removeprefix("torch."),
+            "kernel_model_shape": asdict(run.base_shape),
+            "sweep_shapes": [{**asdict(p.shape), "in_sweeps": list(p.in_sweeps)} for p in run.points],
+            "sweep_modes": list(run.sweep_modes),
             "compile_mode": args.compile_mode,
-            "compile_policy": policy.describe(),
-            "training_configs": [c.key for c in configs],
+            "compile_policy": run.policy.describe(),
+            "training_configs": [c.key for c in run.configs],
             "torch_threads": torch.get_num_threads(),
             # fp32 rows are true fp32 unless TF32 is on: say which.
             "float32_matmul_precision": torch.get_float32_matmul_precision(),
             "cudnn_allow_tf32": torch.backends.cudnn.allow_tf32,
             "timing": ("triton.testing.do_bench, quantiles 0.5/0.2/0.8, L2 flushed before each call" if device.type == "cuda"
                        else "perf_counter loop after a warm-up call (CPU, synchronous)"),
-            "training": training_bench.settings_dict(training_settings),
+            "training": training_bench.settings_dict(run.training_settings),
         },
         "published_runs": training_bench.PUBLISHED_RUNS,
         "peaks": {}, "kernels": [], "augmentation": [], "training": [], "timm_step": [], "host_work": None,
-        "trimmed": budget.trimmed, "phase_errors": [],
+        "trimmed": run.budget.trimmed, "phase_errors": [],
     }
-
-    def write(phase_done=None):
-        results["elapsed_seconds"] = budget.elapsed()
-        outputs.write(results, phase_done)
-
-    def phase(name, title, fn):
-        started = time.perf_counter()
-        results["phase_running"] = name
-        log(f"== {title}")
-        try:
-            fn()
-        except Exception as error:  # one phase failing still leaves the others' numbers and a report
-            results["phase_errors"].append({"phase": name, "error": describe_error(error),
-                                            "traceback": traceback.format_exc()})
-            log(f"!! {name} failed: {describe_error(error)}\n{traceback.format_exc()}")
-        results["phases_done"].append(name)
-        results["phase_running"] = None
-        log(f"   ({time.perf_counter() - started:.1f}s; {budget.elapsed():.0f}s of {args.budget_seconds:.0f}s used)")
-        write(phase_done=name)
-
-    def peaks():
-        results["peaks"] = measure_peaks(device, dtype, quick)
-        p = results["peaks"]
-        log(f"  matmul {p['matmul_tflops']:.3g} TFLOP/s, copy {p['copy_gbps']:.3g} GB/s")
-
-    def kernels_at_model_shape():
-        results["kernels"] += [asdict(r) for r in kernel_bench.run_model_shape(
-            points, device, dtype, results["peaks"], quick, policy, budget, deadlines["kernels"], log)]
-
-    def augmentation():
-        results["augmentation"] = [asdict(r) for r in augmentation_bench.run_augmentation(
-            device, augmentation_bench.batch_sizes(quick, batch_size), quick, log)]
-
-    def training():
-        def on_row(rows):
-            results["training"] = rows
-            write()
-
-        outcome = training_bench.run_training(training_settings, configs, device, data, policy, budget,
-                                              deadlines["training"], log, on_row)
-        results["training"], results["host_work"] = outcome["rows"], outcome["host_work"]
-        log(f"-- a training step of timm's {training_bench.TIMM_STEP_MODEL}: fused, timm's own, compiled")
-        results["timm_step"] = training_bench.timm_step_rows(device, quick, policy, log)
-
-    def sweeps():
-        compile_modes = {r["op"]: r["compile_mode"] for r in results["kernels"]
-                         if r["compile_mode"] and r["status"] == "ok" and "model" in r["in_sweeps"]}
-        results["kernels"] += [asdict(r) for r in kernel_bench.run_sweeps(
-            points, sweep_modes, device, dtype, results["peaks"], quick, policy, compile_modes, budget,
-            deadlines["sweeps"], log)]
-
-    write()
-    phase("peaks", "peaks", peaks)
-    if "kernels" in phases:
-        phase("kernels", f"kernels at {base_shape.label()} ({results['settings']['kernel_dtype']})",
-              kernels_at_model_shape)
-    if "augmentation" in phases:
-        phase("augmentation", "augmentation alone (vit/augment.py, uint8 on the device)", augmentation)
-    if "training" in phases:
-        phase("training", "end-to-end training", training)
-    if "sweeps" in phases:
-        phase("sweeps", "kernel sweeps", sweeps)
-
-    results["complete"] = True
-    failures = ours_failures(results)
-    for line in failures:
-        log(f"FAILED: {line}")
-    log(f"writing {out_dir}: {', '.join(outputs.file_plan()['standalone'])} after {budget.elapsed():.0f}s"
-        + (" — CPU smoke: not performance numbers" if smoke else "")
-        + (" — synthetic images: accuracy meaningless" if data is not None and not data.accuracy_valid else ""))
-    write()
-    outputs.close()
-    return 1 if failures else 0
 
 
 if __name__ == "__main__":

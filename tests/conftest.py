@@ -32,7 +32,7 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.skip(reason=INTERPRETER_BROKEN))
 
 
-# The folder holding the real CIFAR-10: VIT_DATA_DIR (bench/gpu_session.py sets it where it unpacked
+# The folder holding the real CIFAR-10: VIT_DATA_DIR (bench/session/ sets it where it unpacked
 # the data), else beside the checkout, where CI and developers have it.
 REAL_DATA = Path(os.environ.get("VIT_DATA_DIR") or REPO.parent / "shared" / "data")
 

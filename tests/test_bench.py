@@ -349,6 +349,33 @@ def test_a_crash_of_our_kernels_is_a_failed_row_and_a_non_zero_exit(monkeypatch,
     assert "FAILED: kernel attention" in capsys.readouterr().out
 
 
+def test_the_runner_walks_the_selected_phases_in_order_and_a_crashed_phase_leaves_the_rest(monkeypatch, tmp_path,
+                                                                                          keep_threads):
+    walked = []
+
+    def measure(name):
+        def run(bench):
+            walked.append((name, bench.results["phase_running"], list(bench.results["phases_done"])))
+            if name == "kernels":
+                raise RuntimeError("phase exploded")
+        return run
+
+    peaks = bench_run.Phase("peaks", lambda bench: "peaks", measure("peaks"), always=True)
+    monkeypatch.setattr(bench_run, "PHASES", (peaks, *(bench_run.Phase(name, lambda bench: name, measure(name))
+                                                       for name in bench_run.ONLY["all"])))
+    out = tmp_path / "out"
+    code = bench_run.main(["--device", "cpu", "--only", "kernels", "--budget-seconds", "60", "--out", str(out)])
+    # The peaks always, then --only's phases in order; the sweeps still run after the kernels crashed.
+    assert code == 1 and walked == [("peaks", "peaks", []), ("kernels", "kernels", ["peaks"]),
+                                    ("sweeps", "sweeps", ["peaks", "kernels"])]
+    results = json.loads((out / "results.json").read_text())
+    assert results["phases_done"] == ["peaks", "kernels", "sweeps"] and results["phase_running"] is None
+    assert results["complete"] and results["settings"]["phases"] == ["kernels", "sweeps"]
+    (error,) = results["phase_errors"]
+    assert error["phase"] == "kernels" and "phase exploded" in error["error"] and "Traceback" in error["traceback"]
+    assert "phase kernels: RuntimeError: phase exploded" in ours_failures(results)
+
+
 def test_a_crash_of_our_trainer_is_a_failed_row_and_a_non_zero_exit(monkeypatch, tmp_path, keep_threads):
     def broken(self, epoch):
         raise RuntimeError("trainer exploded")
@@ -405,7 +432,7 @@ def test_compile_mode_is_chosen_per_row_from_what_fits():
 
 def test_phase_deadlines_leave_the_training_rows_what_they_need():
     budget = Budget(total_seconds=200)
-    all_phases = bench_run.PHASES
+    all_phases = bench_run.ONLY["all"]
     few = bench_run.phase_deadlines(budget, all_phases, training_seconds=20)
     many = bench_run.phase_deadlines(budget, all_phases, training_seconds=1000)
     assert few["sweeps"] == budget.end() - 15 and few["training"] == few["sweeps"] - 30

@@ -224,8 +224,8 @@ def test_an_unexpected_error_says_so_and_how_to_see_it(data_dir, tmp_path, monke
     ("bench.run", ["--device", "gpu"], ["--device", "'gpu'"]),
     ("bench.run", ["--budget-seconds", "-3"], ["--budget-seconds", "positive"]),
     ("bench.run", ["--max-files", "2"], ["--max-files", "at least"]),
-    ("bench.gpu_session", ["step3", "OUT"], ["step", "'step3'"]),
-    ("bench.gpu_session", ["step1", "OUT", "--seconds", "inf"], ["--seconds", "finite"]),
+    ("bench.session", ["step3", "OUT"], ["step", "'step3'"]),
+    ("bench.session", ["step1", "OUT", "--seconds", "inf"], ["--seconds", "finite"]),
 ], ids=["evaluate-batch-size", "evaluate-device", "predict-device", "predict-no-image", "bench-device",
         "bench-budget", "bench-max-files", "session-step", "session-seconds"])
 def test_evaluate_predict_and_bench_usage_errors(module, argv, names, finished_run, tmp_path, capsys):
@@ -245,7 +245,7 @@ def test_evaluate_out_dir_that_is_a_file_is_one_line(finished_run, tmp_path, cap
 
 # --- help -----------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("module", ["train", "vit.evaluate", "vit.predict", "bench.run", "bench.gpu_session"])
+@pytest.mark.parametrize("module", ["train", "vit.evaluate", "vit.predict", "bench.run", "bench.session"])
 def test_help_shows_every_flag_with_its_help_and_default_and_ends_with_examples(module):
     parser = importlib.import_module(module).build_parser()
     text = parser.format_help()

@@ -87,12 +87,14 @@ class PatchEmbed(nn.Module):
         return self.proj(images).flatten(2).transpose(1, 2)
 
 
-class Attention(nn.Module):
-    """The attention branch with its residual: x + s * proj(attention(qkv(norm(x)))).
+class AttentionResidual(nn.Module):
+    """The attention branch added to its residual: x + s * proj(attention(qkv(norm(x)))).
 
-    norm is the block's LayerNorm before it (norm1, which timm's names keep on the block): the
-    backend fuses it into the QKV projection. Dropout (ViTConfig.dropout) applies to the
-    attention output before the projection, which is fused with the residual add.
+    Named for the residual add it owns: the backend fuses the output projection with that add
+    (one linear_residual call), so the branch alone never exists as a tensor. norm is the
+    block's LayerNorm before it (norm1, which timm's names keep on the block): the backend fuses
+    it into the QKV projection. s is the per-sample branch scale of stochastic depth (None: 1).
+    Dropout (ViTConfig.dropout) applies to the attention output before the projection.
     """
 
     def __init__(self, cfg: ViTConfig, backend: Backend):
@@ -109,10 +111,11 @@ class Attention(nn.Module):
         return self.backend.linear_residual(attended, self.proj.weight, self.proj.bias, x, branch_scale=branch_scale)
 
 
-class Mlp(nn.Module):
-    """The MLP branch with its residual: x + s * act2(fc2(gelu(fc1(norm(x))))), one backend call
-    (norm is the block's norm2; act2 is GELU with ViTConfig.mlp_second_gelu). No dropout
-    inside: the fused kernels compute it in one pass."""
+class MlpResidual(nn.Module):
+    """The MLP branch added to its residual: x + s * act2(fc2(gelu(fc1(norm(x))))), one backend
+    call (layernorm_mlp, which fuses the norm, both linears and the residual add; norm is the
+    block's norm2; act2 is GELU with ViTConfig.mlp_second_gelu; s as in AttentionResidual). No
+    dropout inside: the fused kernels compute it in one pass."""
 
     def __init__(self, cfg: ViTConfig, backend: Backend):
         super().__init__()
@@ -128,19 +131,21 @@ class Mlp(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm block: x + MHSA(LN(x)), then x + MLP(LN(x))."""
+    """Pre-norm block: x + MHSA(LN(x)), then x + MLP(LN(x)). The attributes keep timm's names
+    (attn, mlp) so that the state dicts match; each holds its branch with the residual add."""
 
     def __init__(self, cfg: ViTConfig, backend: Backend):
         super().__init__()
         self.norm1 = nn.LayerNorm(cfg.dim, eps=cfg.layer_norm_eps)
-        self.attn = Attention(cfg, backend)
+        self.attn = AttentionResidual(cfg, backend)
         self.norm2 = nn.LayerNorm(cfg.dim, eps=cfg.layer_norm_eps)
-        self.mlp = Mlp(cfg, backend)
+        self.mlp = MlpResidual(cfg, backend)
 
     def forward(self, x, branch_scales=None):
         """branch_scales: None, or [2, B] per-sample scales of the attention and MLP branches."""
-        x = self.attn(x, self.norm1, None if branch_scales is None else branch_scales[0])
-        return self.mlp(x, self.norm2, None if branch_scales is None else branch_scales[1])
+        attn_scale, mlp_scale = (None, None) if branch_scales is None else branch_scales
+        x = self.attn(x, self.norm1, attn_scale)
+        return self.mlp(x, self.norm2, mlp_scale)
 
 
 class ViT(nn.Module):
@@ -193,7 +198,7 @@ class ViT(nn.Module):
         self.backend = get_backend(name)
         self.cfg.backend = name
         for module in self.modules():
-            if isinstance(module, (Attention, Mlp)):
+            if isinstance(module, (AttentionResidual, MlpResidual)):
                 module.backend = self.backend
 
     def branch_scales(self, batch: int):

@@ -1,4 +1,4 @@
-"""The prepared GPU session (bench/gpu_session.py), dry-run on the CPU at tiny sizes: both steps
+"""The prepared GPU session (bench/session/), dry-run on the CPU at tiny sizes: both steps
 run with the flags and paths the GPU machine will see, write only under their results folder
 (and the scratch folder), within the 8 files that come back, and record what a GPU run must
 report (test outcomes, the plan, the full run's accuracy and wall clock, the benches).
@@ -21,7 +21,8 @@ from pathlib import Path
 
 import pytest
 
-from bench import gpu_session as gs
+import bench.session
+from bench.session import driver, steps
 from conftest import write_cifar_folder
 
 REPO = Path(__file__).resolve().parents[1]
@@ -55,7 +56,7 @@ def dry_run(tmp_path_factory):
         for name, out, flags in (("step1", step1_out, ["--seconds", str(HANG_GUARD_SECONDS)]),
                                  ("step2", step2_out, ["--seconds", str(HANG_GUARD_SECONDS), "--max-epochs", "2",
                                                        "--bench-configs", "torch-fp32", "--data-dir", str(data)])):
-            proc = subprocess.run([sys.executable, "-m", "bench.gpu_session", name, str(out), "--device", "cpu",
+            proc = subprocess.run([sys.executable, "-m", "bench.session", name, str(out), "--device", "cpu",
                                    "--work", str(work), *flags], cwd=REPO, capture_output=True, text=True,
                                   timeout=2 * HANG_GUARD_SECONDS)
             runs[name] = {"proc": proc, "out": out, "session": json.loads((out / "session.json").read_text())}
@@ -77,7 +78,7 @@ def test_each_step_succeeds_and_leaves_at_most_8_files_a_gpu_machine_returns(dry
     proc, session = run["proc"], run["session"]
     assert proc.returncode == 0, f"{proc.stdout[-5000:]}\n{proc.stderr[-3000:]}"
     files = _files(run["out"])
-    assert 1 <= len(files) <= gs.MAX_RESULT_FILES, files
+    assert 1 <= len(files) <= driver.MAX_RESULT_FILES, files
     for path in files:
         assert len(path.parts) <= 2 and all(FILE_NAME.match(part) for part in path.parts), path  # $OUT/a/file
         assert not path.name.endswith(".tmp")
@@ -123,7 +124,7 @@ def test_step1_runs_the_gpu_tests_parity_first_in_parallel_files_then_the_kernel
         files = [path for shard in shards for path in _shard_files(shard["command"])]
         for shard in shards:
             command = shard["command"]
-            assert command[1:7] == ["-m", "pytest", "-m", gs.STEP1_TESTS, "-k", expression]
+            assert command[1:7] == ["-m", "pytest", "-m", steps.STEP1_TESTS, "-k", expression]
             assert shard["exit_code"] == 0 and shard["tests"]["tests"] > 0 and shard["tests"]["failed"] == []
             # On the CPU every gpu test skips.
             assert shard["tests"]["skipped"] == shard["tests"]["tests"]
@@ -147,7 +148,7 @@ def test_step1_runs_the_gpu_tests_parity_first_in_parallel_files_then_the_kernel
 
 def test_step2_runs_the_gpu_tests_of_the_real_data_where_it_found_the_data(dry_run):
     (tests,) = _test_groups(dry_run["step2"]["session"])["the real data"]
-    assert tests["command"][1:5] == ["-m", "pytest", "-m", gs.STEP2_TESTS] and tests["command"][-1] == "tests"
+    assert tests["command"][1:5] == ["-m", "pytest", "-m", steps.STEP2_TESTS] and tests["command"][-1] == "tests"
     assert tests["exit_code"] == 0 and tests["tests"]["tests"] >= 1  # skipped on the CPU
     log = (dry_run["step2"]["out"] / "session.log").read_text()
     assert "tests: the real data" in log
@@ -157,10 +158,10 @@ def test_test_files_are_spread_over_shards_whole_and_largest_first():
     nodes = ([f"tests/test_a.py::t{i}" for i in range(5)] + [f"tests/test_b.py::t{i}" for i in range(3)]
              + [f"tests/test_c.py::t{i}" for i in range(2)] + ["tests/test_d.py::t0"])
     # 5 tests, then 3 + 2, then 1 to the first of the two equal shards.
-    assert gs.test_shards(nodes, 2) == [["tests/test_a.py", "tests/test_d.py"], ["tests/test_b.py", "tests/test_c.py"]]
-    assert gs.test_shards(nodes, 3) == [["tests/test_a.py"], ["tests/test_b.py"], ["tests/test_c.py", "tests/test_d.py"]]
-    assert gs.test_shards(nodes, 16) == [[f"tests/test_{x}.py"] for x in "abcd"]
-    assert gs.test_shards([], 4) == []
+    assert steps.test_shards(nodes, 2) == [["tests/test_a.py", "tests/test_d.py"], ["tests/test_b.py", "tests/test_c.py"]]
+    assert steps.test_shards(nodes, 3) == [["tests/test_a.py"], ["tests/test_b.py"], ["tests/test_c.py", "tests/test_d.py"]]
+    assert steps.test_shards(nodes, 16) == [[f"tests/test_{x}.py"] for x in "abcd"]
+    assert steps.test_shards([], 4) == []
 
 
 def test_the_real_data_is_found_where_vit_data_dir_says(tmp_path):
@@ -232,13 +233,13 @@ PLAN = {"batch_size": 128, "step_seconds": 0.004, "eval_seconds_per_image": 1e-5
 
 def test_the_plan_counts_the_epochs_that_fit_with_every_per_epoch_cost():
     # 390 steps x 4 ms + 0.1 s of evaluation + 0.5 s of host work = 2.16 s, x1.1 = 2.376 s per epoch.
-    estimate = gs.plan_epochs(PLAN, 300.0, 50_000, 10_000, "cuda")
+    estimate = steps.plan_epochs(PLAN, 300.0, 50_000, 10_000, "cuda")
     assert estimate["epoch_seconds_estimate"] == pytest.approx(2.376)
-    assert estimate["fixed_seconds_estimate"] == gs.STARTUP_SECONDS["cuda"] + gs.FINISH_SECONDS["cuda"] + 20.0
+    assert estimate["fixed_seconds_estimate"] == steps.STARTUP_SECONDS["cuda"] + steps.FINISH_SECONDS["cuda"] + 20.0
     assert estimate["epochs"] == int((300 - 60) // 2.376) == 101
-    assert gs.plan_epochs(PLAN, 10_000.0, 50_000, 10_000, "cuda")["epochs"] == 200  # never more than the recipe
-    assert gs.plan_epochs(PLAN, 50.0, 50_000, 10_000, "cuda")["epochs"] == 0
-    capped = gs.plan_epochs(PLAN, 300.0, 50_000, 10_000, "cuda", max_epochs=2)
+    assert steps.plan_epochs(PLAN, 10_000.0, 50_000, 10_000, "cuda")["epochs"] == 200  # never more than the recipe
+    assert steps.plan_epochs(PLAN, 50.0, 50_000, 10_000, "cuda")["epochs"] == 0
+    capped = steps.plan_epochs(PLAN, 300.0, 50_000, 10_000, "cuda", max_epochs=2)
     assert capped["epochs"] == 2 and capped["epochs_that_fit"] == 101
 
 
@@ -246,28 +247,28 @@ def test_the_full_run_is_labelled_by_what_it_was():
     rows = [{"epoch": str(e), "test_acc": str(0.5 + e / 1000), "epoch_seconds": "2.0", "images_per_second": "25000"}
             for e in range(1, 201)]
     estimate = {"epoch_seconds_estimate": 2.4, "seconds_available": 300.0, "epochs_that_fit": 250}
-    full = gs._full_run_summary(rows, 200, False, 0, 450.0, estimate)
+    full = steps._full_run_summary(rows, 200, False, 0, 450.0, estimate)
     assert full["label"] == "the default recipe, all 200 epochs" and full["complete"]
     assert full["final_test_acc"] == pytest.approx(0.7) and full["best_epoch"] == 200 and full["train_seconds"] == 400
-    short = gs._full_run_summary(rows[:100], 100, False, 0, 230.0, {**estimate, "epochs_that_fit": 100})
+    short = steps._full_run_summary(rows[:100], 100, False, 0, 230.0, {**estimate, "epochs_that_fit": 100})
     assert short["label"].startswith("the default recipe shortened to 100 epochs") and short["complete"]
     assert short["label"].endswith("200 did not fit (2.40s per epoch estimated from a measured step, 300s available)")
-    stopped = gs._full_run_summary(rows[:60], 100, True, -2, 230.0, {**estimate, "epochs_that_fit": 100})
+    stopped = steps._full_run_summary(rows[:60], 100, True, -2, 230.0, {**estimate, "epochs_that_fit": 100})
     assert "STOPPED after 60 of 100 epochs at the time limit" in stopped["label"] and not stopped["complete"]
 
 
-def _session(tmp_path, **overrides) -> gs.Session:
+def _session(tmp_path, **overrides) -> driver.Session:
     args = Namespace(results=str(tmp_path / "results"), work=str(tmp_path / "work"), seconds=60.0, device="cpu",
                      data_dir=None, commit=None, bench_seconds=20.0, max_epochs=200)
     for key, value in overrides.items():
         setattr(args, key, value)
-    return gs.Session("step2", args)
+    return driver.Session("step2", args)
 
 
 def test_without_both_parts_there_is_no_real_data_and_the_reason_says_why(tmp_path):
     session = _session(tmp_path)
     (session.work / "part1.xz").write_bytes(b"step2's part only")
-    data_dir, why = gs._real_data(session)
+    data_dir, why = steps._real_data(session)
     assert data_dir is None and "part0.xz" in why and "device_data.py" in why and "warm" in why
     assert session.record["substeps"] == []  # nothing was run
 
@@ -280,14 +281,14 @@ def test_pytest_outcomes_are_read_from_junit_xml(tmp_path):
                    'trace</failure></testcase>'
                    '<testcase classname="t" name="c"><skipped/></testcase><testcase classname="t" name="d"><skipped/>'
                    '</testcase></testsuite></testsuites>')
-    summary = gs._junit_summary(xml)
+    summary = steps._junit_summary(xml)
     assert summary == {"tests": 4, "failures": 1, "errors": 0, "skipped": 2, "passed": 1,
                        "failed": ["tests.test_attention::test_b: assert 1 == 2"]}
-    assert gs._junit_summary(tmp_path / "missing.xml") == {"report": "missing (pytest did not finish)"}
+    assert steps._junit_summary(tmp_path / "missing.xml") == {"report": "missing (pytest did not finish)"}
 
 
 def test_a_results_folder_that_is_not_empty_is_refused(tmp_path, capsys):
     (tmp_path / "old.txt").write_text("x")
     with pytest.raises(SystemExit) as exit_info:
-        gs.main(["step1", str(tmp_path), "--device", "cpu"])
+        bench.session.main(["step1", str(tmp_path), "--device", "cpu"])
     assert exit_info.value.code == 2 and "is not empty" in capsys.readouterr().err

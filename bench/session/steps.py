@@ -1,42 +1,11 @@
-"""A short GPU window turned into complete results, in two commands (bench/README.md says how to
-launch them). Each writes its results only under the folder given as its first argument (at
-most 8 files, no deeper than RESULTS/bench/), rewritten as it goes, so a command stopped at any
-moment still leaves what it measured; scratch (the data set, the training run's checkpoints,
-the plan handed from step 1 to step 2) goes to --work (default .device-data, ignored by git).
-
-    python -m bench.gpu_session step1 RESULTS     # the GPU tests, then the kernel bench
-    python -m bench.gpu_session step2 RESULTS     # the data, the full training run, the training bench
-
-step1: the tests marked gpu that need no data set, bf16 parity first (-k "not determinis"), then
-       determinism (-k determinis), each group's test files spread over parallel pytest processes
-       so that the Triton kernels they launch first compile on all the machine's cores (into
-       Triton's cache, which the bench then finds warm); then `python -m bench` on synthetic
-       images (kernels at the model's shape, augmentation, the triton training rows: the
-       CUDA-graph one first, then the eager one whose step time step2 plans with; sweeps).
-step2: CIFAR-10 rebuilt from the two parts carried with the commands (device_data.py unpack);
-       the gpu tests of the real data (VIT_DATA_DIR set to it); the default recipe trained with the triton backend by train.py, all 200 epochs if the
-       step time measured in step1 says they fit before the training bench's share, else as
-       many as fit (a recipe of that many epochs, labelled so); then `python -m bench --only
-       training` on the real data in the time left.
-
-Results (each step): session.log (everything printed but the bench's own log), session.json
-(what ran, exit codes, test outcomes, the plan, the full run's accuracy and wall clock), and the
-bench's folder; step2 adds the full run's metrics.csv and curves.png. Exit status 0 when
-everything passed, 1 when a test, our kernels, our trainer or the full run failed, 2 for a
-usage error.
-
-`--device cpu` is a dry run at tiny sizes (the bench's --quick, a tiny model, the Triton
-interpreter): tests/test_gpu_session.py runs both steps so that paths, flags and the file limit
-are known to work before a GPU is lent.
-"""
-import argparse
+"""The session's two steps: step1 (the gpu tests, then the kernel bench, which measures the
+plan) and step2 (the real data, the full training run planned from step1's measured step, the
+training bench); bench/session/__init__.py says what each runs and why in that order."""
 import csv
 import json
 import math
 import os
-import shlex
 import shutil
-import signal
 import subprocess
 import sys
 import threading
@@ -44,13 +13,11 @@ import time
 import xml.etree.ElementTree as ElementTree
 from pathlib import Path
 
-from bench.measure import REPO, git_commit
+from bench.measure import REPO
 from bench.run import QUICK_BATCH_SIZE, TINY_MODEL
-from vit import cli
+from bench.session.driver import MAX_RESULT_FILES, Session
 from vit.environment import atomic_write
 
-MAX_RESULT_FILES = 8  # what the GPU machine sends back from a results folder
-DEFAULT_SECONDS = {"step1": 210, "step2": 480}
 TESTS_SHARE = 0.4  # of step1's time, at most, for the two test groups (the parity group gets 3/4 of it)
 # step1's gpu tests: those of the real data run in step2, once it is unpacked.
 STEP1_TESTS, STEP2_TESTS = "gpu and not real_data", "gpu and real_data"
@@ -61,8 +28,10 @@ TEST_GROUPS = (("bf16 parity", "not determinis"), ("determinism", "determinis"))
 # peers run in step2, on the real data, with more time.
 STEP1_TRAINING_CONFIGS = "triton-graphs,triton"
 DATA_TESTS_SECONDS = 90  # step2: the gpu tests of the real data (two short bf16 runs of the default model)
-BENCH_FILES = {"step1": 6, "step2": 4}  # the bench's share of the 8 files, beside the session's own
-RECIPE_EPOCHS = 200
+# The bench's share of the MAX_RESULT_FILES, beside the session's own (session.log, session.json,
+# and step2's metrics.csv and curves.png).
+BENCH_FILES = {"step1": MAX_RESULT_FILES - 2, "step2": MAX_RESULT_FILES - 4}
+RECIPE_EPOCHS = 200  # the default recipe's schedule, the most the full run trains
 # step2 keeps at least this for the training bench after the full run (--bench-seconds): the
 # headline pair (triton eager, ~20 s; torch bf16 + compile, ~80 s with its compile) and the report.
 BENCH_SECONDS = 150
@@ -73,164 +42,8 @@ EPOCH_SAFETY = 1.1  # the plan's per-epoch time is stretched by this before coun
 STARTUP_SECONDS = {"cuda": 25.0, "cpu": 15.0}
 FINISH_SECONDS = {"cuda": 15.0, "cpu": 10.0}
 PROBE_SECONDS = 60  # step2 without a plan from step1: a bench row of the triton step, this long
-GRACE_SECONDS = 10  # after SIGINT, before SIGKILL
-BENCH_STARTUP_SECONDS = 15  # python -m bench imports torch, Triton and the kernels before its budget starts
 MARGIN_SECONDS = 10  # kept at the end of a step for writing session.json
-MIN_COMMAND_SECONDS = 5  # a command with less time than this left is not started
 
-
-class Session:
-    """One step: its results folder, log, time limit and session.json."""
-
-    def __init__(self, step: str, args):
-        self.step, self.args = step, args
-        # Absolute: the commands run from the repository's root, wherever this was started.
-        self.results, self.work = Path(args.results).resolve(), Path(args.work).resolve()
-        self.dry_run = args.device == "cpu"
-        self.started = time.perf_counter()
-        self.deadline = self.started + args.seconds
-        self.results.mkdir(parents=True, exist_ok=True)
-        self.work.mkdir(parents=True, exist_ok=True)
-        self.log_file = open(self.results / "session.log", "a")
-        commit = git_commit()
-        if commit["commit"] == "unknown" and args.commit:
-            commit = {"commit": args.commit, "dirty": None, "source": "--commit: this folder is not a git checkout"}
-        self.record = {"step": step, "complete": False, "dry_run": self.dry_run, "device": _device_name(args.device),
-                       "commit": commit, "started": time.strftime("%Y-%m-%d %H:%M:%S %z"),
-                       "budget_seconds": args.seconds, "command": [sys.executable, "-m", "bench.gpu_session",
-                                                                  *sys.argv[1:]],
-                       "substeps": []}
-        self.failed = False
-        self.data_dir: Path | None = None  # the real CIFAR-10, once step2 has it
-        self._lock = threading.Lock()  # parallel test processes log and record at once
-
-    # -- time, log, record -------------------------------------------------------------------
-    def left(self) -> float:
-        return self.deadline - time.perf_counter()
-
-    def say(self, line: str):
-        with self._lock:
-            print(line, flush=True)
-            self.log_file.write(line + "\n")
-            self.log_file.flush()
-
-    def save(self):
-        with self._lock:
-            self.record["elapsed_seconds"] = round(time.perf_counter() - self.started, 1)
-            text = json.dumps(self.record, indent=2) + "\n"
-            atomic_write(self.results / "session.json", lambda tmp: tmp.write_text(text))
-
-    def environment(self) -> dict:
-        env = dict(os.environ, PYTHONPATH=str(REPO), PYTHONUNBUFFERED="1", PYTHONDONTWRITEBYTECODE="1")
-        if self.dry_run:
-            env["TRITON_INTERPRET"] = "1"  # our kernels through the interpreter, as in the tests
-        if self.data_dir is not None:
-            env["VIT_DATA_DIR"] = str(self.data_dir)  # where tests/conftest.py finds the real data
-        return env
-
-    # -- subprocesses ------------------------------------------------------------------------
-    def run(self, name: str, command: list[str], seconds: float, to_log: bool = True, on_line=None) -> dict:
-        """command with its output on stdout (and session.log when to_log), stopped at `seconds`:
-        SIGINT, then SIGKILL after GRACE_SECONDS. Returns and records its substep."""
-        substep = {"name": name, "command": command, "time_limit_seconds": round(seconds, 1)}
-        self.record["substeps"].append(substep)
-        if seconds < MIN_COMMAND_SECONDS:
-            substep.update(exit_code=None, seconds=0.0, stopped_at_time_limit=False,
-                           not_started=f"{max(0.0, seconds):.0f}s left of the step's time")
-            self.say(f"!! {name}: not started, {substep['not_started']}")
-            self.save()
-            return substep
-        self.say(f"== {name}: {shlex.join(command)} (at most {seconds:.0f}s)")
-        self.save()
-        started = time.perf_counter()
-        process = subprocess.Popen(command, cwd=REPO, env=self.environment(), stdout=subprocess.PIPE,
-                                   stderr=subprocess.STDOUT, text=True, bufsize=1, start_new_session=True)
-
-        def pump():
-            for line in process.stdout:
-                line = line.rstrip("\n")
-                if to_log:
-                    self.say(line)
-                else:
-                    print(line, flush=True)
-                if on_line:
-                    on_line(line)
-
-        reader = threading.Thread(target=pump, daemon=True)
-        reader.start()
-        stopped = False
-        try:
-            process.wait(timeout=max(1.0, seconds))
-        except subprocess.TimeoutExpired:
-            stopped = True
-            self.say(f"!! {name}: time limit of {seconds:.0f}s reached; interrupting")
-            _signal_group(process, signal.SIGINT)
-            try:
-                process.wait(timeout=GRACE_SECONDS)
-            except subprocess.TimeoutExpired:
-                _signal_group(process, signal.SIGKILL)
-                process.wait()
-        reader.join(timeout=GRACE_SECONDS)
-        substep.update(exit_code=process.returncode, seconds=round(time.perf_counter() - started, 1),
-                       stopped_at_time_limit=stopped)
-        self.say(f"== {name}: exit {process.returncode} after {substep['seconds']:.0f}s"
-                 + (" (stopped at its time limit)" if stopped else ""))
-        _remove_partial_writes(self.results)
-        self.save()
-        return substep
-
-    def run_bench(self, name: str, out: Path, seconds: float, max_files: int, *flags: str) -> dict:
-        """python -m bench within `seconds` all told: its budget leaves room for its start-up."""
-        command = [sys.executable, "-m", "bench", "--out", str(out), "--max-files", str(max_files),
-                   "--budget-seconds", f"{max(1.0, seconds - BENCH_STARTUP_SECONDS):.0f}", *flags]
-        if self.dry_run:
-            command += ["--device", "cpu", "--quick"]
-        if self.record["commit"].get("source"):
-            command += ["--commit", self.record["commit"]["commit"]]
-        # The bench writes its own log.txt: its output goes to stdout only.
-        return self.run(name, command, seconds, to_log=False)
-
-    def finish(self) -> int:
-        self.record["complete"] = True
-        self.record["exit_code"] = 1 if self.failed else 0
-        self.save()  # session.json exists from here on: it is among the files listed
-        self.record["files"] = [str(p.relative_to(self.results)) for p in _result_files(self.results)]
-        self.say(f"{self.step}: {'FAILED' if self.failed else 'done'} in {time.perf_counter() - self.started:.0f}s; "
-                 f"{len(self.record['files'])} files in {self.results}")
-        if len(self.record["files"]) > MAX_RESULT_FILES:
-            self.say(f"!! more than {MAX_RESULT_FILES} files in {self.results}: some will not come back")
-        self.save()
-        self.log_file.close()
-        return self.record["exit_code"]
-
-
-def _device_name(device: str) -> str:
-    import torch
-
-    from vit.environment import device_name
-
-    return device_name(torch.device(device)) if device == "cpu" or torch.cuda.is_available() else "no CUDA device"
-
-
-def _signal_group(process, sig):
-    try:
-        os.killpg(process.pid, sig)
-    except ProcessLookupError:
-        pass
-
-
-def _remove_partial_writes(folder: Path):
-    """Temporary files of atomic writes a killed process left behind: not results, and each
-    would count against the file limit."""
-    for path in folder.rglob(".*.tmp"):
-        path.unlink(missing_ok=True)
-
-
-def _result_files(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*") if p.is_file())
-
-
-# ---------------------------------------------------------------------------------- step 1
 
 def _junit_summary(path: Path) -> dict:
     """Counts and the failed tests (with the first line of why) from pytest's junit XML."""
@@ -513,77 +326,3 @@ def step2(session: Session) -> None:
                                 BENCH_FILES["step2"], "--only", "training", *data_flags, *configs)
     if substep["exit_code"] != 0:
         session.failed = True
-
-
-# ------------------------------------------------------------------------------------ CLI
-
-EXAMPLES = """\
-examples:
-  python -m bench.gpu_session step1 $OUT --commit 0123456789ab
-      on the GPU machine: the gpu-marked tests, then the kernel bench (bench/README.md says how to run both steps)
-  python -m bench.gpu_session step2 $OUT --commit 0123456789ab
-      then: unpack the data, train the full recipe with the triton backend, the training bench
-  python -m bench.gpu_session step1 /tmp/dry --device cpu
-      a dry run of a step at tiny sizes on the CPU
-"""
-
-def build_parser() -> argparse.ArgumentParser:
-    p = cli.Parser(prog="python -m bench.gpu_session", description=__doc__.split("\n\n")[0], epilog=EXAMPLES)
-    p.add_argument("step", choices=["step1", "step2"],
-                   help="step1: the gpu-marked tests and the kernel bench; step2: the full training run and the "
-                        "training bench")
-    p.add_argument("results", help="folder for the results (on the GPU machine: $OUT); created if missing, must be empty")
-    p.add_argument("--work", default=".device-data", help="scratch: device_data.py and the parts, the unpacked data, "
-                                                          "the training run, the plan from step1")
-    p.add_argument("--seconds", type=cli.positive_float, default=None,
-                   help=f"wall-clock budget of the step (default: {DEFAULT_SECONDS['step1']} for step1, "
-                        f"{DEFAULT_SECONDS['step2']} for step2)")
-    p.add_argument("--device", choices=["cuda", "cpu"], default="cuda",
-                   help="cpu: a dry run at tiny sizes, to check paths, flags and the file limit without a GPU")
-    p.add_argument("--data-dir", default=None,
-                   help="step2: CIFAR-10 already on this machine (default: unpack the carried parts into --work)")
-    p.add_argument("--bench-seconds", type=cli.positive_float, default=BENCH_SECONDS,
-                   help="step2: seconds kept for the training bench after the full run")
-    p.add_argument("--bench-configs", default=None, metavar="KEYS",
-                   help="step2: the training bench's configurations, as python -m bench --training-configs "
-                        "(default: all, the headline pair first)")
-    p.add_argument("--max-epochs", type=cli.positive_int, default=RECIPE_EPOCHS,
-                   help="step2: at most this many epochs in the full run (the recipe's 200; fewer when they do not fit)")
-    p.add_argument("--commit", default=None,
-                   help="the commit measured, recorded when the folder is not a git checkout (default: read from git)")
-    return p
-
-
-def main(argv=None) -> int:
-    return cli.run(_main, argv)
-
-
-def _main(argv: list[str]) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    args.seconds = args.seconds or DEFAULT_SECONDS[args.step]
-    results = Path(args.results)
-    if results.exists() and any(results.iterdir()):
-        parser.error(f"{results} is not empty: give each step an empty results folder (at most "
-                     f"{MAX_RESULT_FILES} files come back from it)")
-    if args.device == "cuda":
-        import torch
-
-        if not torch.cuda.is_available():
-            parser.error("no CUDA device here; --device cpu runs the dry run")
-    session = Session(args.step, args)
-    session.say(f"{args.step}: {session.record['device']}, commit {session.record['commit']['commit']}, "
-                f"{args.seconds:.0f}s, results in {results}, scratch in {args.work}"
-                + (" (dry run at tiny sizes)" if session.dry_run else ""))
-    session.save()
-    try:
-        (step1 if args.step == "step1" else step2)(session)
-    except Exception as error:  # the session's own failure: recorded, and what exists stays
-        session.failed = True
-        session.record["error"] = f"{type(error).__name__}: {error}"
-        session.say(f"!! {args.step} failed: {type(error).__name__}: {error}")
-    return session.finish()
-
-
-if __name__ == "__main__":
-    sys.exit(main())
