@@ -30,13 +30,13 @@ import torch  # noqa: E402
 from vit import cli, distributed  # noqa: E402
 from vit.backends import backend_names, get_backend  # noqa: E402
 from vit.checkpoint import (CONFIG_FILE, LAST_CHECKPOINT, LOCK_FILE, RunInUse, RunLock, is_own_leftover,  # noqa: E402
-                            load_checkpoint, read_config, write_config)
+                            load_checkpoint, read_config, read_config_file, write_config)
 from vit.data import BatchSizeError  # noqa: E402
 from vit.environment import WriteError  # noqa: E402
 from vit.evaluate import check_model_identity  # noqa: E402
 from vit.mixing import SMOOTHING_CONVENTIONS  # noqa: E402
 from vit.augment import AUTO_AUGMENT_VARIANTS  # noqa: E402
-from vit.config import OPTIMIZERS  # noqa: E402
+from vit.config import OPTIMIZERS, REMOVED_FIELDS  # noqa: E402
 from vit.model import INITS, POOLS, ViTConfig  # noqa: E402
 from vit.recipes import RECIPES, recipe_configs  # noqa: E402
 from vit.timm_interop import build_model, resolve_timm_config  # noqa: E402
@@ -48,7 +48,7 @@ MODEL_FLAGS = {"image_size": "--image-size", "patch_size": "--patch-size", "num_
                "backend": "--backend", "init": "--init", "pool": "--pool", "mlp_second_gelu": "--mlp-second-gelu",
                "drop_path": "--drop-path"}
 # What may differ on --resume: where and how the run executes, never what it computes.
-RESUME_MAY_CHANGE = {"device", "num_workers", "progress", "resume", "data_dir", "cuda_graph"}
+RESUME_MAY_CHANGE = {"device", "progress", "resume", "data_dir", "cuda_graph"}
 CIFAR10_IMAGE_SIZE = 32  # the images are used as they are, never resized
 CIFAR10_CLASSES = 10
 TRITON_HEAD_DIMS = (16, 32, 48, 64)  # kernels/attention.py's SUPPORTED_HEAD_DIMS
@@ -164,7 +164,7 @@ def build_parser(recipe: str = "default") -> argparse.ArgumentParser:
                         "shears) or the reference code's (grey 128 fill, rotation by +theta, bicubic shears)")
     g.add_argument("--mixup-alpha", type=cli.non_negative_float, default=t.mixup_alpha,
                    help="MixUp: a mixed sample blends with its partner by a Beta(alpha, alpha) share; 0 turns MixUp "
-                        "off. CutMix and MixUp run in the batched loader (--augment gpu, which runs on the CPU too)")
+                        "off")
     g.add_argument("--cutmix-alpha", type=cli.non_negative_float, default=t.cutmix_alpha,
                    help="CutMix: a mixed sample gets a box of its partner covering a 1 - Beta(alpha, alpha) share; "
                         "0 turns CutMix off")
@@ -188,11 +188,6 @@ def build_parser(recipe: str = "default") -> argparse.ArgumentParser:
                    help="continue the run in RUN_DIR after its last finished epoch, or from its start if none "
                         "finished; the recipe stays the saved one; a checkpoint file in it names it too "
                         "(default: a new run)")
-    g.add_argument("--num-workers", type=cli.non_negative_int, default=t.num_workers,
-                   help=f"DataLoader workers for --augment cpu (default: the CPU count, at most 4; here {t.num_workers})")
-    g.add_argument("--augment", choices=["gpu", "cpu"], default=None,
-                   help="batched augmentation on the device, or torchvision per image in workers (default: gpu on CUDA "
-                        "or with CutMix/MixUp, else cpu)")
     g.add_argument("--train-subset", type=cli.positive_int, default=None, metavar="N",
                    help="train on the first N images only (default: all of them)")
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
@@ -216,6 +211,16 @@ def typed_flags(parser: argparse.ArgumentParser, argv: list[str]) -> set[str]:
     """The destinations of the flags the user actually typed, as opposed to defaults."""
     return {action.dest for action in parser._actions for opt in action.option_strings
             if any(arg == opt or arg.startswith(opt + "=") for arg in argv)}
+
+
+def refuse_removed_flags(argv: list[str], parser: argparse.ArgumentParser):
+    """A flag of a removed setting (vit/config.py's REMOVED_FIELDS) is a usage error that says what
+    replaced it, so that an old command line fails clearly rather than as an unknown flag."""
+    for arg in argv:
+        flag = arg.split("=", 1)[0]
+        field_name = flag[2:].replace("-", "_")
+        if flag.startswith("--") and field_name in REMOVED_FIELDS:
+            parser.error(f"{flag} was removed: {REMOVED_FIELDS[field_name]}; drop it from the command line")
 
 
 # ---------------------------------------------------------------------------- a new run
@@ -256,12 +261,6 @@ def resolve(args, parser, typed: set[str], device: torch.device,
         args.precision = "bf16" if device.type == "cuda" else "fp32"
     if args.precision != "fp32" and device.type == "cpu":
         parser.error(f"--precision {args.precision} needs CUDA; use --precision fp32 on the CPU")
-    mixing = args.mixup_alpha > 0 or args.cutmix_alpha > 0
-    if args.augment is None:
-        args.augment = "gpu" if device.type == "cuda" or mixing else "cpu"
-    if mixing and args.augment == "cpu":
-        parser.error("--mixup-alpha and --cutmix-alpha: CutMix and MixUp run in the batched loader; use --augment gpu "
-                     "(it runs on the CPU too) or set both alphas to 0")
     if args.image_size != CIFAR10_IMAGE_SIZE:
         parser.error(f"--image-size {args.image_size}: CIFAR-10's images are {CIFAR10_IMAGE_SIZE}x{CIFAR10_IMAGE_SIZE} "
                      f"and are not resized; leave --image-size at {CIFAR10_IMAGE_SIZE}")
@@ -435,6 +434,10 @@ def resolve_resume(args, parser, typed: set[str], device: torch.device,
     except (ValueError, KeyError, TypeError) as error:  # broken JSON, missing sections, unknown fields
         raise cli.RunError(f"{config_path}: unreadable ({cli.one_line(error)}); the run cannot be resumed, "
                            f"start a new one") from None
+    if ctx.is_main:
+        note = removed_fields_note(read_config_file(config_path).get("train", {}))
+        if note:
+            print(f"note: {config_path}: {note}", file=sys.stderr)
     saved = {**asdict(model_cfg), **asdict(train_cfg)}
     if "epochs" in typed and args.epochs != train_cfg.epochs:
         parser.error(f"--resume continues the saved recipe of {train_cfg.epochs} epochs, whose learning-rate schedule "
@@ -464,6 +467,20 @@ def resolve_resume(args, parser, typed: set[str], device: torch.device,
     return model_cfg, train_cfg, run_dir, has_checkpoint
 
 
+def removed_fields_note(saved_train: dict) -> str | None:
+    """What --resume says of a saved run's removed settings, which it ignores: they chose how the
+    same augmentation was run, never what it computes. None when the run holds none."""
+    removed = [name for name in REMOVED_FIELDS if name in saved_train]
+    if not removed:
+        return None
+    note = (f"{' and '.join(removed)} {'are settings' if len(removed) > 1 else 'is a setting'} this version no "
+            f"longer has, ignored: training augments in batches on the training device")
+    if saved_train.get("augment") == "cpu":
+        note += (" (the same transforms and distributions as the run's per-image pipeline; each sample's random "
+                 "draws differ from what it would have drawn)")
+    return note
+
+
 def check_checkpoint_model(checkpoint_path: Path, model_cfg: ViTConfig):
     """Refuse to resume weights under another model than the one they were trained in: the
     checkpoint's own model_config against config.json's (which the typed flags were held to)."""
@@ -489,8 +506,6 @@ def startup_warnings(cfg: TrainConfig, typed: set[str], num_images: int, steps_p
         warnings.append(f"only {steps_per_epoch} step{'s' * (steps_per_epoch != 1)} of {cfg.batch_size} images per "
                         f"epoch: each epoch's numbers rest on a handful of batches; use more training images or a "
                         f"smaller --batch-size")
-    if cfg.augment == "gpu" and "num_workers" in typed:
-        warnings.append(f"--num-workers {cfg.num_workers} has no effect with --augment gpu (workers serve --augment cpu)")
     if cfg.ema_decay > 0:
         steps = cfg.epochs * steps_per_epoch
         initial_share = cfg.ema_decay ** steps
@@ -498,9 +513,6 @@ def startup_warnings(cfg: TrainConfig, typed: set[str], num_images: int, steps_p
             warnings.append(f"--ema-decay {cfg.ema_decay:g} averages over about {1 / (1 - cfg.ema_decay):,.0f} steps: "
                             f"after the run's {steps:,} steps the initial weights are still {initial_share:.0%} of "
                             f"the average; a smaller decay suits a run this short")
-    if cfg.augment == "cpu" and cfg.num_workers == 0 and torch.device(cfg.device).type == "cuda":
-        warnings.append("--augment cpu with --num-workers 0 augments in the training process: the GPU waits for "
-                        "every batch")
     return warnings
 
 
@@ -582,6 +594,7 @@ def main(argv=None) -> int:
 
 def _main(argv: list[str]) -> int:
     parser = build_parser(recipe_named_in(argv))
+    refuse_removed_flags(argv, parser)
     args = parser.parse_args(argv)
     typed = typed_flags(parser, argv)
     device = args.device

@@ -78,7 +78,7 @@ def measure_epoch_gap(model_cfg: ViTConfig | None = None, epochs: int = 5, batch
     (the background write of each epoch, on its thread), "parameters"}."""
     model_cfg = model_cfg or ViTConfig()
     cfg = TrainConfig(epochs=epochs, batch_size=batch_size, warmup_epochs=1, device=device, precision=precision,
-                      augment="gpu", progress=False, seed=0)
+                      progress=False, seed=0)
     model, loader, test_set, optimizer = _parts(model_cfg, cfg, steps_per_epoch * batch_size, num_test=batch_size)
     ends, starts, eval_seconds = [], [], []
     first_ask = [True]
@@ -118,7 +118,7 @@ def count_step_work(model_cfg: ViTConfig | None = None, steps: int = 3, batch_si
     progress points, the epoch's end)}."""
     model_cfg = model_cfg or ViTConfig()
     cfg = TrainConfig(epochs=1, batch_size=batch_size, warmup_epochs=0, device=device, precision=precision,
-                      augment="gpu", progress=False, seed=0, **(cfg_overrides or {}))
+                      progress=False, seed=0, **(cfg_overrides or {}))
     model, loader, test_set, optimizer = _parts(model_cfg, cfg, steps * batch_size, num_test=batch_size)
     counter = DeviceWorkCounter()
     marks = []  # Counts copies at each ask and each handed-over batch, in order

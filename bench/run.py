@@ -208,7 +208,7 @@ def _main(argv: list[str]) -> int:
         model=TINY_MODEL if quick else FULL_MODEL, epochs=args.epochs, batch_size=batch_size,
         train_subset=6 * batch_size if quick else None, test_subset=64 if quick else None,
         warmup_steps=2 if quick else 10, min_measured_steps=3 if quick else 30, count_steps=2 if quick else 3,
-        count_model=COUNT_MODEL if quick else None, count_batch_size=COUNT_BATCH_SIZE if quick else None, augment="gpu", num_workers=0, data=data.describe() if data else {})
+        count_model=COUNT_MODEL if quick else None, count_batch_size=COUNT_BATCH_SIZE if quick else None, data=data.describe() if data else {})
 
     results = {
         "label": label, "smoke": smoke, "quick": quick, "notes": notes, "complete": False, "phases_done": [],

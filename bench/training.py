@@ -144,8 +144,6 @@ class TrainingSettings:
     # model's depth, since launches per step grow with the depth).
     count_model: dict | None = None
     count_batch_size: int | None = None
-    augment: str = "gpu"
-    num_workers: int = 0
     data: dict = field(default_factory=dict)  # BenchData.describe()
 
 
@@ -217,7 +215,7 @@ class TimedLoader:
             self.epochs.append((range(first, len(self.asks)), self._mark()))
             close = getattr(batches, "close", None)
             if close:
-                close()  # stops DataLoader workers when the epoch is cut short
+                close()  # ends the loader's generator, and frees its chunk, when the epoch is cut short
 
     def _seconds(self, start, end) -> float:
         if self.device.type == "cuda":
@@ -321,8 +319,7 @@ def make_trainer(config: TrainingConfig, settings: TrainingSettings, device: tor
     train_cfg = TrainConfig(
         epochs=settings.epochs, batch_size=settings.batch_size, precision=config.precision, device=str(device),
         compile=compile_mode == "default", cuda_graph=config.cuda_graphs, data_dir="(in memory)",
-        train_subset=settings.train_subset, augment=settings.augment, num_workers=settings.num_workers,
-        progress=False, seed=0)
+        train_subset=settings.train_subset, progress=False, seed=0)
     seed_everything(train_cfg.seed)
     images, labels = data.images.train_images, data.images.train_labels
     if train_cfg.train_subset:

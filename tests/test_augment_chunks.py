@@ -1,4 +1,4 @@
-"""The GPU train loader augments chunks of many steps at once: the images do not depend on
+"""The train loader augments chunks of many steps at once: the images do not depend on
 the chunk size or the number of processes, and the launches, syncs and host copies per
 image are counted (bench/counts.py)."""
 import pytest
@@ -26,11 +26,11 @@ def epoch_of(loader, epoch):
 
 def batch_at_a_time(images, labels, batch_size, seed, epoch, auto_augment="torchvision", mixing=None,
                     rank=0, world_size=1):
-    """The augmentation as one call per step, from the loader's own sample order."""
-    sampler = cifar.TrainLoader(images, labels, batch_size, seed, "cpu", rank, world_size)
-    sampler.set_epoch(epoch)
+    """The augmentation as one call per step, of this rank's share of each global batch."""
+    share = batch_size // world_size
     out = []
-    for index in sampler.local_batches():
+    for batch in cifar.global_batches(len(images), batch_size, seed, epoch):
+        index = batch[rank * share:(rank + 1) * share]
         x = augment.normalize(augment.gpu_train_augment(images[index], index, seed, epoch, auto_augment))
         y = labels[index]
         if mixing is not None:

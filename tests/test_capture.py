@@ -21,7 +21,7 @@ CALLS = 3  # a warm-up call, then two to compare (the schedule covers CALLS epoc
 def make_trainer(run_dir, backend="torch", mixing=False, depth=2, batch_size=BATCH, **cfg_fields) -> Trainer:
     """A small model over generated images; dropout and drop-path on, so the step draws random
     numbers."""
-    cfg = TrainConfig(epochs=CALLS, batch_size=batch_size, device="cpu", precision="fp32", augment="gpu", progress=False,
+    cfg = TrainConfig(epochs=CALLS, batch_size=batch_size, device="cpu", precision="fp32", progress=False,
                       seed=0, **cfg_fields)
     seed_everything(0)
     generator = torch.Generator().manual_seed(0)

@@ -24,7 +24,7 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 def make_trainer(run_dir, model_cfg=TINY, steps=4, batch_size=8, seed=0, wrap=None, **cfg_fields) -> Trainer:
     """A trainer over generated images with the batched-augmentation loader."""
     cfg = TrainConfig(**{"epochs": 2, "batch_size": batch_size, "warmup_epochs": 1, "device": "cpu",
-                         "precision": "fp32", "augment": "gpu", "progress": False, "seed": seed, **cfg_fields})
+                         "precision": "fp32", "progress": False, "seed": seed, **cfg_fields})
     device = torch.device(cfg.device)
     run_dir.mkdir(parents=True, exist_ok=True)
     seed_everything(seed)

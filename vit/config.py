@@ -1,11 +1,17 @@
 """The training recipe and a run's settings, in one dataclass shared by the trainer and the run files."""
-import os
 from dataclasses import dataclass, field
 
 from vit.augment import AUTO_AUGMENT_VARIANTS
 from vit.mixing import SMOOTHING_CONVENTIONS
 
 OPTIMIZERS = ("adam", "adamw")
+
+# Settings that no longer exist, with what replaced them: a flag or a configuration naming one is
+# refused with this reason, except a saved run's config.json, which --resume reads without them.
+REMOVED_FIELDS = {
+    "augment": "training augments in batches on the training device (vit/augment.py), the only pipeline",
+    "num_workers": "there are no DataLoader workers: training augments in batches on the training device",
+}
 
 
 @dataclass
@@ -37,9 +43,7 @@ class TrainConfig:
     precision: str = "bf16"  # bf16 | fp16 | fp32; resolved to fp32 on the CPU by resolve_defaults
     device: str = "cuda"
     seed: int = 0
-    num_workers: int = min(4, os.cpu_count() or 1)
     train_subset: int | None = None
-    augment: str = "gpu"  # gpu: batched on the device; cpu: torchvision per image in DataLoader workers
     compile: bool = False
     # Capture the training step (forward, loss, backward, Adam, metrics) in one CUDA graph and
     # replay it every step; CUDA only, single process, not with fp16 or compile (vit/trainer.py).
