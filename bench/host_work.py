@@ -21,7 +21,7 @@ import time
 import torch
 
 from bench.counts import Counts, DeviceWorkCounter
-from vit.data import GPUTrainLoader
+from vit.data import TrainLoader
 from vit.model import ViT, ViTConfig
 from vit.trainer import EvalSet, TrainConfig, Trainer, make_optimizer, seed_everything
 
@@ -61,7 +61,7 @@ def _parts(model_cfg: ViTConfig, cfg: TrainConfig, num_images: int, num_test: in
     generator = torch.Generator().manual_seed(cfg.seed)
     images = torch.randint(0, 256, (num_images, 3, 32, 32), dtype=torch.uint8, generator=generator)
     labels = torch.randint(0, 10, (num_images,), generator=generator)
-    loader = GPUTrainLoader(images, labels, cfg.batch_size, cfg.seed, device)
+    loader = TrainLoader(images, labels, cfg.batch_size, cfg.seed, device)
     test_set = EvalSet(images[:num_test].to(device), labels[:num_test].to(device), CLASS_NAMES)
     model = ViT(model_cfg).to(device)
     return model, loader, test_set, make_optimizer(model.parameters(), cfg, device)

@@ -441,7 +441,7 @@ def _augmentation_section(results: dict) -> list[str]:
                       "yes" if r["images_per_second"] >= augmentation.TARGET_IMAGES_PER_SECOND else "no"])
     out = ["## Augmentation alone", "",
            "Crop, flip, per-sample AutoAugment and normalization of one batch of uint8 images already on the "
-           "device (`vit/augment.py`, what the GPU loader does each step), median and p20-p80, on random images "
+           "device (`vit/augment.py`, what the train loader does each step), median and p20-p80, on random images "
            "(every op runs on every image: the time does not depend on pixels). Target: "
            f"{augmentation.TARGET_IMAGES_PER_SECOND:,} images/s at batch {augmentation.TARGET_BATCH_SIZE} "
            "on an H100.", "",

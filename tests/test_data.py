@@ -60,7 +60,7 @@ def test_real_data_matches_its_readme(real_cifar):
 def test_global_batch_must_divide_among_ranks(fake_cifar):
     d = cifar.load_cifar10(fake_cifar, download=False)
     with pytest.raises(ValueError, match="not divisible by the world size 3"):
-        cifar.GPUTrainLoader(d.train_images, d.train_labels, 20, seed=0, device="cpu", world_size=3)
+        cifar.TrainLoader(d.train_images, d.train_labels, 20, seed=0, device="cpu", world_size=3)
 
 
 def test_lr_schedule_warms_up_from_above_zero_and_ends_at_min_lr():
@@ -88,8 +88,8 @@ def test_training_batches_depend_on_seed_epoch_and_index_only(fake_cifar):
     """The batched loader on the CPU: two processes see exactly the halves of each global batch,
     and another epoch another order."""
     d = cifar.load_cifar10(fake_cifar, download=False)
-    one = cifar.GPUTrainLoader(d.train_images, d.train_labels, 20, seed=3, device="cpu")
-    ranks = [cifar.GPUTrainLoader(d.train_images, d.train_labels, 20, seed=3, device="cpu", rank=r, world_size=2)
+    one = cifar.TrainLoader(d.train_images, d.train_labels, 20, seed=3, device="cpu")
+    ranks = [cifar.TrainLoader(d.train_images, d.train_labels, 20, seed=3, device="cpu", rank=r, world_size=2)
              for r in range(2)]
     for loader in [one, *ranks]:
         loader.set_epoch(4)

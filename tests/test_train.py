@@ -86,13 +86,13 @@ def test_resume_refuses_a_changed_recipe(fake_cifar, tmp_path):
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(fake_cifar, tmp_path, monkeypatch, capsys):
-    original = cifar.GPUTrainLoader.__iter__
+    original = cifar.TrainLoader.__iter__
 
     def poison_second_epoch(self):
         for images, labels in original(self):
             yield (torch.full_like(images, float("nan")) if self.epoch == 1 else images), labels
 
-    monkeypatch.setattr(cifar.GPUTrainLoader, "__iter__", poison_second_epoch)
+    monkeypatch.setattr(cifar.TrainLoader, "__iter__", poison_second_epoch)
     run = tmp_path / "run"
     code = train.main(TINY + ["--epochs", "3", "--batch-size", "20", "--data-dir", str(fake_cifar), "--out-dir", str(run)])
     assert code == 1

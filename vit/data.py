@@ -1,7 +1,7 @@
 """CIFAR-10 from the official "python version" files, and the batch iterators that feed training.
 
 The whole data set is read once into uint8 tensors [N, 3, 32, 32] (180 MB). Training
-batches come from GPUTrainLoader: the images stay on the training device (a GPU or the
+batches come from TrainLoader: the images stay on the training device (a GPU or the
 CPU) and are augmented there by batched tensor operations (vit/augment.py) over chunks of
 many batches at once. It shuffles with a permutation seeded by (seed, epoch) and gives
 each sample randomness seeded by (seed, epoch, sample index) alone, so the data a run sees
@@ -258,7 +258,7 @@ def global_batches(num_samples: int, batch_size: int, seed: int, epoch: int) -> 
     return list(order[: steps * batch_size].view(steps, batch_size))
 
 
-# Images augmented per call of the GPU loader. A call launches a fixed number of kernels,
+# Images augmented per call of the train loader. A call launches a fixed number of kernels,
 # whatever its size: about 250 (480 with the reference variant and mixing), so CIFAR-10's
 # epoch at batch 128, in 4 chunks of about 12,500 images, costs 0.02 (0.04) launches per
 # image, within the 0.05 target. Its intermediates peak at about 90 kB per image (140 kB for
@@ -275,7 +275,7 @@ def chunk_bounds(steps: int, steps_per_chunk: int) -> list[tuple[int, int]]:
     return list(zip(edges[:-1], edges[1:]))
 
 
-class GPUTrainLoader:
+class TrainLoader:
     """Images resident on the training device (a GPU or the CPU) as uint8, augmented there in
     chunks of many steps; each step hands out this rank's share of a global batch of the epoch's
     permutation.

@@ -205,7 +205,7 @@ def mix_config(cfg: TrainConfig, num_classes: int) -> MixConfig | None:
 
 def make_train_loader(cfg: TrainConfig, images, labels, device, rank=0, world_size=1, num_classes: int = 10):
     """The batched loader, augmenting on the training device (mixing when cfg.mixing)."""
-    return cifar.GPUTrainLoader(images, labels, cfg.batch_size, cfg.seed, device, rank=rank, world_size=world_size,
+    return cifar.TrainLoader(images, labels, cfg.batch_size, cfg.seed, device, rank=rank, world_size=world_size,
                                 auto_augment=cfg.auto_augment, mixing=mix_config(cfg, num_classes))
 
 
