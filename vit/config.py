@@ -6,11 +6,11 @@ from vit.mixing import SMOOTHING_CONVENTIONS
 
 OPTIMIZERS = ("adam", "adamw")
 
-# Settings that no longer exist, with what replaced them: a flag or a configuration naming one is
-# refused with this reason, except a saved run's config.json, which --resume reads without them.
+# Settings that no longer exist, with what replaced them: train.py refuses a flag naming one with
+# this reason, and --resume reads a saved run's config.json that holds one without it, with a note.
 REMOVED_FIELDS = {
     "augment": "training augments in batches on the training device (vit/augment.py), the only pipeline",
-    "num_workers": "there are no DataLoader workers: training augments in batches on the training device",
+    "num_workers": "no DataLoader workers remain to set; training augments in batches on the training device",
 }
 
 
