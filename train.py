@@ -32,8 +32,8 @@ from vit import cli, distributed  # noqa: E402
 from vit.backends import get_backend  # noqa: E402
 from vit.checkpoint import (CONFIG_FILE, LAST_CHECKPOINT, LOCK_FILE, RunInUse, RunLock, is_own_leftover,  # noqa: E402
                             load_checkpoint, write_config)
-from vit.config import (CONFIG_CLASSES, add_config_flags, as_flags, build_configs, flag, flag_fields,  # noqa: E402
-                        machine_defaults, read_config_file, resolve_device)
+from vit.config import (CONFIG_CLASSES, REMOVED_FIELDS, add_config_flags, as_flags, build_configs, flag,  # noqa: E402
+                        flag_fields, machine_defaults, read_config_file, resolve_device)
 from vit.data import BatchSizeError  # noqa: E402
 from vit.environment import WriteError  # noqa: E402
 from vit.evaluate import check_model_identity  # noqa: E402
@@ -45,7 +45,7 @@ from vit.trainer import (NonFiniteLoss, RunSummary, TrainConfig, Trainer, build_
                          cuda_graph_unsupported_reason)
 
 # What may differ on --resume: where and how the run executes, never what it computes.
-RESUME_MAY_CHANGE = {"device", "num_workers", "progress", "resume", "data_dir", "cuda_graph"}
+RESUME_MAY_CHANGE = {"device", "progress", "resume", "data_dir", "cuda_graph"}
 CIFAR10_IMAGE_SIZE = 32  # the images are used as they are, never resized
 CIFAR10_CLASSES = 10
 # --model timm:NAME trains timm's registered model NAME; these flags describe this project's ViT,
@@ -151,6 +151,16 @@ def read_starting_values(argv: list[str]) -> tuple[dict, dict]:
         build_parser().error(f"--config {named.config}: recipe {recipe!r} is not a preset; choose one of "
                              f"{', '.join(RECIPES)}")
     return starting_values(recipe if recipe in RECIPES else "default", file_values), file_values
+
+
+def refuse_removed_flags(argv: list[str], parser: argparse.ArgumentParser):
+    """A flag of a removed setting (REMOVED_FIELDS) is a usage error that says what replaced it, so
+    that an old command line fails clearly rather than as an unknown flag."""
+    for arg in argv:
+        name = arg.split("=", 1)[0]
+        field_name = name[2:].replace("-", "_")
+        if name.startswith("--") and field_name in REMOVED_FIELDS:
+            parser.error(f"{name} was removed: {REMOVED_FIELDS[field_name]}; drop it from the command line")
 
 
 # ---------------------------------------------------------------------------- a new run
@@ -363,6 +373,10 @@ def resolve_resume(args, parser, typed: dict, device: torch.device,
         model_cfg, train_cfg = build_configs(read_config_file(config_path, drop_unknown=True))
     except ConfigError as error:  # broken JSON, missing sections, values the configs refuse
         raise cli.RunError(f"{cli.one_line(error)}; the run cannot be resumed, start a new one") from None
+    if ctx.is_main:
+        note = removed_fields_note(json.loads(config_path.read_text()).get("train", {}))
+        if note:
+            print(f"note: {config_path}: {note}", file=sys.stderr)
     saved = {**asdict(model_cfg), **asdict(train_cfg)}
     if "epochs" in typed and typed["epochs"] != train_cfg.epochs:
         parser.error(f"--resume continues the saved recipe of {train_cfg.epochs} epochs, whose learning-rate schedule "
@@ -379,6 +393,20 @@ def resolve_resume(args, parser, typed: dict, device: torch.device,
     if has_checkpoint:
         check_checkpoint_model(run_dir / "last.pt", model_cfg)
     return model_cfg, train_cfg, run_dir, has_checkpoint
+
+
+def removed_fields_note(saved_train: dict) -> str | None:
+    """What --resume says of a saved run's removed settings (REMOVED_FIELDS), which it ignores: they
+    chose how the same augmentation was run, never what it computes. None when the run holds none."""
+    removed = [name for name in REMOVED_FIELDS if name in saved_train]
+    if not removed:
+        return None
+    note = (f"{' and '.join(removed)} {'are settings' if len(removed) > 1 else 'is a setting'} this version no "
+            f"longer has, ignored: training augments in batches on the training device")
+    if saved_train.get("augment") == "cpu":
+        note += (" (the same transforms and distributions as the run's per-image pipeline; each sample's random "
+                 "draws differ from what it would have drawn)")
+    return note
 
 
 def check_checkpoint_model(checkpoint_path: Path, model_cfg: ViTConfig):
@@ -406,8 +434,6 @@ def startup_warnings(cfg: TrainConfig, typed: set[str], num_images: int, steps_p
         warnings.append(f"only {steps_per_epoch} step{'s' * (steps_per_epoch != 1)} of {cfg.batch_size} images per "
                         f"epoch: each epoch's numbers rest on a handful of batches; use more training images or a "
                         f"smaller --batch-size")
-    if cfg.augment == "gpu" and "num_workers" in typed:
-        warnings.append(f"--num-workers {cfg.num_workers} has no effect with --augment gpu (workers serve --augment cpu)")
     if cfg.ema_decay > 0:
         steps = cfg.epochs * steps_per_epoch
         initial_share = cfg.ema_decay ** steps
@@ -415,9 +441,6 @@ def startup_warnings(cfg: TrainConfig, typed: set[str], num_images: int, steps_p
             warnings.append(f"--ema-decay {cfg.ema_decay:g} averages over about {1 / (1 - cfg.ema_decay):,.0f} steps: "
                             f"after the run's {steps:,} steps the initial weights are still {initial_share:.0%} of "
                             f"the average; a smaller decay suits a run this short")
-    if cfg.augment == "cpu" and cfg.num_workers == 0 and torch.device(cfg.device).type == "cuda":
-        warnings.append("--augment cpu with --num-workers 0 augments in the training process: the GPU waits for "
-                        "every batch")
     return warnings
 
 
@@ -500,6 +523,7 @@ def main(argv=None) -> int:
 def _main(argv: list[str]) -> int:
     start, file_values = read_starting_values(argv)
     parser = build_parser(start)
+    refuse_removed_flags(argv, parser)
     args = parser.parse_args(argv)
     typed = vars(build_parser(start, typed_only=True).parse_args(argv))
     if args.resume and args.config:

@@ -1,6 +1,6 @@
 """Throughput of the batched train augmentation (vit/augment.py) on its own.
 
-What the GPU loader does per step, timed alone: draw every sample's crop, flip and
+What the train loader does per step, timed alone: draw every sample's crop, flip and
 AutoAugment parameters, apply them to a batch of uint8 images already on the device, and
 normalize. The work does not depend on pixel values (every op runs on every image and is
 masked), so random images give the same time as CIFAR-10's.

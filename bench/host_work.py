@@ -21,7 +21,7 @@ import time
 import torch
 
 from bench.counts import Counts, DeviceWorkCounter
-from vit.data import GPUTrainLoader
+from vit.data import TrainLoader
 from vit.model import ViT, ViTConfig
 from vit.trainer import EvalSet, TrainConfig, Trainer, make_optimizer, seed_everything
 
@@ -61,7 +61,7 @@ def _parts(model_cfg: ViTConfig, cfg: TrainConfig, num_images: int, num_test: in
     generator = torch.Generator().manual_seed(cfg.seed)
     images = torch.randint(0, 256, (num_images, 3, 32, 32), dtype=torch.uint8, generator=generator)
     labels = torch.randint(0, 10, (num_images,), generator=generator)
-    loader = GPUTrainLoader(images, labels, cfg.batch_size, cfg.seed, device)
+    loader = TrainLoader(images, labels, cfg.batch_size, cfg.seed, device)
     test_set = EvalSet(images[:num_test].to(device), labels[:num_test].to(device), CLASS_NAMES)
     model = ViT(model_cfg).to(device)
     return model, loader, test_set, make_optimizer(model.parameters(), cfg, device)
@@ -78,7 +78,7 @@ def measure_epoch_gap(model_cfg: ViTConfig | None = None, epochs: int = 5, batch
     (the background write of each epoch, on its thread), "parameters"}."""
     model_cfg = model_cfg or ViTConfig()
     cfg = TrainConfig(epochs=epochs, batch_size=batch_size, warmup_epochs=1, device=device, precision=precision,
-                      augment="gpu", progress=False, seed=0)
+                      progress=False, seed=0)
     model, loader, test_set, optimizer = _parts(model_cfg, cfg, steps_per_epoch * batch_size, num_test=batch_size)
     ends, starts, eval_seconds = [], [], []
     first_ask = [True]
@@ -118,7 +118,7 @@ def count_step_work(model_cfg: ViTConfig | None = None, steps: int = 3, batch_si
     progress points, the epoch's end)}."""
     model_cfg = model_cfg or ViTConfig()
     cfg = TrainConfig(epochs=1, batch_size=batch_size, warmup_epochs=0, device=device, precision=precision,
-                      augment="gpu", progress=False, seed=0, **(cfg_overrides or {}))
+                      progress=False, seed=0, **(cfg_overrides or {}))
     model, loader, test_set, optimizer = _parts(model_cfg, cfg, steps * batch_size, num_test=batch_size)
     counter = DeviceWorkCounter()
     marks = []  # Counts copies at each ask and each handed-over batch, in order

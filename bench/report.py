@@ -365,7 +365,7 @@ def _training_section(results: dict, files: dict) -> list[str]:
     out = ["## End-to-end training", "",
            f"ViT dim {model['dim']}, depth {model['depth']}, {model['heads']} heads, MLP {model['mlp_dim']}, patch "
            f"{model['patch_size']}; batch {settings['batch_size']}; {settings['epochs']} epoch(s) at most; "
-           f"augmentation on the {settings['augment']} path; **{data['note']}**. Steady state after "
+           f"augmentation batched on the device; **{data['note']}**. Steady state after "
            f"{settings['warmup_steps']} warm-up steps; a step includes the loader's batch. \"ours / this\" is the "
            f"step time of this row divided by that of our triton backend, eager "
            f"({mine['name'] if mine else 'not measured'}): above 1, ours is faster.", ""]
@@ -441,7 +441,7 @@ def _augmentation_section(results: dict) -> list[str]:
                       "yes" if r["images_per_second"] >= augmentation.TARGET_IMAGES_PER_SECOND else "no"])
     out = ["## Augmentation alone", "",
            "Crop, flip, per-sample AutoAugment and normalization of one batch of uint8 images already on the "
-           "device (`vit/augment.py`, what the GPU loader does each step), median and p20-p80, on random images "
+           "device (`vit/augment.py`, what the train loader does each step), median and p20-p80, on random images "
            "(every op runs on every image: the time does not depend on pixels). Target: "
            f"{augmentation.TARGET_IMAGES_PER_SECOND:,} images/s at batch {augmentation.TARGET_BATCH_SIZE} "
            "on an H100.", "",

@@ -346,7 +346,7 @@ def training_settings(args: argparse.Namespace, data: datasets.BenchData | None)
         train_subset=6 * batch_size if quick else None, test_subset=64 if quick else None,
         warmup_steps=2 if quick else 10, min_measured_steps=3 if quick else 30, count_steps=2 if quick else 3,
         count_model=COUNT_MODEL if quick else None, count_batch_size=COUNT_BATCH_SIZE if quick else None,
-        augment="gpu", num_workers=0, data=data.describe() if data else {})
+        data=data.describe() if data else {})
 
 
 def initial_results(run: BenchRun, label: str, notes: list[str], commit: dict, selected: tuple[str, ...]) -> dict:

@@ -55,7 +55,7 @@ from bench.datasets import BenchData
 from bench.host_work import measure_epoch_gap
 from bench.measure import describe_error, synchronize
 from vit.config import build_configs
-from vit.data import GPUTrainLoader
+from vit.data import TrainLoader
 from vit.backends import backend_names, get_backend
 from vit.model import ViT, ViTConfig
 from vit.trainer import (EvalSet, TrainConfig, Trainer, cuda_graph_unsupported_reason, evaluate, make_optimizer,
@@ -145,8 +145,6 @@ class TrainingSettings:
     # model's depth, since launches per step grow with the depth).
     count_model: dict | None = None
     count_batch_size: int | None = None
-    augment: str = "gpu"
-    num_workers: int = 0
     data: dict = field(default_factory=dict)  # BenchData.describe()
 
 
@@ -218,7 +216,7 @@ class TimedLoader:
             self.epochs.append((range(first, len(self.asks)), self._mark()))
             close = getattr(batches, "close", None)
             if close:
-                close()  # stops DataLoader workers when the epoch is cut short
+                close()  # ends the loader's generator, and frees its chunk, when the epoch is cut short
 
     def _seconds(self, start, end) -> float:
         if self.device.type == "cuda":
@@ -284,14 +282,14 @@ STAND_IN_IMAGE_SIZE = 8  # the loader's ops do not depend on the image size: sma
 def count_loader_epoch(loader, epoch: int) -> dict:
     """The loader's device work over one whole epoch (augmenting in chunks, its work per image
     is only right over whole chunks): launches per image, syncs and host-to-device copies.
-    A GPUTrainLoader over fewer images than CIFAR-10's 50,000 (a smoke run, a subset) is counted
+    A TrainLoader over fewer images than CIFAR-10's 50,000 (a smoke run, a subset) is counted
     as a loader with the same settings over a full epoch of synthetic 8x8 images, so that the
     chunks are those of a real epoch; the result says which was counted."""
     counted = "this configuration's loader"
-    if isinstance(loader, GPUTrainLoader) and len(loader.images) < CIFAR10_TRAIN_IMAGES:
+    if isinstance(loader, TrainLoader) and len(loader.images) < CIFAR10_TRAIN_IMAGES:
         generator = torch.Generator().manual_seed(0)
         size = (CIFAR10_TRAIN_IMAGES, 3, STAND_IN_IMAGE_SIZE, STAND_IN_IMAGE_SIZE)
-        loader = GPUTrainLoader(torch.randint(0, 256, size, dtype=torch.uint8, generator=generator),
+        loader = TrainLoader(torch.randint(0, 256, size, dtype=torch.uint8, generator=generator),
                                 torch.randint(0, 10, (CIFAR10_TRAIN_IMAGES,), generator=generator), loader.batch_size,
                                 loader.seed, loader.device, chunk_images=loader.chunk_images,
                                 auto_augment=loader.auto_augment, mixing=loader.mixing)
@@ -323,8 +321,7 @@ def make_trainer(config: TrainingConfig, settings: TrainingSettings, device: tor
         settings.model, backend=config.backend,
         epochs=settings.epochs, batch_size=settings.batch_size, precision=config.precision, device=str(device),
         compile=compile_mode == "default", cuda_graph=config.cuda_graphs, data_dir="(in memory)",
-        train_subset=settings.train_subset, augment=settings.augment, num_workers=settings.num_workers,
-        progress=False, seed=0))
+        train_subset=settings.train_subset, progress=False, seed=0))
     seed_everything(train_cfg.seed)
     images, labels = data.images.train_images, data.images.train_labels
     if train_cfg.train_subset:

@@ -1,4 +1,4 @@
-"""The GPU train loader augments chunks of many steps at once: the images do not depend on
+"""The train loader augments chunks of many steps at once: the images do not depend on
 the chunk size or the number of processes, and the launches, syncs and host copies per
 image are counted (bench/counts.py)."""
 import pytest
@@ -26,11 +26,11 @@ def epoch_of(loader, epoch):
 
 def batch_at_a_time(images, labels, batch_size, seed, epoch, auto_augment="torchvision", mixing=None,
                     rank=0, world_size=1):
-    """The augmentation as one call per step, from the loader's own sample order."""
-    sampler = cifar.TrainLoader(images, labels, batch_size, seed, "cpu", rank, world_size)
-    sampler.set_epoch(epoch)
+    """The augmentation as one call per step, of this rank's share of each global batch."""
+    share = batch_size // world_size
     out = []
-    for index in sampler.local_batches():
+    for batch in cifar.global_batches(len(images), batch_size, seed, epoch):
+        index = batch[rank * share:(rank + 1) * share]
         x = augment.normalize(augment.gpu_train_augment(images[index], index, seed, epoch, auto_augment))
         y = labels[index]
         if mixing is not None:
@@ -66,7 +66,7 @@ def test_chunks_give_the_images_of_one_batch_at_a_time(auto_augment, mixing):
     expected = batch_at_a_time(images, labels, 20, seed=3, epoch=4, auto_augment=auto_augment, mixing=mixing)
     # One step per chunk, 3 steps (uneven chunks: 4 of 3, 3, 2, 2... steps), the whole epoch.
     for chunk_images in (20, 60, 10_000):
-        loader = cifar.GPUTrainLoader(images, labels, 20, seed=3, device="cpu", chunk_images=chunk_images,
+        loader = cifar.TrainLoader(images, labels, 20, seed=3, device="cpu", chunk_images=chunk_images,
                                       auto_augment=auto_augment, mixing=mixing)
         assert_same_batches(epoch_of(loader, 4), expected)
 
@@ -74,8 +74,8 @@ def test_chunks_give_the_images_of_one_batch_at_a_time(auto_augment, mixing):
 @pytest.mark.parametrize("mixing", [None, MIXING], ids=["no-mixing", "mixing"])
 def test_two_processes_see_the_halves_of_one_process(mixing):
     images, labels = synthetic_data(200)
-    one = epoch_of(cifar.GPUTrainLoader(images, labels, 20, seed=5, device="cpu", chunk_images=60, mixing=mixing), 1)
-    ranks = [epoch_of(cifar.GPUTrainLoader(images, labels, 20, seed=5, device="cpu", rank=rank, world_size=2,
+    one = epoch_of(cifar.TrainLoader(images, labels, 20, seed=5, device="cpu", chunk_images=60, mixing=mixing), 1)
+    ranks = [epoch_of(cifar.TrainLoader(images, labels, 20, seed=5, device="cpu", rank=rank, world_size=2,
                                            chunk_images=rank * 30 + 40, mixing=mixing), 1) for rank in range(2)]
     assert len(one) == 10
     for step, (x, y) in enumerate(one):
@@ -85,7 +85,7 @@ def test_two_processes_see_the_halves_of_one_process(mixing):
 
 def test_loader_keeps_the_iteration_contract():
     images, labels = synthetic_data(105)
-    loader = cifar.GPUTrainLoader(images, labels, 20, seed=0, device="cpu", chunk_images=40)
+    loader = cifar.TrainLoader(images, labels, 20, seed=0, device="cpu", chunk_images=40)
     batches = epoch_of(loader, 0)
     assert len(loader) == len(batches) == 5  # the last partial batch is dropped
     for x, y in batches:
@@ -94,16 +94,16 @@ def test_loader_keeps_the_iteration_contract():
     # An epoch is a function of (seed, epoch): set_epoch again (as a resumed run does) repeats it.
     assert_same_batches(epoch_of(loader, 0), batches)
     assert not torch.equal(epoch_of(loader, 1)[0][0], batches[0][0])
-    mixed = epoch_of(cifar.GPUTrainLoader(images, labels, 20, seed=0, device="cpu", mixing=MIXING), 0)
+    mixed = epoch_of(cifar.TrainLoader(images, labels, 20, seed=0, device="cpu", mixing=MIXING), 0)
     assert all(y.shape == (20, 10) and y.dtype == torch.float32 for _, y in mixed)
 
 
 def test_loader_rejects_bad_settings():
     images, labels = synthetic_data(40)
     with pytest.raises(ValueError, match="chunk_images must be positive"):
-        cifar.GPUTrainLoader(images, labels, 20, seed=0, device="cpu", chunk_images=0)
+        cifar.TrainLoader(images, labels, 20, seed=0, device="cpu", chunk_images=0)
     with pytest.raises(ValueError, match="unknown AutoAugment variant"):
-        cifar.GPUTrainLoader(images, labels, 20, seed=0, device="cpu", auto_augment="fancy")
+        cifar.TrainLoader(images, labels, 20, seed=0, device="cpu", auto_augment="fancy")
 
 
 def test_chunk_bounds_cover_the_epoch_in_even_chunks():
@@ -131,7 +131,7 @@ def test_launches_per_chunk_do_not_depend_on_its_size():
     images, labels = synthetic_data(256, size=8)
     counts = {}
     for chunks, chunk_images in ((4, 64), (2, 128), (1, 256)):
-        loader = cifar.GPUTrainLoader(images, labels, 16, seed=0, device="cpu", chunk_images=chunk_images,
+        loader = cifar.TrainLoader(images, labels, 16, seed=0, device="cpu", chunk_images=chunk_images,
                                       auto_augment="reference", mixing=MIXING)
         count_epoch(loader, 0)  # builds the cached tables
         counts[chunks] = count_epoch(loader, 1)[0].launches
@@ -148,10 +148,10 @@ def test_an_epoch_at_cifar_size_launches_at_most_005_kernels_per_image(auto_augm
     # with the most launches. The kernels launched do not depend on the image size, so 8x8
     # images stand in for 32x32 ones to keep the test fast.
     images, labels = synthetic_data(50_000, size=8)
-    small = cifar.GPUTrainLoader(images[:256], labels[:256], 128, seed=0, device="cpu", auto_augment=auto_augment,
+    small = cifar.TrainLoader(images[:256], labels[:256], 128, seed=0, device="cpu", auto_augment=auto_augment,
                                  mixing=mixing)
     count_epoch(small, 0)  # builds the cached tables for this image size
-    loader = cifar.GPUTrainLoader(images, labels, 128, seed=0, device="cpu", auto_augment=auto_augment,
+    loader = cifar.TrainLoader(images, labels, 128, seed=0, device="cpu", auto_augment=auto_augment,
                                   mixing=mixing)
     counts, seen = count_epoch(loader, 1)
     assert seen == 49_920
@@ -168,7 +168,7 @@ def test_gpu_loader_matches_the_cpu_and_copies_one_tensor_per_epoch(auto_augment
     images, labels = synthetic_data(2048)
     batches = {}
     for device in ("cpu", "cuda"):
-        loader = cifar.GPUTrainLoader(images, labels, 128, seed=2, device=device, chunk_images=512,
+        loader = cifar.TrainLoader(images, labels, 128, seed=2, device=device, chunk_images=512,
                                       auto_augment=auto_augment, mixing=MIXING)
         count_epoch(loader, 0)
         counts, _ = count_epoch(loader, 1)

@@ -1,6 +1,7 @@
 """The reference AutoAugment variant (grey 128 fill, Rotate by +theta only, bicubic shears),
-batched (vit/augment.py) against the per-image path (torchvision's `_apply_op`, through PIL
-for the bicubic shears as torchvision itself does), op by op and as a whole pipeline.
+batched (vit/augment.py) against the per-image oracle (tests/augment_oracle.py: torchvision's
+`_apply_op`, through PIL for the bicubic shears as torchvision itself does), op by op and as a
+whole pipeline.
 
 Exactness: every op matches pixel for pixel (torch.equal), the bicubic shears included:
 the batched shear follows PIL's bicubic filter in float64 operation for operation, so no
@@ -12,6 +13,7 @@ from PIL import Image
 from torchvision.transforms import functional as TF
 from torchvision.transforms.autoaugment import AutoAugment
 
+import augment_oracle
 from vit import augment
 from test_augment import EXTRA_MAGNITUDES, SPACE, FixedCrop, one_thread, policy_magnitudes, synthetic_images  # noqa: F401 (one_thread: an autouse fixture)
 
@@ -19,7 +21,7 @@ REFERENCE = "reference"
 
 
 def per_image(images, op_name, magnitude, auto_augment=REFERENCE):
-    return torch.stack([augment.torchvision_op(image, op_name, magnitude, auto_augment) for image in images])
+    return torch.stack([augment_oracle.torchvision_op(image, op_name, magnitude, auto_augment) for image in images])
 
 
 OP_CASES = [(op, m) for op in SPACE for m in policy_magnitudes(op) + EXTRA_MAGNITUDES.get(op, [])]
@@ -101,27 +103,33 @@ def test_reference_rotates_by_plus_theta_whatever_the_sign_draw():
     assert torch.equal(outputs[REFERENCE, True], per_image(cropped, "Rotate", angle))
 
 
-def test_default_variant_is_torchvision_autoaugment_itself():
-    transform = augment.cpu_train_transform()
+def test_default_variant_of_the_oracle_is_torchvision_autoaugment_itself():
+    transform = augment_oracle.per_image_train_transform()
     auto_augment = transform.transforms[-1]
     assert type(auto_augment) is AutoAugment and auto_augment.fill is None
-    assert type(augment.cpu_train_transform(REFERENCE).transforms[-1]) is augment.VariantAutoAugment
+    assert type(augment_oracle.per_image_train_transform(REFERENCE).transforms[-1]) is augment_oracle.VariantAutoAugment
 
 
-def test_cpu_loader_runs_the_variant(fake_cifar):
+def test_the_reference_recipe_trains_on_the_batched_reference_variant(fake_cifar):
     from vit import data as cifar
+    from vit.recipes import recipe_configs
+    from vit.trainer import make_train_loader
     d = cifar.load_cifar10(fake_cifar, download=False)
-    loader = cifar.CPUTrainLoader(d.train_images, d.train_labels, 20, seed=0, device="cpu", auto_augment=REFERENCE)
-    assert loader.dataset.transform.transforms[-1].variant == augment.AUTO_AUGMENT_VARIANTS[REFERENCE]
+    _, cfg = recipe_configs(REFERENCE)
+    cfg.batch_size, cfg.seed = 20, 5
+    loader = make_train_loader(cfg, d.train_images, d.train_labels, "cpu")
+    loader.set_epoch(2)
     images, labels = next(iter(loader))
-    assert images.shape == (20, 3, 32, 32) and images.dtype == torch.float32 and labels.shape == (20,)
+    index = loader.local_order()[0]
+    expected = augment.normalize(augment.gpu_train_augment(d.train_images[index], index, 5, 2, REFERENCE))
+    assert torch.equal(images, expected) and torch.equal(labels, d.train_labels[index])
+    torchvision_variant = augment.normalize(augment.gpu_train_augment(d.train_images[index], index, 5, 2))
+    assert not torch.equal(images, torchvision_variant)
 
 
 def test_unknown_variant_is_a_clear_error():
     with pytest.raises(ValueError, match="unknown AutoAugment variant 'fancy'; expected one of torchvision, reference"):
         augment.apply_op(synthetic_images(4), "Invert", 0.0, "fancy")
-    with pytest.raises(ValueError, match="unknown AutoAugment variant"):
-        augment.cpu_train_transform("fancy")
 
 
 # ---------------------------------------------------------------------------------------
@@ -133,7 +141,7 @@ def reference_train_augment(images, params, auto_augment):
         image = FixedCrop(int(params["crop_top"][i]), int(params["crop_left"][i]))(image)
         if params["flip"][i]:
             image = TF.hflip(image)
-        transform = augment.auto_augment_transform(auto_augment)
+        transform = augment_oracle.auto_augment_transform(auto_augment)
         # forward applies op k when probs[k] <= p: 0 always passes, 2 never does; it negates
         # a signed op on sign 0.
         draws = (int(params["sub_policy"][i]), torch.tensor([0.0 if a else 2.0 for a in params["op_applied"][i]]),

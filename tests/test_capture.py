@@ -9,7 +9,7 @@ import torch
 
 from capture_check import capture_problems
 from vit import trainer as trainer_module
-from vit.data import GPUTrainLoader
+from vit.data import TrainLoader
 from vit.mixing import MixConfig, mix_batch
 from vit.model import ViT, ViTConfig
 from vit.trainer import EvalSet, GraphedStep, TrainConfig, Trainer, make_optimizer, seed_everything
@@ -21,14 +21,14 @@ CALLS = 3  # a warm-up call, then two to compare (the schedule covers CALLS epoc
 def make_trainer(run_dir, backend="torch", mixing=False, depth=2, batch_size=BATCH, **cfg_fields) -> Trainer:
     """A small model over generated images; dropout and drop-path on, so the step draws random
     numbers."""
-    cfg = TrainConfig(epochs=CALLS, batch_size=batch_size, device="cpu", precision="fp32", augment="gpu", progress=False,
+    cfg = TrainConfig(epochs=CALLS, batch_size=batch_size, device="cpu", precision="fp32", progress=False,
                       seed=0, **cfg_fields)
     seed_everything(0)
     generator = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (2 * batch_size, 3, 32, 32), dtype=torch.uint8, generator=generator)
     labels = torch.randint(0, 10, (2 * batch_size,), generator=generator)
     mix = MixConfig(mixup_alpha=0.8, cutmix_alpha=1.0) if mixing else None
-    loader = GPUTrainLoader(images, labels, batch_size, 0, cfg.device, mixing=mix)
+    loader = TrainLoader(images, labels, batch_size, 0, cfg.device, mixing=mix)
     model = ViT(ViTConfig(dim=32, depth=depth, heads=2, mlp_dim=32, dropout=0.1, drop_path=0.1, backend=backend))
     return Trainer(model, loader, EvalSet(images, labels, [str(i) for i in range(10)]),
                    make_optimizer(model, cfg, cfg.device), cfg, run_dir, log=lambda line: None)

@@ -20,7 +20,7 @@ from vit.model import ViTConfig
 from vit.trainer import TrainConfig
 
 REPO = Path(train.__file__).resolve().parent
-TINY = ["--device", "cpu", "--depth", "1", "--dim", "32", "--heads", "2", "--mlp-dim", "32", "--num-workers", "0",
+TINY = ["--device", "cpu", "--depth", "1", "--dim", "32", "--heads", "2", "--mlp-dim", "32",
         "--batch-size", "20"]
 
 

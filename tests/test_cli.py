@@ -21,7 +21,7 @@ from vit.trainer import TrainConfig, Trainer
 
 REPO = Path(train.__file__).resolve().parent
 TINY = ["--device", "cpu", "--depth", "1", "--dim", "32", "--heads", "2", "--mlp-dim", "32", "--no-progress",
-        "--num-workers", "0", "--batch-size", "20", "--warmup-epochs", "0.5"]
+        "--batch-size", "20", "--warmup-epochs", "0.5"]
 
 
 def run_train(argv, capsys) -> tuple[int, str, str]:
@@ -314,15 +314,13 @@ def test_readme_commands_run_without_an_activated_venv_and_parse():
 # --- warnings and the lines around a run -----------------------------------------------------
 
 def test_startup_warnings():
-    cfg = TrainConfig(epochs=2, warmup_epochs=5, batch_size=128, train_subset=60_000, augment="gpu", num_workers=2,
-                      device="cpu")
-    warnings = train.startup_warnings(cfg, {"num_workers"}, num_images=50_000, steps_per_epoch=3)
-    assert len(warnings) == 4
+    cfg = TrainConfig(epochs=2, warmup_epochs=5, batch_size=128, train_subset=60_000, device="cpu")
+    warnings = train.startup_warnings(cfg, set(), num_images=50_000, steps_per_epoch=3)
+    assert len(warnings) == 3
     assert "--warmup-epochs 5 is not shorter than --epochs 2" in warnings[0]
     assert "--train-subset 60000 is more than the 50,000 training images" in warnings[1]
     assert "only 3 steps of 128 images per epoch" in warnings[2]
-    assert "--num-workers 2 has no effect with --augment gpu" in warnings[3]
-    sensible = TrainConfig(epochs=200, warmup_epochs=5, device="cpu", augment="cpu")
+    sensible = TrainConfig(epochs=200, warmup_epochs=5, device="cpu")
     assert train.startup_warnings(sensible, set(), num_images=50_000, steps_per_epoch=390) == []
 
 

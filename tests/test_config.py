@@ -17,7 +17,7 @@ from vit.model import ViTConfig
 
 REPO = Path(train.__file__).resolve().parent
 TINY = ["--device", "cpu", "--depth", "1", "--dim", "32", "--heads", "2", "--mlp-dim", "32", "--no-progress",
-        "--num-workers", "0", "--batch-size", "20", "--warmup-epochs", "0.5", "--epochs", "1"]
+        "--batch-size", "20", "--warmup-epochs", "0.5", "--epochs", "1"]
 # A value of each type that no field of another type accepts.
 WRONG_TYPE = {int: "3", float: "0.5", bool: 1, str: 3, dict: [1]}
 # For each bound, a value outside it.
@@ -57,8 +57,7 @@ def test_numbers_are_bounded_and_closed_sets_are_choices():
     for _, f in every_field():
         if value_type(f) in (int, float):
             assert f.metadata["bound"] is not None, f.name
-    closed = {"backend", "init", "pool", "optimizer", "label_smoothing_convention", "auto_augment", "precision",
-              "augment"}
+    closed = {"backend", "init", "pool", "optimizer", "label_smoothing_convention", "auto_augment", "precision"}
     assert {f.name for _, f in every_field() if choices_of(f) is not None} == closed
 
 
@@ -135,6 +134,8 @@ def test_typed_flags_override_a_yaml_file_which_overrides_its_recipe(tmp_path, c
     ('{"optimizer": "sgd"}', ["optimizer must be one of adam, adamw"]),
     ('{"lr": ', ["unreadable"]),
     ('{"model": {"dim": 32}, "train": 5}', ['"train" must be a mapping of TrainConfig fields']),
+    ('{"num_workers": 4}', ["num_workers was removed: no DataLoader workers remain"]),
+    ('{"train": {"augment": "cpu"}}', ["augment was removed: training augments in batches on the training device"]),
 ])
 def test_a_bad_config_file_is_one_line_naming_the_field(text, names, tmp_path, capsys):
     config = tmp_path / "bad.json"

@@ -13,7 +13,7 @@ from vit.trainer import Trainer
 
 REPO = Path(train.__file__).resolve().parent
 TINY = ["--device", "cpu", "--depth", "1", "--dim", "32", "--heads", "2", "--mlp-dim", "32", "--no-progress",
-        "--num-workers", "0", "--batch-size", "64", "--train-subset", "256", "--seed", "5"]
+        "--batch-size", "64", "--train-subset", "256", "--seed", "5"]
 
 
 def torchrun(*args, processes=2, timeout=600):

@@ -63,7 +63,7 @@ def test_a_long_cpu_run_warns_with_its_eta_and_the_smoke_run():
 def test_train_py_shows_the_first_step_and_warns_on_a_long_cpu_run(fake_cifar, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(train, "LONG_CPU_RUN_SECONDS", 0)  # every run counts as long: the warning's path runs
     argv = ["--device", "cpu", "--epochs", "1", "--batch-size", "20", "--depth", "1", "--dim", "32", "--heads", "2",
-            "--mlp-dim", "32", "--num-workers", "0", "--data-dir", str(fake_cifar), "--out-dir", str(tmp_path / "run")]
+            "--mlp-dim", "32", "--data-dir", str(fake_cifar), "--out-dir", str(tmp_path / "run")]
     assert train.main(argv) == 0
     err = capsys.readouterr().err.splitlines()
     first = next(i for i, line in enumerate(err) if line.startswith("epoch 1/1  step "))

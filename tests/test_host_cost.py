@@ -27,7 +27,7 @@ EVALUATION_BUDGET = {"fp32": 2_400, "fp16": 2_400}  # measured 2,333 and 2,340
 
 def _trainer(precision: str, run_dir) -> tuple[Trainer, torch.Tensor, torch.Tensor]:
     cfg = TrainConfig(epochs=1, batch_size=BATCH, warmup_epochs=0, device="cpu", precision=precision,
-                      augment="gpu", progress=False, seed=0)
+                      progress=False, seed=0)
     model, loader, test_set, optimizer = _parts(MODEL, cfg, 4 * BATCH, num_test=BATCH)
     images, labels = next(iter(loader))
     return Trainer(model, loader, test_set, optimizer, cfg, run_dir, log=lambda line: None), images, labels

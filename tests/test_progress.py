@@ -77,7 +77,7 @@ def test_train_py_with_output_to_a_file_writes_lines_only(fake_cifar, tmp_path):
     log = tmp_path / "run.log"
     with open(log, "w") as f:
         result = subprocess.run([sys.executable, "train.py", "--device", "cpu", "--depth", "1", "--dim", "32",
-                                 "--heads", "2", "--mlp-dim", "32", "--num-workers", "0", "--batch-size", "20",
+                                 "--heads", "2", "--mlp-dim", "32", "--batch-size", "20",
                                  "--epochs", "3", "--data-dir", str(fake_cifar), "--out-dir", str(tmp_path / "run")],
                                 cwd=REPO, stdout=f, stderr=subprocess.STDOUT, timeout=600)
     text = log.read_text()

@@ -19,7 +19,7 @@ from bench.counts import DeviceWorkCounter
 from vit import evaluate
 from vit.checkpoint import load_checkpoint
 from vit.config import TrainConfig
-from vit.data import GPUTrainLoader
+from vit.data import TrainLoader
 from vit.mixing import soft_target_cross_entropy
 from vit.model import ViT, ViTConfig
 from vit.recipes import RECIPES, recipe_configs
@@ -27,8 +27,7 @@ from vit.trainer import (EvalSet, Trainer, criterion, make_optimizer, make_train
                          weight_decay_groups)
 
 TINY = ViTConfig(dim=32, depth=2, heads=2, mlp_dim=32)
-TINY_FLAGS = ["--device", "cpu", "--depth", "2", "--dim", "32", "--heads", "2", "--mlp-dim", "32", "--no-progress",
-              "--num-workers", "0"]
+TINY_FLAGS = ["--device", "cpu", "--depth", "2", "--dim", "32", "--heads", "2", "--mlp-dim", "32", "--no-progress"]
 CLASSES = [str(i) for i in range(10)]
 README = Path(__file__).resolve().parent.parent / "README.md"
 
@@ -103,8 +102,6 @@ def test_print_config_prints_the_resolved_preset_and_exits_without_training(caps
     train_cfg = TrainConfig(**{k: v for k, v in config["train"].items()})
     expected = {**DOCUMENTED["strong"], "precision": "fp32", "device": "cpu", "out_dir": str(out_dir)}
     assert differing_fields(model_cfg, train_cfg) == expected
-    assert train_cfg.augment == "gpu"  # CutMix/MixUp take the batched loader, on the CPU too
-    assert printed_config(capsys, ["--device", "cpu"])["train"]["augment"] == "cpu"
     assert train_cfg.recipe == "strong"
 
 
@@ -128,12 +125,6 @@ def test_help_lists_the_presets_values_as_defaults(capsys):
         assert expected in text, expected
     plain = " ".join(train.build_parser().format_help().split())
     assert "(default: adam)" in plain and "(default: default)" in plain
-
-
-def test_cutmix_and_mixup_refuse_the_per_image_loader():
-    with pytest.raises(SystemExit) as exit_info:
-        train.main(TINY_FLAGS + ["--recipe", "strong", "--augment", "cpu", "--print-config"])
-    assert exit_info.value.code == 2
 
 
 # ------------------------------------------------------------------------------------ the optimizer
@@ -196,7 +187,7 @@ def test_soft_target_loss_on_one_hot_targets_is_cross_entropy():
 def make_trainer(run_dir, model_cfg=TINY, steps=4, batch_size=8, **cfg_fields) -> Trainer:
     """A trainer over generated images with the batched loader (mixing when the fields ask)."""
     cfg = TrainConfig(**{"epochs": 2, "batch_size": batch_size, "warmup_epochs": 1, "device": "cpu",
-                         "precision": "fp32", "augment": "gpu", "progress": False, **cfg_fields})
+                         "precision": "fp32", "progress": False, **cfg_fields})
     device = torch.device("cpu")
     run_dir.mkdir(parents=True, exist_ok=True)
     seed_everything(cfg.seed)
@@ -376,7 +367,7 @@ def test_each_preset_learns_on_a_tiny_model(name, tmp_path):
     colour under noise: the test accuracy on them rises far above chance (10%)."""
     model_cfg, cfg = recipe_configs(name)
     model_cfg = replace(model_cfg, patch_size=8, dim=48, depth=2, mlp_dim=48)  # 48: divided by 12 and 8 heads
-    cfg = replace(cfg, epochs=4, warmup_epochs=1, batch_size=32, device="cpu", precision="fp32", augment="gpu",
+    cfg = replace(cfg, epochs=4, warmup_epochs=1, batch_size=32, device="cpu", precision="fp32",
                   progress=False, ema_decay=0.9 if cfg.ema_decay else 0.0)
     seed_everything(0)
     generator = torch.Generator().manual_seed(0)

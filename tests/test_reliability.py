@@ -29,15 +29,13 @@ from vit.trainer import Trainer
 REPO = Path(train.__file__).resolve().parent
 # 100 training images in 5 steps of 20: the smallest run without a few-steps warning.
 TINY = ["--device", "cpu", "--depth", "1", "--dim", "32", "--heads", "2", "--mlp-dim", "32", "--no-progress",
-        "--num-workers", "0", "--batch-size", "20", "--warmup-epochs", "0.5", "--seed", "3"]
+        "--batch-size", "20", "--warmup-epochs", "0.5", "--seed", "3"]
 STEPS_PER_EPOCH = 5
-# Per-image augmentation in two DataLoader workers, which the signal reaches too.
-WORKERS = ["--augment", "cpu", "--num-workers", "2"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 HANG_GUARD_SECONDS = 900  # far above the seconds these runs take on a busy 2-core machine
 
 # train.py as the user starts it, but the process sends SIGNAL to its process group (itself and
-# its DataLoader workers, as a closed terminal or a scheduler does) when its training step number
+# any child of it, as a closed terminal or a scheduler does) when its training step number
 # STEP (1-based, over the whole run) begins: a stop at a known step, through the same handler and
 # the same delivery as a signal from outside.
 SIGNAL_AT_STEP = """
@@ -122,11 +120,10 @@ def test_a_second_training_process_on_a_run_is_refused_naming_the_first(data_dir
 
 # ------------------------------------------------------------------------------- stop signals
 
-@pytest.mark.parametrize("signum, loader", [(signal.SIGTERM, []), (signal.SIGHUP, WORKERS)],
-                         ids=["sigterm", "sighup-with-workers"])
-def test_a_stop_signal_in_epoch_2_stops_cleanly_and_resume_keeps_every_epoch_once(data_dir, tmp_path, signum, loader):
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP], ids=["sigterm", "sighup"])
+def test_a_stop_signal_in_epoch_2_stops_cleanly_and_resume_keeps_every_epoch_once(data_dir, tmp_path, signum):
     run = tmp_path / "run"
-    process = start([sys.executable, "-c", SIGNAL_AT_STEP, signum.name, str(STEPS_PER_EPOCH + 1), *TINY, *loader,
+    process = start([sys.executable, "-c", SIGNAL_AT_STEP, signum.name, str(STEPS_PER_EPOCH + 1), *TINY,
                      "--epochs", "2", "--data-dir", str(data_dir), "--out-dir", str(run)])
     out, err = process.communicate()
     assert process.returncode == 128 + signum, err
@@ -287,7 +284,7 @@ def hostile_run(data_dir, tmp_path):
 
     run = tmp_path / "run"
     run.mkdir()
-    train_cfg = TrainConfig(epochs=2, batch_size=20, precision="fp32", device="cpu", num_workers=0,
+    train_cfg = TrainConfig(epochs=2, batch_size=20, precision="fp32", device="cpu",
                             data_dir=str(data_dir), out_dir=str(run), progress=False)
     write_config(run, ViTConfig(dim=32, depth=1, heads=2, mlp_dim=32), train_cfg, [str(i) for i in range(10)], "cpu")
     for name in ("last.pt", "best.pt"):

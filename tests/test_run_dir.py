@@ -1,6 +1,6 @@
 """A run's directory and its life: claimed atomically (two runs never share one), resumable
 from its start, and Ctrl-C at any moment prints only the line that resumes it (exit 130),
-with DataLoader workers quiet and the last finished epoch's checkpoint intact."""
+with the last finished epoch's checkpoint intact."""
 import csv
 import json
 import multiprocessing
@@ -25,9 +25,6 @@ from vit.trainer import load_checkpoint
 REPO = Path(train.__file__).resolve().parent
 TINY = ["--device", "cpu", "--depth", "1", "--dim", "32", "--heads", "2", "--mlp-dim", "32", "--no-progress",
         "--batch-size", "20", "--warmup-epochs", "0.5", "--seed", "3"]
-# Per-image augmentation in two DataLoader workers: the pipeline whose workers used to print
-# tracebacks on Ctrl-C.
-WORKERS = ["--augment", "cpu", "--num-workers", "2"]
 RESUME_LINE = "interrupted; continue with: "
 # Before the first checkpoint there is nothing to continue from: the same command starts over.
 START_OVER_LINE = ("interrupted before the first epoch ended, so nothing was saved: the run will start over from the "
@@ -122,7 +119,7 @@ def test_release_undoes_only_the_claim(tmp_path):
 
 
 def test_two_runs_started_at_once_without_out_dir_never_share_a_directory(data_dir, tmp_path):
-    command = [sys.executable, str(REPO / "train.py"), *TINY, "--num-workers", "0", "--epochs", "1",
+    command = [sys.executable, str(REPO / "train.py"), *TINY, "--epochs", "1",
                "--data-dir", str(data_dir)]
     runs = [subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
             for _ in range(2)]
@@ -141,7 +138,7 @@ def test_two_runs_started_at_once_without_out_dir_never_share_a_directory(data_d
 
 def interrupt(argv: list[str], after: str, delay: float = 0.0) -> tuple[int, str, str]:
     """Run train.py from the repository and press Ctrl-C once stdout shows `after`: SIGINT to the
-    whole process group, as a terminal sends it, DataLoader workers included."""
+    whole process group, as a terminal sends it."""
     process = subprocess.Popen([sys.executable, "train.py", *argv], cwd=REPO, stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True, start_new_session=True)
     watchdog = threading.Timer(600, lambda: os.killpg(process.pid, signal.SIGKILL))
@@ -176,8 +173,8 @@ def resume(command: list[str]) -> subprocess.CompletedProcess:
 
 def test_ctrl_c_in_epoch_1_then_resume_starts_it_from_the_beginning(longer_data_dir, tmp_path):
     run = tmp_path / "run"
-    code, out, err = interrupt(TINY + WORKERS + ["--epochs", "2", "--data-dir", str(longer_data_dir),
-                                                 "--out-dir", str(run)], after="run directory")
+    code, out, err = interrupt(TINY + ["--epochs", "2", "--data-dir", str(longer_data_dir), "--out-dir", str(run)],
+                               after="run directory")
     command = assert_only_the_resume_line(code, err, run, START_OVER_LINE)
     assert "epoch   1/2" not in out
     assert (run / "config.json").stat().st_size > 0 and not (run / "last.pt").exists()
@@ -190,10 +187,9 @@ def test_ctrl_c_in_epoch_1_then_resume_starts_it_from_the_beginning(longer_data_
 
 def test_ctrl_c_as_epoch_2_starts_keeps_epoch_1_and_resume_finishes_the_run(longer_data_dir, tmp_path):
     run = tmp_path / "run"
-    # Right after epoch 1's line the loader forks epoch 2's workers: the moment when Python's
-    # after-fork hooks used to swallow the KeyboardInterrupt (the run went on) or a worker printed it.
-    code, out, err = interrupt(TINY + WORKERS + ["--epochs", "2", "--data-dir", str(longer_data_dir),
-                                                 "--out-dir", str(run)], after="epoch   1/2")
+    # Right after epoch 1's line: between two epochs, as epoch 2 starts.
+    code, out, err = interrupt(TINY + ["--epochs", "2", "--data-dir", str(longer_data_dir), "--out-dir", str(run)],
+                               after="epoch   1/2")
     command = assert_only_the_resume_line(code, err, run)
     assert "epoch   2/2" not in out
     state = load_checkpoint(run / "last.pt")
@@ -230,7 +226,7 @@ def test_ctrl_c_while_the_data_loads(data_dir, tmp_path, monkeypatch, capsys):
     assert not run.exists()  # nothing to resume: the claim is given back
 
     monkeypatch.undo()
-    assert train.main(TINY + ["--epochs", "1", "--num-workers", "0", "--data-dir", str(data_dir),
+    assert train.main(TINY + ["--epochs", "1", "--data-dir", str(data_dir),
                               "--out-dir", str(run)]) == 0
     capsys.readouterr()
     monkeypatch.setattr(cifar, "load_cifar10", interrupted)

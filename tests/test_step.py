@@ -10,7 +10,7 @@ import torch
 
 from bench.host_work import MarkedLoader, count_step_work
 from vit.checkpoint import load_checkpoint
-from vit.data import GPUTrainLoader
+from vit.data import TrainLoader
 from vit.model import ViT, ViTConfig
 from vit import trainer as trainer_module
 from vit.trainer import (PROGRESS_EVERY, EvalSet, NonFiniteLoss, TrainConfig, Trainer, cuda_graph_unsupported_reason,
@@ -24,14 +24,14 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 def make_trainer(run_dir, model_cfg=TINY, steps=4, batch_size=8, seed=0, wrap=None, **cfg_fields) -> Trainer:
     """A trainer over generated images with the batched-augmentation loader."""
     cfg = TrainConfig(**{"epochs": 2, "batch_size": batch_size, "warmup_epochs": 1, "device": "cpu",
-                         "precision": "fp32", "augment": "gpu", "progress": False, "seed": seed, **cfg_fields})
+                         "precision": "fp32", "progress": False, "seed": seed, **cfg_fields})
     device = torch.device(cfg.device)
     run_dir.mkdir(parents=True, exist_ok=True)
     seed_everything(seed)
     generator = torch.Generator().manual_seed(seed)
     images = torch.randint(0, 256, (steps * batch_size, 3, 32, 32), dtype=torch.uint8, generator=generator)
     labels = torch.randint(0, 10, (steps * batch_size,), generator=generator)
-    loader = GPUTrainLoader(images, labels, batch_size, seed, device)
+    loader = TrainLoader(images, labels, batch_size, seed, device)
     model = ViT(model_cfg).to(device)
     test_set = EvalSet(images[:16].to(device), labels[:16].to(device), CLASSES)
     return Trainer(model, wrap(loader) if wrap else loader, test_set, make_optimizer(model.parameters(), cfg, device),

@@ -7,20 +7,20 @@ import pytest
 import torch
 
 import train
+from vit import augment
 from vit import data as cifar
-from vit.checkpoint import load_checkpoint
+from vit.checkpoint import load_checkpoint, write_config
 from vit.trainer import Trainer, TrainConfig, build_trainer
 from vit.model import ViTConfig
 
-TINY = ["--device", "cpu", "--depth", "1", "--dim", "32", "--heads", "2", "--mlp-dim", "32", "--no-progress",
-        "--num-workers", "0"]
+TINY = ["--device", "cpu", "--depth", "1", "--dim", "32", "--heads", "2", "--mlp-dim", "32", "--no-progress"]
 RUN_FILES = {"config.json", "metrics.csv", "curves.png", "last.pt", "best.pt"}
 
 
 def test_tiny_model_on_real_images_drives_the_loss_down(real_data_dir, tmp_path):
     model_cfg = ViTConfig(dim=64, depth=2, heads=4, mlp_dim=64)
     cfg = TrainConfig(epochs=4, batch_size=64, lr=2e-3, warmup_epochs=0.5, device="cpu", precision="fp32",
-                      num_workers=2, train_subset=3000, augment="cpu", data_dir=str(real_data_dir), progress=False)
+                      train_subset=3000, data_dir=str(real_data_dir), progress=False)
     (tmp_path / "run").mkdir()
     trainer = build_trainer(model_cfg, cfg, tmp_path / "run", log=lambda line: None)
     trainer.fit()
@@ -86,13 +86,13 @@ def test_resume_refuses_a_changed_recipe(fake_cifar, tmp_path):
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(fake_cifar, tmp_path, monkeypatch, capsys):
-    original = cifar.CPUTrainLoader.__iter__
+    original = cifar.TrainLoader.__iter__
 
     def poison_second_epoch(self):
         for images, labels in original(self):
             yield (torch.full_like(images, float("nan")) if self.epoch == 1 else images), labels
 
-    monkeypatch.setattr(cifar.CPUTrainLoader, "__iter__", poison_second_epoch)
+    monkeypatch.setattr(cifar.TrainLoader, "__iter__", poison_second_epoch)
     run = tmp_path / "run"
     code = train.main(TINY + ["--epochs", "3", "--batch-size", "20", "--data-dir", str(fake_cifar), "--out-dir", str(run)])
     assert code == 1
@@ -137,14 +137,51 @@ def test_help_documents_every_flag():
     text = train.build_parser().format_help()
     for flag in ["--backend", "--epochs", "--batch-size", "--lr", "--min-lr", "--warmup-epochs", "--weight-decay",
                  "--label-smoothing", "--data-dir", "--out-dir", "--resume", "--precision", "--device", "--seed",
-                 "--num-workers", "--train-subset", "--patch-size", "--dim", "--depth", "--heads", "--mlp-dim"]:
+                 "--train-subset", "--patch-size", "--dim", "--depth", "--heads", "--mlp-dim"]:
         assert flag in text
 
 
-def test_training_with_batched_augmentation_on_the_cpu(fake_cifar, tmp_path, capsys):
+def test_training_on_the_cpu_augments_in_batches(fake_cifar, tmp_path, monkeypatch):
+    augmented = []
+
+    def batched(images, params, auto_augment):
+        augmented.append(len(images))
+        return original(images, params, auto_augment)
+
+    original = augment.apply_train_augment
+    monkeypatch.setattr(augment, "apply_train_augment", batched)
     run = tmp_path / "run"
-    assert train.main(TINY + ["--augment", "gpu", "--epochs", "1", "--batch-size", "20", "--data-dir", str(fake_cifar),
+    assert train.main(TINY + ["--epochs", "1", "--batch-size", "20", "--data-dir", str(fake_cifar),
                               "--out-dir", str(run)]) == 0
-    assert "augmentation on the GPU" in capsys.readouterr().out
-    assert json.loads((run / "config.json").read_text())["train"]["augment"] == "gpu"
+    assert augmented == [100]  # the epoch's 5 steps of 20 in one chunk
+    assert not {"augment", "num_workers"} & json.loads((run / "config.json").read_text())["train"].keys()
     assert load_checkpoint(run / "last.pt")["epoch"] == 1
+
+
+@pytest.mark.parametrize("argv, flag", [(["--augment", "cpu"], "--augment"), (["--num-workers=4"], "--num-workers"),
+                                        (["--resume", "runs/old", "--num-workers", "0"], "--num-workers")])
+def test_removed_flags_are_a_usage_error_that_says_what_replaced_them(argv, flag, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(TINY + argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"train.py: error: {flag} was removed: ")
+    assert "training augments in batches on the training device" in err and "drop it from the command line" in err
+
+
+def test_resume_of_a_run_saved_with_removed_settings_ignores_them_with_a_note(tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    write_config(run, ViTConfig(dim=32, depth=1, heads=2, mlp_dim=32),
+                 TrainConfig(epochs=2, batch_size=20, device="cpu", precision="fp32", out_dir=str(run)),
+                 [str(i) for i in range(10)], "cpu")
+    config = json.loads((run / "config.json").read_text())
+    config["train"].update(augment="cpu", num_workers=2)
+    (run / "config.json").write_text(json.dumps(config))
+    assert train.main(["--resume", str(run), "--print-config"]) == 0
+    captured = capsys.readouterr()
+    assert captured.err.count("\n") == 1 and captured.err.startswith(f"note: {run / 'config.json'}: augment and "
+                                                                     f"num_workers are settings this version no longer has")
+    assert "the same transforms and distributions" in captured.err
+    printed = json.loads(captured.out)["train"]
+    assert printed["epochs"] == 2 and not {"augment", "num_workers"} & printed.keys()

@@ -4,16 +4,16 @@
 All functions take uint8 images [..., 3, H, W]; normalize() is the only step that
 turns them into floats.
 
-Two implementations of the same augmentation:
-- cpu_train_transform(): torchvision's per-image transforms, the reference;
-- draw_train_params() + apply_train_augment() (or gpu_train_augment()): any number of
-  samples at once on whatever device holds them, each sample with its own crop, flip,
-  sub-policy, apply decisions and signs, drawn from the same distributions as the reference.
-  The draws are a function of (seed, epoch, sample index) alone (vit/keyed_random.py), so a
-  sample's augmentation is the same whether it is augmented in a batch, in a chunk of many
-  batches, or in one process's share of a batch.
+draw_train_params() + apply_train_augment() (or gpu_train_augment()) augment any number of
+samples at once on whatever device holds them (the training device: a GPU or the CPU), each
+sample with its own crop, flip, sub-policy, apply decisions and signs, drawn from the
+distributions of torchvision's per-image transforms. The draws are a function of (seed, epoch,
+sample index) alone (vit/keyed_random.py), so a sample's augmentation is the same whether it
+is augmented in a batch, in a chunk of many batches, or in one process's share of a batch.
+torchvision's per-image transforms are the tests' oracle (tests/augment_oracle.py), never a
+training path.
 
-Two AutoAugment variants (AUTO_AUGMENT_VARIANTS), in both implementations:
+Two AutoAugment variants (AUTO_AUGMENT_VARIANTS):
 - "torchvision" (the default): torchvision's AutoAugment exactly: zero fill, Rotate by
   +-theta, every geometric op with nearest interpolation;
 - "reference": what the reference ViT-on-CIFAR-10 code ran: grey 128 fill, Rotate always by
@@ -54,10 +54,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torchvision import transforms
-from torchvision.transforms import InterpolationMode
-from torchvision.transforms import functional as TF
-from torchvision.transforms.autoaugment import AutoAugment, AutoAugmentPolicy, _apply_op
+from torchvision.transforms.autoaugment import AutoAugment, AutoAugmentPolicy
 
 from vit import keyed_random
 
@@ -81,7 +78,7 @@ def normalize(images: torch.Tensor) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------------
-# The policy, read from torchvision so that both pipelines share one source of truth.
+# The policy, read from torchvision so that the batched pipeline and its oracle share one source of truth.
 
 CROP_PADDING = 4
 NUM_MAGNITUDE_BINS = 10  # what AutoAugment.forward passes to _augmentation_space
@@ -131,78 +128,13 @@ def auto_augment_variant(name: str) -> AutoAugmentVariant:
     return AUTO_AUGMENT_VARIANTS[name]
 
 
-def _augmentation_space(variant: AutoAugmentVariant, height: int, width: int) -> dict:
+def augmentation_space(variant: AutoAugmentVariant, height: int, width: int) -> dict:
     """torchvision's {op name: (magnitudes per bin, signed)}, with Rotate unsigned where the
     variant always rotates by +theta."""
     space = dict(_AUTO_AUGMENT._augmentation_space(NUM_MAGNITUDE_BINS, (height, width)))
     if not variant.signed_rotate:
         space["Rotate"] = (space["Rotate"][0], False)
     return space
-
-
-# ---------------------------------------------------------------------------------------
-# The per-image reference: torchvision's transforms
-
-def torchvision_op(image: torch.Tensor, op_name: str, magnitude: float, auto_augment: str = "torchvision") -> torch.Tensor:
-    """One AutoAugment op on one uint8 [3, H, W] image: torchvision's `_apply_op` with the
-    variant's interpolation and fill (magnitude in `_apply_op`'s units and sign).
-
-    torchvision's tensor ops have no bicubic affine, so bicubic ops go through a PIL image:
-    torchvision's F.affine then runs PIL's Image.transform with BICUBIC, as the reference
-    code's shears did."""
-    variant = auto_augment_variant(auto_augment)
-    fill = None if variant.fill is None else [float(variant.fill)] * image.shape[-3]
-    if op_name in variant.bicubic_ops:
-        resampled = _apply_op(TF.to_pil_image(image), op_name, magnitude, interpolation=InterpolationMode.BICUBIC,
-                              fill=fill)
-        return TF.pil_to_tensor(resampled)
-    return _apply_op(image, op_name, magnitude, interpolation=InterpolationMode.NEAREST, fill=fill)
-
-
-class VariantAutoAugment(AutoAugment):
-    """torchvision's AutoAugment (CIFAR10 policy, the same draws from torch's global RNG)
-    carried out as a variant says. forward is AutoAugment.forward with each op applied by
-    torchvision_op, because torchvision gives one interpolation to every op."""
-
-    def __init__(self, auto_augment: str):
-        variant = auto_augment_variant(auto_augment)
-        super().__init__(AutoAugmentPolicy.CIFAR10, interpolation=InterpolationMode.NEAREST, fill=variant.fill)
-        self.variant, self.auto_augment = variant, auto_augment
-
-    def _augmentation_space(self, num_bins: int, image_size: tuple[int, int]) -> dict:
-        if num_bins != NUM_MAGNITUDE_BINS:
-            raise ValueError(f"the CIFAR10 policy uses {NUM_MAGNITUDE_BINS} magnitude bins, got {num_bins}")
-        return _augmentation_space(self.variant, *image_size)
-
-    def forward(self, img: torch.Tensor) -> torch.Tensor:
-        """img: uint8 [3, H, W]."""
-        transform_id, probs, signs = self.get_params(len(self.policies))
-        space = self._augmentation_space(NUM_MAGNITUDE_BINS, tuple(img.shape[-2:]))
-        for i, (op_name, p, magnitude_id) in enumerate(self.policies[transform_id]):
-            if probs[i] <= p:
-                magnitudes, signed = space[op_name]
-                magnitude = float(magnitudes[magnitude_id].item()) if magnitude_id is not None else 0.0
-                if signed and signs[i] == 0:
-                    magnitude *= -1.0
-                img = torchvision_op(img, op_name, magnitude, self.auto_augment)
-        return img
-
-
-def auto_augment_transform(auto_augment: str = "torchvision") -> torch.nn.Module:
-    """The per-image AutoAugment of a variant; the default is torchvision's own class."""
-    if auto_augment_variant(auto_augment) == AUTO_AUGMENT_VARIANTS["torchvision"]:
-        return AutoAugment(AutoAugmentPolicy.CIFAR10)
-    return VariantAutoAugment(auto_augment)
-
-
-def cpu_train_transform(auto_augment: str = "torchvision"):
-    """torchvision's per-image transforms on one uint8 [3, H, W] tensor; they draw from
-    torch's global RNG."""
-    return transforms.Compose([
-        transforms.RandomCrop(32, padding=CROP_PADDING),
-        transforms.RandomHorizontalFlip(),
-        auto_augment_transform(auto_augment),
-    ])
 
 
 # ---------------------------------------------------------------------------------------
@@ -656,7 +588,7 @@ class _PolicyTables:
 def _policy_tables(height: int, width: int, device: torch.device, auto_augment: str) -> _PolicyTables:
     """Every (sub-policy, slot, sign) op's arguments, computed once on the host the way
     AutoAugment.forward computes the magnitude, then kept on the device."""
-    space = _augmentation_space(auto_augment_variant(auto_augment), height, width)
+    space = augmentation_space(auto_augment_variant(auto_augment), height, width)
     op_codes, magnitudes = [IDENTITY], [0.0]
     for sub_policy in SUB_POLICIES:
         for op_name, _, magnitude_bin in sub_policy:
@@ -685,7 +617,7 @@ _TRAIN_DRAW_SLOTS = 8
 def draw_train_params(indices: torch.Tensor, seed: int, epoch: int) -> dict[str, torch.Tensor]:
     """All randomness of the train augmentation of the samples indices (int64 [N], on the
     device that will augment them), a function of (seed, epoch, index) alone, with the
-    distributions of cpu_train_transform():
+    distributions of torchvision's RandomCrop(32, padding=4), RandomHorizontalFlip and AutoAugment:
     - crop_top, crop_left: int64 [N], uniform in 0..8 (RandomCrop(32, padding=4)),
     - flip: bool [N], probability 1/2,
     - sub_policy: int64 [N], uniform over the 25 sub-policies,
@@ -713,8 +645,8 @@ def apply_train_augment(images: torch.Tensor, params: dict[str, torch.Tensor],
     """uint8 [B, 3, H, W] -> uint8 [B, 3, H, W]: crop and flip, then each sample's AutoAugment
     sub-policy as the variant carries it out; deterministic given params (from
     draw_train_params, or a slice of them), and each sample's result depends on its own
-    image and params alone. For 32x32 images this is cpu_train_transform(auto_augment) with
-    the same draws."""
+    image and params alone. For 32x32 images this is torchvision's per-image transforms
+    (tests/augment_oracle.py) with the same draws."""
     _check_images(images)
     variant = auto_augment_variant(auto_augment)
     _, _, height, width = images.shape

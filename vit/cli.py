@@ -142,7 +142,7 @@ def stop_signal(interrupt: KeyboardInterrupt) -> signal.Signals:
 
 def stop_received() -> signal.Signals | None:
     """The first stop signal received, or None: an error that follows one (a peer process that
-    stopped first, a DataLoader worker that ended) is part of the same stop."""
+    stopped first) is part of the same stop."""
     return _first_stop
 
 

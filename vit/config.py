@@ -26,6 +26,12 @@ from vit.model import ViTConfig
 
 OPTIMIZERS = ("adam", "adamw")
 PRECISIONS = ("bf16", "fp16", "fp32")
+# Settings that no longer exist, with what replaced them: a flag or a config file naming one is
+# refused with this reason, and --resume reads a saved run's config.json that holds one without it.
+REMOVED_FIELDS = {
+    "augment": "training augments in batches on the training device (vit/augment.py), the only pipeline",
+    "num_workers": "no DataLoader workers remain to set; training augments in batches on the training device",
+}
 
 
 @dataclass
@@ -56,8 +62,7 @@ class TrainConfig:
                                     "+theta, bicubic shears)")
     mixup_alpha: float = option(0.0, bound="non_negative",
                                 help="MixUp: a mixed sample blends with its partner by a Beta(alpha, alpha) share; 0 "
-                                     "turns MixUp off. CutMix and MixUp run in the batched loader (--augment gpu, "
-                                     "which runs on the CPU too)")
+                                     "turns MixUp off")
     cutmix_alpha: float = option(0.0, bound="non_negative",
                                  help="CutMix: a mixed sample gets a box of its partner covering a 1 - Beta(alpha, "
                                       "alpha) share; 0 turns CutMix off")
@@ -76,12 +81,8 @@ class TrainConfig:
     device: str = option("cuda", default_help="auto, which is cuda when available, else cpu",
                          help="cuda, cuda:N or cpu")
     seed: int = option(0, bound="seed", help="seeds python, numpy, torch and the data order")
-    num_workers: int = option(min(4, os.cpu_count() or 1), bound="non_negative",
-                              help="DataLoader workers for --augment cpu (the CPU count, at most 4)")
     train_subset: int | None = option(None, bound="positive", metavar="N",
                                       help="train on the first N images only (default: all of them)")
-    augment: str = option("gpu", choices=("gpu", "cpu"), default_help="gpu on CUDA or with CutMix/MixUp, else cpu",
-                          help="batched augmentation on the device, or torchvision per image in workers")
     compile: bool = option(False, help="torch.compile the model")
     # CUDA only, single process, not with fp16 or compile (vit/trainer.py).
     cuda_graph: bool = option(False, help="capture the whole training step in a CUDA graph and replay it each step "
@@ -100,10 +101,6 @@ class TrainConfig:
         if self.train_subset is not None and self.train_subset < self.batch_size:
             raise ConfigError(f"train_subset {self.train_subset} is smaller than one batch of {self.batch_size}",
                               "train_subset", "batch_size")
-        if self.mixing and self.augment == "cpu":
-            raise ConfigError("mixup_alpha and cutmix_alpha: CutMix and MixUp run in the batched loader; use augment "
-                              "gpu (it runs on the CPU too) or set both alphas to 0",
-                              "mixup_alpha", "cutmix_alpha", "augment")
 
     @property
     def mixing(self) -> bool:
@@ -121,10 +118,19 @@ def split(values: dict) -> tuple[dict, dict]:
     model_fields = {f.name for f in fields(ViTConfig)}
     train_fields = {f.name for f in fields(TrainConfig)}
     unknown = sorted(set(values) - model_fields - train_fields)
+    refuse_removed(unknown)
     if unknown:
         raise ConfigError(f"not a ViTConfig or TrainConfig field: {', '.join(unknown)}", *unknown)
     return ({k: v for k, v in values.items() if k in model_fields},
             {k: v for k, v in values.items() if k in train_fields})
+
+
+def refuse_removed(names, source: str | None = None):
+    """ConfigError saying what replaced the first removed setting among names, if any."""
+    for name in names:
+        if name in REMOVED_FIELDS:
+            prefix = f"{source}: " if source else ""
+            raise ConfigError(f"{prefix}{name} was removed: {REMOVED_FIELDS[name]}", name)
 
 
 def build_configs(values: dict) -> tuple[ViTConfig, TrainConfig]:
@@ -153,6 +159,7 @@ def flat_values(config: dict, source: str, drop_unknown: bool = False) -> dict:
         if drop_unknown:
             part = {k: v for k, v in part.items() if k in known}
         elif unknown:
+            refuse_removed(unknown, source)
             raise ConfigError(f"{source}: not a {cls.__name__} field: {', '.join(f'{section}.{u}' for u in unknown)}",
                               *unknown)
         values.update(part)
@@ -207,8 +214,6 @@ def machine_defaults(values: dict, device: torch.device) -> dict:
     decided = {
         "backend": lambda: default_backend(device),
         "precision": lambda: "bf16" if device.type == "cuda" else "fp32",
-        "augment": lambda: ("gpu" if device.type == "cuda" or values.get("mixup_alpha", 0) > 0
-                            or values.get("cutmix_alpha", 0) > 0 else "cpu"),
         "device": lambda: str(device),
     }
     return {**values, **{name: decide() for name, decide in decided.items() if values.get(name) is None}}

@@ -1,24 +1,17 @@
 """CIFAR-10 from the official "python version" files, and the batch iterators that feed training.
 
 The whole data set is read once into uint8 tensors [N, 3, 32, 32] (180 MB). Training
-batches come from one of two pipelines with the same sampling:
-- CPUTrainLoader: a DataLoader whose workers augment each image with torchvision's
-  per-image transforms (vit/augment.py), the reference path;
-- GPUTrainLoader: the images stay on the device and are augmented there by batched
-  tensor operations over chunks of many batches at once.
-Both shuffle with a permutation seeded by (seed, epoch) and give each sample
-randomness seeded by (seed, epoch, sample index) alone, so the data a run sees does
-not depend on the number of workers, processes or (GPU) chunks, and a resumed run sees
-what an uninterrupted one would.
+batches come from TrainLoader: the images stay on the training device (a GPU or the
+CPU) and are augmented there by batched tensor operations (vit/augment.py) over chunks of
+many batches at once. It shuffles with a permutation seeded by (seed, epoch) and gives
+each sample randomness seeded by (seed, epoch, sample index) alone, so the data a run sees
+does not depend on the number of processes or chunks, and a resumed run sees what an
+uninterrupted one would.
 """
 import math
 import os
 import pickle
-import signal
-import sys
 import tarfile
-import threading
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,7 +19,6 @@ import numpy as np
 import torch
 
 from vit import augment
-from vit.environment import STOP_SIGNALS
 from vit.mixing import MixConfig, mix_batch
 
 FOLDER = "cifar-10-batches-py"
@@ -249,7 +241,7 @@ def load_cifar10(data_dir: str | os.PathLike, download: bool = True) -> CIFAR10:
 
 
 def sample_seed(seed: int, epoch: int, index: int) -> int:
-    """The seed of one sample's augmentation: a function of (seed, epoch, index) alone."""
+    """A seed that is a function of (seed, epoch, index) alone; index -1 seeds the epoch's permutation."""
     return ((seed * 1_000_003 + epoch) * 2_147_483_647 + index) % (2**63 - 1)
 
 
@@ -266,135 +258,7 @@ def global_batches(num_samples: int, batch_size: int, seed: int, epoch: int) -> 
     return list(order[: steps * batch_size].view(steps, batch_size))
 
 
-class _AugmentedImages(torch.utils.data.Dataset):
-    """Index -> (normalized augmented image, label); the global RNG is seeded per sample
-    because torchvision's per-image transforms draw from it."""
-
-    def __init__(self, images, labels, seed, auto_augment="torchvision"):
-        self.images, self.labels, self.seed = images, labels, seed
-        self.epoch = 0
-        self.transform = augment.cpu_train_transform(auto_augment)
-
-    def __len__(self):
-        return len(self.images)
-
-    def __getitem__(self, index):
-        # fork_rng: with num_workers=0 this runs in the training process, whose RNG
-        # (dropout, ...) must not depend on how the data was loaded.
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(sample_seed(self.seed, self.epoch, index))
-            return augment.normalize(self.transform(self.images[index])), self.labels[index]
-
-
-class _BatchSampler(torch.utils.data.Sampler):
-    def __init__(self, loader):
-        self.loader = loader
-
-    def __iter__(self):
-        return iter(b.tolist() for b in self.loader.local_batches())
-
-    def __len__(self):
-        return self.loader.steps_per_epoch
-
-
-class TrainLoader:
-    """Shared sampling: this rank's share of each global batch of the epoch's permutation."""
-
-    def __init__(self, images, labels, batch_size, seed, device, rank=0, world_size=1):
-        if batch_size % world_size:
-            raise BatchSizeError(f"global batch size {batch_size} is not divisible by the world size {world_size}")
-        if len(images) < batch_size:
-            raise BatchSizeError(f"{len(images)} training images are fewer than one batch of {batch_size}")
-        self.images, self.labels = images, labels
-        self.batch_size, self.seed, self.device = batch_size, seed, torch.device(device)
-        self.rank, self.world_size = rank, world_size
-        self.steps_per_epoch = len(images) // batch_size
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int):
-        self.epoch = epoch
-
-    def local_order(self) -> torch.Tensor:
-        """int64 [steps, share] on the host: this rank's sample indices at each step of the epoch."""
-        share = self.batch_size // self.world_size
-        batches = torch.stack(global_batches(len(self.images), self.batch_size, self.seed, self.epoch))
-        return batches[:, self.rank * share:(self.rank + 1) * share].contiguous()
-
-    def local_batches(self):
-        yield from self.local_order()
-
-    def __len__(self):
-        return self.steps_per_epoch
-
-
-@contextmanager
-def _interrupts_held():
-    """Stop signals (Ctrl-C, SIGTERM, SIGHUP) are held while the DataLoader forks its workers and
-    raised once they exist. Raised during the fork, the KeyboardInterrupt would land in Python's
-    after-fork hooks, which print it and swallow it (the run went on), or in a worker before it
-    ignores the signal."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = {signum: signal.getsignal(signum) for signum in STOP_SIGNALS}
-    held = [signum for signum, handler in previous.items() if handler is not None]  # None: set outside Python
-    received = []
-    for signum in held:
-        signal.signal(signum, lambda signum, frame: received.append(signum))
-    try:
-        yield
-    finally:
-        for signum in held:
-            signal.signal(signum, previous[signum])
-        for signum in received[:1]:
-            if callable(previous[signum]):
-                previous[signum](signum, None)
-            elif previous[signum] == signal.SIG_DFL and signum == signal.SIGINT:
-                raise KeyboardInterrupt
-            elif previous[signum] == signal.SIG_DFL:
-                signal.raise_signal(signum)
-
-
-def _leave_interrupts_to_the_trainer(worker_id: int):
-    """Ctrl-C reaches every process of the terminal's group, and a scheduler or torchrun may send
-    SIGTERM or SIGHUP to the whole group. The training process stops the workers itself; left to
-    Python's default, each worker would print its own traceback or die with the signal, which
-    the DataLoader reports as a failed worker."""
-    for signum in STOP_SIGNALS:
-        signal.signal(signum, signal.SIG_IGN)
-    sys.excepthook = _quiet_when_the_trainer_hangs_up
-
-
-def _quiet_when_the_trainer_hangs_up(kind, error, traceback):
-    """A worker hands each batch's shared memory over a connection the training process opens
-    (multiprocessing's resource sharer, whose thread reports errors through sys.excepthook). A
-    training process that stops mid-handover resets that connection: the worker, about to be
-    stopped, has nothing to report."""
-    if not issubclass(kind, ConnectionError):
-        sys.__excepthook__(kind, error, traceback)
-
-
-class CPUTrainLoader(TrainLoader):
-    def __init__(self, images, labels, batch_size, seed, device, num_workers=0, rank=0, world_size=1,
-                 auto_augment="torchvision"):
-        super().__init__(images, labels, batch_size, seed, device, rank, world_size)
-        self.dataset = _AugmentedImages(images, labels, seed, auto_augment)
-        self.num_workers = num_workers
-
-    def __iter__(self):
-        self.dataset.epoch = self.epoch
-        loader = torch.utils.data.DataLoader(
-            self.dataset, batch_sampler=_BatchSampler(self), num_workers=self.num_workers,
-            pin_memory=self.device.type == "cuda", persistent_workers=False,
-            worker_init_fn=_leave_interrupts_to_the_trainer if self.num_workers else None,
-        )
-        with _interrupts_held():  # iter() forks the workers
-            batches = iter(loader)
-        for images, labels in batches:
-            yield images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
-
-
-# Images augmented per call of the GPU loader. A call launches a fixed number of kernels,
+# Images augmented per call of the train loader. A call launches a fixed number of kernels,
 # whatever its size: about 250 (480 with the reference variant and mixing), so CIFAR-10's
 # epoch at batch 128, in 4 chunks of about 12,500 images, costs 0.02 (0.04) launches per
 # image, within the 0.05 target. Its intermediates peak at about 90 kB per image (140 kB for
@@ -411,8 +275,10 @@ def chunk_bounds(steps: int, steps_per_chunk: int) -> list[tuple[int, int]]:
     return list(zip(edges[:-1], edges[1:]))
 
 
-class GPUTrainLoader(TrainLoader):
-    """Images resident on the device as uint8, augmented there in chunks of many steps.
+class TrainLoader:
+    """Images resident on the training device (a GPU or the CPU) as uint8, augmented there in
+    chunks of many steps; each step hands out this rank's share of a global batch of the epoch's
+    permutation.
 
     Each chunk (at most chunk_images of this rank's images, a whole number of steps) is
     gathered, augmented, normalized (and optionally mixed) by one pass of batched tensor
@@ -431,12 +297,31 @@ class GPUTrainLoader(TrainLoader):
     def __init__(self, images, labels, batch_size, seed, device, rank=0, world_size=1, *,
                  chunk_images: int = DEFAULT_CHUNK_IMAGES, auto_augment: str = "torchvision",
                  mixing: MixConfig | None = None):
-        super().__init__(images, labels, batch_size, seed, device, rank, world_size)
+        if batch_size % world_size:
+            raise BatchSizeError(f"global batch size {batch_size} is not divisible by the world size {world_size}")
+        if len(images) < batch_size:
+            raise BatchSizeError(f"{len(images)} training images are fewer than one batch of {batch_size}")
         if chunk_images < 1:
             raise ValueError(f"chunk_images must be positive, got {chunk_images}")
         augment.auto_augment_variant(auto_augment)  # an unknown name fails here, not at the first step
+        self.batch_size, self.seed, self.device = batch_size, seed, torch.device(device)
+        self.rank, self.world_size = rank, world_size
         self.images, self.labels = images.to(self.device), labels.to(self.device)
         self.chunk_images, self.auto_augment, self.mixing = chunk_images, auto_augment, mixing
+        self.steps_per_epoch = len(images) // batch_size
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int):
+        self.epoch = epoch
+
+    def local_order(self) -> torch.Tensor:
+        """int64 [steps, share] on the host: this rank's sample indices at each step of the epoch."""
+        share = self.batch_size // self.world_size
+        batches = torch.stack(global_batches(len(self.images), self.batch_size, self.seed, self.epoch))
+        return batches[:, self.rank * share:(self.rank + 1) * share].contiguous()
+
+    def __len__(self):
+        return self.steps_per_epoch
 
     def __iter__(self):
         share = self.batch_size // self.world_size

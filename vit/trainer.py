@@ -204,16 +204,9 @@ def mix_config(cfg: TrainConfig, num_classes: int) -> MixConfig | None:
 
 
 def make_train_loader(cfg: TrainConfig, images, labels, device, rank=0, world_size=1, num_classes: int = 10):
-    """The batched loader (cfg.augment "gpu", mixing when cfg.mixing) or the per-image one ("cpu")."""
-    mixing = mix_config(cfg, num_classes)
-    if cfg.augment == "gpu":
-        return cifar.GPUTrainLoader(images, labels, cfg.batch_size, cfg.seed, device, rank=rank, world_size=world_size,
-                                    auto_augment=cfg.auto_augment, mixing=mixing)
-    if mixing is not None:
-        raise ValueError("CutMix and MixUp run in the batched loader (augment 'gpu', which runs on the CPU too), "
-                         "not with augment 'cpu'")
-    return cifar.CPUTrainLoader(images, labels, cfg.batch_size, cfg.seed, device, cfg.num_workers,
-                                rank=rank, world_size=world_size, auto_augment=cfg.auto_augment)
+    """The batched loader, augmenting on the training device (mixing when cfg.mixing)."""
+    return cifar.TrainLoader(images, labels, cfg.batch_size, cfg.seed, device, rank=rank, world_size=world_size,
+                                auto_augment=cfg.auto_augment, mixing=mix_config(cfg, num_classes))
 
 
 def criterion(logits: torch.Tensor, targets: torch.Tensor, cfg: TrainConfig) -> torch.Tensor:
@@ -627,7 +620,6 @@ class Trainer:
             model = f"{type(self.model).__name__} with {count_parameters(self.model):,} parameters"
         return (f"{model}; device {device_name(self.device)}; precision {cfg.precision}; "
                 f"{'torch.compile; ' if cfg.compile else ''}{'CUDA graph step; ' if cfg.cuda_graph else ''}"
-                f"augmentation on the {cfg.augment.upper()}; "
                 f"{len(self.loader.images):,} train images, {self.steps_per_epoch} steps of {cfg.batch_size} per epoch"
                 + (f"; {self.ctx.world_size} processes, {cfg.batch_size // self.ctx.world_size} images each per step"
                    if self.ctx.enabled else ""))

@@ -254,7 +254,7 @@ def full_run(session: Session, data_dir: Path, plan: dict) -> None:
         return
     run_dir = session.work / f"run-{time.strftime('%Y%m%d-%H%M%S')}"
     command = [sys.executable, "train.py", "--backend", "triton", "--data-dir", str(data_dir), "--out-dir",
-               str(run_dir), "--epochs", str(epochs), "--no-progress", "--augment", "gpu"]
+               str(run_dir), "--epochs", str(epochs), "--no-progress"]
     if session.dry_run:
         command += ["--device", "cpu", "--batch-size", str(QUICK_BATCH_SIZE)] + [
             f"--{k.replace('_', '-')}={v}" for k, v in TINY_MODEL.items() if k != "num_classes"]
