@@ -7,7 +7,9 @@
   asks the loader for its batch, so making a batch is part of the step, not of the gap. The
   trainer runs its real fit() (checkpoints, metrics.csv, curves.png written for real) on
   generated images, with the model at whatever size is given: the snapshot copies every weight
-  and Adam moment, so the model's size is what matters, not the data's.
+  and Adam moment, so the model's size is what matters, not the data's. On the CPU those copies
+  are made within the gap; from a GPU they are only enqueued there (the device runs them ahead of
+  the next epoch's steps): a CPU figure is not a GPU figure.
 - count_step_work(): DeviceWorkCounter's counts for each step of an epoch (from the batch handed
   over to the next ask: the loader's own work excluded), and for each progress point.
 
@@ -103,7 +105,7 @@ def measure_epoch_gap(model_cfg: ViTConfig | None = None, epochs: int = 5, batch
     lines = []
     with tempfile.TemporaryDirectory(prefix="epoch-gap-") as run_dir:
         trainer = TimedTrainer(model, MarkedLoader(loader, on_ask=on_ask, on_end=on_end), test_set, optimizer, cfg,
-                               run_dir, log=lines.append)
+                               run_dir, model_cfg=model_cfg, log=lines.append)
         trainer.fit()
     gaps = [starts[e + 1] - ends[e] - eval_seconds[e] for e in range(epochs - 1)]
     return {"gaps_seconds": gaps, "median_seconds": statistics.median(gaps), "max_seconds": max(gaps),
@@ -128,7 +130,7 @@ def count_step_work(model_cfg: ViTConfig | None = None, steps: int = 3, batch_si
 
     with tempfile.TemporaryDirectory(prefix="step-work-") as run_dir:
         trainer = Trainer(model, MarkedLoader(loader, on_ask=mark, on_batch=mark), test_set, optimizer, cfg, run_dir,
-                          log=lambda line: None)
+                          model_cfg=model_cfg, log=lambda line: None)
         with counter:
             trainer.train_epoch(0)
     # marks: ask0, batch0, ask1, batch1, ..., ask_last (the one that ends the epoch)

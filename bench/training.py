@@ -329,12 +329,13 @@ def make_trainer(config: TrainingConfig, settings: TrainingSettings, device: tor
         images, labels = images[:train_cfg.train_subset], labels[:train_cfg.train_subset]
     loader = make_train_loader(train_cfg, images, labels, device)
     test_set = EvalSet(data.images.test_images.to(device), data.images.test_labels.to(device), data.images.class_names)
-    model = ViT(ViTConfig(**settings.model, backend=config.backend)).to(device)
+    model_cfg = ViTConfig(**settings.model, backend=config.backend)
+    model = ViT(model_cfg).to(device)
     if config.model == "timm":
         from vit.timm_interop import to_timm
-        model = to_timm(model).train()
+        model, model_cfg = to_timm(model).train(), None  # timm's own module, described by its class
     trainer = Trainer(model, loader, test_set, make_optimizer(model.parameters(), train_cfg, device), train_cfg,
-                      tempfile.gettempdir(), log=lambda line: None)
+                      tempfile.gettempdir(), model_cfg=model_cfg, log=lambda line: None)
     if compile_mode not in (None, "default"):  # TrainConfig.compile is torch.compile's default mode
         trainer.step_model = torch.compile(model, mode=compile_mode)
     return trainer

@@ -426,12 +426,17 @@ def graphed_on_the_cpu(trainer, monkeypatch, log: list) -> GraphedStep:
 def test_the_step_and_the_graph_replay_never_wait_for_the_checkpoint_writer(tmp_path, monkeypatch):
     """After an epoch's end, with its write held on the writer thread: an eager step, then a
     CUDA-graph step's warm-up steps, capture and replays (stand-ins on the CPU) run under a profiler
-    that fails on any wait, and all of them end while the write is still held."""
+    that fails on any wait, and all of them end while the write is still held. The snapshot's copies
+    come first, so a warm-up step's stream is ordered after them before the step changes a weight."""
     # The schedule covers the first epoch's 2 steps and the 7 below (the captured step runs twice here).
     releases, released = held_writes(monkeypatch, epochs=5)
     trainer = make_trainer(tmp_path, steps=2, epochs=5, ema_decay=0.9)
     log = []
     graphed = graphed_on_the_cpu(trainer, monkeypatch, log)
+    step = graphed.step
+    graphed.step = lambda images, labels: (log.append("step"), step(images, labels))
+    take = trainer.snapshot.take
+    monkeypatch.setattr(trainer.snapshot, "take", lambda state: (log.append("copies enqueued"), take(state))[1])
     trainer.train_epoch(0)
     trainer.metrics.append({"epoch": 1, "train_loss": 1.0, "train_acc": 0.1, "test_loss": 1.0, "test_acc": 0.1,
                             "lr": 0.0, "epoch_seconds": 1.0, "images_per_second": 1.0})
@@ -446,8 +451,10 @@ def test_the_step_and_the_graph_replay_never_wait_for_the_checkpoint_writer(tmp_
     finally:
         releases[1].set()
         trainer.writer.wait()
-    assert released == [(1, True)] and graphed.graph is not None and graphed.warmup_left == 0
-    assert log == ["stream ordered"] * 2 * trainer_module.GRAPH_WARMUP_STEPS  # each warm-up, before and after
+    assert released == [(1, True)] and graphed.warmup_left == 0
+    warm_up = ["stream ordered", "step", "stream ordered"]
+    captured_and_replayed, replayed = ["step", "step"], ["step"]
+    assert log == ["copies enqueued"] + warm_up * trainer_module.GRAPH_WARMUP_STEPS + captured_and_replayed + replayed
 
 
 @pytest.mark.parametrize("wait", ["writer", "snapshot event", "lock"])
@@ -460,25 +467,6 @@ def test_the_wait_check_catches_a_wait_put_into_the_step(tmp_path, monkeypatch, 
     images, labels = next(iter(trainer.loader))
     with pytest.raises(ThreadWait), failing_on_thread_waits():
         trainer.train_step(images, labels)
-
-
-def test_a_graph_warm_up_step_is_ordered_after_the_checkpoints_copy(tmp_path, monkeypatch):
-    """The snapshot's copies are enqueued on the training stream at the epoch's end; a warm-up step
-    runs on the capture stream, which must be ordered after them before the step changes a weight."""
-    log = []
-    trainer = make_trainer(tmp_path, steps=2, epochs=2)
-    graphed = graphed_on_the_cpu(trainer, monkeypatch, log)
-    take = trainer.snapshot.take
-    monkeypatch.setattr(trainer.snapshot, "take", lambda state: (log.append("copies enqueued"), take(state))[1])
-    step = graphed.step
-    graphed.step = lambda images, labels: (log.append("step"), step(images, labels))
-    trainer.train_epoch(0)
-    trainer.metrics.append({"epoch": 1, "train_loss": 1.0, "train_acc": 0.1, "test_loss": 1.0, "test_acc": 0.1,
-                            "lr": 0.0, "epoch_seconds": 1.0, "images_per_second": 1.0})
-    trainer._save_epoch(1, best=True)
-    graphed(*next(iter(trainer.loader)))
-    trainer.writer.wait()
-    assert log == ["copies enqueued", "stream ordered", "step", "stream ordered"], log
 
 
 def test_finish_evaluates_the_best_weights_in_the_runs_precision(tmp_path):
