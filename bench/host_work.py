@@ -76,8 +76,10 @@ def measure_epoch_gap(model_cfg: ViTConfig | None = None, epochs: int = 5, batch
     The background writer must finish an epoch's files before the next epoch's are handed to it;
     when an epoch is shorter than that write, the gap includes the wait. The result says both, so
     the figure can be read against the real epoch time: {"gaps_seconds" (one per pair of epochs),
-    "median_seconds", "max_seconds", "epoch_seconds" (training only, each epoch), "write_seconds"
-    (the background write of each epoch, on its thread), "parameters"}."""
+    "median_seconds", "max_seconds", "epoch_seconds" (training only, each epoch), "snapshot_seconds"
+    (the part of each gap spent in the checkpoint snapshot's copies: all of them on the CPU, only
+    their enqueueing from a GPU), "write_seconds" (the background write of each epoch, on its
+    thread), "parameters"}."""
     model_cfg = model_cfg or ViTConfig()
     cfg = TrainConfig(epochs=epochs, batch_size=batch_size, warmup_epochs=1, device=device, precision=precision,
                       augment="gpu", progress=False, seed=0)
@@ -106,10 +108,21 @@ def measure_epoch_gap(model_cfg: ViTConfig | None = None, epochs: int = 5, batch
     with tempfile.TemporaryDirectory(prefix="epoch-gap-") as run_dir:
         trainer = TimedTrainer(model, MarkedLoader(loader, on_ask=on_ask, on_end=on_end), test_set, optimizer, cfg,
                                run_dir, model_cfg=model_cfg, log=lines.append)
+        snapshot_seconds = []
+        take = trainer.snapshot.take
+
+        def timed_take(state):
+            started = time.perf_counter()
+            try:
+                return take(state)
+            finally:
+                snapshot_seconds.append(time.perf_counter() - started)
+
+        trainer.snapshot.take = timed_take
         trainer.fit()
     gaps = [starts[e + 1] - ends[e] - eval_seconds[e] for e in range(epochs - 1)]
     return {"gaps_seconds": gaps, "median_seconds": statistics.median(gaps), "max_seconds": max(gaps),
-            "epoch_seconds": [end - start for start, end in zip(starts, ends)],
+            "epoch_seconds": [end - start for start, end in zip(starts, ends)], "snapshot_seconds": snapshot_seconds[:-1],
             "write_seconds": trainer.writer.job_seconds, "parameters": sum(p.numel() for p in model.parameters())}
 
 
