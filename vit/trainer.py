@@ -3,11 +3,11 @@
 The step (Trainer.train_step) waits neither for the device nor for another thread: the global step
 counter, the learning rate (a table of the whole schedule on the device, indexed by that counter
 and written into Adam's tensor learning rate), the running loss and accuracy, and the first step
-at which the loss or the weights became non-finite all live on the device. The host reads them only at progress points
-(after an epoch's first step, then every PROGRESS_EVERY steps or PROGRESS_EVERY_SECONDS, whichever
-comes first, and once at the end of an epoch), where a non-finite loss or weights stop the run
-with NonFiniteLoss. With TrainConfig.cuda_graph the same function is captured once in
-a CUDA graph and replayed every step (GraphedStep).
+at which the loss or the weights became non-finite all live on the device. The host reads them
+only at progress points (after an epoch's first step, then every PROGRESS_EVERY steps or
+PROGRESS_EVERY_SECONDS, whichever comes first, and once at the end of an epoch), where a
+non-finite loss or weights stop the run with NonFiniteLoss. With TrainConfig.cuda_graph the same
+function is captured once in a CUDA graph and replayed every step (GraphedStep).
 
 The step's loss (criterion) takes integer labels or the soft targets a mixing loader hands out;
 with TrainConfig.ema_decay the step also updates an exponential moving average of the weights,
