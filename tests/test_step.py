@@ -324,7 +324,8 @@ def test_checkpoints_hold_their_epochs_state_while_the_next_epoch_trains(tmp_pat
     """Each epoch's write is held until the next epoch's steps are all enqueued (on a GPU: a
     CUDA-graph step, so warm-up steps, the capture and replays, behind the snapshot's copies): the
     files must hold the weights, the average and Adam's moments as they were at their epoch's end."""
-    epochs, ends = 3, []
+    # On a GPU, epochs of one step: 3 warm-up steps, the capture and a replay, each in its own epoch.
+    epochs, ends = (trainer_module.GRAPH_WARMUP_STEPS + 2 if device == "cuda" else 3), []
     evaluate = Trainer.evaluate
 
     def evaluate_and_keep_the_state(self):
