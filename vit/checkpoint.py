@@ -17,10 +17,10 @@ While a run trains, its process holds an exclusive lock on the directory (RunLoc
 that ends with the process): a second training process on the same directory is refused, naming
 the first. Reading a run (vit.evaluate, vit.predict) takes no lock: every file it reads is whole.
 
-Checkpoints are written off the training thread: HostSnapshot copies the state's tensors into host
-buffers kept from one epoch to the next, on the training thread (from a GPU: into pinned buffers,
-enqueued on the device's stream, followed by an event), and BackgroundWriter runs the writes on a
-thread, one job at a time; a job waits for the copies' event before it reads the buffers.
+Checkpoints are written off the training thread. On it, HostSnapshot copies the state's tensors
+into host buffers kept from one epoch to the next (from a GPU: into pinned buffers, enqueued on the
+device's stream, followed by an event); BackgroundWriter runs the writes on a thread, one job at a
+time, and a job waits for the copies' event before it reads the buffers.
 """
 import csv
 import fcntl
@@ -284,8 +284,8 @@ def read_config(run_dir: Path) -> tuple[ViTConfig, TrainConfig]:
 
 @dataclass
 class HostCopy:
-    """A HostSnapshot: the state with its tensors on the host, and the event recorded after the copies
-    from a GPU (None when every copy was made at once, from the CPU)."""
+    """What HostSnapshot.take returns: the state with its tensors in host buffers, and the event
+    recorded after the copies from a GPU (None when every copy was made at once, from the CPU)."""
     state: dict
     copied: torch.cuda.Event | None
 
@@ -311,7 +311,7 @@ class HostSnapshot:
         devices = set()
         host = self._copy(state, (), devices)
         if len(devices) > 1:  # one event orders one device's copies
-            raise ValueError(f"a snapshot's tensors are on one GPU, not {sorted(map(str, devices))}")
+            raise ValueError(f"a snapshot's tensors must be on one GPU; these are on {sorted(map(str, devices))}")
         copied = None
         if devices:
             copied = torch.cuda.Event()
