@@ -7,7 +7,9 @@
   asks the loader for its batch, so making a batch is part of the step, not of the gap. The
   trainer runs its real fit() (checkpoints, metrics.csv, curves.png written for real) on
   generated images, with the model at whatever size is given: the snapshot copies every weight
-  and Adam moment, so the model's size is what matters, not the data's.
+  and Adam moment, so the model's size is what matters, not the data's. On the CPU those copies
+  are made within the gap; from a GPU they are only enqueued there (the device runs them ahead of
+  the next epoch's steps): a CPU figure is not a GPU figure.
 - count_step_work(): DeviceWorkCounter's counts for each step of an epoch (from the batch handed
   over to the next ask: the loader's own work excluded), and for each progress point.
 
@@ -74,8 +76,10 @@ def measure_epoch_gap(model_cfg: ViTConfig | None = None, epochs: int = 5, batch
     The background writer must finish an epoch's files before the next epoch's are handed to it;
     when an epoch is shorter than that write, the gap includes the wait. The result says both, so
     the figure can be read against the real epoch time: {"gaps_seconds" (one per pair of epochs),
-    "median_seconds", "max_seconds", "epoch_seconds" (training only, each epoch), "write_seconds"
-    (the background write of each epoch, on its thread), "parameters"}."""
+    "median_seconds", "max_seconds", "epoch_seconds" (training only, each epoch), "snapshot_seconds"
+    (the part of each gap spent in the checkpoint snapshot's copies: all of them on the CPU, only
+    their enqueueing from a GPU), "write_seconds" (the background write of each epoch, on its
+    thread), "parameters"}."""
     model_cfg = model_cfg or ViTConfig()
     cfg = TrainConfig(epochs=epochs, batch_size=batch_size, warmup_epochs=1, device=device, precision=precision,
                       progress=False, seed=0)
@@ -103,11 +107,22 @@ def measure_epoch_gap(model_cfg: ViTConfig | None = None, epochs: int = 5, batch
     lines = []
     with tempfile.TemporaryDirectory(prefix="epoch-gap-") as run_dir:
         trainer = TimedTrainer(model, MarkedLoader(loader, on_ask=on_ask, on_end=on_end), test_set, optimizer, cfg,
-                               run_dir, log=lines.append)
+                               run_dir, model_cfg=model_cfg, log=lines.append)
+        snapshot_seconds = []
+        take = trainer.snapshot.take
+
+        def timed_take(state):
+            started = time.perf_counter()
+            try:
+                return take(state)
+            finally:
+                snapshot_seconds.append(time.perf_counter() - started)
+
+        trainer.snapshot.take = timed_take
         trainer.fit()
     gaps = [starts[e + 1] - ends[e] - eval_seconds[e] for e in range(epochs - 1)]
     return {"gaps_seconds": gaps, "median_seconds": statistics.median(gaps), "max_seconds": max(gaps),
-            "epoch_seconds": [end - start for start, end in zip(starts, ends)],
+            "epoch_seconds": [end - start for start, end in zip(starts, ends)], "snapshot_seconds": snapshot_seconds[:-1],
             "write_seconds": trainer.writer.job_seconds, "parameters": sum(p.numel() for p in model.parameters())}
 
 
@@ -128,7 +143,7 @@ def count_step_work(model_cfg: ViTConfig | None = None, steps: int = 3, batch_si
 
     with tempfile.TemporaryDirectory(prefix="step-work-") as run_dir:
         trainer = Trainer(model, MarkedLoader(loader, on_ask=mark, on_batch=mark), test_set, optimizer, cfg, run_dir,
-                          log=lambda line: None)
+                          model_cfg=model_cfg, log=lambda line: None)
         with counter:
             trainer.train_epoch(0)
     # marks: ask0, batch0, ask1, batch1, ..., ask_last (the one that ends the epoch)

@@ -45,7 +45,6 @@ import statistics
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field, replace
-from pathlib import Path
 
 import torch
 
@@ -331,9 +330,9 @@ def make_trainer(config: TrainingConfig, settings: TrainingSettings, device: tor
     model = ViT(model_cfg).to(device)
     if config.model == "timm":
         from vit.timm_interop import to_timm
-        model = to_timm(model).train()
+        model, model_cfg = to_timm(model).train(), None  # timm's own module, described by its class
     trainer = Trainer(model, loader, test_set, make_optimizer(model.parameters(), train_cfg, device), train_cfg,
-                      tempfile.gettempdir(), log=lambda line: None)
+                      tempfile.gettempdir(), model_cfg=model_cfg, log=lambda line: None)
     if compile_mode not in (None, "default"):  # TrainConfig.compile is torch.compile's default mode
         trainer.step_model = torch.compile(model, mode=compile_mode)
     return trainer

@@ -62,15 +62,15 @@ class EagerReplay:
         self.graphed = graphed
 
     def replay(self):
-        self.graphed.trainer.train_step(self.graphed.images, self.graphed.labels)
+        self.graphed.step(self.graphed.images, self.graphed.labels)
 
 
 def test_the_replayed_step_copies_each_batch_into_the_static_buffers_capture_safely(tmp_path):
     trainer = make_trainer(tmp_path, mixing=True)
     batches = iter(trainer.loader)
     images, targets = next(batches)
-    graphed = GraphedStep.__new__(GraphedStep)  # its constructor makes a CUDA stream
-    graphed.trainer, graphed.warmup_left = trainer, 0
+    graphed = GraphedStep(trainer.train_step, stream=None)  # no stream: this step is past its warm-up and capture
+    graphed.warmup_left = 0
     graphed.images, graphed.labels = images.clone(), targets.clone()
     graphed.graph = EagerReplay(graphed)
     second = next(batches)

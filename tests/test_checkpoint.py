@@ -106,13 +106,16 @@ def test_snapshot_copies_a_nested_state_into_buffers_it_keeps():
     state = {"model": {"w": weights}, "optimizer": {"param_groups": [{"lr": torch.tensor(0.5), "params": [0]}],
                                                     "state": {0: {"step": torch.tensor(3.0)}}}, "epoch": 7}
     snapshot = HostSnapshot()
-    first = snapshot.copy(state)
+    taken = snapshot.take(state)
+    assert taken.copied is None  # from the CPU the copies are made at once: nothing to wait for
+    first = taken.state
     assert torch.equal(first["model"]["w"], weights) and first["model"]["w"].data_ptr() != weights.data_ptr()
     assert first["optimizer"]["param_groups"][0]["params"] == [0] and first["epoch"] == 7
+    assert not first["model"]["w"].is_pinned()  # pinned buffers only for copies from a GPU
     buffer = first["model"]["w"].data_ptr()
     weights.add_(1)  # the copy is a copy: training on does not change it...
     assert not torch.equal(first["model"]["w"], weights)
-    second = snapshot.copy(state)  # ...and the next snapshot reuses the buffer
+    second = snapshot.take(state).state  # ...and the next snapshot reuses the buffer
     assert second["model"]["w"].data_ptr() == buffer and torch.equal(second["model"]["w"], weights)
 
 

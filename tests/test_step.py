@@ -3,7 +3,10 @@ caught where they start, and the CUDA-graph step (GPU tests) computing what the 
 import contextlib
 import json
 import math
+import sys
+import threading
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,8 +16,8 @@ from vit.checkpoint import load_checkpoint
 from vit.data import TrainLoader
 from vit.model import ViT, ViTConfig
 from vit import trainer as trainer_module
-from vit.trainer import (PROGRESS_EVERY, EvalSet, NonFiniteLoss, TrainConfig, Trainer, cuda_graph_unsupported_reason,
-                         lr_at, lr_schedule, make_optimizer, seed_everything)
+from vit.trainer import (PROGRESS_EVERY, EvalSet, GraphedStep, NonFiniteLoss, TrainConfig, Trainer,
+                         cuda_graph_unsupported_reason, lr_at, lr_schedule, make_optimizer, seed_everything)
 
 TINY = ViTConfig(dim=32, depth=1, heads=2, mlp_dim=32)
 CLASSES = [str(i) for i in range(10)]
@@ -295,74 +298,176 @@ def test_on_cuda_steps_do_not_sync_and_a_replayed_step_only_copies_its_batch():
         assert step.aten_launches == 2 and step.syncs == 0, dict(step.by_op)
 
 
-@pytest.mark.gpu
-@needs_cuda
-@pytest.mark.parametrize("backend", GRAPH_BACKENDS)
-def test_checkpoint_snapshots_from_the_gpu_hold_the_epochs_weights(tmp_path, monkeypatch, backend):
-    """The copies run on the writer's thread while the next epoch begins (here: while the graph's
-    warm-up steps run, one per epoch, and while the graph is captured), slowed so that the next
-    epoch's steps are ready first: the files must hold the weights as they were at the end of
-    their epoch."""
-    weights = []
+WRITE_HANG_GUARD_SECONDS = 600  # far above what a held write waits for in these tests
+
+
+def held_writes(monkeypatch, epochs: int) -> tuple[list[threading.Event], list]:
+    """Each epoch's files are written only once releases[epoch] (1-based) is set, or after
+    WRITE_HANG_GUARD_SECONDS; `released` gets (epoch, whether it was released) per write."""
+    releases, released = [threading.Event() for _ in range(epochs + 1)], []
+    write = trainer_module.write_epoch_files
+
+    def held_write(run_dir, state, **kwargs):
+        released.append((state["epoch"], releases[state["epoch"]].wait(WRITE_HANG_GUARD_SECONDS)))
+        write(run_dir, state, **kwargs)
+
+    monkeypatch.setattr(trainer_module, "write_epoch_files", held_write)
+    return releases, released
+
+
+@pytest.mark.parametrize("device, backend", [
+    ("cpu", "torch"),
+    pytest.param("cuda", "triton", marks=[pytest.mark.gpu, needs_cuda]),
+    pytest.param("cuda", "torch", marks=[pytest.mark.gpu, needs_cuda]),
+])
+def test_checkpoints_hold_their_epochs_state_while_the_next_epoch_trains(tmp_path, monkeypatch, device, backend):
+    """Each epoch's write is held until the next epoch's steps are all enqueued (on a GPU: a
+    CUDA-graph step, so warm-up steps, the capture and replays, behind the snapshot's copies): the
+    files must hold the weights, the average and Adam's moments as they were at their epoch's end."""
+    # On a GPU, epochs of one step: 3 warm-up steps, the capture and a replay, each in its own epoch.
+    epochs, ends = (trainer_module.GRAPH_WARMUP_STEPS + 2 if device == "cuda" else 3), []
     evaluate = Trainer.evaluate
 
-    def evaluate_and_keep_the_weights(self):
-        weights.append({k: v.cpu().clone() for k, v in self.model.state_dict().items()})
+    def evaluate_and_keep_the_state(self):
+        ends.append({"model": {k: v.cpu().clone() for k, v in self.model.state_dict().items()},
+                     "ema": {k: v.cpu().clone() for k, v in self.ema_model.state_dict().items()},
+                     "exp_avg": [self.optimizer.state[p]["exp_avg"].cpu().clone() for p in self.params]})
         return evaluate(self)
 
-    monkeypatch.setattr(Trainer, "evaluate", evaluate_and_keep_the_weights)
+    monkeypatch.setattr(Trainer, "evaluate", evaluate_and_keep_the_state)
+    releases, released = held_writes(monkeypatch, epochs)
+    releases[epochs].set()  # the last epoch's write has no next epoch to wait for
+    trained = []
+
+    def release_the_previous_write():
+        trained.append(True)
+        releases[len(trained) - 1].set()
+
+    cuda = {"device": "cuda", "precision": "bf16", "cuda_graph": True} if device == "cuda" else {}
     trainer = make_trainer(tmp_path, model_cfg=ViTConfig(dim=32, depth=1, heads=2, mlp_dim=32, backend=backend),
-                           steps=1, epochs=5, device="cuda", precision="bf16", cuda_graph=True)
-    copy = trainer.snapshot.copy
-    monkeypatch.setattr(trainer.snapshot, "copy", lambda tensors, path=(): (  # HostSnapshot.copy recurses
-        time.sleep(0 if path else 0.5), copy(tensors, path))[1])
+                           steps=1 if cuda else 2, epochs=epochs, ema_decay=0.9,
+                           wrap=lambda loader: MarkedLoader(loader, on_end=release_the_previous_write), **cuda)
     trainer.fit()
+    assert released == [(epoch, True) for epoch in range(1, epochs + 1)]
     for path in ("last.pt", "best.pt"):
         state = load_checkpoint(tmp_path / path)
-        for name, value in weights[state["epoch"] - 1].items():
+        end = ends[state["epoch"] - 1]
+        for name, value in end["model"].items():
             assert torch.equal(state["model"][name], value), (path, name)
+        for name, value in end["ema"].items():
+            assert torch.equal(state["ema"][name], value), (path, name)
+        for index, value in enumerate(end["exp_avg"]):
+            assert torch.equal(state["optimizer"]["state"][index]["exp_avg"], value), (path, index)
 
 
-class RecordingStream:
-    """A CUDA stream's stand-in on the CPU: records whether the checkpoint's copy was taken
-    each time a stream is ordered after another."""
+# ------------------------------------------------------------------------------- the step never waits
 
-    def __init__(self, orderings: list, copied: list):
-        self.orderings, self.copied = orderings, copied
+LOCK_TYPES = (type(threading.Lock()), type(threading.RLock()))
+# What blocks the calling thread until another thread acts (Python functions by file and name).
+WAITING_FUNCTIONS = {("threading.py", name) for name in ("join", "wait", "wait_for", "acquire")} | {
+    ("queue.py", name) for name in ("get", "put", "join")}
+PROJECT = Path(trainer_module.__file__).parent
+
+
+class ThreadWait(AssertionError):
+    pass
+
+
+@contextlib.contextmanager
+def failing_on_thread_waits():
+    """Raise ThreadWait at the first call, in this thread, of something that waits: threading's and
+    queue's waits, a lock's acquire(), a wait or join of the project's own (the background
+    writer's, a snapshot's), a CUDA synchronization."""
+    def check(frame, event, arg):
+        if event == "call":
+            code = frame.f_code
+            path = Path(code.co_filename)
+            if ((path.name, code.co_name) in WAITING_FUNCTIONS
+                    or (path.is_relative_to(PROJECT) and code.co_name.startswith(("wait", "join")))
+                    or (path.parent.name == "cuda" and code.co_name == "synchronize")):
+                raise ThreadWait(f"{code.co_name} ({path}:{frame.f_lineno}) called within a step")
+        elif (event == "c_call" and getattr(arg, "__name__", None) == "acquire"
+              and isinstance(getattr(arg, "__self__", None), LOCK_TYPES)):
+            raise ThreadWait("a lock's acquire() called within a step")
+
+    sys.setprofile(check)
+    try:
+        yield
+    finally:
+        sys.setprofile(None)
+
+
+class StandInStream:
+    """A CUDA stream's stand-in on the CPU: logs each ordering after another stream."""
+
+    def __init__(self, log: list):
+        self.log = log
 
     def wait_stream(self, other):
-        self.orderings.append(bool(self.copied))
+        self.log.append("stream ordered")
 
 
-def test_a_graph_warm_up_step_is_ordered_after_the_checkpoints_copy(tmp_path, monkeypatch):
-    """A warm-up step in an epoch after the first runs on the capture stream: that stream may be
-    ordered after the training stream only once the (slowed) writer has enqueued its copy there,
-    or the step's update races the copy."""
-    trainer = make_trainer(tmp_path, steps=2, epochs=2)
-    copied, orderings = [], []
-    copy = trainer.snapshot.copy
-
-    def slow_copy(tensors, path=()):  # HostSnapshot.copy recurses into the state's dicts
-        if path:
-            return copy(tensors, path)
-        time.sleep(0.5)
-        taken = copy(tensors)
-        copied.append(True)
-        return taken
-
-    monkeypatch.setattr(trainer.snapshot, "copy", slow_copy)
-    default = RecordingStream(orderings, copied)
-    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: default)
+def graphed_on_the_cpu(trainer, monkeypatch, log: list) -> GraphedStep:
+    """The trainer's step in a GraphedStep whose streams and graph are stand-ins on the CPU: the
+    graph's capture runs the step, and its replay runs it again on the static buffers."""
+    stream = StandInStream(log)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: stream)
     monkeypatch.setattr(torch.cuda, "stream", lambda stream: contextlib.nullcontext())
-    graphed = trainer_module.GraphedStep.__new__(trainer_module.GraphedStep)  # its constructor makes a CUDA stream
-    graphed.trainer, graphed.stream, graphed.warmup_left, graphed.graph = trainer, default, 1, None
+    monkeypatch.setattr(torch.cuda, "graph", lambda graph, stream, capture_error_mode: contextlib.nullcontext())
+    graphed = GraphedStep(trainer.train_step, stream, before_capture=lambda: trainer.optimizer.zero_grad(set_to_none=True))
+
+    class StandInGraph:
+        def replay(self):
+            graphed.step(graphed.images, graphed.labels)
+
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", StandInGraph)
+    return graphed
+
+
+def test_the_step_and_the_graph_replay_never_wait_for_the_checkpoint_writer(tmp_path, monkeypatch):
+    """After an epoch's end, with its write held on the writer thread: an eager step, then a
+    CUDA-graph step's warm-up steps, capture and replays (stand-ins on the CPU) run under a profiler
+    that fails on any wait, and all of them end while the write is still held. The snapshot's copies
+    come first, so a warm-up step's stream is ordered after them before the step changes a weight."""
+    # The schedule covers the first epoch's 2 steps and the 7 below (the captured step runs twice here).
+    releases, released = held_writes(monkeypatch, epochs=5)
+    trainer = make_trainer(tmp_path, steps=2, epochs=5, ema_decay=0.9)
+    log = []
+    graphed = graphed_on_the_cpu(trainer, monkeypatch, log)
+    step = graphed.step
+    graphed.step = lambda images, labels: (log.append("step"), step(images, labels))
+    take = trainer.snapshot.take
+    monkeypatch.setattr(trainer.snapshot, "take", lambda state: (log.append("copies enqueued"), take(state))[1])
     trainer.train_epoch(0)
     trainer.metrics.append({"epoch": 1, "train_loss": 1.0, "train_acc": 0.1, "test_loss": 1.0, "test_acc": 0.1,
                             "lr": 0.0, "epoch_seconds": 1.0, "images_per_second": 1.0})
     trainer._save_epoch(1, best=True)
-    graphed(*next(iter(trainer.loader)))
-    trainer.writer.wait()
-    assert orderings and all(orderings), orderings
+    images, labels = next(iter(trainer.loader))
+    try:
+        with failing_on_thread_waits():
+            trainer.train_step(images, labels)
+            for _ in range(trainer_module.GRAPH_WARMUP_STEPS + 2):  # warm-up steps, the capture, a replay
+                graphed(images, labels)
+        assert released == [], "a step waited for the write"
+    finally:
+        releases[1].set()
+        trainer.writer.wait()
+    assert released == [(1, True)] and graphed.warmup_left == 0
+    warm_up = ["stream ordered", "step", "stream ordered"]
+    captured_and_replayed, replayed = ["step", "step"], ["step"]
+    assert log == ["copies enqueued"] + warm_up * trainer_module.GRAPH_WARMUP_STEPS + captured_and_replayed + replayed
+
+
+@pytest.mark.parametrize("wait", ["writer", "snapshot event", "lock"])
+def test_the_wait_check_catches_a_wait_put_into_the_step(tmp_path, monkeypatch, wait):
+    trainer = make_trainer(tmp_path, steps=2, epochs=1)
+    lock = threading.Lock()
+    waits = {"writer": trainer.writer.wait, "snapshot event": threading.Event().wait, "lock": lock.acquire}
+    step = Trainer.train_step
+    monkeypatch.setattr(Trainer, "train_step", lambda self, images, labels: (waits[wait](), step(self, images, labels)))
+    images, labels = next(iter(trainer.loader))
+    with pytest.raises(ThreadWait), failing_on_thread_waits():
+        trainer.train_step(images, labels)
 
 
 def test_finish_evaluates_the_best_weights_in_the_runs_precision(tmp_path):

@@ -17,9 +17,10 @@ While a run trains, its process holds an exclusive lock on the directory (RunLoc
 that ends with the process): a second training process on the same directory is refused, naming
 the first. Reading a run (vit.evaluate, vit.predict) takes no lock: every file it reads is whole.
 
-Checkpoints are written off the training thread: HostSnapshot copies the state's tensors into host
-buffers kept from one epoch to the next (pinned, so the copies from a GPU run asynchronously), and
-BackgroundWriter runs the writes on a thread, one job at a time.
+Checkpoints are written off the training thread. On it, HostSnapshot copies the state's tensors
+into host buffers kept from one epoch to the next (from a GPU: into pinned buffers, enqueued on the
+device's stream, followed by an event); BackgroundWriter runs the writes on a thread, one job at a
+time, and a job waits for the copies' event before it reads the buffers.
 """
 import csv
 import fcntl
@@ -33,7 +34,7 @@ import sys
 import threading
 import time
 import warnings
-from dataclasses import asdict, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Callable
 
@@ -281,27 +282,55 @@ def read_config(run_dir: Path) -> tuple[ViTConfig, TrainConfig]:
 
 # ---------------------------------------------------------------------------- off the training thread
 
+@dataclass
+class HostCopy:
+    """What HostSnapshot.take returns: the state with its tensors in host buffers, and the event
+    recorded after the copies from a GPU (None when every copy was made at once, from the CPU)."""
+    state: dict
+    copied: torch.cuda.Event | None
+
+    def wait(self):
+        """Block until the copies are in the host buffers (a GPU's run behind the host)."""
+        if self.copied is not None:
+            self.copied.synchronize()
+
+
 class HostSnapshot:
     """Host copies of the tensors in a nested state (dicts, lists, tuples), in buffers kept from
     one snapshot to the next: allocating 75 MB afresh each epoch costs more than copying it.
-    Buffers for CUDA tensors are pinned and filled with non-blocking copies on the current stream."""
+    Buffers for CUDA tensors are pinned and filled with non-blocking copies on the device's current
+    stream: the copies run in stream order, before any kernel enqueued after them changes a tensor,
+    so the host never waits for them to start. The caller must not take the next snapshot while a
+    reader of the previous one may still read the buffers."""
 
     def __init__(self):
         self._buffers: dict[tuple, torch.Tensor] = {}
 
-    def copy(self, state, path=()):
-        """The state with every tensor replaced by its host copy. Copies from a GPU are only
-        enqueued: record an event after them and wait for it before reading the copies."""
+    def take(self, state: dict) -> HostCopy:
+        """The state with every tensor replaced by its copy in the host buffers (enqueued, from a GPU)."""
+        devices = set()
+        host = self._copy(state, (), devices)
+        if len(devices) > 1:  # one event orders one device's copies
+            raise ValueError(f"a snapshot's tensors must be on one GPU; these are on {sorted(map(str, devices))}")
+        copied = None
+        if devices:
+            copied = torch.cuda.Event()
+            copied.record(torch.cuda.current_stream(devices.pop()))
+        return HostCopy(host, copied)
+
+    def _copy(self, state, path: tuple, devices: set):
         if isinstance(state, torch.Tensor):
             buffer = self._buffers.get(path)
             if buffer is None or buffer.shape != state.shape or buffer.dtype != state.dtype:
                 buffer = torch.empty(state.shape, dtype=state.dtype, pin_memory=state.is_cuda)
                 self._buffers[path] = buffer
+            if state.is_cuda:
+                devices.add(state.device)
             return buffer.copy_(state.detach(), non_blocking=state.is_cuda)
         if isinstance(state, dict):
-            return {k: self.copy(v, path + (k,)) for k, v in state.items()}
+            return {k: self._copy(v, path + (k,), devices) for k, v in state.items()}
         if isinstance(state, (list, tuple)):
-            return type(state)(self.copy(v, path + (i,)) for i, v in enumerate(state))
+            return type(state)(self._copy(v, path + (i,), devices) for i, v in enumerate(state))
         return state
 
 

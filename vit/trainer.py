@@ -1,23 +1,25 @@
 """The training loop: recipe, schedule, the step, progress, checkpoints and the run directory.
 
-The step (Trainer.train_step) never waits for the device: the global step counter, the learning
-rate (a table of the whole schedule on the device, indexed by that counter and written into Adam's
-tensor learning rate), the running loss and accuracy, and the first step at which the loss or the
-weights became non-finite all live on the device. The host reads them only at progress points
-(after an epoch's first step, then every PROGRESS_EVERY steps or PROGRESS_EVERY_SECONDS, whichever
-comes first, and once at the end of an epoch), where a non-finite loss or weights stop the run
-with NonFiniteLoss. With TrainConfig.cuda_graph the same function is captured once in
-a CUDA graph and replayed every step (GraphedStep).
+The step (Trainer.train_step) waits neither for the device nor for another thread: the global step
+counter, the learning rate (a table of the whole schedule on the device, indexed by that counter
+and written into Adam's tensor learning rate), the running loss and accuracy, and the first step
+at which the loss or the weights became non-finite all live on the device. The host reads them
+only at progress points (after an epoch's first step, then every PROGRESS_EVERY steps or
+PROGRESS_EVERY_SECONDS, whichever comes first, and once at the end of an epoch), where a
+non-finite loss or weights stop the run with NonFiniteLoss. With TrainConfig.cuda_graph the same
+function is captured once in a CUDA graph and replayed every step (GraphedStep).
 
 The step's loss (criterion) takes integer labels or the soft targets a mixing loader hands out;
 with TrainConfig.ema_decay the step also updates an exponential moving average of the weights,
 which is evaluated after every epoch beside the model and saved in the checkpoints.
 
-Between epochs, the host work stays off the training thread: a background thread copies the
-checkpoint's tensors into host buffers (from a GPU: pinned, non-blocking), writes the checkpoint
-and rewrites metrics.csv and curves.png from the metrics inside it (vit/checkpoint.py). The
-training thread waits for the copy only before its next optimizer step changes the weights (a
-CUDA graph's warm-up step, before it starts).
+Between epochs, the training thread copies the checkpoint's tensors (weights, optimizer, the
+average) into host buffers kept from epoch to epoch: from a GPU into pinned buffers, enqueued on
+the training stream ahead of the next epoch's kernels, so the copies hold the epoch's weights
+without the host waiting for them; on the CPU at once. A background thread waits for the copies,
+writes the checkpoint and rewrites metrics.csv and curves.png from the metrics inside it
+(vit/checkpoint.py). Nothing within an epoch waits for that thread; the next epoch's end waits for
+its write before it copies into the same buffers.
 
 build_trainer() assembles everything from the configs (what train.py uses); Trainer takes its
 parts, so the bench can hand in timm's model or a timed loader.
@@ -25,12 +27,11 @@ parts, so the bench can hand in timm's model or a timed loader.
 import copy
 import math
 import random
-import threading
 import time
 import warnings
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -272,37 +273,49 @@ class StepMeters:
         self.first_bad.fill_(NO_STEP)
 
 
+@dataclass
+class MeterReading:
+    """StepMeters as the host reads them at a progress point."""
+    loss_sum: float
+    correct: float
+    first_bad_loss: int  # NO_STEP: none yet
+    first_bad_weights: int
+    lr: float  # the last step's learning rate
+
+
 class GraphedStep:
-    """Trainer.train_step captured once in a CUDA graph and replayed every step.
+    """A training step function, step(images, targets), captured once in a CUDA graph and replayed
+    every step.
 
     The first GRAPH_WARMUP_STEPS steps run eagerly on the capture stream, so what is created lazily
     (Adam's moments, cuBLAS workspaces, Triton's compiled and autotuned kernels) exists before the
-    capture, as PyTorch's whole-network capture does. The next step is captured: the capture only
-    records, so the graph is then replayed for that step too. From then on each batch is copied
-    into the static input buffers the graph reads, and the graph is replayed. Everything the step
-    changes (weights, Adam's state, the learning rate, the meters) is updated in place by the
-    replay; gradients live in the graph's memory pool.
+    capture, as PyTorch's whole-network capture does; the capture stream is ordered after the
+    current stream, and the current stream after it, so a warm-up step comes after whatever was
+    enqueued before it (a checkpoint's copies of the weights) and before whatever comes after. The
+    next step is captured: the capture only records, so the graph is then replayed for that step
+    too. From then on each batch is copied into the static input buffers the graph reads, and the
+    graph is replayed on the current stream. Everything the step changes (weights, Adam's state,
+    the learning rate, the meters) is updated in place by the replay.
+
+    stream: the capture stream; before_capture: called once before the capture, to free what the
+    step allocates afresh (the gradients, which the capture then allocates in the graph's pool).
     """
 
-    def __init__(self, trainer: "Trainer"):
-        self.trainer = trainer
-        self.stream = torch.cuda.Stream(trainer.device)
+    def __init__(self, step: Callable[[torch.Tensor, torch.Tensor], None], stream: torch.cuda.Stream,
+                 before_capture: Callable[[], None] = lambda: None):
+        self.step, self.stream, self.before_capture = step, stream, before_capture
         self.warmup_left = GRAPH_WARMUP_STEPS
         self.graph: torch.cuda.CUDAGraph | None = None
         self.images = self.labels = None  # static input buffers
 
     def __call__(self, images: torch.Tensor, labels: torch.Tensor):
-        trainer = self.trainer
         if self.graph is None and self.warmup_left > 0:
             self.warmup_left -= 1
-            # The checkpoint's copies are enqueued on the training stream once the snapshot is
-            # taken: only then may the capture stream be ordered after them.
-            trainer.wait_for_snapshot()
             self.stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(self.stream), warnings.catch_warnings():
                 # Adam warns when a capturable instance steps uncaptured: these steps are meant to.
                 warnings.filterwarnings("ignore", message=".*capturable=True.*")
-                trainer.train_step(images, labels)
+                self.step(images, labels)
             torch.cuda.current_stream().wait_stream(self.stream)
             return
         if self.graph is None:
@@ -310,19 +323,16 @@ class GraphedStep:
         else:
             self.images.copy_(images, non_blocking=True)
             self.labels.copy_(labels, non_blocking=True)
-        trainer.wait_for_snapshot()  # the replay updates the weights
         self.graph.replay()
 
     def _capture(self, images, labels):
-        trainer = self.trainer
-        trainer.writer.wait()  # no background write in flight while the stream is captured
-        trainer.wait_for_snapshot()
         self.images, self.labels = images.clone(), labels.clone()
-        trainer.optimizer.zero_grad(set_to_none=True)  # backward allocates the grads inside the graph's pool
+        self.before_capture()
         graph = torch.cuda.CUDAGraph()
-        # thread_local: a DataLoader's pin-memory thread may keep working while this thread captures.
+        # thread_local: another thread (a checkpoint's writer, a DataLoader's pin-memory thread)
+        # may keep working while this thread captures.
         with torch.cuda.graph(graph, stream=self.stream, capture_error_mode="thread_local"):
-            trainer.train_step(self.images, self.labels)
+            self.step(self.images, self.labels)
         self.graph = graph
 
 
@@ -330,12 +340,16 @@ class GraphedStep:
 
 class Trainer:
     def __init__(self, model: torch.nn.Module, loader, test_set: EvalSet, optimizer: torch.optim.Optimizer,
-                 cfg: TrainConfig, run_dir, *, ctx: distributed.Context = distributed.Context(), log=print):
+                 cfg: TrainConfig, run_dir, *, model_cfg: ViTConfig | None = None,
+                 ctx: distributed.Context = distributed.Context(), log=print):
         """model: on cfg.device; loader: one (images, targets) batch of fixed shape per step, with
         set_epoch() and len(), targets integer labels or soft targets (see criterion);
         optimizer: over model's parameters, with a tensor learning rate on the device
-        (make_optimizer), which the trainer drives from its schedule."""
+        (make_optimizer), which the trainer drives from its schedule; model_cfg: the configuration
+        the model was built from (vit.timm_interop.build_model), recorded in the checkpoints and named
+        by describe(), or None for a model handed in as it is (the bench's timm model)."""
         self.model, self.loader, self.test_set, self.optimizer = model, loader, test_set, optimizer
+        self.model_cfg = model_cfg
         self.cfg, self.run_dir, self.ctx = cfg, Path(run_dir), ctx
         self.log = log if ctx.is_main else (lambda line: None)
         self.device = torch.device(cfg.device)
@@ -370,12 +384,14 @@ class Trainer:
             self.ema_model = copy.deepcopy(model).requires_grad_(False)
             self.ema_params, self.model_params = list(self.ema_model.parameters()), list(model.parameters())
         self.meters = StepMeters(self.device)
-        self.graphed_step = GraphedStep(self) if cfg.cuda_graph else None
+        self.graphed_step = None
+        if cfg.cuda_graph:
+            self.graphed_step = GraphedStep(self.train_step, torch.cuda.Stream(self.device),
+                                            before_capture=lambda: optimizer.zero_grad(set_to_none=True))
         self.progress = Progress(cfg.epochs, self.steps_per_epoch, enabled=cfg.progress and ctx.is_main)
 
         self.writer = BackgroundWriter()
         self.snapshot = HostSnapshot()
-        self._snapshot_taken: threading.Event | None = None
         self._curves_drawn_at = -math.inf
         self.start_epoch, self.best_acc, self.best_epoch = 0, 0.0, 0
         self.metrics: list[dict] = []
@@ -392,7 +408,6 @@ class Trainer:
             loss = criterion(logits, targets, cfg)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
-        self.wait_for_snapshot()
         for lr in self.lr_tensors:  # this step's entry of the schedule, into Adam's tensor learning rate
             torch.index_select(self.lr_table, 0, meters.step, out=lr.view(1))
         self.scaler.step(self.optimizer)
@@ -409,12 +424,6 @@ class Trainer:
         finite = torch.isfinite(torch.stack([loss, largest_weight.to(loss.dtype)]))
         torch.minimum(meters.first_bad, meters.step.expand(2).masked_fill(finite, NO_STEP), out=meters.first_bad)
         meters.step += 1
-
-    def wait_for_snapshot(self):
-        """Before the weights change: the checkpoint of the epoch before must have copied them."""
-        if self._snapshot_taken is not None:
-            self._snapshot_taken.wait()
-            self._snapshot_taken = None
 
     # -- an epoch ------------------------------------------------------------------------------------
     def train_epoch(self, epoch: int) -> dict:
@@ -444,29 +453,48 @@ class Trainer:
         return {**means, "epoch_seconds": seconds, "images_per_second": steps * self.cfg.batch_size / seconds}
 
     def _progress_point(self, steps: int, start: float, final: bool) -> dict:
-        """Read the device's meters (one transfer), stop on a non-finite value, show progress.
-        The epoch's running {train_loss, train_acc, lr}: this rank's, or all ranks' at the end."""
-        meters, world = self.meters, self.ctx.world_size
+        """Read the meters, stop on a non-finite value, show progress; the epoch's running means."""
+        reading = self._read_meters(final)
+        self._stop_if_non_finite(reading)
+        means = self._running_means(reading, steps, final)
+        self._show_progress(steps, start, means)
+        return means
+
+    def _read_meters(self, final: bool) -> MeterReading:
+        """The device's meters in one transfer. Under torchrun the first non-finite steps are every
+        rank's (so all ranks stop together), and at the end of the epoch the sums are too."""
+        meters = self.meters
         sums = torch.stack([meters.loss_sum, meters.correct.double()])
         first_bad = meters.first_bad
-        if self.ctx.enabled:  # every rank learns of a bad value on any rank, so all stop together
+        if self.ctx.enabled:
             first_bad = distributed.all_reduce(first_bad.clone(), distributed.dist.ReduceOp.MIN)
             if final:
                 distributed.all_reduce(sums)
         loss_sum, correct, bad_loss, bad_weights, lr = torch.cat(
             [sums, first_bad.double(), self.lr_tensors[0].double().view(1)]).tolist()
-        if min(bad_loss, bad_weights) < NO_STEP:
-            what = "loss" if bad_loss <= bad_weights else "weights after the optimizer step"
-            epoch, step = divmod(int(min(bad_loss, bad_weights)), self.steps_per_epoch)
+        return MeterReading(loss_sum, correct, int(bad_loss), int(bad_weights), lr)
+
+    def _stop_if_non_finite(self, reading: MeterReading):
+        """NonFiniteLoss naming the first step whose loss or weights became non-finite, if any."""
+        first_bad = min(reading.first_bad_loss, reading.first_bad_weights)
+        if first_bad < NO_STEP:
+            what = "loss" if reading.first_bad_loss <= reading.first_bad_weights else "weights after the optimizer step"
+            epoch, step = divmod(first_bad, self.steps_per_epoch)
             raise NonFiniteLoss(f"non-finite {what} at epoch {epoch + 1}, step {step + 1}; {self._stopping()}")
-        # The sums cover all ranks' steps at the end of the epoch, this rank's before.
+
+    def _running_means(self, reading: MeterReading, steps: int, final: bool) -> dict:
+        """{train_loss, train_acc, lr} over the epoch's `steps` steps so far: all ranks' at the end
+        of the epoch (final), this rank's before."""
+        world = self.ctx.world_size
         losses, images = (steps * world, steps * self.cfg.batch_size) if final else (steps, steps * self.cfg.batch_size // world)
-        means = {"train_loss": loss_sum / losses if steps else math.nan,
-                 "train_acc": correct / images if steps else math.nan, "lr": lr}
+        return {"train_loss": reading.loss_sum / losses if steps else math.nan,
+                "train_acc": reading.correct / images if steps else math.nan, "lr": reading.lr}
+
+    def _show_progress(self, steps: int, start: float, means: dict):
+        """The progress bar after `steps` steps of the epoch that began at `start` (perf_counter)."""
         if steps:
-            self.progress.update(steps, loss=means["train_loss"], acc=means["train_acc"], lr=lr,
+            self.progress.update(steps, loss=means["train_loss"], acc=means["train_acc"], lr=means["lr"],
                                  images_per_second=steps * self.cfg.batch_size / (time.perf_counter() - start))
-        return means
 
     def _stopping(self) -> str:
         """The end of a NonFiniteLoss message: what is kept. Every finished epoch was checkpointed."""
@@ -510,7 +538,6 @@ class Trainer:
                          f"{self.progress.run_status()}" + ("  *best" if improved else ""))
         finally:
             self.writer.wait()  # every file complete before fit() returns or raises
-            self.wait_for_snapshot()
         summary = RunSummary(best_acc=self.best_acc, best_epoch=self.best_epoch,
                              last_acc=self.metrics[-1]["test_acc"] if self.metrics else 0.0, epochs=cfg.epochs,
                              wall_seconds=time.perf_counter() - started,
@@ -523,42 +550,32 @@ class Trainer:
 
     # -- checkpoints -----------------------------------------------------------------------------------
     def _save_epoch(self, epoch: int, best: bool):
-        """Hand the finished epoch to the background writer. This thread records only what is cheap
-        and could change before the next update (the RNG states, the metrics). The writer copies
-        the tensors into host buffers (from a GPU: enqueued on the training stream), signals that
-        the copy is taken, then writes. The training thread goes on with the next epoch's first
-        forward and backward, and waits for that signal before the optimizer changes the weights
-        (wait_for_snapshot): nothing else changes the checkpointed state between epochs."""
+        """Snapshot the finished epoch and hand its files to the background writer. The snapshot
+        (weights, optimizer, their average) goes into host buffers kept from epoch to epoch: from a
+        GPU the copies are only enqueued on the training stream, ahead of the next epoch's kernels,
+        which therefore change the weights only after they are copied; on the CPU they are made
+        here. The writer waits for the copies' event, then writes the files; the training thread goes
+        on at once and never waits for the writer within an epoch. It waits here, before the copies,
+        for the previous epoch's write (which reads the same buffers, and whose error surfaces here)."""
+        self.writer.wait()
         state = {"epoch": epoch, "best_acc": self.best_acc, "best_epoch": self.best_epoch,
                  "metrics": [dict(row) for row in self.metrics], "rng": rng_state(),
-                 "model_config": asdict(self.model.cfg) if isinstance(getattr(self.model, "cfg", None), ViTConfig) else None}
+                 "model_config": asdict(self.model_cfg) if self.model_cfg is not None else None}
+        tensors = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                   "scaler": self.scaler.state_dict()}
+        if self.ema_model is not None:
+            tensors["ema"] = self.ema_model.state_dict()
+        snapshot = self.snapshot.take(tensors)
         now = time.monotonic()
         curves = epoch == self.cfg.epochs or now - self._curves_drawn_at >= CURVES_EVERY_SECONDS
         if curves:
             self._curves_drawn_at = now
-        stream = torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None
-        taken = threading.Event()
 
         def write():
-            copied = None
-            try:
-                with torch.cuda.stream(stream) if stream is not None else nullcontext():
-                    tensors = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                               "scaler": self.scaler.state_dict()}
-                    if self.ema_model is not None:
-                        tensors["ema"] = self.ema_model.state_dict()
-                    state.update(self.snapshot.copy(tensors))
-                    if stream is not None:
-                        copied = torch.cuda.Event()
-                        copied.record(stream)
-            finally:
-                taken.set()
-            if copied is not None:
-                copied.synchronize()
-            write_epoch_files(self.run_dir, state, best=best, curves=curves)
+            snapshot.wait()
+            write_epoch_files(self.run_dir, {**state, **snapshot.state}, best=best, curves=curves)
 
-        self.writer.submit(write)  # after the previous epoch's write, which reads the same host buffers
-        self._snapshot_taken = taken
+        self.writer.submit(write)
 
     def resume(self):
         """Continue from run_dir's last.pt: the weights (and their average), optimizer, RNG states and metrics. The run
@@ -591,8 +608,9 @@ class Trainer:
             self.writer.submit(lambda: write_outputs(self.run_dir, self.metrics))
 
     def finish(self):
-        """Evaluate the best epoch's weights in full, in the run's precision (as its epochs were):
-        confusion matrix, per-class accuracy, the most confident mistakes, next to the checkpoints."""
+        """Evaluate the best epoch's weights (best.pt) in full, in the run's precision (as its epochs
+        were): confusion matrix, per-class accuracy, the most confident mistakes, next to the
+        checkpoints. They are loaded into a copy of the model: self.model keeps the last epoch's."""
         from vit.evaluate import write_report
 
         if not self.ctx.is_main:
@@ -600,19 +618,19 @@ class Trainer:
         self.writer.wait()
         best = self.run_dir / BEST_CHECKPOINT
         state = load_checkpoint(best, "cpu")
-        self.model.load_state_dict(state["model"])
+        best_model = copy.deepcopy(self.model)
+        best_model.load_state_dict(state["model"])
         source = {"checkpoint": str(best), "epoch": state["epoch"], "device": str(self.device),
                   "model": state.get("model_config")}
-        report = write_report(self.model, self.test_set.images, self.test_set.labels, self.test_set.class_names,
+        report = write_report(best_model, self.test_set.images, self.test_set.labels, self.test_set.class_names,
                               self.run_dir, self.device, precision=self.cfg.precision, source=source)
         per_class = "  ".join(f"{name} {acc:.1%}" if acc is not None else f"{name} (no test images)"
                               for name, acc in report["per_class_accuracy"].items())
         self.log(f"best epoch per class: {per_class}")
 
     def describe(self) -> str:
-        cfg = self.cfg
-        model_cfg = getattr(self.model, "cfg", None)
-        if isinstance(model_cfg, ViTConfig):
+        cfg, model_cfg = self.cfg, self.model_cfg
+        if model_cfg is not None:
             backend = get_backend(model_cfg.backend)
             name = f"timm's {model_cfg.timm_model}" if model_cfg.timm_model else "ViT"
             model = f"{name} with {count_parameters(self.model):,} parameters; backend {backend.name} ({backend.description})"
@@ -639,7 +657,8 @@ def build_trainer(model_cfg: ViTConfig, cfg: TrainConfig, run_dir, *, resume: bo
                                num_classes=model_cfg.num_classes)
     test_set = EvalSet(data.test_images.to(device), data.test_labels.to(device), data.class_names)
     model = build_model(model_cfg).to(device)
-    trainer = Trainer(model, loader, test_set, make_optimizer(model, cfg, device), cfg, run_dir, ctx=ctx, log=log)
+    trainer = Trainer(model, loader, test_set, make_optimizer(model, cfg, device), cfg, run_dir, model_cfg=model_cfg,
+                      ctx=ctx, log=log)
     if resume:
         trainer.resume()
     return trainer
