@@ -24,10 +24,14 @@ CLASSES = [str(i) for i in range(10)]
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
-def make_trainer(run_dir, model_cfg=TINY, steps=4, batch_size=8, seed=0, wrap=None, **cfg_fields) -> Trainer:
-    """A trainer over generated images with the batched-augmentation loader."""
+def make_trainer(run_dir, model_cfg=TINY, steps=4, batch_size=8, seed=0, wrap=None, planted=None,
+                 **cfg_fields) -> Trainer:
+    """A trainer over generated images with the batched-augmentation loader. planted: values set on
+    the config after its checks, for the trainer's own guards against what a valid config never holds."""
     cfg = TrainConfig(**{"epochs": 2, "batch_size": batch_size, "warmup_epochs": 1, "device": "cpu",
                          "precision": "fp32", "progress": False, "seed": seed, **cfg_fields})
+    for name, value in (planted or {}).items():
+        setattr(cfg, name, value)
     device = torch.device(cfg.device)
     run_dir.mkdir(parents=True, exist_ok=True)
     seed_everything(seed)
@@ -117,7 +121,7 @@ def test_a_non_finite_loss_is_reported_with_its_epoch_and_step(tmp_path):
 
 def test_non_finite_weights_are_caught_at_the_step_that_broke_them(tmp_path):
     """An infinite learning rate: the loss of that step is finite, the weights after it are not."""
-    trainer = make_trainer(tmp_path, steps=3, lr=math.inf, min_lr=0.0)
+    trainer = make_trainer(tmp_path, steps=3, min_lr=0.0, planted={"lr": math.inf})
     with pytest.raises(NonFiniteLoss, match=r"non-finite weights after the optimizer step at epoch 1, step 1;"):
         trainer.fit()
 
@@ -134,7 +138,8 @@ def test_a_non_finite_test_loss_stops_the_run_and_keeps_the_last_good_checkpoint
 
 
 def test_a_zero_learning_rate_trains_without_dividing_by_it(tmp_path):
-    trainer = make_trainer(tmp_path, steps=2, epochs=1, lr=0.0, min_lr=0.0)
+    """A schedule with min_lr 0 ends on a step of learning rate 0; here every step has it."""
+    trainer = make_trainer(tmp_path, steps=2, epochs=1, min_lr=0.0, planted={"lr": 0.0})
     before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
     summary = trainer.fit()
     assert summary.epochs == 1 and summary.best_epoch == 1 and math.isfinite(summary.last_acc)
