@@ -1,6 +1,7 @@
 """What every op module in kernels/ needs besides its kernels: output allocation (with the
 NaN-poisoning switch the tests use), interpreter detection, input checks, the device
-context a launch runs in, and planned launches.
+context a launch runs in, planned launches, and the registration of an op as PyTorch
+operators.
 """
 import contextlib
 import os
@@ -113,3 +114,76 @@ def check_floating(name: str, tensor, supported=SUPPORTED_DTYPES):
     if tensor.dtype not in supported:
         names = ", ".join(str(dtype).removeprefix("torch.") for dtype in supported)
         raise ValueError(f"{name} has dtype {tensor.dtype}; supported: {names}")
+
+
+def check_operands(tensors: dict, shapes: dict, matmul_dtype: torch.dtype, interpreted: bool, module: str,
+                   branch_scale=None, scaled: str = "") -> dict:
+    """ValueError unless an op's tensors can go to its kernels: floating tensors of a supported
+    dtype, all on the first one's device, which the kernels can run on, with the shapes
+    `shapes` names, and matmuls in a dtype the kernels compute right here. Returns the sizes the
+    shapes bind.
+
+    shapes: tensor name -> its dimensions' names, in order: ("...", "C") for x of shape
+    [..., C]; a name's size is bound by the first tensor that has it, and every later tensor
+    must agree ("..." too: the same leading dimensions). Every size but the first tensor's
+    leading ones must be positive. branch_scale: None, or one scale per sample of the tensor
+    named `scaled` ([scaled.shape[0]]).
+    """
+    first = next(iter(tensors))
+    device = tensors[first].device
+    for name, tensor in tensors.items():
+        check_floating(name, tensor)
+        if tensor.device != device:
+            raise ValueError(f"{name} is on {tensor.device} but {first} is on {device}; all must be on one device")
+    sizes, owners = {}, {}
+    for name, dims in shapes.items():
+        shape = tuple(tensors[name].shape)
+        known = dict(sizes)
+        named = dims[1:] if dims[0] == "..." else dims
+        leading = shape[:len(shape) - len(named)]
+        fits = len(shape) >= len(named) and (dims[0] == "..." or not leading)
+        if fits and dims[0] == "...":
+            fits = sizes.setdefault("...", leading) == leading
+        for position, (dim, size) in enumerate(zip(named, shape[len(leading):])):
+            may_be_empty = name == first and position < len(named) - 1
+            owners.setdefault(dim, name)
+            fits = fits and sizes.setdefault(dim, size) == size and (size > 0 or may_be_empty)
+        if not fits:
+            if all(dim in known for dim in dims):
+                wanted = ", ".join(str(size) for dim in dims for size in (known[dim] if dim == "..." else (known[dim],)))
+            else:
+                wanted = ", ".join(f"{dim}={known[dim]}" if dim in known and dim != "..." else dim for dim in dims)
+            origins = ", ".join(f"{dim}={known[dim]} from {owners[dim]}" for dim in named if dim in known)
+            raise ValueError(f"{name} must have shape [{wanted}]" + (f" ({origins})" if origins else "")
+                             + f", got {list(shape)}")
+    if branch_scale is not None:
+        check_floating("branch_scale", branch_scale)
+        target = tensors[scaled]
+        if target.dim() < 2 or tuple(branch_scale.shape) != (target.shape[0],):
+            raise ValueError(f"branch_scale must have shape [{scaled}.shape[0]] = [{target.shape[0] if target.dim() else '?'}]"
+                             f" (one scale per sample, {scaled} of shape [B, ..., C]), got {list(branch_scale.shape)}")
+        if branch_scale.device != device:
+            raise ValueError(f"branch_scale is on {branch_scale.device} but {scaled} is on {device}")
+    check_device(first, tensors[first], interpreted, module)
+    refuse_interpreted_bf16(f"{first} (its dtype, or autocast's)", interpreted, matmul_dtype)
+    return sizes
+
+
+def register_operator(name: str, forward, forward_fake, backward, backward_fake, setup_context, backward_formula):
+    """An op's two PyTorch operators, "vit_kernels::<name>" around `forward` and
+    "vit_kernels::<name>_backward" around `backward` (type-annotated launchers), returned in
+    that order.
+
+    torch.compile (fullgraph) then traces through the op without a graph break: it sees two
+    opaque calls whose fakes give the outputs' shapes, dtypes and contiguous strides, and the
+    launch planning runs only when an operator really executes, never inside a trace.
+    register_autograd pairs them: setup_context saves what the backward operator needs (inputs
+    and outputs only; the outputs that exist for the backward's sake non-differentiable, their
+    gradients not materialized, so no zeros are launched), and backward_formula calls it.
+    """
+    forward_op = torch.library.custom_op(f"vit_kernels::{name}", forward, mutates_args=())
+    forward_op.register_fake(forward_fake)
+    backward_op = torch.library.custom_op(f"vit_kernels::{name}_backward", backward, mutates_args=())
+    backward_op.register_fake(backward_fake)
+    forward_op.register_autograd(backward_formula, setup_context=setup_context)
+    return forward_op, backward_op
