@@ -116,57 +116,88 @@ def check_floating(name: str, tensor, supported=SUPPORTED_DTYPES):
         raise ValueError(f"{name} has dtype {tensor.dtype}; supported: {names}")
 
 
-def check_operands(tensors: dict, shapes: dict, matmul_dtype: torch.dtype, interpreted: bool, module: str,
+def operand_shapes(**shapes) -> tuple:
+    """An op's operand shapes, for check_operands: each tensor's dimensions by name, in order,
+    ("...", "C") for x of shape [..., C]. A name's size is bound by the first tensor that has it,
+    and every later tensor must agree ("..." too: the same leading dimensions); every size but
+    those before the first tensor's last must be positive. Prepared once, at import: the checks
+    run on every call of an op, and their Python calls count (tests/test_host_cost.py)."""
+    prepared = []
+    for name, dims in shapes.items():
+        named = dims[1:] if dims[0] == "..." else dims
+        # Each named dimension with its index from the end of the shape.
+        prepared.append((name, dims[0] == "...", len(named), tuple(zip(named, range(-len(named), 0)))))
+    return tuple(prepared)
+
+
+def check_operands(tensors: dict, shapes: tuple, matmul_dtype: torch.dtype, interpreted: bool, module: str,
                    branch_scale=None, scaled: str = "") -> dict:
     """ValueError unless an op's tensors can go to its kernels: floating tensors of a supported
-    dtype, all on the first one's device, which the kernels can run on, with the shapes
-    `shapes` names, and matmuls in a dtype the kernels compute right here. Returns the sizes the
-    shapes bind.
-
-    shapes: tensor name -> its dimensions' names, in order: ("...", "C") for x of shape
-    [..., C]; a name's size is bound by the first tensor that has it, and every later tensor
-    must agree ("..." too: the same leading dimensions). Every size but the first tensor's
-    leading ones must be positive. branch_scale: None, or one scale per sample of the tensor
-    named `scaled` ([scaled.shape[0]]).
-    """
-    first = next(iter(tensors))
+    dtype, all on the first one's device, which the kernels can run on, of the shapes `shapes`
+    (operand_shapes) names, with matmuls in a dtype the kernels compute right here. Returns the
+    sizes the shapes bind. branch_scale: None, or one scale per sample of the tensor named
+    `scaled` ([scaled.shape[0]])."""
+    first = shapes[0][0]
     device = tensors[first].device
     for name, tensor in tensors.items():
         check_floating(name, tensor)
         if tensor.device != device:
             raise ValueError(f"{name} is on {tensor.device} but {first} is on {device}; all must be on one device")
-    sizes, owners = {}, {}
-    for name, dims in shapes.items():
-        shape = tuple(tensors[name].shape)
-        known = dict(sizes)
-        named = dims[1:] if dims[0] == "..." else dims
-        leading = shape[:len(shape) - len(named)]
-        fits = len(shape) >= len(named) and (dims[0] == "..." or not leading)
-        if fits and dims[0] == "...":
-            fits = sizes.setdefault("...", leading) == leading
-        for position, (dim, size) in enumerate(zip(named, shape[len(leading):])):
-            may_be_empty = name == first and position < len(named) - 1
-            owners.setdefault(dim, name)
-            fits = fits and sizes.setdefault(dim, size) == size and (size > 0 or may_be_empty)
-        if not fits:
-            if all(dim in known for dim in dims):
-                wanted = ", ".join(str(size) for dim in dims for size in (known[dim] if dim == "..." else (known[dim],)))
+    sizes = {}
+    for name, leading, rank, named in shapes:
+        shape = tensors[name].shape
+        # At least `rank` dimensions, and no more without leading ones (slices: no Python calls).
+        fits = shape[rank - 1:] != () and (leading or shape[rank:] == ())
+        if fits and leading:
+            if "..." in sizes:
+                fits = sizes["..."] == shape[:-rank]
             else:
-                wanted = ", ".join(f"{dim}={known[dim]}" if dim in known and dim != "..." else dim for dim in dims)
-            origins = ", ".join(f"{dim}={known[dim]} from {owners[dim]}" for dim in named if dim in known)
-            raise ValueError(f"{name} must have shape [{wanted}]" + (f" ({origins})" if origins else "")
-                             + f", got {list(shape)}")
+                sizes["..."] = shape[:-rank]
+        for dim, index in named if fits else ():
+            size = shape[index]
+            if dim in sizes:
+                fits = fits and sizes[dim] == size
+            else:
+                sizes[dim] = size
+                fits = fits and (size > 0 or (name == first and index != -1))
+        if not fits:
+            raise ValueError(_shape_error(tensors, shapes, name))
     if branch_scale is not None:
         check_floating("branch_scale", branch_scale)
         target = tensors[scaled]
         if target.dim() < 2 or tuple(branch_scale.shape) != (target.shape[0],):
-            raise ValueError(f"branch_scale must have shape [{scaled}.shape[0]] = [{target.shape[0] if target.dim() else '?'}]"
-                             f" (one scale per sample, {scaled} of shape [B, ..., C]), got {list(branch_scale.shape)}")
+            samples = target.shape[0] if target.dim() else "?"
+            raise ValueError(f"branch_scale must have shape [{scaled}.shape[0]] = [{samples}] (one scale per sample, "
+                             f"{scaled} of shape [B, ..., C]), got {list(branch_scale.shape)}")
         if branch_scale.device != device:
             raise ValueError(f"branch_scale is on {branch_scale.device} but {scaled} is on {device}")
     check_device(first, tensors[first], interpreted, module)
     refuse_interpreted_bf16(f"{first} (its dtype, or autocast's)", interpreted, matmul_dtype)
     return sizes
+
+
+def _shape_error(tensors: dict, shapes: tuple, failing: str) -> str:
+    """check_operands' message for the tensor named `failing`: its shape as the tensors before
+    it bind it, and where each bound size came from."""
+    known, owners = {}, {}
+    for name, leading, rank, indexed in shapes:
+        named = tuple(dim for dim, _ in indexed)
+        if name == failing:
+            break
+        shape = tensors[name].shape
+        if leading:
+            known["..."] = list(shape[:len(shape) - rank])
+        for dim, index in indexed:
+            known.setdefault(dim, shape[index])
+            owners.setdefault(dim, name)
+    dims = (("...",) if leading else ()) + named
+    if all(dim in known for dim in dims):
+        wanted = ", ".join(str(size) for dim in dims for size in (known[dim] if dim == "..." else (known[dim],)))
+    else:
+        wanted = ", ".join(f"{dim}={known[dim]}" if dim in known and dim != "..." else dim for dim in dims)
+    origins = ", ".join(f"{dim}={known[dim]} from {owners[dim]}" for dim in named if dim in known)
+    return (f"{failing} must have shape [{wanted}]" + (f" ({origins})" if origins else "")
+            + f", got {list(tensors[failing].shape)}")
 
 
 def register_operator(name: str, forward, forward_fake, backward, backward_fake, setup_context, backward_formula):

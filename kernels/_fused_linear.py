@@ -422,6 +422,21 @@ def normalized_panel(x_ptr, x_hat_ptr, ln_weight_ptr, ln_bias_ptr, mean, rstd, r
 
 
 @triton.jit
+def layer_norm_rows(x_ptr, x_hat_ptr, ln_weight_ptr, ln_bias_ptr, mean_ptr, rstd_ptr, row0, n_rows, n_cols, stride_row,
+                    eps, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, NUM_CHUNKS: tl.constexpr, PANEL: tl.constexpr,
+                    MATMUL_DTYPE: tl.constexpr):
+    """The LayerNorm ops' forward prologue for BLOCK_M rows: their statistics (stored for the
+    backward, and returned) and normalized_panel's x_hat and panel."""
+    mean, rstd = row_statistics(x_ptr, row0, n_rows, n_cols, stride_row, eps, BLOCK_M, BLOCK_C, NUM_CHUNKS)
+    rows = row0 + tl.arange(0, BLOCK_M)
+    tl.store(mean_ptr + rows, mean, mask=rows < n_rows)
+    tl.store(rstd_ptr + rows, rstd, mask=rows < n_rows)
+    panel = normalized_panel(x_ptr, x_hat_ptr, ln_weight_ptr, ln_bias_ptr, mean, rstd, row0, n_rows, n_cols,
+                             stride_row, BLOCK_M, BLOCK_C, NUM_CHUNKS, PANEL, MATMUL_DTYPE)
+    return mean, rstd, panel
+
+
+@triton.jit
 def normalized_times_weight(panel, x_ptr, ln_weight_ptr, ln_bias_ptr, mean, rstd, w_ptr, row0, out0,
                             n_rows, n_cols, n_out, stride_row,
                             BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, NUM_CHUNKS: tl.constexpr,

@@ -501,54 +501,52 @@ class StreamingPlan:
     dkdv: _LaunchConfig
 
 
-# The choices below come from compiling every configuration for sm_90a with
-# kernels/h100.py (N = 1 to 2048, every head dim, fp16/bf16/fp32, with and without the
-# launcher's 16-byte alignment hints) and reading ptxas's register counts: none spills.
-# fp16/bf16 dots with 64 rows use wgmma (HGMMA); 16- and 32-row ones use mma.sync (wgmma
-# needs 64 rows), and fp32 uses FMA. kernels/README.md has the history.
+# The choices below are those that compile for sm_90a without spilling in every
+# configuration (kernels/specs.py, kernels/h100.py); kernels/README.md has the register
+# counts and the history. fp16/bf16 dots with 64 rows use wgmma (HGMMA); 16- and 32-row ones
+# use mma.sync (wgmma needs 64 rows), and fp32 uses FMA.
 
 # fp16/bf16 up to this many tokens take the whole-sequence plan: one launch each way.
 _HALF_WHOLE_TOKENS = 128
 # Sequences of 65 to 80 tokens (the model's 64 patches and class token) are a 64-token lead
-# and a 16-token tail: 80 x 80 tiles rather than 128 x 128. A 32-token tail (81 to 96 tokens)
-# spilled in the backward (8-64 bytes at head_dim 32 to 64, 32-row query tiles, 4 or 8
-# warps), so longer sequences take one 128-token part, split into query tiles.
+# and a 16-token tail: 80 x 80 tiles rather than 128 x 128. A 32-token tail spilled in the
+# backward, so longer sequences take one 128-token part, split into query tiles.
 _LEAD_TOKENS = 64
 _TAIL_TOKENS = 16
 # fp32 inputs take exact fp32 dots, which run on FMA units with both operands in
 # registers: 32-token whole-sequence tiles (P, dP and dS next to dk, dv) spilled, so only
-# sequences of up to 16 tokens take that plan, at 2 warps (40-80 registers).
+# sequences of up to 16 tokens take that plan, at 2 warps.
 _FP32_WHOLE = WholeSequencePlan(lead=16, tail=0, forward=_WholeSequenceKernel(16, num_warps=2),
-                                 backward=_WholeSequenceKernel(16, num_warps=2))
+                                backward=_WholeSequenceKernel(16, num_warps=2))
 _FP32_STREAMING = _LaunchConfig(block_m=32, block_n=32, num_warps=4, num_stages=2)
-# dQ steps over 16 keys at a time: 32 spilled 8 B at head_dim 32 under Triton 3.6 (README).
+# dQ steps over 16 keys at a time: 32 spilled under Triton 3.6.
 _FP32_STREAMING_DQ = _LaunchConfig(block_m=32, block_n=16, num_warps=4, num_stages=2)
 # fp16/bf16 past 128 tokens: 64 x 64 tiles (128 query rows in the forward), double-buffered.
 _HALF_STREAMING = StreamingPlan(forward=_LaunchConfig(block_m=128, block_n=64, num_warps=8, num_stages=2),
-                                 dq=_LaunchConfig(block_m=64, block_n=64, num_warps=8, num_stages=2),
-                                 dkdv=_LaunchConfig(block_m=64, block_n=64, num_warps=8, num_stages=2))
+                                dq=_LaunchConfig(block_m=64, block_n=64, num_warps=8, num_stages=2),
+                                dkdv=_LaunchConfig(block_m=64, block_n=64, num_warps=8, num_stages=2))
 
 
 def _half_whole_sequence_plan(seq_len: int, head_dim: int) -> WholeSequencePlan:
-    """Registers per thread, from ptxas, are in kernels/README.md."""
+    """The fp16/bf16 whole-sequence plan for seq_len <= _HALF_WHOLE_TOKENS."""
     tile = max(16, triton.next_power_of_2(seq_len))
     if tile <= _LEAD_TOKENS:
-        # One part. 16- and 32-row tiles run on mma.sync at 2 warps (31-130 registers; 1 and
-        # 4 warps spilled in earlier kernels); 64-row tiles on wgmma, one warpgroup (61-138).
+        # One part. 16- and 32-row tiles run on mma.sync at 2 warps (1 and 4 warps spilled);
+        # 64-row tiles on wgmma, one warpgroup.
         one_tile = _WholeSequenceKernel(query_rows=tile, num_warps=2 if tile < _LEAD_TOKENS else 4)
         return WholeSequencePlan(lead=tile, tail=0, forward=one_tile, backward=one_tile)
     if seq_len <= _LEAD_TOKENS + _TAIL_TOKENS:
         # The backward holds P and dP of both key parts with the dk, dv accumulators of both:
-        # 64-row query tiles fit one warpgroup at head_dim 32 (174 registers); head_dim 16
-        # takes 32-row tiles (242 registers with 64), head_dim 48/64 two warpgroups (234).
+        # 64-row query tiles fit one warpgroup at head_dim 32; head_dim 16 takes 32-row tiles
+        # (64-row ones come close to the register limit), head_dim 48/64 two warpgroups.
         backward = _WholeSequenceKernel(query_rows=32, num_warps=4) if head_dim <= 16 else \
             _WholeSequenceKernel(query_rows=64, num_warps=4 if head_dim <= 32 else 8)
         return WholeSequencePlan(lead=_LEAD_TOKENS, tail=_TAIL_TOKENS,
-                                  forward=_WholeSequenceKernel(query_rows=64, num_warps=4), backward=backward)
+                                 forward=_WholeSequenceKernel(query_rows=64, num_warps=4), backward=backward)
     # One 128-token part over two warpgroups: 128-row dots in the forward, 128-key dots and
     # 64-row query tiles in the backward.
     return WholeSequencePlan(lead=2 * _LEAD_TOKENS, tail=0, forward=_WholeSequenceKernel(query_rows=128, num_warps=8),
-                              backward=_WholeSequenceKernel(query_rows=64, num_warps=8))
+                             backward=_WholeSequenceKernel(query_rows=64, num_warps=8))
 
 
 def launch_plan(seq_len: int, head_dim: int, dtype: torch.dtype):
@@ -696,12 +694,14 @@ attention_forward_op, attention_backward_op = _common.register_operator(
     "attention", _forward_op, _forward_fake, _backward_op, _backward_fake, _setup_context, _backward_formula)
 
 
+_SHAPES = _common.operand_shapes(qkv=("B", "N", "3*C"))
+
+
 def _validate(qkv, num_heads, scale) -> tuple[int, float]:
     """Check the arguments; returns (head_dim, scale)."""
     if isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads <= 0:
         raise ValueError(f"num_heads must be a positive int, got {num_heads!r}")
-    width = _common.check_operands({"qkv": qkv}, {"qkv": ("B", "N", "3*C")}, qkv.dtype, _INTERPRETED,
-                                   __name__)["3*C"]
+    width = _common.check_operands({"qkv": qkv}, _SHAPES, qkv.dtype, _INTERPRETED, __name__)["3*C"]
     if width % (3 * num_heads):
         raise ValueError(f"qkv's last dim {width} is not divisible by 3 * num_heads = {3 * num_heads}")
     head_dim = width // (3 * num_heads)

@@ -8,9 +8,8 @@ keeps layer_norm(x) on chip (the row panel, kernels/_fused_linear.py) and walks 
 in BLOCK_N chunks, each a matmul over the whole panel plus the bias: the normalization is the
 matmul's prologue, and the normalized activations never reach memory. Saved for the
 backward: per-row mean and rstd, and x_hat = (x - mean) * rstd in the matmul dtype, the operand
-of the weight gradient (at the model's shape 6.4 MB written once, where each of the 18 output
-tiles' weight-gradient programs would otherwise re-read fp32 x and the statistics: 115 MB
-instead of 230 MB by kernels/cost.py's count).
+of the weight gradient, written once where every output tile's weight-gradient programs would
+otherwise re-read fp32 x and the statistics (half the bytes; kernels/README.md has the figures).
 
 Backward, two kernels (the pattern of kernels/_fused_linear.py):
   1. weight-gradient kernel: program (output tile, row split) accumulates
@@ -22,8 +21,8 @@ Backward, two kernels (the pattern of kernels/_fused_linear.py):
 Precision and dtypes: fp32 statistics, normalization and accumulation; matmul operands in the
 autocast dtype when autocast is on for x's device, else x's; the output in that matmul dtype
 (what F.linear returns); dx in x's dtype, parameter gradients in their parameters' dtypes.
-The op is a PyTorch operator (torch.ops.vit_kernels.layernorm_linear) with a fake and its
-backward registered, so torch.compile traces through it without a graph break.
+The op is a pair of PyTorch operators (torch.ops.vit_kernels.layernorm_linear and its
+backward), so torch.compile traces through it without a graph break.
 """
 import functools
 import warnings
@@ -53,12 +52,9 @@ def _ln_linear_forward_kernel(
     BLOCK_N: tl.constexpr, PANEL: tl.constexpr, MATMUL_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
     row0 = tl.program_id(0) * BLOCK_M
-    mean, rstd = fl.row_statistics(x_ptr, row0, n_rows, n_cols, stride_x, eps, BLOCK_M, BLOCK_C, NUM_CHUNKS)
-    rows = row0 + tl.arange(0, BLOCK_M)
-    tl.store(mean_ptr + rows, mean, mask=rows < n_rows)
-    tl.store(rstd_ptr + rows, rstd, mask=rows < n_rows)
-    panel = fl.normalized_panel(x_ptr, x_hat_ptr, ln_weight_ptr, ln_bias_ptr, mean, rstd, row0, n_rows, n_cols,
-                                stride_x, BLOCK_M, BLOCK_C, NUM_CHUNKS, PANEL, MATMUL_DTYPE)
+    mean, rstd, panel = fl.layer_norm_rows(x_ptr, x_hat_ptr, ln_weight_ptr, ln_bias_ptr, mean_ptr, rstd_ptr, row0,
+                                           n_rows, n_cols, stride_x, eps, BLOCK_M, BLOCK_C, NUM_CHUNKS, PANEL,
+                                           MATMUL_DTYPE)
     for out0 in range(0, n_out, BLOCK_N):
         acc = fl.normalized_times_weight(panel, x_ptr, ln_weight_ptr, ln_bias_ptr, mean, rstd, w_ptr, row0, out0,
                                          n_rows, n_cols, n_out, stride_x, BLOCK_M, BLOCK_C, NUM_CHUNKS, BLOCK_K,
@@ -240,8 +236,8 @@ def _backward_formula(ctx, dout, *_saved_output_gradients):
 _layernorm_linear_op, _layernorm_linear_backward_op = _common.register_operator(
     "layernorm_linear", _forward_op, _forward_fake, _backward_op, _backward_fake, _setup_context, _backward_formula)
 
-# The operands' dimensions, for _common.check_operands.
-_SHAPES = {"x": ("...", "C"), "weight": ("out", "C"), "ln_weight": ("C",), "ln_bias": ("C",), "bias": ("out",)}
+_SHAPES = _common.operand_shapes(x=("...", "C"), weight=("out", "C"), ln_weight=("C",), ln_bias=("C",),
+                                 bias=("out",))
 
 
 def layernorm_linear(x, ln_weight, ln_bias, weight, bias, eps: float = 1e-5) -> torch.Tensor:
@@ -253,7 +249,7 @@ def layernorm_linear(x, ln_weight, ln_bias, weight, bias, eps: float = 1e-5) -> 
     ValueError for inconsistent shapes, unsupported dtypes or devices.
     """
     matmul_dtype = fl.matmul_dtype_of(x)
-    sizes = _common.check_operands(dict(x=x, ln_weight=ln_weight, ln_bias=ln_bias, weight=weight, bias=bias), _SHAPES,
-                                   matmul_dtype, _INTERPRETED, __name__)
+    operands = {"x": x, "ln_weight": ln_weight, "ln_bias": ln_bias, "weight": weight, "bias": bias}
+    sizes = _common.check_operands(operands, _SHAPES, matmul_dtype, _INTERPRETED, __name__)
     fl.panel_width(sizes["C"], matmul_dtype)
     return _layernorm_linear_op(x, ln_weight, ln_bias, weight, bias, float(eps), matmul_dtype)[0]

@@ -14,14 +14,11 @@ GELU, the branch scale and the residual, and y is written.
 
 What the backward needs is saved, not recomputed: per-row mean and rstd; x_hat =
 (x - mean) * rstd and the pre-activation fc1(layer_norm(x)), both in the matmul dtype; with
-the second GELU also fc2's output z. At the model's shape (8,320 rows, C = H = 384, bf16): pre
-is 6.4 MB, written here and read by the two kinds of weight-gradient program (19.2 MB in all,
-5.8 us at 3.3 TB/s); recomputing it there would be two more fc1 matmuls (4.9 GFLOP, 6.2 us at
-790 TFLOP/s, a third more executed FLOPs in the sub-block's training step) on top of the
-LayerNorm. x_hat (6.4 MB written) is what the dpre programs contract with: each of the 12
-hidden tiles reads it in bf16, 77 MB in all by kernels/cost.py's count, where fp32 x and the
-statistics would be 154 MB. Saved, the backward also uses exactly the rounded activations the
-forward used, as torch's autograd does.
+the second GELU also fc2's output z. Reading pre back costs less than the two fc1 matmuls
+(and the LayerNorm) that recomputing it in the weight-gradient programs would, and x_hat in
+the matmul dtype is half the bytes of the fp32 x and statistics it replaces in the dpre
+programs (kernels/README.md has the figures). Saved, the backward also uses exactly the
+rounded activations the forward used, as torch's autograd does.
 
 Backward, two kernels (the pattern of kernels/_fused_linear.py):
   1. weight-gradient kernel, two kinds of program, each over a split of the rows and a
@@ -41,10 +38,10 @@ Precision: matmul accumulation and the LayerNorm/GELU math are fp32; bias and La
 parameter sums fp64. Matmul operands are in the matmul dtype: x's, or the autocast dtype when
 autocast is on for x's device (as torch does for F.linear). Output dtype: torch's promotion of
 x, the matmul dtype and branch_scale (x's dtype under autocast); dx has x's dtype, every
-parameter gradient its parameter's. Tilings are in _plan below.
+parameter gradient its parameter's. Tilings are in launch_plan below.
 
-The op is a PyTorch operator (torch.ops.vit_kernels.layernorm_mlp, with a fake for tracing
-and its backward registered), so torch.compile traces through it without a graph break.
+The op is a pair of PyTorch operators (torch.ops.vit_kernels.layernorm_mlp and its backward),
+so torch.compile traces through it without a graph break.
 """
 import functools
 import warnings
@@ -78,12 +75,9 @@ def _ln_mlp_forward_kernel(
     MATMUL_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
     row0 = tl.program_id(0) * BLOCK_M
-    mean, rstd = fl.row_statistics(x_ptr, row0, n_rows, n_cols, stride_x, eps, BLOCK_M, BLOCK_C, NUM_CHUNKS)
-    rows = row0 + tl.arange(0, BLOCK_M)
-    tl.store(mean_ptr + rows, mean, mask=rows < n_rows)
-    tl.store(rstd_ptr + rows, rstd, mask=rows < n_rows)
-    panel = fl.normalized_panel(x_ptr, x_hat_ptr, ln_weight_ptr, ln_bias_ptr, mean, rstd, row0, n_rows, n_cols,
-                                stride_x, BLOCK_M, BLOCK_C, NUM_CHUNKS, PANEL, MATMUL_DTYPE)
+    mean, rstd, panel = fl.layer_norm_rows(x_ptr, x_hat_ptr, ln_weight_ptr, ln_bias_ptr, mean_ptr, rstd_ptr, row0,
+                                           n_rows, n_cols, stride_x, eps, BLOCK_M, BLOCK_C, NUM_CHUNKS, PANEL,
+                                           MATMUL_DTYPE)
 
     out = (tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float32),) * NUM_CHUNKS
     for hidden0 in range(0, n_hidden, BLOCK_H):
@@ -244,7 +238,7 @@ def launch_plan(n_cols: int, matmul_dtype: torch.dtype) -> fl.SeamPlan:
     width = fl.panel_width(n_cols, matmul_dtype)
     if not fl.is_half(matmul_dtype):
         return fl.layernorm_plan(width, matmul_dtype, forward_step=16, block_q=16)
-    # 16 hidden units a forward step for fp16 at C = 384 too: 32 spilled 8 B with the second
+    # 16 hidden units a forward step for fp16 at C = 384 too: 32 spilled with the second
     # GELU under Triton 3.6 (bf16 at C = 384 fits; README).
     forward_step = 16 if width > 384 or matmul_dtype == torch.float16 else 32
     return fl.layernorm_plan(width, matmul_dtype, forward_step=forward_step, block_q=16 if width > 384 else 32)
@@ -416,9 +410,8 @@ _layernorm_mlp_op, _layernorm_mlp_backward_op = _common.register_operator(
 # Entry point
 # ---------------------------------------------------------------------------------------------
 
-# The operands' dimensions, for _common.check_operands.
-_SHAPES = {"x": ("...", "C"), "w1": ("hidden", "C"), "ln_weight": ("C",), "ln_bias": ("C",), "b1": ("hidden",),
-           "w2": ("C", "hidden"), "b2": ("C",)}
+_SHAPES = _common.operand_shapes(x=("...", "C"), w1=("hidden", "C"), ln_weight=("C",), ln_bias=("C",), b1=("hidden",),
+                                 w2=("C", "hidden"), b2=("C",))
 
 
 def layernorm_mlp(x, ln_weight, ln_bias, w1, b1, w2, b2, eps: float = 1e-5, *, second_gelu: bool = False,
@@ -432,8 +425,8 @@ def layernorm_mlp(x, ln_weight, ln_bias, w1, b1, w2, b2, eps: float = 1e-5, *, s
     the six parameters. Raises ValueError for inconsistent shapes, unsupported dtypes or devices.
     """
     matmul_dtype = fl.matmul_dtype_of(x)
-    sizes = _common.check_operands(dict(x=x, ln_weight=ln_weight, ln_bias=ln_bias, w1=w1, b1=b1, w2=w2, b2=b2), _SHAPES,
-                                   matmul_dtype, _INTERPRETED, __name__, branch_scale, "x")
+    operands = {"x": x, "ln_weight": ln_weight, "ln_bias": ln_bias, "w1": w1, "b1": b1, "w2": w2, "b2": b2}
+    sizes = _common.check_operands(operands, _SHAPES, matmul_dtype, _INTERPRETED, __name__, branch_scale, "x")
     fl.panel_width(sizes["C"], matmul_dtype)
     return _layernorm_mlp_op(x, ln_weight, ln_bias, w1, b1, w2, b2, branch_scale, float(eps), bool(second_gelu),
                              matmul_dtype)[0]

@@ -19,8 +19,8 @@ The residual's gradient is dy itself (no kernel).
 Precision and dtypes: fp32 accumulation; matmul operands in the autocast dtype when autocast
 is on for h's device, else h's; the output in torch's promotion of the residual, the matmul
 dtype and branch_scale (the residual's dtype in the model); dh in h's dtype, the residual's
-gradient in the residual's, parameter gradients in their parameters'. The op is a PyTorch
-operator (torch.ops.vit_kernels.linear_residual) with a fake and its backward registered.
+gradient in the residual's, parameter gradients in their parameters'. The op is a pair of
+PyTorch operators (torch.ops.vit_kernels.linear_residual and its backward).
 """
 import functools
 import warnings
@@ -137,7 +137,7 @@ def launch_plan(panel_cols: int, matmul_dtype: torch.dtype) -> fl.SeamPlan:
         # the forward, spilled a few bytes).
         block_m, block_k, block_r, block_q, num_stages = 32, 64, 64, 16, 1
     else:
-        # 32-wide gradient tiles at C = 384: 64 spilled 16 B in pure bf16 under Triton 3.6 (README).
+        # 32-wide gradient tiles at C = 384: 64 spilled in pure bf16 under Triton 3.6.
         block_m, block_k, block_r, block_q, num_stages = 64, 64, 64, 32 if width == 384 else 64, 2
     return fl.SeamPlan(panel, fl.RowKernel(panel, block_m, block_k, 8, num_stages), half=fl.is_half(matmul_dtype),
                        block_m=block_m, block_k=block_k, block_r=block_r, block_q=block_q, num_warps=8,
@@ -253,8 +253,8 @@ def _backward_formula(ctx, dy):
 _linear_residual_op, _linear_residual_backward_op = _common.register_operator(
     "linear_residual", _forward_op, _forward_fake, _backward_op, _backward_fake, _setup_context, _backward_formula)
 
-# The operands' dimensions, for _common.check_operands.
-_SHAPES = {"h": ("...", "C_in"), "weight": ("C_out", "C_in"), "bias": ("C_out",), "residual": ("...", "C_out")}
+_SHAPES = _common.operand_shapes(h=("...", "C_in"), weight=("C_out", "C_in"), bias=("C_out",),
+                                 residual=("...", "C_out"))
 
 
 def linear_residual(h, weight, bias, residual, branch_scale: torch.Tensor | None = None) -> torch.Tensor:
@@ -266,7 +266,7 @@ def linear_residual(h, weight, bias, residual, branch_scale: torch.Tensor | None
     for inconsistent shapes, unsupported dtypes or devices.
     """
     matmul_dtype = fl.matmul_dtype_of(h)
-    sizes = _common.check_operands(dict(h=h, weight=weight, bias=bias, residual=residual), _SHAPES, matmul_dtype,
-                                   _INTERPRETED, __name__, branch_scale, "residual")
+    operands = {"h": h, "weight": weight, "bias": bias, "residual": residual}
+    sizes = _common.check_operands(operands, _SHAPES, matmul_dtype, _INTERPRETED, __name__, branch_scale, "residual")
     fl.panel_width(max(sizes["C_in"], sizes["C_out"]), matmul_dtype)
     return _linear_residual_op(h, weight, bias, residual, branch_scale, matmul_dtype)
