@@ -526,6 +526,26 @@ def layer_norm_backward(panel, dy_ptr, dx_ptr, x_ptr, ln_weight_ptr, mean, rstd,
 
 
 @triton.jit
+def layer_norm_input_gradient(d_ptr, w_ptr, dy_ptr, dx_ptr, x_ptr, ln_weight_ptr, mean_ptr, rstd_ptr, row0,
+                              n_rows, n_cols, n_out, stride_d, stride_x, stride_dy, stride_dx,
+                              BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, NUM_CHUNKS: tl.constexpr,
+                              BLOCK_K: tl.constexpr, ADD_DY: tl.constexpr, MATMUL_DTYPE: tl.constexpr,
+                              INPUT_PRECISION: tl.constexpr):
+    """dx of BLOCK_M rows of a LayerNorm'd linear, the LayerNorm ops' row kernels' first part:
+    d_normalized = D @ W (D [rows, n_out] the linear's output gradient, W [n_out, C]) kept in
+    registers as the panel, then layer_norm_backward (adding dy when ADD_DY)."""
+    d_normed = (tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float32),) * NUM_CHUNKS
+    for out0 in range(0, n_out, BLOCK_K):
+        d = load_tile(d_ptr, row0, out0, n_rows, n_out, stride_d, BLOCK_M, BLOCK_K).to(MATMUL_DTYPE)
+        d_normed = accumulate_times_weight(d_normed, d, w_ptr, out0, n_out, n_cols, False, BLOCK_K, BLOCK_C,
+                                           NUM_CHUNKS, MATMUL_DTYPE, INPUT_PRECISION)
+    mean = load_row_vector(mean_ptr, row0, n_rows, BLOCK_M)
+    rstd = load_row_vector(rstd_ptr, row0, n_rows, BLOCK_M)
+    layer_norm_backward(d_normed, dy_ptr, dx_ptr, x_ptr, ln_weight_ptr, mean, rstd, row0, n_rows, n_cols,
+                        stride_x, stride_dy, stride_dx, BLOCK_M, BLOCK_C, NUM_CHUNKS, ADD_DY)
+
+
+@triton.jit
 def sum_partial_rows(partial_ptr, out_ptr, slab, n_splits, n_rows, n_cols,
                      BLOCK_S: tl.constexpr, REDUCTION_BLOCK: tl.constexpr):
     """out[r, :] = sum over s of partial[s, r, :] for the BLOCK_S rows of slab `slab`, in split

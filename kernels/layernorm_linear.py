@@ -101,15 +101,9 @@ def _ln_linear_backward_input_kernel(
     """dx for BLOCK_M rows, then slabs program, program + programs, ... of the reductions."""
     program = tl.program_id(0)
     row0 = program * BLOCK_M
-    d_normed = (tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float32),) * NUM_CHUNKS
-    for out0 in range(0, n_out, BLOCK_K):
-        d = fl.load_tile(dout_ptr, row0, out0, n_rows, n_out, stride_dout, BLOCK_M, BLOCK_K).to(MATMUL_DTYPE)
-        d_normed = fl.accumulate_times_weight(d_normed, d, w_ptr, out0, n_out, n_cols, False, BLOCK_K, BLOCK_C,
-                                              NUM_CHUNKS, MATMUL_DTYPE, INPUT_PRECISION)
-    mean = fl.load_row_vector(mean_ptr, row0, n_rows, BLOCK_M)
-    rstd = fl.load_row_vector(rstd_ptr, row0, n_rows, BLOCK_M)
-    fl.layer_norm_backward(d_normed, dx_ptr, dx_ptr, x_ptr, ln_weight_ptr, mean, rstd, row0, n_rows, n_cols,
-                           stride_x, stride_dx, stride_dx, BLOCK_M, BLOCK_C, NUM_CHUNKS, False)
+    fl.layer_norm_input_gradient(dout_ptr, w_ptr, dx_ptr, dx_ptr, x_ptr, ln_weight_ptr, mean_ptr, rstd_ptr, row0,
+                                 n_rows, n_cols, n_out, stride_dout, stride_x, stride_dx, stride_dx, BLOCK_M, BLOCK_C,
+                                 NUM_CHUNKS, BLOCK_K, False, MATMUL_DTYPE, INPUT_PRECISION)
     for slab in range(program, tl.cdiv(n_cols, BLOCK_S), tl.num_programs(0)):
         fl.layer_norm_weight_gradients(g_partial_ptr, db_partial_ptr, w_ptr, ln_weight_ptr, ln_bias_ptr,
                                        dw_ptr, db_ptr, d_ln_weight_ptr, d_ln_bias_ptr, slab, n_splits, n_cols, n_out,

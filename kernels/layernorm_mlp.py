@@ -208,15 +208,9 @@ def _ln_mlp_backward_input_kernel(
     every reduction."""
     program = tl.program_id(0)
     row0 = program * BLOCK_M
-    d_normed = (tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float32),) * NUM_CHUNKS
-    for hidden0 in range(0, n_hidden, BLOCK_K):
-        d_pre = fl.load_tile(d_pre_ptr, row0, hidden0, n_rows, n_hidden, n_hidden, BLOCK_M, BLOCK_K)
-        d_normed = fl.accumulate_times_weight(d_normed, d_pre, w1_ptr, hidden0, n_hidden, n_cols, False, BLOCK_K,
-                                              BLOCK_C, NUM_CHUNKS, MATMUL_DTYPE, INPUT_PRECISION)
-    mean = fl.load_row_vector(mean_ptr, row0, n_rows, BLOCK_M)
-    rstd = fl.load_row_vector(rstd_ptr, row0, n_rows, BLOCK_M)
-    fl.layer_norm_backward(d_normed, dy_ptr, dx_ptr, x_ptr, ln_weight_ptr, mean, rstd, row0, n_rows, n_cols,
-                           stride_x, stride_dy, stride_dx, BLOCK_M, BLOCK_C, NUM_CHUNKS, True)
+    fl.layer_norm_input_gradient(d_pre_ptr, w1_ptr, dy_ptr, dx_ptr, x_ptr, ln_weight_ptr, mean_ptr, rstd_ptr, row0,
+                                 n_rows, n_cols, n_hidden, n_hidden, stride_x, stride_dy, stride_dx, BLOCK_M, BLOCK_C,
+                                 NUM_CHUNKS, BLOCK_K, True, MATMUL_DTYPE, INPUT_PRECISION)
 
     for slab in range(program, tl.cdiv(n_cols, BLOCK_S), tl.num_programs(0)):
         fl.layer_norm_weight_gradients(g_partial_ptr, db1_partial_ptr, w1_ptr, ln_weight_ptr, ln_bias_ptr,
