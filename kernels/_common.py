@@ -130,18 +130,19 @@ def operand_shapes(**shapes) -> tuple:
     return tuple(prepared)
 
 
-def check_operands(tensors: dict, shapes: tuple, matmul_dtype: torch.dtype, interpreted: bool, module: str,
+def check_operands(tensors: dict, shapes: tuple, matmul_dtype: torch.dtype | None, interpreted: bool, module: str,
                    branch_scale=None, scaled: str = "") -> dict:
     """ValueError unless an op's tensors can go to its kernels: floating tensors of a supported
     dtype, all on the first one's device, which the kernels can run on, of the shapes `shapes`
-    (operand_shapes) names, with matmuls in a dtype the kernels compute right here. Returns the
-    sizes the shapes bind. branch_scale: None, or one scale per sample of the tensor named
+    (operand_shapes) names, with matmuls in a dtype the kernels compute right here (None: the
+    first tensor's own). Returns the sizes the shapes bind. branch_scale: None, or one scale per sample of the tensor named
     `scaled` ([scaled.shape[0]])."""
-    first = shapes[0][0]
-    device = tensors[first].device
+    first, device = shapes[0][0], None
     for name, tensor in tensors.items():
         check_floating(name, tensor)
-        if tensor.device != device:
+        if device is None:
+            device = tensor.device
+        elif tensor.device != device:
             raise ValueError(f"{name} is on {tensor.device} but {first} is on {device}; all must be on one device")
     sizes = {}
     for name, leading, rank, named in shapes:
@@ -172,7 +173,7 @@ def check_operands(tensors: dict, shapes: tuple, matmul_dtype: torch.dtype, inte
         if branch_scale.device != device:
             raise ValueError(f"branch_scale is on {branch_scale.device} but {scaled} is on {device}")
     check_device(first, tensors[first], interpreted, module)
-    refuse_interpreted_bf16(f"{first} (its dtype, or autocast's)", interpreted, matmul_dtype)
+    refuse_interpreted_bf16(f"{first} (its dtype, or autocast's)", interpreted, matmul_dtype or tensors[first].dtype)
     return sizes
 
 

@@ -701,7 +701,7 @@ def _validate(qkv, num_heads, scale) -> tuple[int, float]:
     """Check the arguments; returns (head_dim, scale)."""
     if isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads <= 0:
         raise ValueError(f"num_heads must be a positive int, got {num_heads!r}")
-    width = _common.check_operands({"qkv": qkv}, _SHAPES, qkv.dtype, _INTERPRETED, __name__)["3*C"]
+    width = _common.check_operands({"qkv": qkv}, _SHAPES, None, _INTERPRETED, __name__)["3*C"]
     if width % (3 * num_heads):
         raise ValueError(f"qkv's last dim {width} is not divisible by 3 * num_heads = {3 * num_heads}")
     head_dim = width // (3 * num_heads)
