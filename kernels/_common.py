@@ -1,6 +1,7 @@
 """What every op module in kernels/ needs besides its kernels: output allocation (with the
 NaN-poisoning switch the tests use), interpreter detection, input checks, the device
-context a launch runs in, and planned launches.
+context a launch runs in, planned launches, and the registration of an op as PyTorch
+operators.
 """
 import contextlib
 import os
@@ -113,3 +114,108 @@ def check_floating(name: str, tensor, supported=SUPPORTED_DTYPES):
     if tensor.dtype not in supported:
         names = ", ".join(str(dtype).removeprefix("torch.") for dtype in supported)
         raise ValueError(f"{name} has dtype {tensor.dtype}; supported: {names}")
+
+
+def operand_shapes(**shapes) -> tuple:
+    """An op's operand shapes, for check_operands: each tensor's dimensions by name, in order,
+    ("...", "C") for x of shape [..., C]. A name's size is bound by the first tensor that has it,
+    and every later tensor must agree ("..." too: the same leading dimensions); every size but
+    those before the first tensor's last must be positive. Prepared once, at import: the checks
+    run on every call of an op, and their Python calls count (tests/test_host_cost.py)."""
+    prepared = []
+    for name, dims in shapes.items():
+        named = dims[1:] if dims[0] == "..." else dims
+        # Each named dimension with its index from the end of the shape.
+        prepared.append((name, dims[0] == "...", len(named), tuple(zip(named, range(-len(named), 0)))))
+    return tuple(prepared)
+
+
+def check_operands(tensors: dict, shapes: tuple, matmul_dtype: torch.dtype | None, interpreted: bool, module: str,
+                   branch_scale=None, scaled: str = "") -> dict:
+    """ValueError unless an op's tensors can go to its kernels: floating tensors of a supported
+    dtype, all on the first one's device, which the kernels can run on, of the shapes `shapes`
+    (operand_shapes) names, with matmuls in a dtype the kernels compute right here (None: the
+    first tensor's own). Returns the sizes the shapes bind. branch_scale: None, or one scale per sample of the tensor named
+    `scaled` ([scaled.shape[0]])."""
+    first, device = shapes[0][0], None
+    for name, tensor in tensors.items():
+        check_floating(name, tensor)
+        if device is None:
+            device = tensor.device
+        elif tensor.device != device:
+            raise ValueError(f"{name} is on {tensor.device} but {first} is on {device}; all must be on one device")
+    sizes = {}
+    for name, leading, rank, named in shapes:
+        shape = tensors[name].shape
+        # At least `rank` dimensions, and no more without leading ones (slices: no Python calls).
+        fits = shape[rank - 1:] != () and (leading or shape[rank:] == ())
+        if fits and leading:
+            if "..." in sizes:
+                fits = sizes["..."] == shape[:-rank]
+            else:
+                sizes["..."] = shape[:-rank]
+        for dim, index in named if fits else ():
+            size = shape[index]
+            if dim in sizes:
+                fits = fits and sizes[dim] == size
+            else:
+                sizes[dim] = size
+                fits = fits and (size > 0 or (name == first and index != -1))
+        if not fits:
+            raise ValueError(_shape_error(tensors, shapes, name))
+    if branch_scale is not None:
+        check_floating("branch_scale", branch_scale)
+        target = tensors[scaled]
+        if target.dim() < 2 or tuple(branch_scale.shape) != (target.shape[0],):
+            samples = target.shape[0] if target.dim() else "?"
+            raise ValueError(f"branch_scale must have shape [{scaled}.shape[0]] = [{samples}] (one scale per sample, "
+                             f"{scaled} of shape [B, ..., C]), got {list(branch_scale.shape)}")
+        if branch_scale.device != device:
+            raise ValueError(f"branch_scale is on {branch_scale.device} but {scaled} is on {device}")
+    check_device(first, tensors[first], interpreted, module)
+    refuse_interpreted_bf16(f"{first} (its dtype, or autocast's)", interpreted, matmul_dtype or tensors[first].dtype)
+    return sizes
+
+
+def _shape_error(tensors: dict, shapes: tuple, failing: str) -> str:
+    """check_operands' message for the tensor named `failing`: its shape as the tensors before
+    it bind it, and where each bound size came from."""
+    known, owners = {}, {}
+    for name, leading, rank, indexed in shapes:
+        named = tuple(dim for dim, _ in indexed)
+        if name == failing:
+            break
+        shape = tensors[name].shape
+        if leading:
+            known["..."] = list(shape[:len(shape) - rank])
+        for dim, index in indexed:
+            known.setdefault(dim, shape[index])
+            owners.setdefault(dim, name)
+    dims = (("...",) if leading else ()) + named
+    if all(dim in known for dim in dims):
+        wanted = ", ".join(str(size) for dim in dims for size in (known[dim] if dim == "..." else (known[dim],)))
+    else:
+        wanted = ", ".join(f"{dim}={known[dim]}" if dim in known and dim != "..." else dim for dim in dims)
+    origins = ", ".join(f"{dim}={known[dim]} from {owners[dim]}" for dim in named if dim in known)
+    return (f"{failing} must have shape [{wanted}]" + (f" ({origins})" if origins else "")
+            + f", got {list(tensors[failing].shape)}")
+
+
+def register_operator(name: str, forward, forward_fake, backward, backward_fake, setup_context, backward_formula):
+    """An op's two PyTorch operators, "vit_kernels::<name>" around `forward` and
+    "vit_kernels::<name>_backward" around `backward` (type-annotated launchers), returned in
+    that order.
+
+    torch.compile (fullgraph) then traces through the op without a graph break: it sees two
+    opaque calls whose fakes give the outputs' shapes, dtypes and contiguous strides, and the
+    launch planning runs only when an operator really executes, never inside a trace.
+    register_autograd pairs them: setup_context saves what the backward operator needs (inputs
+    and outputs only; the outputs that exist for the backward's sake non-differentiable, their
+    gradients not materialized, so no zeros are launched), and backward_formula calls it.
+    """
+    forward_op = torch.library.custom_op(f"vit_kernels::{name}", forward, mutates_args=())
+    forward_op.register_fake(forward_fake)
+    backward_op = torch.library.custom_op(f"vit_kernels::{name}_backward", backward, mutates_args=())
+    backward_op.register_fake(backward_fake)
+    forward_op.register_autograd(backward_formula, setup_context=setup_context)
+    return forward_op, backward_op

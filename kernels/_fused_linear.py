@@ -8,8 +8,8 @@ row's LayerNorm statistics, normalization and the full output row are computed o
 
 The backward of every op is the same two launches:
   1. weight-gradient kernel: split-K over rows. Each program owns a column tile of a weight
-     gradient (BLOCK_N outputs) and a contiguous split of the rows, and accumulates
-     panel^T @ tile for every chunk of the panel; it writes its [C, BLOCK_N] share to its
+     gradient (BLOCK_Q outputs) and a contiguous split of the rows, and accumulates
+     panel^T @ tile for every chunk of the panel; it writes its [C, BLOCK_Q] share to its
      own slot of a partial buffer [splits, C, N]. Bias (and LayerNorm) sums go to partial
      vectors the same way, in fp64.
   2. row kernel: each program owns BLOCK_M rows and computes the input gradient (for the
@@ -34,14 +34,11 @@ kernel runs. Two operand classes:
     per contraction step: an FMA dot holds both operands in registers, and a 128-wide chunk
     of the panel as the A operand spilled at every tiling tried.
 
-Each op is a PyTorch operator, the same way in all three modules (kernels/README.md has the
-tuning): torch.library.custom_op("vit_kernels::<op>") around the forward launcher, returning the
-output and what the backward reads; register_fake giving only shapes and dtypes, so that a
-trace (torch.compile, fullgraph) never runs the launch planning; a second operator
-"vit_kernels::<op>_backward" around the backward launcher, with its fake; and register_autograd
-whose setup_context saves the inputs and those extra outputs (non-differentiable, gradients not
-materialized: no zeros launched). The public function validates its arguments, takes the matmul
-dtype from autocast (which a trace resolves) and calls the operator.
+Each op is a pair of PyTorch operators registered by kernels/_common.py's register_operator:
+the forward returns the output and what the backward reads, the backward operator the
+gradients; the public function checks its operands (_common.check_operands), takes the matmul
+dtype from autocast (which a trace resolves) and calls the forward operator. The launch plans
+(SeamPlan, one per panel width and matmul dtype) are the same for every shape of rows.
 """
 from __future__ import annotations
 
@@ -53,7 +50,6 @@ import triton
 import triton.language as tl
 
 from kernels import _common
-from kernels.cost import KernelCost, element_size
 
 # The widest C the row panels take: past it the [BLOCK_M, C] fp32 accumulators of the row
 # kernels no longer fit in registers next to anything else at any tile that still uses tensor
@@ -126,7 +122,7 @@ class RowKernel:
 
     def constexprs(self, matmul_dtype: torch.dtype) -> dict:
         return dict(BLOCK_M=self.block_m, BLOCK_C=self.panel.block_c, NUM_CHUNKS=self.panel.num_chunks,
-                    BLOCK_K=self.block_k, BLOCK_S=REDUCTION_SLAB, BLOCK_N=REDUCTION_BLOCK,
+                    BLOCK_K=self.block_k, BLOCK_S=REDUCTION_SLAB, REDUCTION_BLOCK=REDUCTION_BLOCK,
                     **dtype_constexprs(matmul_dtype))
 
     def describe(self) -> str:
@@ -155,6 +151,61 @@ def matmul_dtype_of(x: torch.Tensor) -> torch.dtype:
     if torch.is_autocast_enabled(device_type):
         return torch.get_autocast_dtype(device_type)
     return x.dtype
+
+
+@dataclass(frozen=True)
+class SeamPlan:
+    """Tiles and launch options of a fused linear op, fixed per (panel width, matmul dtype)
+    rather than autotuned: the interpreter cannot run triton.autotune, and kernels/specs.py
+    compiles exactly these for sm_90."""
+    panel: Panel  # the panel as the forward and the weight-gradient kernel hold it
+    row: RowKernel  # the row kernel's configuration
+    half: bool  # bf16/fp16 operands on tensor cores; else exact fp32 on the FMA units
+    block_m: int  # rows per program of the forward and the row kernel
+    block_k: int  # contraction step over a streamed dimension
+    block_r: int  # rows per step of the weight-gradient programs
+    block_q: int  # weight-gradient columns per weight-gradient program
+    num_warps: int
+    num_stages: int  # forward and weight-gradient kernel
+    forward_step: int = 0  # the LayerNorm ops' outputs (hidden units) per forward step
+
+    def forward_constexprs(self, matmul_dtype: torch.dtype, **options) -> dict:
+        return dict(BLOCK_M=self.block_m, BLOCK_C=self.panel.block_c, NUM_CHUNKS=self.panel.num_chunks,
+                    BLOCK_K=self.block_k, **options, **dtype_constexprs(matmul_dtype))
+
+    def weight_constexprs(self, matmul_dtype: torch.dtype, **options) -> dict:
+        return dict(BLOCK_R=self.block_r, BLOCK_C=self.panel.block_c, NUM_CHUNKS=self.panel.num_chunks,
+                    BLOCK_Q=self.block_q, **options, **dtype_constexprs(matmul_dtype))
+
+    def weight_split(self, n_rows: int, n_columns: int) -> Split:
+        """The rows of each weight-gradient program, for a gradient of n_columns columns in
+        block_q tiles."""
+        return split_rows(n_rows, self.block_r, triton.cdiv(n_columns, self.block_q), WEIGHT_GRADIENT_PROGRAMS)
+
+    def describe(self, forward_step: str = "") -> str:
+        """The plan in a compile label; forward_step names the forward step's letter (N, H)."""
+        step = f" {forward_step}={self.forward_step}" if forward_step else ""
+        return (f"C={self.panel.num_chunks}x{self.panel.block_c} M={self.block_m} K={self.block_k}{step} "
+                f"R={self.block_r} Q={self.block_q} warps={self.num_warps} stages={self.num_stages}")
+
+
+def layernorm_plan(width: int, matmul_dtype: torch.dtype, forward_step: int, block_q: int) -> SeamPlan:
+    """The tiling the two LayerNorm ops share at panel width `width`; each picks its forward
+    step and weight-gradient tile (kernels/README.md has the history).
+    - half: 64-row tiles, the smallest a warpgroup MMA takes, over 8 warps, which split the
+      [64, C] fp32 accumulators; past C = 384 that no longer fits next to the rest: 32 rows
+      (mma.sync). The row kernel's gradient panel in 64-wide chunks, unpipelined: 128-wide
+      chunks or two stages left the LayerNorm backward's temporaries no room.
+    - fp32 (exact, on the FMA units): an FMA dot holds its operands in registers, so tiles and
+      contraction steps stay at 16; the row kernel in 32-wide chunks (128-wide ones spilled)."""
+    if is_half(matmul_dtype):
+        block_m = 32 if width > 384 else 64
+        return SeamPlan(chunked(width, 128), RowKernel(chunked(width, 64), block_m, 64, 8, num_stages=1), half=True,
+                        block_m=block_m, block_k=64, block_r=64, block_q=block_q, num_warps=8, num_stages=2,
+                        forward_step=forward_step)
+    return SeamPlan(chunked(width, 128), RowKernel(chunked(width, 32), 16, 16, 8, num_stages=1), half=False,
+                    block_m=16, block_k=16, block_r=16, block_q=block_q, num_warps=8, num_stages=1,
+                    forward_step=forward_step)
 
 
 @dataclass(frozen=True)
@@ -192,17 +243,6 @@ def rows_per_sample(x: torch.Tensor, branch_scale: torch.Tensor | None) -> int:
     if branch_scale is None or x.shape[0] == 0:
         return 1
     return max(1, x.numel() // (x.shape[0] * x.shape[-1]))
-
-
-def check_branch_scale(branch_scale, x: torch.Tensor, name: str = "x"):
-    if branch_scale is None:
-        return
-    _common.check_floating("branch_scale", branch_scale)
-    if x.dim() < 2 or tuple(branch_scale.shape) != (x.shape[0],):
-        raise ValueError(f"branch_scale must have shape [{name}.shape[0]] = [{x.shape[0] if x.dim() else '?'}] "
-                         f"(one scale per sample, {name} of shape [B, ..., C]), got {list(branch_scale.shape)}")
-    if branch_scale.device != x.device:
-        raise ValueError(f"branch_scale is on {branch_scale.device} but {name} is on {x.device}")
 
 
 def result_dtype(*dtypes: torch.dtype) -> torch.dtype:
@@ -277,6 +317,17 @@ def store_tile_transposed(ptr, value, row0, col0, n_rows, n_cols, stride_row,
     """Store a [BLOCK_C, BLOCK_R] tile into the transpose view of a row-major [n_rows, n_cols] matrix."""
     block = tl.make_block_ptr(ptr, (n_cols, n_rows), (1, stride_row), (col0, row0), (BLOCK_C, BLOCK_R), (0, 1))
     tl.store(block, value.to(ptr.dtype.element_ty), boundary_check=(0, 1))
+
+
+@triton.jit
+def split_program(program, n_columns, rows_per_split, n_rows, BLOCK_Q: tl.constexpr):
+    """What weight-gradient program `program` owns: columns [col0, col0 + BLOCK_Q) of the
+    gradient (tile program % tiles) and the rows [row_start, row_end) of its split (program //
+    tiles)."""
+    tiles = tl.cdiv(n_columns, BLOCK_Q)
+    split = program // tiles
+    row_start = split * rows_per_split
+    return (program % tiles) * BLOCK_Q, split, row_start, tl.minimum(row_start + rows_per_split, n_rows)
 
 
 @triton.jit
@@ -371,6 +422,21 @@ def normalized_panel(x_ptr, x_hat_ptr, ln_weight_ptr, ln_bias_ptr, mean, rstd, r
 
 
 @triton.jit
+def layer_norm_rows(x_ptr, x_hat_ptr, ln_weight_ptr, ln_bias_ptr, mean_ptr, rstd_ptr, row0, n_rows, n_cols, stride_row,
+                    eps, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, NUM_CHUNKS: tl.constexpr, PANEL: tl.constexpr,
+                    MATMUL_DTYPE: tl.constexpr):
+    """The LayerNorm ops' forward prologue for BLOCK_M rows: their statistics (stored for the
+    backward, and returned) and normalized_panel's x_hat and panel."""
+    mean, rstd = row_statistics(x_ptr, row0, n_rows, n_cols, stride_row, eps, BLOCK_M, BLOCK_C, NUM_CHUNKS)
+    rows = row0 + tl.arange(0, BLOCK_M)
+    tl.store(mean_ptr + rows, mean, mask=rows < n_rows)
+    tl.store(rstd_ptr + rows, rstd, mask=rows < n_rows)
+    panel = normalized_panel(x_ptr, x_hat_ptr, ln_weight_ptr, ln_bias_ptr, mean, rstd, row0, n_rows, n_cols,
+                             stride_row, BLOCK_M, BLOCK_C, NUM_CHUNKS, PANEL, MATMUL_DTYPE)
+    return mean, rstd, panel
+
+
+@triton.jit
 def normalized_times_weight(panel, x_ptr, ln_weight_ptr, ln_bias_ptr, mean, rstd, w_ptr, row0, out0,
                             n_rows, n_cols, n_out, stride_row,
                             BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, NUM_CHUNKS: tl.constexpr,
@@ -412,12 +478,12 @@ def accumulate_times_weight(acc, a, w_ptr, k0, n_k, n_out, W_IS_OUT_BY_IN: tl.co
 
 @triton.jit
 def store_panel_partial(acc, partial_ptr, split, out0, n_cols, n_out,
-                        BLOCK_C: tl.constexpr, NUM_CHUNKS: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Write a weight-gradient program's [C, BLOCK_N] result (NUM_CHUNKS tiles of
-    [BLOCK_C, BLOCK_N]) into slot `split` of a [splits, C, n_out] fp32 partial buffer."""
+                        BLOCK_C: tl.constexpr, NUM_CHUNKS: tl.constexpr, BLOCK_Q: tl.constexpr):
+    """Write a weight-gradient program's [C, BLOCK_Q] result (NUM_CHUNKS tiles of
+    [BLOCK_C, BLOCK_Q]) into slot `split` of a [splits, C, n_out] fp32 partial buffer."""
     base = partial_ptr + split.to(tl.int64) * n_cols * n_out
     for k in tl.static_range(NUM_CHUNKS):
-        store_tile(base, acc[k], k * BLOCK_C, out0, n_cols, n_out, n_out, BLOCK_C, BLOCK_N)
+        store_tile(base, acc[k], k * BLOCK_C, out0, n_cols, n_out, n_out, BLOCK_C, BLOCK_Q)
 
 
 @triton.jit
@@ -460,16 +526,36 @@ def layer_norm_backward(panel, dy_ptr, dx_ptr, x_ptr, ln_weight_ptr, mean, rstd,
 
 
 @triton.jit
+def layer_norm_input_gradient(d_ptr, w_ptr, dy_ptr, dx_ptr, x_ptr, ln_weight_ptr, mean_ptr, rstd_ptr, row0,
+                              n_rows, n_cols, n_out, stride_d, stride_x, stride_dy, stride_dx,
+                              BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, NUM_CHUNKS: tl.constexpr,
+                              BLOCK_K: tl.constexpr, ADD_DY: tl.constexpr, MATMUL_DTYPE: tl.constexpr,
+                              INPUT_PRECISION: tl.constexpr):
+    """dx of BLOCK_M rows of a LayerNorm'd linear, the LayerNorm ops' row kernels' first part:
+    d_normalized = D @ W (D [rows, n_out] the linear's output gradient, W [n_out, C]) kept in
+    registers as the panel, then layer_norm_backward (adding dy when ADD_DY)."""
+    d_normed = (tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float32),) * NUM_CHUNKS
+    for out0 in range(0, n_out, BLOCK_K):
+        d = load_tile(d_ptr, row0, out0, n_rows, n_out, stride_d, BLOCK_M, BLOCK_K).to(MATMUL_DTYPE)
+        d_normed = accumulate_times_weight(d_normed, d, w_ptr, out0, n_out, n_cols, False, BLOCK_K, BLOCK_C,
+                                           NUM_CHUNKS, MATMUL_DTYPE, INPUT_PRECISION)
+    mean = load_row_vector(mean_ptr, row0, n_rows, BLOCK_M)
+    rstd = load_row_vector(rstd_ptr, row0, n_rows, BLOCK_M)
+    layer_norm_backward(d_normed, dy_ptr, dx_ptr, x_ptr, ln_weight_ptr, mean, rstd, row0, n_rows, n_cols,
+                        stride_x, stride_dy, stride_dx, BLOCK_M, BLOCK_C, NUM_CHUNKS, ADD_DY)
+
+
+@triton.jit
 def sum_partial_rows(partial_ptr, out_ptr, slab, n_splits, n_rows, n_cols,
-                     BLOCK_S: tl.constexpr, BLOCK_N: tl.constexpr):
+                     BLOCK_S: tl.constexpr, REDUCTION_BLOCK: tl.constexpr):
     """out[r, :] = sum over s of partial[s, r, :] for the BLOCK_S rows of slab `slab`, in split
     order; partial is [n_splits, n_rows, n_cols] fp32."""
     rows = slab * BLOCK_S + tl.arange(0, BLOCK_S)
-    for col0 in range(0, n_cols, BLOCK_N):
-        cols = col0 + tl.arange(0, BLOCK_N)
+    for col0 in range(0, n_cols, REDUCTION_BLOCK):
+        cols = col0 + tl.arange(0, REDUCTION_BLOCK)
         mask = (rows < n_rows)[:, None] & (cols < n_cols)[None, :]
         offsets = rows[:, None] * n_cols + cols[None, :]
-        total = tl.zeros([BLOCK_S, BLOCK_N], dtype=tl.float32)
+        total = tl.zeros([BLOCK_S, REDUCTION_BLOCK], dtype=tl.float32)
         for s in range(n_splits):
             total += tl.load(partial_ptr + s * n_rows * n_cols + offsets, mask=mask, other=0.0)
         tl.store(out_ptr + offsets, total.to(out_ptr.dtype.element_ty), mask=mask)
@@ -490,7 +576,7 @@ def sum_partial_vector(partial_ptr, out_ptr, slab, n_splits, length, BLOCK_S: tl
 def layer_norm_weight_gradients(g_partial_ptr, db_partial_ptr, w_ptr, ln_weight_ptr, ln_bias_ptr,
                                 dw_ptr, db_ptr, d_ln_weight_ptr, d_ln_bias_ptr,
                                 slab, n_splits, n_cols, n_out,
-                                BLOCK_S: tl.constexpr, BLOCK_N: tl.constexpr):
+                                BLOCK_S: tl.constexpr, REDUCTION_BLOCK: tl.constexpr):
     """Finish the weight and LayerNorm-parameter gradients of a LayerNorm'd linear for the
     BLOCK_S columns of C in slab `slab` (see the module docstring):
         G^T[c, o] = sum_s g_partial[s, c, o]    db[o] = sum_s db_partial[s, o]
@@ -504,12 +590,12 @@ def layer_norm_weight_gradients(g_partial_ptr, db_partial_ptr, w_ptr, ln_weight_
     beta = tl.load(ln_bias_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
     d_gamma = tl.zeros([BLOCK_S], dtype=tl.float64)
     d_beta = tl.zeros([BLOCK_S], dtype=tl.float64)
-    for out0 in range(0, n_out, BLOCK_N):
-        outs = out0 + tl.arange(0, BLOCK_N)
+    for out0 in range(0, n_out, REDUCTION_BLOCK):
+        outs = out0 + tl.arange(0, REDUCTION_BLOCK)
         out_mask = outs < n_out
         mask = col_mask[:, None] & out_mask[None, :]
-        g = tl.zeros([BLOCK_S, BLOCK_N], dtype=tl.float32)
-        db = tl.zeros([BLOCK_N], dtype=tl.float64)
+        g = tl.zeros([BLOCK_S, REDUCTION_BLOCK], dtype=tl.float32)
+        db = tl.zeros([REDUCTION_BLOCK], dtype=tl.float64)
         for s in range(n_splits):
             g += tl.load(g_partial_ptr + s * n_cols * n_out + cols[:, None] * n_out + outs[None, :], mask=mask,
                          other=0.0)
@@ -523,122 +609,3 @@ def layer_norm_weight_gradients(g_partial_ptr, db_partial_ptr, w_ptr, ln_weight_
             tl.store(db_ptr + outs, db.to(db_ptr.dtype.element_ty), mask=out_mask)
     tl.store(d_ln_weight_ptr + cols, d_gamma.to(d_ln_weight_ptr.dtype.element_ty), mask=col_mask)
     tl.store(d_ln_bias_ptr + cols, d_beta.to(d_ln_bias_ptr.dtype.element_ty), mask=col_mask)
-
-
-# ---------------------------------------------------------------------------------------------
-# Costs (see kernels/cost.py for the counting rules)
-# ---------------------------------------------------------------------------------------------
-
-def matmul_flops(m: int, n: int, k: int) -> int:
-    return 2 * m * n * k
-
-
-def padded(n: int, block: int) -> int:
-    return triton.cdiv(n, block) * block
-
-
-def rows_in_tiles(n_rows: int, block: int) -> list[int]:
-    """The real rows each tile of `block` rows covers (the last may be partial)."""
-    full, rest = divmod(n_rows, block)
-    return [block] * full + ([rest] if rest else [])
-
-
-# ---------------------------------------------------------------------------------------------
-# H100 compile specs
-# ---------------------------------------------------------------------------------------------
-
-# (dtype of the activations, dtype of the matmul operands): fp32 training, autocast to bf16 or
-# fp16 (activations and parameters stay fp32), and a model in bf16 or fp16 throughout.
-DTYPE_VARIANTS = ((torch.float32, torch.float32), (torch.float32, torch.bfloat16), (torch.float32, torch.float16),
-                  (torch.bfloat16, torch.bfloat16), (torch.float16, torch.float16))
-
-
-def kernel_spec(name: str, kernel, config: str, pointer_types: dict, constexprs: dict, num_warps: int,
-                num_stages: int, instructions: str, divisible: tuple):
-    """A kernels.h100.KernelSpec for `kernel`: pointer arguments typed from pointer_types (by
-    name), eps fp32, every other runtime argument i32."""
-    from kernels.h100 import KernelSpec
-
-    signature = {}
-    for argument in kernel.arg_names:
-        if argument in constexprs:
-            continue
-        if argument.endswith("_ptr"):
-            signature[argument] = "*" + pointer_types[argument]
-        else:
-            signature[argument] = "fp32" if argument == "eps" else "i32"
-    pointers = tuple(a for a in signature if a.endswith("_ptr"))
-    return KernelSpec(name=name, config=config, fn=kernel, signature=signature, constexprs=constexprs,
-                      num_warps=num_warps, num_stages=num_stages, instructions=instructions,
-                      divisible_by_16=pointers + tuple(a for a in divisible if a in signature))
-
-
-def instruction_class(matmul_dtype: torch.dtype, dot_rows, num_warps: int) -> str:
-    from kernels.h100 import matmul_instructions
-
-    return matmul_instructions(_common.DTYPE_NAMES[matmul_dtype], input_precision(matmul_dtype), dot_rows,
-                               num_warps)
-
-
-class Traffic:
-    """HBM bytes of one launch, counted as kernels/cost.py says. Each program's loads are
-    recorded as it makes them: all count in bytes_loaded; bytes_read counts each element once,
-    however many programs load it."""
-
-    def __init__(self):
-        self.bytes_loaded = 0
-        self.bytes_written = 0
-        self._own_bytes_read = 0
-        self._shared_parts = set()
-        self._rows_read = {}  # tensor name -> (bytes per row, [(first row, stop row)])
-
-    def read(self, elements: int, dtype: torch.dtype, shared=None):
-        """One program loads `elements` of `dtype`; shared: a name for the part when other
-        programs load the same part (a weight, a tile of one), None when no other does."""
-        size = elements * element_size(dtype)
-        self.bytes_loaded += size
-        if shared is None or shared not in self._shared_parts:
-            self._own_bytes_read += size
-        if shared is not None:
-            self._shared_parts.add(shared)
-
-    def read_rows(self, tensor: str, first: int, count: int, row_elements: int, dtype: torch.dtype):
-        """One program loads rows [first, first + count) of a [rows, row_elements] tensor that
-        other programs load rows of too, with other splits of the rows perhaps."""
-        row_bytes = row_elements * element_size(dtype)
-        self.bytes_loaded += count * row_bytes
-        self._rows_read.setdefault(tensor, (row_bytes, []))[1].append((first, first + count))
-
-    @property
-    def bytes_read(self) -> int:
-        total = self._own_bytes_read
-        for row_bytes, ranges in self._rows_read.values():
-            covered_to = 0
-            for start, stop in sorted(ranges):
-                start = max(start, covered_to)
-                if stop > start:
-                    total += (stop - start) * row_bytes
-                    covered_to = stop
-        return total
-
-    def write(self, elements: int, dtype: torch.dtype, programs: int = 1):
-        self.bytes_written += programs * elements * element_size(dtype)
-
-
-def kernel_cost(op: str, kernel, phase: str, traffic: Traffic, useful_flops: int, executed_flops: int):
-    return KernelCost(op=op, kernel=unwrapped_name(kernel), phase=phase, launches=1, bytes_read=traffic.bytes_read,
-                      bytes_loaded=traffic.bytes_loaded, bytes_written=traffic.bytes_written, useful_flops=useful_flops, executed_flops=executed_flops)
-
-
-def unwrapped_name(kernel) -> str:
-    return getattr(kernel, "__name__", None) or kernel.fn.__name__
-
-
-def read_scales(traffic: Traffic, row0: int, rows: int, total_rows: int, samples: int, dtype: torch.dtype):
-    """A program over rows [row0, row0 + rows) of total_rows loads the per-sample scale of each
-    of the samples among them (a sample split between two programs' rows is loaded by both);
-    samples 0: no scales, nothing loaded."""
-    if samples and rows:
-        rows_per_sample = max(1, total_rows // samples)
-        first = row0 // rows_per_sample
-        traffic.read_rows("scale", first, (row0 + rows - 1) // rows_per_sample + 1 - first, 1, dtype)

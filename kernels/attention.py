@@ -8,7 +8,7 @@ output projection reads. No permute or contiguous copies, and the N x N scores n
 leave the chip: the forward saves only each query row's log-sum-exp (fp32) for the
 backward, which recomputes the probabilities from it.
 
-Two plans, picked in Python from the shape (`_launch_plan`):
+Two plans, picked in Python from the shape (`launch_plan`):
 
 * Whole sequence (fp16/bf16 with N <= 128, the model's N = 65; fp32 with N <= 16): one
   program per (batch, head) holds every token, one launch forward and one backward.
@@ -35,14 +35,13 @@ Two plans, picked in Python from the shape (`_launch_plan`):
 Every gradient element is written by exactly one program with a fixed reduction order
 and no atomics, so the backward is bit-for-bit deterministic; dq, dk and dv land in
 one [B, N, 3*C] tensor laid out like qkv. The launches are PyTorch operators
-(`torch.ops.vit_kernels.attention_forward` / `attention_backward`, see "PyTorch operators"
-below), so torch.compile treats them as opaque calls and never traces the planning.
+(`torch.ops.vit_kernels.attention` / `attention_backward`), so torch.compile treats them as
+opaque calls and never traces the planning.
 
-Block sizes are fixed per shape and dtype in Python; there is no @triton.autotune because
-the interpreter (CPU tests) cannot run one with several configs. `launch_costs()` derives
-the HBM bytes and FLOPs of every launch from the same plan (kernels/cost.py's rules), and
-`h100_compile_specs()` lists every kernel in every configuration the planner can pick,
-for kernels/h100.py to compile for sm_90 and check for spills and tensor-core use.
+Block sizes are fixed per shape and dtype in Python (`launch_plan`, `plan_launches`); there
+is no @triton.autotune because the interpreter (CPU tests) cannot run one with several
+configs. kernels/cost.py counts every launch's bytes and FLOPs from the same plan, and
+kernels/specs.py lists every configuration the planner can pick for the sm_90 compile check.
 """
 import functools
 import math
@@ -53,7 +52,6 @@ import triton
 import triton.language as tl
 
 from kernels import _common
-from kernels.cost import KernelCost, element_size, reads
 from kernels.head_dims import SUPPORTED_HEAD_DIMS
 
 # Softmax exponentials use exp2 (one instruction on the GPU), so scores and log-sum-exps
@@ -473,7 +471,7 @@ class _WholeSequenceKernel:
 
 
 @dataclass(frozen=True)
-class _WholeSequencePlan:
+class WholeSequencePlan:
     """One program per (batch, head) holding every token, in two parts on both axes:
     tokens [0, lead) and [lead, lead + tail)."""
     lead: int  # a power of two, 16 to 128: tl.arange needs powers of two, tl.dot at least 16
@@ -496,76 +494,74 @@ class _LaunchConfig:
 
 
 @dataclass(frozen=True)
-class _StreamingPlan:
+class StreamingPlan:
     forward: _LaunchConfig
     dq: _LaunchConfig
     dkdv: _LaunchConfig
 
 
-# The choices below come from compiling every configuration for sm_90a with
-# kernels/h100.py (N = 1 to 2048, every head dim, fp16/bf16/fp32, with and without the
-# launcher's 16-byte alignment hints) and reading ptxas's register counts: none spills.
-# fp16/bf16 dots with 64 rows use wgmma (HGMMA); 16- and 32-row ones use mma.sync (wgmma
-# needs 64 rows), and fp32 uses FMA. kernels/README.md has the history.
+# The choices below are those that compile for sm_90a without spilling in every
+# configuration (kernels/specs.py, kernels/h100.py); kernels/README.md has the register
+# counts and the history. fp16/bf16 dots with 64 rows use wgmma (HGMMA); 16- and 32-row ones
+# use mma.sync (wgmma needs 64 rows), and fp32 uses FMA.
 
 # fp16/bf16 up to this many tokens take the whole-sequence plan: one launch each way.
 _HALF_WHOLE_TOKENS = 128
 # Sequences of 65 to 80 tokens (the model's 64 patches and class token) are a 64-token lead
-# and a 16-token tail: 80 x 80 tiles rather than 128 x 128. A 32-token tail (81 to 96 tokens)
-# spilled in the backward (8-64 bytes at head_dim 32 to 64, 32-row query tiles, 4 or 8
-# warps), so longer sequences take one 128-token part, split into query tiles.
+# and a 16-token tail: 80 x 80 tiles rather than 128 x 128. A 32-token tail spilled in the
+# backward, so longer sequences take one 128-token part, split into query tiles.
 _LEAD_TOKENS = 64
 _TAIL_TOKENS = 16
 # fp32 inputs take exact fp32 dots, which run on FMA units with both operands in
 # registers: 32-token whole-sequence tiles (P, dP and dS next to dk, dv) spilled, so only
-# sequences of up to 16 tokens take that plan, at 2 warps (40-80 registers).
-_FP32_WHOLE = _WholeSequencePlan(lead=16, tail=0, forward=_WholeSequenceKernel(16, num_warps=2),
-                                 backward=_WholeSequenceKernel(16, num_warps=2))
+# sequences of up to 16 tokens take that plan, at 2 warps.
+_FP32_WHOLE = WholeSequencePlan(lead=16, tail=0, forward=_WholeSequenceKernel(16, num_warps=2),
+                                backward=_WholeSequenceKernel(16, num_warps=2))
 _FP32_STREAMING = _LaunchConfig(block_m=32, block_n=32, num_warps=4, num_stages=2)
-# dQ steps over 16 keys at a time: 32 spilled 8 B at head_dim 32 under Triton 3.6 (README).
+# dQ steps over 16 keys at a time: 32 spilled under Triton 3.6.
 _FP32_STREAMING_DQ = _LaunchConfig(block_m=32, block_n=16, num_warps=4, num_stages=2)
 # fp16/bf16 past 128 tokens: 64 x 64 tiles (128 query rows in the forward), double-buffered.
-_HALF_STREAMING = _StreamingPlan(forward=_LaunchConfig(block_m=128, block_n=64, num_warps=8, num_stages=2),
-                                 dq=_LaunchConfig(block_m=64, block_n=64, num_warps=8, num_stages=2),
-                                 dkdv=_LaunchConfig(block_m=64, block_n=64, num_warps=8, num_stages=2))
+_HALF_STREAMING = StreamingPlan(forward=_LaunchConfig(block_m=128, block_n=64, num_warps=8, num_stages=2),
+                                dq=_LaunchConfig(block_m=64, block_n=64, num_warps=8, num_stages=2),
+                                dkdv=_LaunchConfig(block_m=64, block_n=64, num_warps=8, num_stages=2))
 
 
-def _half_whole_sequence_plan(seq_len: int, head_dim: int) -> _WholeSequencePlan:
-    """Registers per thread, from ptxas, are in kernels/README.md."""
+def _half_whole_sequence_plan(seq_len: int, head_dim: int) -> WholeSequencePlan:
+    """The fp16/bf16 whole-sequence plan for seq_len <= _HALF_WHOLE_TOKENS."""
     tile = max(16, triton.next_power_of_2(seq_len))
     if tile <= _LEAD_TOKENS:
-        # One part. 16- and 32-row tiles run on mma.sync at 2 warps (31-130 registers; 1 and
-        # 4 warps spilled in earlier kernels); 64-row tiles on wgmma, one warpgroup (61-138).
+        # One part. 16- and 32-row tiles run on mma.sync at 2 warps (1 and 4 warps spilled);
+        # 64-row tiles on wgmma, one warpgroup.
         one_tile = _WholeSequenceKernel(query_rows=tile, num_warps=2 if tile < _LEAD_TOKENS else 4)
-        return _WholeSequencePlan(lead=tile, tail=0, forward=one_tile, backward=one_tile)
+        return WholeSequencePlan(lead=tile, tail=0, forward=one_tile, backward=one_tile)
     if seq_len <= _LEAD_TOKENS + _TAIL_TOKENS:
         # The backward holds P and dP of both key parts with the dk, dv accumulators of both:
-        # 64-row query tiles fit one warpgroup at head_dim 32 (174 registers); head_dim 16
-        # takes 32-row tiles (242 registers with 64), head_dim 48/64 two warpgroups (234).
+        # 64-row query tiles fit one warpgroup at head_dim 32; head_dim 16 takes 32-row tiles
+        # (64-row ones come close to the register limit), head_dim 48/64 two warpgroups.
         backward = _WholeSequenceKernel(query_rows=32, num_warps=4) if head_dim <= 16 else \
             _WholeSequenceKernel(query_rows=64, num_warps=4 if head_dim <= 32 else 8)
-        return _WholeSequencePlan(lead=_LEAD_TOKENS, tail=_TAIL_TOKENS,
-                                  forward=_WholeSequenceKernel(query_rows=64, num_warps=4), backward=backward)
+        return WholeSequencePlan(lead=_LEAD_TOKENS, tail=_TAIL_TOKENS,
+                                 forward=_WholeSequenceKernel(query_rows=64, num_warps=4), backward=backward)
     # One 128-token part over two warpgroups: 128-row dots in the forward, 128-key dots and
     # 64-row query tiles in the backward.
-    return _WholeSequencePlan(lead=2 * _LEAD_TOKENS, tail=0, forward=_WholeSequenceKernel(query_rows=128, num_warps=8),
-                              backward=_WholeSequenceKernel(query_rows=64, num_warps=8))
+    return WholeSequencePlan(lead=2 * _LEAD_TOKENS, tail=0, forward=_WholeSequenceKernel(query_rows=128, num_warps=8),
+                             backward=_WholeSequenceKernel(query_rows=64, num_warps=8))
 
 
-def _launch_plan(seq_len: int, head_dim: int, dtype: torch.dtype):
-    """The plan for a [B, seq_len, 3 * heads * head_dim] qkv of `dtype`: a _WholeSequencePlan
-    or a _StreamingPlan."""
+def launch_plan(seq_len: int, head_dim: int, dtype: torch.dtype):
+    """The plan for a [B, seq_len, 3 * heads * head_dim] qkv of `dtype`: a WholeSequencePlan
+    or a StreamingPlan."""
     if dtype == torch.float32:
         if seq_len <= _FP32_WHOLE.tokens:
             return _FP32_WHOLE
-        return _StreamingPlan(forward=_FP32_STREAMING, dq=_FP32_STREAMING_DQ, dkdv=_FP32_STREAMING)
+        return StreamingPlan(forward=_FP32_STREAMING, dq=_FP32_STREAMING_DQ, dkdv=_FP32_STREAMING)
     if seq_len > _HALF_WHOLE_TOKENS:
         return _HALF_STREAMING
     return _half_whole_sequence_plan(seq_len, head_dim)
 
 
 @dataclass(frozen=True)
-class _Launches:
+class Launches:
     """The launches of one call at one shape: the forward, and the backward's one (whole
     sequence) or two (streaming: the dq kernel, then the dk/dv kernel)."""
     forward: _common.Launch
@@ -574,17 +570,17 @@ class _Launches:
 
 
 @functools.lru_cache(maxsize=_common.PLANNED_SHAPES)
-def _launches(batch: int, seq_len: int, num_heads: int, head_dim: int, dtype: torch.dtype) -> _Launches:
-    plan = _launch_plan(seq_len, head_dim, dtype)
+def plan_launches(batch: int, seq_len: int, num_heads: int, head_dim: int, dtype: torch.dtype) -> Launches:
+    plan = launch_plan(seq_len, head_dim, dtype)
     batch_heads = batch * num_heads
     head = dict(HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim))
-    if isinstance(plan, _WholeSequencePlan):
+    if isinstance(plan, WholeSequencePlan):
         def whole(kernel, config: _WholeSequenceKernel):
             return _common.Launch(kernel, (batch_heads,), dict(head, LEAD=plan.lead, TAIL=plan.tail,
                                                                QUERY_ROWS=config.query_rows,
                                                                num_warps=config.num_warps, num_stages=1))
 
-        return _Launches(forward=whole(_attention_whole_forward_kernel, plan.forward),
+        return Launches(forward=whole(_attention_whole_forward_kernel, plan.forward),
                          backward=whole(_attention_whole_backward_kernel, plan.backward), dkdv=None)
 
     def streaming(kernel, config: _LaunchConfig, tile: int):
@@ -592,7 +588,7 @@ def _launches(batch: int, seq_len: int, num_heads: int, head_dim: int, dtype: to
                               dict(head, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
                                    num_warps=config.num_warps, num_stages=config.num_stages))
 
-    return _Launches(forward=streaming(_attention_forward_kernel, plan.forward, plan.forward.block_m),
+    return Launches(forward=streaming(_attention_forward_kernel, plan.forward, plan.forward.block_m),
                      backward=streaming(_attention_backward_dq_kernel, plan.dq, plan.dq.block_m),
                      dkdv=streaming(_attention_backward_dkdv_kernel, plan.dkdv, plan.dkdv.block_n))
 
@@ -600,9 +596,7 @@ def _launches(batch: int, seq_len: int, num_heads: int, head_dim: int, dtype: to
 # --------------------------------------------------------------------------------------
 # Launchers
 # --------------------------------------------------------------------------------------
-def _kernels_are_interpreted() -> bool:
-    """True when TRITON_INTERPRET=1 was set before this module was imported (CPU tests)."""
-    return _common.is_interpreted(_attention_whole_forward_kernel)
+_INTERPRETED = _common.is_interpreted(_attention_whole_forward_kernel)  # TRITON_INTERPRET=1 at import (CPU tests)
 
 
 def _with_unit_last_stride(tensor: torch.Tensor) -> torch.Tensor:
@@ -610,7 +604,7 @@ def _with_unit_last_stride(tensor: torch.Tensor) -> torch.Tensor:
     return tensor if tensor.stride(-1) == 1 else tensor.contiguous()
 
 
-def _attention_forward(qkv: torch.Tensor, num_heads: int, head_dim: int, scale: float, launches: _Launches):
+def _attention_forward(qkv: torch.Tensor, num_heads: int, head_dim: int, scale: float, launches: Launches):
     """out [B, N, C] and lse [B * heads, N] (fp32): one launch."""
     batch, seq_len, _ = qkv.shape
     width = num_heads * head_dim
@@ -623,7 +617,7 @@ def _attention_forward(qkv: torch.Tensor, num_heads: int, head_dim: int, scale: 
     return out, lse
 
 
-def _attention_backward(qkv, out, lse, dout, num_heads: int, head_dim: int, scale: float, launches: _Launches):
+def _attention_backward(qkv, out, lse, dout, num_heads: int, head_dim: int, scale: float, launches: Launches):
     """dqkv, laid out like qkv: one launch (whole sequence) or two (streaming)."""
     batch, seq_len, width = qkv.shape
     dqkv = _common.new_output(qkv.shape, qkv.dtype, qkv.device)
@@ -644,95 +638,75 @@ def _attention_backward(qkv, out, lse, dout, num_heads: int, head_dim: int, scal
 
 
 # --------------------------------------------------------------------------------------
-# PyTorch operators
+# PyTorch operators (kernels/_common.py's register_operator)
 # --------------------------------------------------------------------------------------
-# The forward and backward launches are torch.library custom operators, so that
-# torch.compile (fullgraph=True) traces through attention() without a graph break: it sees
-# two opaque calls whose fake implementations give the output shapes, and the launch
-# planning above runs only when an operator really executes, never inside a trace.
-# register_autograd pairs them. The pattern, for every op module:
-#   1. `<op>_forward` and `<op>_backward` custom ops whose bodies plan and launch (plain
-#      launcher functions), each with register_fake returning empty tensors of the outputs'
-#      shapes, dtypes and (contiguous) strides;
-#   2. register_autograd on the forward op: setup_context saves what the backward op needs
-#      (inputs and outputs only), the backward calls the backward op;
-#   3. the public function validates its arguments (metadata only, traceable) and calls
-#      the forward op.
-
-
-@torch.library.custom_op("vit_kernels::attention_forward", mutates_args=())
-def attention_forward_op(qkv: torch.Tensor, num_heads: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+def _forward_op(qkv: torch.Tensor, num_heads: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(out [B, N, C] in qkv's dtype, log-sum-exp [B * num_heads, N] in fp32) of validated arguments."""
     batch, seq_len, width = qkv.shape
     head_dim = width // (3 * num_heads)
-    launches = _launches(batch, seq_len, num_heads, head_dim, qkv.dtype)
+    launches = plan_launches(batch, seq_len, num_heads, head_dim, qkv.dtype)
     with _common.on_device_of(qkv):
         return _attention_forward(_with_unit_last_stride(qkv), num_heads, head_dim, scale, launches)
 
 
-@attention_forward_op.register_fake
-def _attention_forward_fake(qkv, num_heads, scale):
+def _forward_fake(qkv, num_heads, scale):
     batch, seq_len, width = qkv.shape
     return qkv.new_empty((batch, seq_len, width // 3)), qkv.new_empty((batch * num_heads, seq_len),
                                                                       dtype=torch.float32)
 
 
-@torch.library.custom_op("vit_kernels::attention_backward", mutates_args=())
-def attention_backward_op(qkv: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, dout: torch.Tensor,
-                          num_heads: int, scale: float) -> torch.Tensor:
+def _backward_op(qkv: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, dout: torch.Tensor,
+                 num_heads: int, scale: float) -> torch.Tensor:
     """The gradient with respect to qkv (contiguous, qkv's shape and dtype); dout in qkv's dtype."""
     batch, seq_len, width = qkv.shape
     head_dim = width // (3 * num_heads)
-    launches = _launches(batch, seq_len, num_heads, head_dim, qkv.dtype)
+    launches = plan_launches(batch, seq_len, num_heads, head_dim, qkv.dtype)
     with _common.on_device_of(qkv):
         return _attention_backward(_with_unit_last_stride(qkv), out, lse, _with_unit_last_stride(dout),
                                    num_heads, head_dim, scale, launches)
 
 
-@attention_backward_op.register_fake
-def _attention_backward_fake(qkv, out, lse, dout, num_heads, scale):
+def _backward_fake(qkv, out, lse, dout, num_heads, scale):
     return qkv.new_empty(qkv.shape)
 
 
-def _attention_setup_context(ctx, inputs, output):
+def _setup_context(ctx, inputs, output):
     qkv, num_heads, scale = inputs
     out, lse = output
     # The streaming backward reads out (for delta); saving it costs no memory, it is the
     # tensor attention() returns.
     ctx.save_for_backward(qkv, out, lse)
-    # lse is an output only so that the backward can have it: no gradient flows into it, and
-    # autograd need not launch a kernel to fill one with zeros.
+    # lse is an output only so that the backward can have it: no gradient flows into it.
     ctx.mark_non_differentiable(lse)
     ctx.set_materialize_grads(False)
     ctx.num_heads, ctx.scale = num_heads, scale
 
 
-def _attention_backward_formula(ctx, dout, _dlse):
+def _backward_formula(ctx, dout, _dlse):
     if dout is None:  # out did not reach the loss
         return None, None, None
     qkv, out, lse = ctx.saved_tensors
     return attention_backward_op(qkv, out, lse, dout.to(qkv.dtype), ctx.num_heads, ctx.scale), None, None
 
 
-attention_forward_op.register_autograd(_attention_backward_formula, setup_context=_attention_setup_context)
+attention_forward_op, attention_backward_op = _common.register_operator(
+    "attention", _forward_op, _forward_fake, _backward_op, _backward_fake, _setup_context, _backward_formula)
+
+
+_SHAPES = _common.operand_shapes(qkv=("B", "N", "3*C"))
 
 
 def _validate(qkv, num_heads, scale) -> tuple[int, float]:
     """Check the arguments; returns (head_dim, scale)."""
-    _common.check_floating("qkv", qkv)
     if isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads <= 0:
         raise ValueError(f"num_heads must be a positive int, got {num_heads!r}")
-    if qkv.dim() != 3:
-        raise ValueError(f"qkv must be 3-D [B, N, 3*C], got shape {tuple(qkv.shape)}")
-    if qkv.shape[-1] % (3 * num_heads):
-        raise ValueError(f"qkv's last dim {qkv.shape[-1]} is not divisible by 3 * num_heads = {3 * num_heads}")
-    head_dim = qkv.shape[-1] // (3 * num_heads)
+    width = _common.check_operands({"qkv": qkv}, _SHAPES, None, _INTERPRETED, __name__)["3*C"]
+    if width % (3 * num_heads):
+        raise ValueError(f"qkv's last dim {width} is not divisible by 3 * num_heads = {3 * num_heads}")
+    head_dim = width // (3 * num_heads)
     if head_dim not in SUPPORTED_HEAD_DIMS:
         raise ValueError(f"head_dim {head_dim} (qkv's last dim / (3 * num_heads)) is not supported; "
                          f"supported: {SUPPORTED_HEAD_DIMS}")
-    interpreted = _kernels_are_interpreted()
-    _common.check_device("qkv", qkv, interpreted, __name__)
-    _common.refuse_interpreted_bf16("qkv", interpreted, qkv.dtype)
     if scale is None:
         scale = head_dim ** -0.5
     if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
@@ -751,181 +725,3 @@ def attention(qkv: torch.Tensor, num_heads: int, scale: float | None = None) -> 
     _, scale = _validate(qkv, num_heads, scale)
     out, _ = attention_forward_op(qkv, num_heads, scale)
     return out
-
-
-# --------------------------------------------------------------------------------------
-# Cost model (see kernels/cost.py for the counting rules)
-# --------------------------------------------------------------------------------------
-def launch_costs(batch: int, seq_len: int, num_heads: int, head_dim: int, dtype: torch.dtype) -> list[KernelCost]:
-    """Every launch of one attention call, forward then backward, on a [batch, seq_len,
-    3 * num_heads * head_dim] qkv of `dtype`, derived from the launch plan.
-
-    Useful FLOPs: the forward's two matmuls (Q K^T, P V) and the backward's four (dV = P^T dO,
-    dP = dO V^T, dQ = dS K, dK = dS^T Q), at the real sizes. Executed: every tl.dot at its
-    padded tile, with the backward's recomputation of Q K^T and, in the streaming plan, the
-    dq kernel's second dP.
-    """
-    plan = _launch_plan(seq_len, head_dim, dtype)
-    batch_heads = batch * num_heads
-    # One head's [N, head_dim] slice of q, k, v, out, dout..., over every (batch, head), in
-    # bytes, and one fp32 statistic per row (lse, delta).
-    rows = batch_heads * seq_len * head_dim * element_size(dtype)
-    stats = batch_heads * seq_len * 4
-    one_matmul = 2 * batch_heads * seq_len * seq_len * head_dim  # an N x N x head_dim product per head
-    block_d = triton.next_power_of_2(head_dim)
-
-    def cost(kernel, phase, read, written, useful_matmuls, executed):
-        return KernelCost(op="attention", kernel=kernel.__name__, phase=phase, launches=1, **read,
-                          bytes_written=written, useful_flops=useful_matmuls * one_matmul, executed_flops=executed)
-
-    def padded_matmul(query_rows, keys):
-        """An N x N x head_dim product per head with queries and keys padded to tiles."""
-        return 2 * batch_heads * query_rows * keys * block_d
-
-    if isinstance(plan, _WholeSequencePlan):
-        # Each program loads its own head's q, k, v (and dout, lse) once; the tail part's
-        # queries load the keys again from L2 inside the same program.
-        tokens = plan.tokens
-        return [cost(_attention_whole_forward_kernel, "forward", reads((3 * rows, 1)), rows + stats,
-                     2, 2 * padded_matmul(tokens, tokens)),
-                cost(_attention_whole_backward_kernel, "backward", reads((4 * rows + stats, 1)), 3 * rows,
-                     4, 5 * padded_matmul(tokens, tokens))]
-
-    forward, dq, dkdv = plan.forward, plan.dq, plan.dkdv
-
-    def padded(block):
-        return triton.cdiv(seq_len, block) * block
-
-    def programs(block):
-        return triton.cdiv(seq_len, block)
-
-    return [
-        # Each query block loads its q rows and every key and value.
-        cost(_attention_forward_kernel, "forward", reads((rows, 1), (2 * rows, programs(forward.block_m))),
-             rows + stats, 2, 2 * padded_matmul(padded(forward.block_m), padded(forward.block_n))),
-        # Each query block loads its q, out and dout rows and lse, and every key and value;
-        # writes dq and delta. Its dots: Q K^T again, dP again (the dk/dv kernel's is counted
-        # useful) and dQ.
-        cost(_attention_backward_dq_kernel, "backward",
-             reads((3 * rows + stats, 1), (2 * rows, programs(dq.block_m))), rows + stats,
-             1, 3 * padded_matmul(padded(dq.block_m), padded(dq.block_n))),
-        # Each key block loads its k and v rows, and every q, dout, lse and delta; writes dk
-        # and dv. Its dots: Q K^T again, dP, dV and dK.
-        cost(_attention_backward_dkdv_kernel, "backward",
-             reads((2 * rows, 1), (2 * rows + 2 * stats, programs(dkdv.block_n))), 2 * rows,
-             3, 4 * padded_matmul(padded(dkdv.block_m), padded(dkdv.block_n))),
-    ]
-
-
-# --------------------------------------------------------------------------------------
-# H100 compile checks (see kernels/h100.py)
-# --------------------------------------------------------------------------------------
-# Runtime (non-constexpr) arguments, in order, with their Triton types; "{dtype}" is
-# the input dtype's pointer type.
-_FORWARD_SIGNATURE = {
-    "qkv_ptr": "*{dtype}", "out_ptr": "*{dtype}", "lse_ptr": "*fp32",
-    "seq_len": "i32", "num_heads": "i32",
-    "stride_qkv_b": "i32", "stride_qkv_n": "i32",
-    "stride_out_b": "i32", "stride_out_n": "i32",
-    "softmax_scale": "fp32",
-}
-_WHOLE_BACKWARD_SIGNATURE = {
-    "qkv_ptr": "*{dtype}", "dout_ptr": "*{dtype}", "dqkv_ptr": "*{dtype}", "lse_ptr": "*fp32",
-    "seq_len": "i32", "num_heads": "i32",
-    "stride_qkv_b": "i32", "stride_qkv_n": "i32",
-    "stride_dout_b": "i32", "stride_dout_n": "i32",
-    "stride_dqkv_b": "i32", "stride_dqkv_n": "i32",
-    "softmax_scale": "fp32",
-}
-_DKDV_SIGNATURE = {**_WHOLE_BACKWARD_SIGNATURE, "delta_ptr": "*fp32"}
-_DQ_SIGNATURE = {
-    "qkv_ptr": "*{dtype}", "out_ptr": "*{dtype}", "dout_ptr": "*{dtype}", "dqkv_ptr": "*{dtype}",
-    "lse_ptr": "*fp32", "delta_ptr": "*fp32",
-    "seq_len": "i32", "num_heads": "i32",
-    "stride_qkv_b": "i32", "stride_qkv_n": "i32",
-    "stride_out_b": "i32", "stride_out_n": "i32",
-    "stride_dout_b": "i32", "stride_dout_n": "i32",
-    "stride_dqkv_b": "i32", "stride_dqkv_n": "i32",
-    "softmax_scale": "fp32",
-}
-
-# The planner is evaluated at every sequence length up to this one; its choice depends on
-# the power-of-two tiles holding the sequence, and is the same for every length past
-# _HALF_WHOLE_TOKENS, so this covers each branch several times over.
-PLANNED_SEQ_LEN_LIMIT = 2048
-
-
-def launch_plans():
-    """Every (dtype, head_dim, seq_len, plan) the wrapper can launch with, one seq_len per
-    distinct (dtype, head_dim, plan, seq_len as the launcher specializes it)."""
-    from kernels.h100 import launcher_specialization
-
-    seen = set()
-    for dtype in _common.SUPPORTED_DTYPES:
-        for head_dim in SUPPORTED_HEAD_DIMS:
-            for seq_len in range(1, PLANNED_SEQ_LEN_LIMIT + 1):
-                plan = _launch_plan(seq_len, head_dim, dtype)
-                key = (dtype, head_dim, plan, launcher_specialization(seq_len))
-                if key not in seen:
-                    seen.add(key)
-                    yield dtype, head_dim, seq_len, plan
-
-
-def h100_compile_specs() -> list:
-    """Every kernel in every configuration launch_plans() yields, as kernels/h100.py compiles them.
-
-    The integers other than seq_len are those of contiguous tensors: torch's allocations are
-    16-byte aligned, and every supported head_dim is a multiple of 16, so the row strides (3C,
-    C) and batch strides (N * 3C, N * C) are multiples of 16. num_heads is taken as the
-    model's 12 (neither 1 nor a multiple of 16).
-    """
-    from kernels.h100 import KernelSpec, launcher_specialization, matmul_instructions
-
-    specs, labels = [], set()
-
-    def add(kernel, runtime_args, constexprs, num_warps, num_stages, dtype, seq_len, dot_rows):
-        dtype_name = _common.DTYPE_NAMES[dtype]
-        specialization = launcher_specialization(seq_len)
-        described = ",".join(f"{name}={value}" for name, value in constexprs.items())
-        label = f"{dtype_name},{described},warps={num_warps},stages={num_stages},seq_len:{specialization}"
-        if (kernel, label) in labels:  # the same kernel configuration chosen for another shape
-            return
-        labels.add((kernel, label))
-        signature = {name: kind.format(dtype=dtype_name) for name, kind in runtime_args.items()}
-        pinned = {}
-        if specialization == "1":
-            pinned["seq_len"] = 1
-            del signature["seq_len"]
-        divisible = [name for name, kind in signature.items() if kind.startswith("*") or name.startswith("stride_")]
-        if specialization == "16k":
-            divisible.append("seq_len")
-        specs.append(KernelSpec(
-            name=kernel.__name__, config=label, fn=kernel, signature=signature,
-            constexprs={**constexprs, **pinned}, num_warps=num_warps, num_stages=num_stages,
-            # fp32 dots run with input_precision="ieee": exact products on the FMA units.
-            instructions=matmul_instructions(dtype_name, "ieee", dot_rows, num_warps),
-            divisible_by_16=tuple(divisible),
-        ))
-
-    for dtype, head_dim, seq_len, plan in launch_plans():
-        head = {"HEAD_DIM": head_dim, "BLOCK_D": triton.next_power_of_2(head_dim)}
-        # The rows (M side) of each kernel's tl.dot calls decide which tensor-core instruction fits.
-        if isinstance(plan, _WholeSequencePlan):
-            # Each dot has a part's rows or a query tile's on its M side: a query tile's in the
-            # forward and in dQ, a key part's in the backward's other four.
-            parts = {**head, "LEAD": plan.lead, "TAIL": plan.tail}
-            for kernel, signature, config, dot_rows in (
-                    (_attention_whole_forward_kernel, _FORWARD_SIGNATURE, plan.forward,
-                     (plan.forward.query_rows, plan.tail)),
-                    (_attention_whole_backward_kernel, _WHOLE_BACKWARD_SIGNATURE, plan.backward,
-                     (plan.backward.query_rows, plan.lead, plan.tail))):
-                add(kernel, signature, {**parts, "QUERY_ROWS": config.query_rows}, config.num_warps, 1, dtype,
-                    seq_len, tuple(rows for rows in dot_rows if rows))
-            continue
-        for kernel, signature, config, dot_rows in (
-                (_attention_forward_kernel, _FORWARD_SIGNATURE, plan.forward, (plan.forward.block_m,)),
-                (_attention_backward_dq_kernel, _DQ_SIGNATURE, plan.dq, (plan.dq.block_m,)),
-                (_attention_backward_dkdv_kernel, _DKDV_SIGNATURE, plan.dkdv, (plan.dkdv.block_n,))):
-            add(kernel, signature, {**head, "BLOCK_M": config.block_m, "BLOCK_N": config.block_n},
-                config.num_warps, config.num_stages, dtype, seq_len, dot_rows)
-    return specs

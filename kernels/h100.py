@@ -12,9 +12,9 @@ NVIDIA tools shipped inside Triton's wheel tell us what the hardware would see:
   neither, with FFMA, means the dots ran on the FMA units.
 * Triton's metadata "shared": the dynamic shared memory the kernel will request.
 
-Each op module listed in OP_MODULES describes its kernels by a function
-h100_compile_specs() -> list[KernelSpec], generated from its launch planner so that every
-configuration the planner can pick is compiled; collect_specs() gathers them, and
+Each op's kernels are described by a function -> list[KernelSpec] of kernels/specs.py,
+generated from the op's launch planner so that every configuration the planner can pick is
+compiled; OP_MODULES names them, collect_specs() gathers them, and
 `python -m kernels.report` / tests/test_h100_compile.py check them against
 check_result()'s rules.
 
@@ -51,9 +51,10 @@ from triton.runtime.jit import JITFunction
 
 REPO = Path(__file__).resolve().parents[1]
 
-# Every module here must define h100_compile_specs() once it exists. A new op module is
-# added to this one tuple and nothing else.
-OP_MODULES = ("kernels.attention", "kernels.layernorm_linear", "kernels.linear_residual", "kernels.layernorm_mlp")
+# Each op module's specs, as kernels/specs.py declares them (by name: kernels.specs imports this
+# module). A new op module adds its function there and its name here.
+OP_MODULES = ("kernels.specs:attention_specs", "kernels.specs:layernorm_linear_specs",
+              "kernels.specs:linear_residual_specs", "kernels.specs:layernorm_mlp_specs")
 
 # Compute capability 9.0, 32 threads a warp. Triton turns capability 90 into "sm_90a",
 # the variant with wgmma/TMA, which is what a real H100 gets at run time too.

@@ -8,9 +8,9 @@ shape, and how every configuration compiles for an H100.
                              [--triton installed|gpu-machine|both]
 
 Cost: each launch of one transformer block at the given shape (the model's by default: bf16
-matmuls under autocast with an fp32 residual stream), from the op modules' launch_costs()
-(kernels/cost.py's counting rules): HBM bytes read and written, bytes the programs load,
-useful and executed FLOPs, launches, and the floor (memory or arithmetic time, whichever is
+matmuls under autocast with an fp32 residual stream), from kernels/cost.py's per-op costs:
+HBM bytes read and written, bytes the programs load, useful and executed FLOPs, launches, and
+the floor (memory or arithmetic time, whichever is
 larger, at --bandwidth TB/s and --peak TFLOP/s); then per block and per training step
 (forward + backward, times depth) beside the targets. The block is composed from BLOCK_OPS;
 the torch ops the model runs around our kernels are rows of their own, marked "torch".
@@ -30,7 +30,6 @@ REGISTER_WARNING or above are flagged, not failed.
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import sys
 from dataclasses import asdict, dataclass
@@ -40,7 +39,8 @@ from typing import Callable
 import torch
 
 from kernels._common import DTYPE_NAMES
-from kernels.cost import DEFAULT_BANDWIDTH, DEFAULT_PEAK_FLOPS, KernelCost, element_size
+from kernels import cost
+from kernels.cost import DEFAULT_BANDWIDTH, DEFAULT_PEAK_FLOPS, KernelCost
 from kernels.h100 import (GPU_MACHINE_TRITON_DIR, INSTRUCTION_CLASSES, OP_MODULES, REGISTER_WARNING,
                           SHARED_MEMORY_LIMIT, CompileOutcome, compile_isolated, found_instructions,
                           toolchain_missing_reason, triton_missing_reason)
@@ -71,35 +71,35 @@ class BlockShape:
 
 @dataclass(frozen=True)
 class BlockOp:
-    """One op of the block: what it computes there, where its costs come from ("module" for
-    module.launch_costs, or "module:function"), and the block's shape as its arguments."""
+    """One op of the block: what it computes there, the function of kernels/cost.py that
+    counts its launches, and the block's shape as that function's arguments."""
     computes: str
-    costs: str
+    costs: Callable[..., list[KernelCost]]
     arguments: Callable[[BlockShape], dict]
     ours: bool = True  # False: torch ops the model runs, counted by the same rules
 
 
 # vit/model.py's Block.forward, in order: its four seams, each one of our ops.
 BLOCK_OPS = (
-    BlockOp("norm1 + qkv linear", "kernels.layernorm_linear",
+    BlockOp("norm1 + qkv linear", cost.layernorm_linear_costs,
             lambda s: dict(rows=s.rows, cols=s.dim, out_features=3 * s.dim, activation_dtype=s.residual_dtype,
                            matmul_dtype=s.matmul_dtype, parameter_dtype=s.residual_dtype)),
-    BlockOp("attention", "kernels.attention",
+    BlockOp("attention", cost.attention_costs,
             lambda s: dict(batch=s.batch, seq_len=s.seq_len, num_heads=s.heads, head_dim=s.head_dim,
                            dtype=s.matmul_dtype)),
-    BlockOp("proj linear + residual", "kernels.linear_residual",
+    BlockOp("proj linear + residual", cost.linear_residual_costs,
             lambda s: dict(rows=s.rows, in_features=s.dim, out_features=s.dim, activation_dtype=s.residual_dtype,
                            input_dtype=s.matmul_dtype, matmul_dtype=s.matmul_dtype, parameter_dtype=s.residual_dtype)),
-    BlockOp("norm2 + mlp + residual", "kernels.layernorm_mlp",
+    BlockOp("norm2 + mlp + residual", cost.layernorm_mlp_costs,
             lambda s: dict(rows=s.rows, cols=s.dim, hidden=s.mlp_dim, activation_dtype=s.residual_dtype,
                            matmul_dtype=s.matmul_dtype, parameter_dtype=s.residual_dtype)),
     # The block's input feeds norm1 and the projection's residual: autograd adds the two gradients.
-    BlockOp("block input gradient", "kernels.report:torch_gradient_sum_costs",
+    BlockOp("block input gradient", cost.gradient_sum_costs,
             lambda s: dict(numel=s.rows * s.dim, dtype=s.residual_dtype), ours=False),
 )
 
-# Issue 13's targets per block at the model's shape, and the training step's (whole step, all
-# of its launches: the blocks are a part of it).
+# The targets per block at the model's shape (kernels/README.md), and the training step's
+# (whole step, all of its launches: the blocks are a part of it).
 BLOCK_FLOOR_TARGET_US = 50.0
 EXECUTED_PER_USEFUL_TARGET = 1.3
 LAUNCH_TARGETS = {"forward": 4, "backward": 8}
@@ -123,20 +123,8 @@ def block_costs(shape: BlockShape, ops=BLOCK_OPS) -> list[tuple[BlockOp, KernelC
     """Every launch of one block, forward and backward, with the op it belongs to."""
     rows = []
     for op in ops:
-        module_name, _, function_name = op.costs.partition(":")
-        launch_costs = getattr(importlib.import_module(module_name), function_name or "launch_costs")
-        rows += [(op, cost) for cost in launch_costs(**op.arguments(shape))]
+        rows += [(op, launch) for launch in op.costs(**op.arguments(shape))]
     return rows
-
-
-# -------------------------------------------------------------- torch ops around our kernels
-
-
-def torch_gradient_sum_costs(numel: int, dtype: torch.dtype) -> list[KernelCost]:
-    """Autograd's sum of two gradients of one tensor (backward only)."""
-    size = numel * element_size(dtype)
-    return [KernelCost(op="autograd", kernel="aten.add: gradient sum", phase="backward", launches=1,
-                       bytes_read=2 * size, bytes_written=size, useful_flops=0, executed_flops=0, library="torch")]
 
 
 # ------------------------------------------------------------------------- the cost report

@@ -168,8 +168,8 @@ def test_empty_batch():
 
 
 @pytest.mark.parametrize("shape, num_heads, match", [
-    ((17, 3 * 48), 3, "qkv must be 3-D"),
-    ((1, 2, 17, 3 * 48), 3, "qkv must be 3-D"),
+    ((17, 3 * 48), 3, r"qkv must have shape \[B, N, 3\*C\]"),
+    ((1, 2, 17, 3 * 48), 3, r"qkv must have shape \[B, N, 3\*C\]"),
     ((1, 17, 100), 3, "not divisible by 3 \\* num_heads"),
     ((1, 17, 3 * 8), 1, "head_dim 8"),        # too narrow for tl.dot
     ((1, 17, 3 * 24), 1, "head_dim 24"),      # not one of 16, 32, 48, 64
@@ -207,7 +207,7 @@ def test_non_tensor_raises_value_error():
 
 def test_cpu_tensor_without_interpreter_raises_value_error(monkeypatch):
     # As if TRITON_INTERPRET had not been set when the kernels were defined.
-    monkeypatch.setattr(attention_module, "_kernels_are_interpreted", lambda: False)
+    monkeypatch.setattr(attention_module, "_INTERPRETED", False)
     with pytest.raises(ValueError, match="qkv is on the CPU"):
         attention(torch.randn(1, 17, 3 * 48), 3)
 

@@ -1,4 +1,4 @@
-"""kernels.attention as PyTorch operators (torch.ops.vit_kernels.attention_forward / _backward):
+"""kernels.attention as PyTorch operators (torch.ops.vit_kernels.attention / attention_backward):
 torch.library's own checks pass, torch.compile(fullgraph=True) traces attention() with no
 graph break and gives eager's output and gradient, the Python launch planning never runs
 inside a trace, and one call launches one kernel each way at the model's sequence length.
@@ -74,13 +74,13 @@ def test_launch_planning_never_runs_inside_a_trace(monkeypatch, generator):
     from torch._guards import detect_fake_mode
 
     calls = []
-    plan = attention_module._launches
+    plan = attention_module.plan_launches
 
     def recording_plan(*args):
         calls.append({"compiling": torch.compiler.is_compiling(), "fake": detect_fake_mode() is not None})
         return plan(*args)
 
-    monkeypatch.setattr(attention_module, "_launches", recording_plan)
+    monkeypatch.setattr(attention_module, "plan_launches", recording_plan)
     qkv, grad_out = _problem(generator)
     torch._dynamo.reset()
     leaf = qkv.clone().requires_grad_()

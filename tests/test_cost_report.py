@@ -1,4 +1,4 @@
-"""The cost model (kernels/cost.py's rules, each op module's launch_costs) and the cost part of
+"""The cost model (kernels/cost.py: its rules, and each op's costs) and the cost part of
 `python -m kernels.report`: attention's figures checked by hand on small shapes (the fused
 linear ops' in test_kernel_costs.py), the report's block
 checked against the launches the model's block really makes, and the report run end to end."""
@@ -11,7 +11,7 @@ import torch
 
 from bench.counts import DeviceWorkCounter
 from kernels import attention, report
-from kernels.cost import KernelCost
+from kernels.cost import KernelCost, attention_costs
 
 REPO = Path(__file__).resolve().parents[1]
 BANDWIDTH, PEAK = 3.3e12, 790e12
@@ -21,7 +21,7 @@ def test_attention_whole_sequence_costs_by_hand():
     """B=2, N=65, 3 heads of 16, fp16: one program per (batch, head), 6 programs; 65 tokens as
     a 64-token lead and a 16-token tail: 80 x 80 tiles (head_dim 16 needs no column padding).
     One head's [65, 16] fp16 slice is 65 * 16 * 2 = 2080 bytes; its fp32 row statistics 260."""
-    forward, backward = attention.launch_costs(batch=2, seq_len=65, num_heads=3, head_dim=16, dtype=torch.float16)
+    forward, backward = attention_costs(batch=2, seq_len=65, num_heads=3, head_dim=16, dtype=torch.float16)
     assert forward == KernelCost(
         op="attention", kernel="_attention_whole_forward_kernel", phase="forward", launches=1,
         bytes_read=37_440,  # q, k, v: 6 * 3 * 2080
@@ -45,7 +45,7 @@ def test_attention_streaming_costs_by_hand():
     """B=1, N=129, 2 heads of 64, fp16: the forward's 128-query blocks (2 per head, 256 rows
     padded) each loop over 64-key blocks (3, 192 keys padded) and load every key and value.
     One head's [129, 64] fp16 slice is 16512 bytes."""
-    forward = attention.launch_costs(batch=1, seq_len=129, num_heads=2, head_dim=64, dtype=torch.float16)[0]
+    forward = attention_costs(batch=1, seq_len=129, num_heads=2, head_dim=64, dtype=torch.float16)[0]
     assert forward == KernelCost(
         op="attention", kernel="_attention_forward_kernel", phase="forward", launches=1,
         bytes_read=99_072,  # q, k, v once: 2 * 3 * 16512
@@ -57,7 +57,7 @@ def test_attention_streaming_costs_by_hand():
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 def test_attention_executes_at_most_twice_the_useful_work_at_65_tokens(dtype):
-    for cost in attention.launch_costs(batch=128, seq_len=65, num_heads=12, head_dim=32, dtype=dtype):
+    for cost in attention_costs(batch=128, seq_len=65, num_heads=12, head_dim=32, dtype=dtype):
         assert cost.executed_flops <= 2 * cost.useful_flops, cost
         assert cost.launches == 1
 
@@ -68,9 +68,9 @@ def test_block_launches_match_the_models_block():
     from vit.backends import get_backend
     from vit.model import Block, ViTConfig
 
-    if not attention._kernels_are_interpreted() and not torch.cuda.is_available():
+    if not attention._INTERPRETED and not torch.cuda.is_available():
         pytest.skip("needs TRITON_INTERPRET=1 or a CUDA GPU")
-    device = "cpu" if attention._kernels_are_interpreted() else "cuda"
+    device = "cpu" if attention._INTERPRETED else "cuda"
     config = ViTConfig(dim=32, heads=2, mlp_dim=48, backend="triton")
     block = Block(config, get_backend("triton")).to(device)
     x = torch.randn(2, 9, 32, device=device, requires_grad=True)
@@ -96,7 +96,7 @@ def test_report_cost_part_end_to_end():
     assert printed.startswith("Cost of one transformer block: B=128 N=65 C=384 heads=12x32 MLP=384 depth=7, "
                               "bf16 matmuls, fp32 residual stream; floor at 3.3 TB/s and 790 TFLOP/s")
     lines = printed.splitlines()
-    forward, backward = attention.launch_costs(batch=128, seq_len=65, num_heads=12, head_dim=32, dtype=torch.bfloat16)
+    forward, backward = attention_costs(batch=128, seq_len=65, num_heads=12, head_dim=32, dtype=torch.bfloat16)
     for cost in (forward, backward):
         row = next(line for line in lines if f" {cost.kernel} " in line).split()
         assert row == ["attention", cost.kernel, cost.phase, "ours", "1", f"{cost.bytes_read / 1e6:.2f}",

@@ -1,11 +1,11 @@
-"""launch_costs of the fused linear ops, checked by hand on small shapes against kernels/cost.py's
+"""kernels/cost.py's costs of the fused linear ops, checked by hand on small shapes against its
 rules (bytes loaded: every tensor once per program that touches it; bytes read: each element
 once per launch; useful FLOPs: the math at the real
 sizes; executed FLOPs: the tl.dot tiles the plan issues), and at the model's shape."""
 import pytest
 import torch
 
-from kernels import layernorm_linear, layernorm_mlp, linear_residual
+from kernels import cost
 from kernels.cost import KernelCost
 
 FP32, BF16 = 4, 2  # bytes per element
@@ -21,7 +21,7 @@ def test_layernorm_linear_by_hand():
     Plan: 64-row programs (2, the second with 36 rows), 64 outputs a step; weight gradient in
     64-wide output tiles over 2 row splits of 64 rows; row kernel 64-wide chunks, 64-step
     contraction; partials summed in 32 slabs of 4 columns."""
-    costs = costs_by_kernel(layernorm_linear.launch_costs(100, 128, 256))
+    costs = costs_by_kernel(cost.layernorm_linear_costs(100, 128, 256))
     assert [c.phase for c in costs.values()] == ["forward", "backward", "backward"]
     useful = 2 * 100 * 256 * 128
     parameters = 2 * 128 + 256 * 128 + 256  # LayerNorm weight and bias, W, b
@@ -58,7 +58,7 @@ def test_layernorm_mlp_by_hand():
     """100 rows, C = 128, hidden 64, bf16 matmuls, fp32 x and parameters. Plan: 64-row programs
     (2), 32 hidden units a step; weight gradient: 2 hidden tiles of 32, 2 dpre splits and 2
     dW2 splits of 64 rows; row kernel 64-wide chunks (2) and a 64-step contraction."""
-    costs = costs_by_kernel(layernorm_mlp.launch_costs(100, 128, 64))
+    costs = costs_by_kernel(cost.layernorm_mlp_costs(100, 128, 64))
     parameters = 2 * 128 + 2 * 64 * 128 + 64 + 128
 
     forward = costs["_ln_mlp_forward_kernel"]
@@ -95,8 +95,8 @@ def test_layernorm_mlp_by_hand():
 
 
 def test_layernorm_mlp_options_add_their_traffic():
-    plain = costs_by_kernel(layernorm_mlp.launch_costs(100, 128, 64))
-    options = costs_by_kernel(layernorm_mlp.launch_costs(100, 128, 64, second_gelu=True, samples=4))
+    plain = costs_by_kernel(cost.layernorm_mlp_costs(100, 128, 64))
+    options = costs_by_kernel(cost.layernorm_mlp_costs(100, 128, 64, second_gelu=True, samples=4))
     forward, forward_plain = options["_ln_mlp_forward_kernel"], plain["_ln_mlp_forward_kernel"]
     # z is saved; the scales of samples 0-2 (rows 0-63) and 2-3 (rows 64-99) are read.
     assert forward.bytes_written - forward_plain.bytes_written == 100 * 128 * BF16
@@ -111,7 +111,7 @@ def test_layernorm_mlp_options_add_their_traffic():
 
 def test_linear_residual_by_hand():
     """100 rows, 128 -> 128 features, h bf16, residual and parameters fp32, bf16 matmuls."""
-    costs = costs_by_kernel(linear_residual.launch_costs(100, 128, 128))
+    costs = costs_by_kernel(cost.linear_residual_costs(100, 128, 128))
     useful = 2 * 100 * 128 * 128
 
     forward = costs["_linear_residual_forward_kernel"]
@@ -134,9 +134,9 @@ def test_linear_residual_by_hand():
 
 
 @pytest.mark.parametrize("costs", [
-    layernorm_linear.launch_costs(8320, 384, 1152),
-    linear_residual.launch_costs(8320, 384, 384, samples=128),
-    layernorm_mlp.launch_costs(8320, 384, 384, second_gelu=True, samples=128),
+    cost.layernorm_linear_costs(8320, 384, 1152),
+    cost.linear_residual_costs(8320, 384, 384, samples=128),
+    cost.layernorm_mlp_costs(8320, 384, 384, second_gelu=True, samples=128),
 ], ids=["layernorm_linear", "linear_residual", "layernorm_mlp"])
 def test_at_the_model_shape_nothing_is_padded_or_recomputed(costs):
     """8,320 rows (128 images of 65 tokens), C = hidden = 384: 130 row tiles of 64 and three
@@ -149,7 +149,7 @@ def test_at_the_model_shape_nothing_is_padded_or_recomputed(costs):
 
 def test_fp32_matmuls_count_their_own_tiles():
     """Exact fp32 plans run 16-row tiles and 16-wide steps: at 100 rows the last tile is padded."""
-    costs = costs_by_kernel(linear_residual.launch_costs(100, 128, 128, activation_dtype=torch.float32,
+    costs = costs_by_kernel(cost.linear_residual_costs(100, 128, 128, activation_dtype=torch.float32,
                                                          input_dtype=torch.float32, matmul_dtype=torch.float32))
     forward = costs["_linear_residual_forward_kernel"]
     assert forward.executed_flops == 7 * (128 // 16) * 2 * 16 * 128 * 16  # 7 tiles of 16 rows cover 100

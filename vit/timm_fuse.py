@@ -37,6 +37,7 @@ from types import MethodType
 import torch
 import torch.nn as nn
 
+from kernels.head_dims import SUPPORTED_HEAD_DIMS
 from vit.backends import Backend, get_backend
 
 # The attribute of a fused block that holds the backend of its seams.
@@ -150,7 +151,6 @@ def _norm_problem(norm: nn.Module, name: str) -> str | None:
 
 def _attention_problem(attn: nn.Module) -> str | None:
     from timm.layers import Attention
-    from kernels.attention import SUPPORTED_HEAD_DIMS
     if type(attn) is not Attention:
         return f"attention is {type(attn).__name__}, not timm's Attention"
     if not isinstance(attn.q_norm, nn.Identity) or not isinstance(attn.k_norm, nn.Identity):
