@@ -26,7 +26,6 @@ backward), so torch.compile traces through it without a graph break.
 """
 import functools
 import warnings
-from dataclasses import dataclass
 
 import torch
 import triton

@@ -24,7 +24,6 @@ PyTorch operators (torch.ops.vit_kernels.linear_residual and its backward).
 """
 import functools
 import warnings
-from dataclasses import dataclass
 
 import torch
 import triton

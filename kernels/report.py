@@ -184,14 +184,14 @@ def cost_report(shape: BlockShape, bandwidth: float = DEFAULT_BANDWIDTH,
               "useful GFLOP", "executed GFLOP", "floor us")
     rows = []
     for phase in ("forward", "backward"):
-        for op, cost in costs:
-            if cost.phase != phase:
+        for op, kernel_cost in costs:
+            if kernel_cost.phase != phase:
                 continue
-            by = "ours" if op.ours and cost.library == "triton" else ("ours: torch" if op.ours else "torch")
-            rows.append((op.computes, cost.kernel, phase, by, str(cost.launches), _megabytes(cost.bytes_read),
-                         _megabytes(cost.bytes_written), _megabytes(cost.bytes_loaded),
-                         _gigaflops(cost.useful_flops), _gigaflops(cost.executed_flops),
-                         f"{cost.floor_seconds(bandwidth, peak_flops) * 1e6:.2f}"))
+            by = "ours" if op.ours and kernel_cost.library == "triton" else ("ours: torch" if op.ours else "torch")
+            rows.append((op.computes, kernel_cost.kernel, phase, by, str(kernel_cost.launches),
+                         _megabytes(kernel_cost.bytes_read), _megabytes(kernel_cost.bytes_written), _megabytes(kernel_cost.bytes_loaded),
+                         _gigaflops(kernel_cost.useful_flops), _gigaflops(kernel_cost.executed_flops),
+                         f"{kernel_cost.floor_seconds(bandwidth, peak_flops) * 1e6:.2f}"))
     lines += [_table(header, rows, right_aligned_from=4),
               "by: ours = our Triton kernels; ours: torch = torch ops our op runs (casts, sums of partials); "
               "torch = the model's own torch ops. loaded: what the programs load, re-reads included.", ""]

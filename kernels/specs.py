@@ -18,7 +18,6 @@ import collections
 import inspect
 
 import torch
-import triton
 
 from kernels import _common
 from kernels import _fused_linear as fl
