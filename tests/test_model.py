@@ -28,8 +28,10 @@ def test_config_rejects_bad_sizes(bad):
 
 
 def test_unknown_backend_is_a_clear_error():
+    with pytest.raises(ValueError, match="backend must be one of torch, triton, got 'nope'"):
+        ViTConfig(backend="nope")
     with pytest.raises(ValueError, match="unknown backend 'nope'"):
-        ViT(ViTConfig(backend="nope"))
+        get_backend("nope")
     assert "torch" in backend_names()
 
 
