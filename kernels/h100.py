@@ -42,9 +42,11 @@ import json
 import multiprocessing
 import os
 import re
+import resource
 import subprocess
 import sys
 import tempfile
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -526,12 +528,13 @@ class CompileOutcome:
     instructions: str  # declared
     num_warps: int
     num_stages: int
-    seconds: float
+    seconds: float  # wall clock, which another job on the machine stretches
     triton: str  # the version of the Triton that compiled it
+    cpu_seconds: float = 0.0  # the compile's own CPU time, ptxas's and cuobjdump's included
     result: CompileResult | None = None
     problems: list | None = None  # check_result's, when it compiled
     error: str | None = None  # type and message, when it did not
-    # The spec whose compile produced this one's binary (seconds is then 0), when another with
+    # The spec whose compile produced this one's binary (both seconds are then 0), when another with
     # the same configuration_key came first.
     same_binary_as: str | None = None
 
@@ -601,27 +604,33 @@ def configuration_key(spec: KernelSpec) -> str:
 _SPECS_TO_COMPILE: list[KernelSpec] = []  # the worker processes' share of main()'s specs (fork)
 
 
-def _compile_one(index: int, sass_dir: str | None) -> tuple[CompileResult | None, str | None, float]:
-    """(result, None, seconds), or (None, the error in one line, seconds)."""
-    import time
+def _cpu_seconds() -> float:
+    """CPU time of this process and of the tools it has run and waited for."""
+    own, tools = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + tools.ru_utime + tools.ru_stime
 
-    started = time.perf_counter()
+
+def _compile_one(index: int, sass_dir: str | None) -> tuple[CompileResult | None, str | None, float, float]:
+    """(result, None, seconds, CPU seconds), or (None, the error in one line, seconds, CPU seconds)."""
+    started, cpu_started = time.perf_counter(), _cpu_seconds()
+    result, error = None, None
     try:
         result = compile_for_h100(_SPECS_TO_COMPILE[index], sass_dir=sass_dir)
     except ToolchainMissingError:
         raise
-    except Exception as error:  # a kernel that does not compile is an outcome, not the end of the run
-        lines = [line for line in str(error).strip().splitlines() if line.strip()]
-        return None, f"{type(error).__name__}: {lines[0] if lines else ''}", round(time.perf_counter() - started, 2)
-    return result, None, round(time.perf_counter() - started, 2)
+    except Exception as exception:  # a kernel that does not compile is an outcome, not the end of the run
+        lines = [line for line in str(exception).strip().splitlines() if line.strip()]
+        error = f"{type(exception).__name__}: {lines[0] if lines else ''}"
+    return result, error, round(time.perf_counter() - started, 2), round(_cpu_seconds() - cpu_started, 2)
 
 
 def _record(spec: KernelSpec, compiled: tuple, same_binary_as: str | None) -> dict:
     """One spec's CompileOutcome fields, as JSON, from its configuration's compile."""
-    result, error, seconds = compiled
+    result, error, seconds, cpu_seconds = compiled
     record = {"name": spec.name, "config": spec.config, "instructions": spec.instructions,
               "num_warps": spec.num_warps, "num_stages": spec.num_stages, "triton": triton.__version__,
-              "seconds": 0.0 if same_binary_as else seconds, "same_binary_as": same_binary_as,
+              "seconds": 0.0 if same_binary_as else seconds, "cpu_seconds": 0.0 if same_binary_as else cpu_seconds,
+              "same_binary_as": same_binary_as,
               "result": None, "problems": None, "error": error}
     if result is not None:
         # The result names the spec that compiled it; the declared instructions are this spec's.
