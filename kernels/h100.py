@@ -548,8 +548,8 @@ class CompileOutcome:
 
 
 # Seconds after which compile_isolated gives up on its process: a hang guard only. Every
-# configuration takes 750-800 CPU seconds (kernels/README.md), 45 minutes of wall time on a
-# busy 2-core machine.
+# configuration takes about 430 CPU seconds a Triton (kernels/README.md), half an hour of wall
+# time on a busy 2-core machine.
 COMPILE_HANG_GUARD = 4 * 3600
 
 
