@@ -4,12 +4,16 @@ Triton can lower a kernel all the way to a cubin for a target we name, without a
 driver: triton.compile(ASTSource(...), target=GPUTarget("cuda", 90, 32)). From there the
 NVIDIA tools shipped inside Triton's wheel tell us what the hardware would see:
 
-* ptxas -v on the PTX: registers per thread, bytes spilled to local memory, static
-  shared memory. We re-run ptxas ourselves with the flags Triton's own make_cubin uses,
-  because Triton only prints that log on a cache miss and never keeps it.
-* cuobjdump -sass on Triton's cubin: HGMMA instructions mean the Hopper warpgroup tensor
-  cores (wgmma) are used; HMMA alone means a matmul fell back to Ampere-style mma.sync;
-  neither, with FFMA, means the dots ran on the FMA units.
+* ptxas -v, as Triton runs it to make the cubin: registers per thread, bytes spilled to
+  local memory, static shared memory. Triton prints that log only when asked
+  (knobs.nvidia.dump_ptxas_log) and runs ptxas only on a cache miss, so compile_for_h100 asks
+  for the log and for a compile that bypasses the cache; cuobjdump -res-usage on the cubin
+  confirms the log describes the binary.
+* the PTX's matmul instructions: wgmma.mma_async is what ptxas turns into HGMMA (the Hopper
+  warpgroup tensor cores), mma.sync into HMMA (the Ampere-style fallback), fma.rn.f32 into
+  FFMA (dots on the FMA units); ptxas never turns one into another. The SASS itself
+  (cuobjdump -sass, about 0.4 CPU s a kernel whatever its size) is disassembled only when
+  asked for (sass_dir), and its opcodes must then agree with the PTX's reading.
 * Triton's metadata "shared": the dynamic shared memory the kernel will request.
 
 Each op's kernels are described by a function -> list[KernelSpec] of kernels/specs.py,
@@ -29,16 +33,20 @@ refuses to run in an interpreted process.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import importlib.util
 import inspect
+import io
 import json
 import multiprocessing
 import os
 import re
+import resource
 import subprocess
 import sys
 import tempfile
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -256,18 +264,26 @@ def compile_for_h100(spec: KernelSpec, sass_dir: Path | str | None = None) -> Co
     jit_function = unwrap_kernel(spec.fn)
     signature, constexprs, attrs = _triton_source_arguments(spec, jit_function)
     source = triton.compiler.ASTSource(fn=jit_function, signature=signature, constexprs=constexprs, attrs=attrs)
-    compiled = triton.compile(source, target=H100_TARGET,
-                              options={"num_warps": spec.num_warps, "num_stages": spec.num_stages})
-
-    usage = _ptxas_resource_usage(toolchain.ptxas, compiled.asm["ptx"], compiled.metadata)
+    ptxas_log = io.StringIO()
+    with knobs.nvidia.scope(), knobs.compilation.scope(), contextlib.redirect_stdout(ptxas_log):
+        knobs.nvidia.dump_ptxas_log = True  # make_cubin prints its ptxas -v log
+        knobs.compilation.always_compile = True  # a cache hit would run no ptxas, so print no log
+        compiled = triton.compile(source, target=H100_TARGET,
+                                  options={"num_warps": spec.num_warps, "num_stages": spec.num_stages})
+    usage = parse_ptxas_log(ptxas_log.getvalue())
     cubin_registers = _cubin_registers(toolchain.cuobjdump, compiled.asm["cubin"])
     if cubin_registers != usage.registers:
-        # Our ptxas run must reproduce Triton's, or its spill figures describe another binary.
-        raise RuntimeError(f"{spec.label}: re-running ptxas gave {usage.registers} registers but Triton's cubin "
-                           f"has {cubin_registers}; _ptxas_resource_usage no longer uses make_cubin's flags")
-    sass = _disassemble(toolchain.cuobjdump, compiled.asm["cubin"])
+        raise RuntimeError(f"{spec.label}: the ptxas log Triton printed says {usage.registers} registers but its "
+                           f"cubin has {cubin_registers}; the log captured is not that of this kernel's ptxas run")
+    ptx = compiled.asm["ptx"]
+    uses = {opcode: _ptx_has_instruction(ptx, opcode) for opcode in _PTX_INSTRUCTIONS}
     sass_path = None
     if sass_dir is not None:
+        sass = _disassemble(toolchain.cuobjdump, compiled.asm["cubin"])
+        in_sass = {opcode: _sass_has_opcode(sass, opcode) for opcode in _PTX_INSTRUCTIONS}
+        if in_sass != uses:
+            raise RuntimeError(f"{spec.label}: the SASS's opcodes {in_sass} disagree with the PTX's {uses}; "
+                               "_PTX_INSTRUCTIONS no longer describes what ptxas emits")
         sass_path = Path(sass_dir) / f"{_file_safe(spec.name)}__{_file_safe(spec.config)}.sass"
         sass_path.parent.mkdir(parents=True, exist_ok=True)
         sass_path.write_text(sass)
@@ -280,9 +296,9 @@ def compile_for_h100(spec: KernelSpec, sass_dir: Path | str | None = None) -> Co
         # Triton's kernels use dynamic shared memory ("shared"); a static .shared array
         # would show up in ptxas's smem instead. A block needs both.
         shared_bytes=(compiled.metadata.shared or 0) + usage.static_shared_bytes,
-        uses_hgmma=_sass_has_opcode(sass, "HGMMA"),
-        uses_hmma=_sass_has_opcode(sass, "HMMA"),
-        uses_ffma=_sass_has_opcode(sass, "FFMA"),
+        uses_hgmma=uses["HGMMA"],
+        uses_hmma=uses["HMMA"],
+        uses_ffma=uses["FFMA"],
         sass_path=sass_path,
         stack_frame_bytes=usage.stack_frame_bytes,
     )
@@ -399,24 +415,6 @@ class _PtxasUsage:
     static_shared_bytes: int
 
 
-def _ptxas_resource_usage(ptxas: Path, ptx: str, metadata) -> _PtxasUsage:
-    """Assemble the PTX again with -v and the flags of Triton's make_cubin, and parse the log."""
-    command = [str(ptxas), "-lineinfo", "-v", "--regAllocOptLevel=2"]
-    if not metadata.enable_fp_fusion:
-        command.append("--fmad=false")
-    if metadata.ptx_options:
-        command += metadata.ptx_options.split(" ")
-    with tempfile.TemporaryDirectory(prefix="h100_ptxas_") as workdir:
-        ptx_path = Path(workdir) / "kernel.ptx"
-        ptx_path.write_text(ptx)
-        command += [f"--gpu-name={H100_GPU_NAME}", str(ptx_path), "-o", str(Path(workdir) / "kernel.cubin")]
-        finished = subprocess.run(command, capture_output=True, text=True)
-    log = finished.stdout + finished.stderr
-    if finished.returncode != 0:
-        raise RuntimeError(f"ptxas failed on {metadata.name} ({finished.returncode}):\n{log}")
-    return parse_ptxas_log(log)
-
-
 def parse_ptxas_log(log: str) -> _PtxasUsage:
     """Registers of the entry function and spills summed over every function ptxas reports.
 
@@ -467,6 +465,16 @@ def _cubin_registers(cuobjdump: Path, cubin: bytes) -> int:
     if registers is None:
         raise RuntimeError(f"cuobjdump -res-usage printed no register count:\n{usage}")
     return int(registers.group(1))
+
+
+# The SASS opcode each PTX instruction of a matmul becomes on sm_90a, as a pattern on the PTX.
+_PTX_INSTRUCTIONS = {"HGMMA": r"wgmma\.mma_async", "HMMA": r"mma\.sync", "FFMA": r"fma\.rn(?:\.ftz)?\.f32"}
+
+
+def _ptx_has_instruction(ptx: str, opcode: str) -> bool:
+    # PTX lines read "\twgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {...}" or
+    # "\tfma.rn.f32 %f3, %f1, %f2, %f3;": the instruction starts its line, maybe after a predicate "@%p1".
+    return re.search(rf"^\s*(?:@!?%p\w+\s+)?{_PTX_INSTRUCTIONS[opcode]}\b", ptx, re.MULTILINE) is not None
 
 
 def _sass_has_opcode(sass: str, opcode: str) -> bool:
@@ -521,11 +529,15 @@ class CompileOutcome:
     instructions: str  # declared
     num_warps: int
     num_stages: int
-    seconds: float
+    seconds: float  # wall clock, which another job on the machine stretches
     triton: str  # the version of the Triton that compiled it
+    cpu_seconds: float = 0.0  # the compile's own CPU time, ptxas's and cuobjdump's included
     result: CompileResult | None = None
     problems: list | None = None  # check_result's, when it compiled
     error: str | None = None  # type and message, when it did not
+    # The spec whose compile produced this one's binary (both seconds are then 0), when another with
+    # the same configuration_key came first.
+    same_binary_as: str | None = None
 
     @property
     def label(self) -> str:
@@ -537,8 +549,8 @@ class CompileOutcome:
 
 
 # Seconds after which compile_isolated gives up on its process: a hang guard only. Every
-# configuration takes 750-800 CPU seconds (kernels/README.md), 45 minutes of wall time on a
-# busy 2-core machine.
+# configuration takes about 430 CPU seconds a Triton (kernels/README.md), half an hour of wall
+# time on a busy 2-core machine.
 COMPILE_HANG_GUARD = 4 * 3600
 
 
@@ -549,8 +561,9 @@ def compile_isolated(sources=OP_MODULES, jobs: int | None = None, sass_dir: Path
     per CPU). python_path: extra import roots for the sources (the repository is always one).
     triton_dir: a directory holding another Triton (GPU_MACHINE_TRITON_DIR) to compile with,
     its ptxas and cuobjdump included; None: the installed one. Returns one outcome per spec,
-    in the sources' order, each naming the Triton version that compiled it; raises when the
-    process fails as a whole (a source that cannot be imported, a toolchain that is missing)."""
+    in the sources' order, each naming the Triton version that compiled it; specs with one
+    configuration_key are compiled once (the later ones' outcomes name the first in
+    same_binary_as). Raises when the process fails as a whole (a source that cannot be imported, a toolchain that is missing)."""
     if triton_dir is not None and triton_missing_reason(triton_dir) is not None:
         raise ToolchainMissingError(triton_missing_reason(triton_dir))
     environment = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
@@ -579,28 +592,52 @@ def compile_isolated(sources=OP_MODULES, jobs: int | None = None, sass_dir: Path
     return outcomes
 
 
+def configuration_key(spec: KernelSpec) -> str:
+    """What decides the binary Triton makes of spec: the kernel's source and everything it calls
+    (JITFunction.cache_key), the arguments' types, constant values and divisibility, and the
+    launch options. Two specs with one key compile to the same binary."""
+    jit_function = unwrap_kernel(spec.fn)
+    signature, constexprs, attrs = _triton_source_arguments(spec, jit_function)
+    return repr((jit_function.cache_key, signature, sorted(constexprs.items()), sorted(attrs), spec.num_warps,
+                 spec.num_stages))
+
+
 _SPECS_TO_COMPILE: list[KernelSpec] = []  # the worker processes' share of main()'s specs (fork)
 
 
-def _compile_one(index: int, sass_dir: str | None) -> dict:
-    import time
+def _cpu_seconds() -> float:
+    """CPU time of this process and of the tools it has run and waited for."""
+    own, tools = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + tools.ru_utime + tools.ru_stime
 
-    spec = _SPECS_TO_COMPILE[index]
-    started = time.perf_counter()
-    record = {"name": spec.name, "config": spec.config, "instructions": spec.instructions,
-              "num_warps": spec.num_warps, "num_stages": spec.num_stages, "triton": triton.__version__,
-              "result": None, "problems": None, "error": None}
+
+def _compile_one(index: int, sass_dir: str | None) -> tuple[CompileResult | None, str | None, float, float]:
+    """(result, None, seconds, CPU seconds), or (None, the error in one line, seconds, CPU seconds)."""
+    started, cpu_started = time.perf_counter(), _cpu_seconds()
+    result, error = None, None
     try:
-        result = compile_for_h100(spec, sass_dir=sass_dir)
+        result = compile_for_h100(_SPECS_TO_COMPILE[index], sass_dir=sass_dir)
     except ToolchainMissingError:
         raise
-    except Exception as error:  # a kernel that does not compile is an outcome, not the end of the run
-        lines = [line for line in str(error).strip().splitlines() if line.strip()]
-        record["error"] = f"{type(error).__name__}: {lines[0] if lines else ''}"
-    else:
+    except Exception as exception:  # a kernel that does not compile is an outcome, not the end of the run
+        lines = [line for line in str(exception).strip().splitlines() if line.strip()]
+        error = f"{type(exception).__name__}: {lines[0] if lines else ''}"
+    return result, error, round(time.perf_counter() - started, 2), round(_cpu_seconds() - cpu_started, 2)
+
+
+def _record(spec: KernelSpec, compiled: tuple, same_binary_as: str | None) -> dict:
+    """One spec's CompileOutcome fields, as JSON, from its configuration's compile."""
+    result, error, seconds, cpu_seconds = compiled
+    record = {"name": spec.name, "config": spec.config, "instructions": spec.instructions,
+              "num_warps": spec.num_warps, "num_stages": spec.num_stages, "triton": triton.__version__,
+              "seconds": 0.0 if same_binary_as else seconds, "cpu_seconds": 0.0 if same_binary_as else cpu_seconds,
+              "same_binary_as": same_binary_as,
+              "result": None, "problems": None, "error": error}
+    if result is not None:
+        # The result names the spec that compiled it; the declared instructions are this spec's.
+        result = CompileResult(**{**asdict(result), "name": spec.name, "config": spec.config})
         record["result"] = {**asdict(result), "sass_path": str(result.sass_path) if result.sass_path else None}
         record["problems"] = check_result(spec, result)
-    record["seconds"] = round(time.perf_counter() - started, 2)
     return record
 
 
@@ -616,14 +653,20 @@ def main(argv: list[str] | None = None) -> int:
     if os.environ.get("TRITON_INTERPRET") == "1":
         parser.error("TRITON_INTERPRET=1 is set: kernels would be defined interpreted and could not be lowered")
     find_toolchain()  # fail once, clearly, rather than once per spec
-    _SPECS_TO_COMPILE[:] = collect_specs(args.sources)
-    indices = range(len(_SPECS_TO_COMPILE))
+    specs = collect_specs(args.sources)
+    first_with_key: dict[str, int] = {}  # configuration_key -> the first spec with it
+    firsts = [first_with_key.setdefault(configuration_key(spec), index) for index, spec in enumerate(specs)]
+    to_compile = sorted(first_with_key.values())
+    _SPECS_TO_COMPILE[:] = specs
     if args.jobs > 1:
         # Forked workers inherit the specs; nothing here has touched a GPU or started threads.
         with multiprocessing.get_context("fork").Pool(args.jobs) as pool:
-            records = pool.starmap(_compile_one, [(index, args.sass_dir) for index in indices], chunksize=1)
+            compiled = pool.starmap(_compile_one, [(index, args.sass_dir) for index in to_compile], chunksize=1)
     else:
-        records = [_compile_one(index, args.sass_dir) for index in indices]
+        compiled = [_compile_one(index, args.sass_dir) for index in to_compile]
+    by_index = dict(zip(to_compile, compiled))
+    records = [_record(spec, by_index[first], None if first == index else specs[first].label)
+               for index, (spec, first) in enumerate(zip(specs, firsts))]
     args.json.write_text(json.dumps(records, indent=1) + "\n")
     return 0
 

@@ -1,6 +1,7 @@
 """Small kernels with known properties, for checking kernels/h100.py itself: a broken detector
 must not let the project's kernels pass. Imported by tests/test_h100_compile.py and, through
-kernels.h100.compile_isolated, by a fresh process without the interpreter."""
+kernels.h100.compile_isolated, by a fresh process without the interpreter; one_project_spec_per_kernel()
+picks the project's kernels whose SASS the tests check against the PTX reading."""
 import triton
 import triton.language as tl
 
@@ -141,3 +142,13 @@ SELFTEST_FACTORIES = (matmul_spec, elementwise_spec, softmax_spec, spilling_matm
 
 def selftest_specs() -> list[KernelSpec]:
     return [make() for make in SELFTEST_FACTORIES]
+
+
+def one_project_spec_per_kernel() -> list[KernelSpec]:
+    """The first configuration of each of the project's kernels (kernels.h100.collect_specs())."""
+    from kernels.h100 import collect_specs
+
+    firsts = {}
+    for spec in collect_specs():
+        firsts.setdefault(spec.name, spec)
+    return list(firsts.values())

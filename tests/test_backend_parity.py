@@ -60,7 +60,8 @@ def test_train_py_runs_the_triton_backend_through_the_interpreter(fake_cifar, tm
     run = tmp_path / "run"
     result = subprocess.run(
         [sys.executable, "train.py", "--backend", "triton", "--device", "cpu", "--epochs", "1",
-         "--batch-size", "32", "--depth", "1", "--dim", "64", "--heads", "2", "--mlp-dim", "64",
+         "--batch-size", "32", "--train-subset", "32", "--depth", "1", "--dim", "64", "--heads", "2",
+         "--mlp-dim", "64",
          "--no-progress", "--data-dir", str(fake_cifar), "--out-dir", str(run)],
         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), capture_output=True, text=True, env=env,
         timeout=1200)

@@ -55,17 +55,20 @@ def triton_dir(request):
 
 @pytest.fixture(scope="session")
 def compiled(tmp_path_factory):
-    """compiled(source, triton_dir) -> {label: outcome}: compile_isolated([source]) once per run
-    and Triton. Under pytest-xdist the first worker to ask compiles and leaves the outcomes in
-    the run's temporary directory, which every worker shares; the others wait on its lock."""
+    """compiled(sources, triton_dir, sass=False) -> {label: outcome}: compile_isolated(sources) once
+    per run, Triton and sass (True: with the SASS, which compile_for_h100 then checks against its
+    reading of the PTX). Under pytest-xdist the first worker to ask compiles and leaves the
+    outcomes in the run's temporary directory, which every worker shares; the others wait on its lock."""
     shared = tmp_path_factory.getbasetemp().parent if os.environ.get("PYTEST_XDIST_WORKER") else None
     cache = {}
 
-    def outcomes(sources: tuple, triton_dir) -> dict:
-        key = repr((sources, None if triton_dir is None else str(triton_dir)))
+    def outcomes(sources: tuple, triton_dir, sass: bool = False) -> dict:
+        key = repr((sources, None if triton_dir is None else str(triton_dir), sass))
         if key not in cache:
             def compile_now():
-                return {o.label: o for o in h100.compile_isolated(sources, python_path=[TESTS], triton_dir=triton_dir)}
+                sass_dir = tmp_path_factory.mktemp("sass") if sass else None
+                return {o.label: o for o in h100.compile_isolated(sources, python_path=[TESTS], triton_dir=triton_dir,
+                                                                  sass_dir=sass_dir)}
             if shared is None:
                 cache[key] = compile_now()
             else:
@@ -81,8 +84,8 @@ def compiled(tmp_path_factory):
 
 @pytest.fixture
 def selftest(compiled, triton_dir):
-    """The self-test kernels' outcomes by name, under each Triton."""
-    return {o.name: o for o in compiled(SELFTEST_SOURCES, triton_dir).values()}
+    """The self-test kernels' outcomes by name, under each Triton, compiled with their SASS."""
+    return {o.name: o for o in compiled(SELFTEST_SOURCES, triton_dir, sass=True).values()}
 
 
 # ------------------------------------------------------------------------- self-tests
@@ -136,11 +139,34 @@ def test_an_instruction_class_other_than_declared_is_a_problem(selftest):
 
 
 @needs_toolchain
-def test_sass_is_written_when_asked(tmp_path):
-    outcomes = h100.compile_isolated(SELFTEST_SOURCES, python_path=[TESTS], sass_dir=tmp_path, jobs=1)
-    sass_path = {o.name: o for o in outcomes}["selftest_scale_relu"].result.sass_path
-    assert sass_path is not None and sass_path.parent == tmp_path
-    assert "Function : _scale_relu_kernel" in sass_path.read_text()
+def test_sass_is_written_when_asked_and_agrees_with_the_ptx(selftest):
+    """Every self-test kernel compiled with its SASS: compile_for_h100 raises (an outcome's error)
+    where the SASS's HGMMA/HMMA/FFMA disagree with what it read from the PTX."""
+    assert all(outcome.error is None for outcome in selftest.values()), {n: o.error for n, o in selftest.items()}
+    sass_path = selftest["selftest_scale_relu"].result.sass_path
+    assert sass_path is not None and "Function : _scale_relu_kernel" in sass_path.read_text()
+
+
+def test_ptx_instructions_are_read_where_they_start_a_line():
+    ptx = textwrap.dedent("""\
+        \t@%p1 wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {%f1}, %rd1, %rd2, 1, 1, 1, 0, 0;
+        \tmma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%f1, %f2}, {%r1}, {%r2}, {%f3};
+        \tfma.rn.ftz.f32 %f3, %f1, %f2, %f3;
+        // fma.rn.f32 in a comment
+    """)
+    assert [h100._ptx_has_instruction(ptx, opcode) for opcode in ("HGMMA", "HMMA", "FFMA")] == [True, True, True]
+    assert not h100._ptx_has_instruction("\tfma.rn.f64 %fd3, %fd1, %fd2, %fd3;\n// fma.rn.f32\n", "FFMA")
+    assert not h100._ptx_has_instruction("\twgmma.fence.sync.aligned;\n", "HGMMA")
+
+
+@needs_toolchain
+def test_a_configuration_is_compiled_once_for_every_spec_that_shares_it(selftest):
+    """The mislabelled matmul is the small matmul declared otherwise: one binary, two verdicts."""
+    small, mislabelled = selftest["selftest_small_matmul"], selftest["selftest_mislabelled_matmul"]
+    assert small.same_binary_as is None and small.cpu_seconds > 0
+    assert mislabelled.same_binary_as == small.label and mislabelled.seconds == mislabelled.cpu_seconds == 0
+    assert mislabelled.result.registers == small.result.registers and mislabelled.result.name == mislabelled.name
+    assert small.ok and mislabelled.problems == ["matmuls compiled to HMMA, declared HGMMA"]
 
 
 @needs_toolchain
@@ -165,7 +191,7 @@ def test_compiles_work_after_the_interpreter_has_run():
             h100.compile_for_h100(selftest.softmax_spec())
         except h100.InterpreterActiveError as error:
             print("refused:", str(error).split(",")[0])
-        for outcome in h100.compile_isolated(["h100_selftest_kernels:selftest_specs"], python_path=[{str(TESTS)!r}]):
+        for outcome in h100.compile_isolated(["h100_selftest_kernels:selftest_specs"], python_path=[{str(TESTS)!r}], jobs=1):
             if outcome.name in ("selftest_row_softmax", "selftest_matmul"):
                 print(outcome.name, outcome.ok, outcome.result.registers > 0)
         selftest._row_softmax_kernel[(3,)](x, y, 100, BLOCK=128)  # the interpreter still works
@@ -294,6 +320,22 @@ def test_the_fresh_process_compiles_the_same_specs_with_the_triton_asked_for(com
     assert sorted(outcomes) == sorted(PROJECT_SPECS)
     expected = triton.__version__ if triton_dir is None else h100.GPU_MACHINE_TRITON
     assert {outcome.triton for outcome in outcomes.values()} == {expected}
+    for outcome in outcomes.values():  # a spec sharing another's configuration shares its binary
+        if outcome.same_binary_as is not None:
+            first = outcomes[outcome.same_binary_as]
+            assert first.same_binary_as is None and outcome.cpu_seconds == 0 < first.cpu_seconds
+            assert (outcome.result.registers, outcome.result.spills, outcome.result.shared_bytes) == \
+                (first.result.registers, first.result.spills, first.result.shared_bytes)
+
+
+@needs_toolchain
+def test_the_ptx_reading_agrees_with_the_sass_on_every_project_kernel(compiled, triton_dir):
+    """One configuration of each of the project's kernels compiled with its SASS (the others are
+    read from their PTX alone): an outcome's error says where the two disagree."""
+    outcomes = compiled(("h100_selftest_kernels:one_project_spec_per_kernel",), triton_dir, sass=True)
+    assert {outcome.name for outcome in outcomes.values()} == {spec.name for spec in PROJECT_SPECS.values()}
+    for outcome in outcomes.values():
+        assert outcome.error is None and outcome.result.sass_path.exists(), f"{outcome.label}: {outcome.error}"
 
 
 def test_a_triton_that_is_not_installed_is_explained(tmp_path):
