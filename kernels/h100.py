@@ -18,7 +18,7 @@ NVIDIA tools shipped inside Triton's wheel tell us what the hardware would see:
 
 Each op's kernels are described by a function -> list[KernelSpec] of kernels/specs.py,
 generated from the op's launch planner so that every configuration the planner can pick is
-compiled; OP_MODULES names them, collect_specs() gathers them, and
+compiled; SPEC_SOURCES names them, collect_specs() gathers them, and
 `python -m kernels.report` / tests/test_h100_compile.py check them against
 check_result()'s rules.
 
@@ -59,9 +59,9 @@ from triton.runtime.jit import JITFunction
 
 REPO = Path(__file__).resolve().parents[1]
 
-# Each op module's specs, as kernels/specs.py declares them (by name: kernels.specs imports this
-# module). A new op module adds its function there and its name here.
-OP_MODULES = ("kernels.specs:attention_specs", "kernels.specs:layernorm_linear_specs",
+# Where the compile check finds its specs: each op's function in kernels/specs.py (by name, since
+# kernels.specs imports this module). A new op adds its function there and its name here.
+SPEC_SOURCES = ("kernels.specs:attention_specs", "kernels.specs:layernorm_linear_specs",
               "kernels.specs:linear_residual_specs", "kernels.specs:layernorm_mlp_specs")
 
 # Compute capability 9.0, 32 threads a warp. Triton turns capability 90 into "sm_90a",
@@ -497,8 +497,8 @@ def specs_from_source(source: str) -> list[KernelSpec]:
     module = importlib.import_module(module_name)
     declare = getattr(module, function_name or "h100_compile_specs", None)
     if declare is None:
-        raise LookupError(f"{module_name} defines no {function_name or 'h100_compile_specs'}(); every op module in "
-                          f"kernels.h100.OP_MODULES must list its kernels for the H100 compile check")
+        raise LookupError(f"{module_name} defines no {function_name or 'h100_compile_specs'}(); every source in "
+                          f"kernels.h100.SPEC_SOURCES must list its kernels for the H100 compile check")
     specs = list(declare())
     if not specs:
         raise LookupError(f"{source} returned no specs")
@@ -508,7 +508,7 @@ def specs_from_source(source: str) -> list[KernelSpec]:
     return specs
 
 
-def collect_specs(sources=OP_MODULES) -> list[KernelSpec]:
+def collect_specs(sources=SPEC_SOURCES) -> list[KernelSpec]:
     """Every spec of every source; raises when two specs share name and config."""
     specs = [spec for source in sources for spec in specs_from_source(source)]
     labels = [spec.label for spec in specs]
@@ -554,7 +554,7 @@ class CompileOutcome:
 COMPILE_HANG_GUARD = 4 * 3600
 
 
-def compile_isolated(sources=OP_MODULES, jobs: int | None = None, sass_dir: Path | str | None = None,
+def compile_isolated(sources=SPEC_SOURCES, jobs: int | None = None, sass_dir: Path | str | None = None,
                      python_path=(), timeout: float = COMPILE_HANG_GUARD, triton_dir: Path | str | None = None) -> list[CompileOutcome]:
     """Compile every spec of `sources` (see specs_from_source) for sm_90a in a fresh Python
     process that has never run Triton's interpreter, `jobs` compiles at a time (default: one

@@ -41,7 +41,7 @@ import torch
 from kernels._common import DTYPE_NAMES
 from kernels import cost
 from kernels.cost import DEFAULT_BANDWIDTH, DEFAULT_PEAK_FLOPS, KernelCost
-from kernels.h100 import (GPU_MACHINE_TRITON_DIR, INSTRUCTION_CLASSES, OP_MODULES, REGISTER_WARNING,
+from kernels.h100 import (GPU_MACHINE_TRITON_DIR, INSTRUCTION_CLASSES, SPEC_SOURCES, REGISTER_WARNING,
                           SHARED_MEMORY_LIMIT, CompileOutcome, compile_isolated, found_instructions,
                           toolchain_missing_reason, triton_missing_reason)
 
@@ -272,7 +272,7 @@ def compile_report(args) -> int:
         sass_dir = args.sass_dir
         if sass_dir is not None and len(triton_dirs) > 1:
             sass_dir = sass_dir / ("installed" if triton_dir is None else "gpu-machine")
-        tables.append(compile_isolated(OP_MODULES, jobs=args.jobs, sass_dir=sass_dir, triton_dir=triton_dir))
+        tables.append(compile_isolated(SPEC_SOURCES, jobs=args.jobs, sass_dir=sass_dir, triton_dir=triton_dir))
     failed = 0
     for outcomes in tables:
         failed += _print_compile_table(outcomes)
@@ -295,7 +295,7 @@ def _print_compile_table(outcomes: list[CompileOutcome]) -> int:
     failed = [outcome for outcome in outcomes if not outcome.ok]
     flagged = [o for o in outcomes if o.result is not None and o.result.registers >= REGISTER_WARNING]
     print(f"Compiled by Triton {', '.join(versions)} for H100 (sm_90a): every configuration the launch planners of "
-          f"{', '.join(OP_MODULES)} can pick; shared memory limit {SHARED_MEMORY_LIMIT // 1024} KiB per block")
+          f"{', '.join(SPEC_SOURCES)} can pick; shared memory limit {SHARED_MEMORY_LIMIT // 1024} KiB per block")
     print(_table(COLUMNS, [_row(outcome) for outcome in outcomes], right_aligned_from=len(COLUMNS)))
     by_class = {name: sum(o.instructions == name for o in outcomes) for name in INSTRUCTION_CLASSES}
     print(f"Triton {', '.join(versions)}: {len(outcomes)} configurations "

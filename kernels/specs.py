@@ -5,7 +5,7 @@ exactly what runs; its runtime arguments and their types come from the kernel's 
 parameters (pointers by name, `FLOAT_ARGUMENTS` fp32, every other integer i32). The op modules
 know nothing of this one.
 
-One function per op, `<op>_specs()`, named in kernels.h100.OP_MODULES.
+One function per op, `<op>_specs()`, named in kernels.h100.SPEC_SOURCES.
 
 Integer assumptions: torch's allocations are 16-byte aligned, and the models the backend runs
 have widths that are multiples of 16 (C = heads x head_dim, head_dim in 16..64; MLP sizes

@@ -316,7 +316,7 @@ def test_every_planner_configuration_is_a_spec():
 
 @needs_toolchain
 def test_the_fresh_process_compiles_the_same_specs_with_the_triton_asked_for(compiled, triton_dir):
-    outcomes = compiled(h100.OP_MODULES, triton_dir)
+    outcomes = compiled(h100.SPEC_SOURCES, triton_dir)
     assert sorted(outcomes) == sorted(PROJECT_SPECS)
     expected = triton.__version__ if triton_dir is None else h100.GPU_MACHINE_TRITON
     assert {outcome.triton for outcome in outcomes.values()} == {expected}
@@ -368,6 +368,6 @@ def test_make_test_installs_the_gpu_machines_triton_where_the_compile_check_look
 # Explicit ids: pytest replaces auto-generated ids over 100 characters by "label<N>".
 @pytest.mark.parametrize("label", [pytest.param(label, id=label) for label in sorted(PROJECT_SPECS)])
 def test_kernel_fits_an_h100(label, compiled, triton_dir):
-    outcome = compiled(h100.OP_MODULES, triton_dir)[label]
+    outcome = compiled(h100.SPEC_SOURCES, triton_dir)[label]
     assert outcome.error is None, f"{label}: {outcome.error}"
     assert not outcome.problems, f"{label}: " + "; ".join(outcome.problems)
