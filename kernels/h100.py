@@ -62,7 +62,7 @@ REPO = Path(__file__).resolve().parents[1]
 # Where the compile check finds its specs: each op's function in kernels/specs.py (by name, since
 # kernels.specs imports this module). A new op adds its function there and its name here.
 SPEC_SOURCES = ("kernels.specs:attention_specs", "kernels.specs:layernorm_linear_specs",
-              "kernels.specs:linear_residual_specs", "kernels.specs:layernorm_mlp_specs")
+                "kernels.specs:linear_residual_specs", "kernels.specs:layernorm_mlp_specs")
 
 # Compute capability 9.0, 32 threads a warp. Triton turns capability 90 into "sm_90a",
 # the variant with wgmma/TMA, which is what a real H100 gets at run time too.
