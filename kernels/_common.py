@@ -5,11 +5,20 @@ operators.
 """
 import contextlib
 import os
+import warnings
 from dataclasses import dataclass
 
 import torch
 
-from kernels import interpreter_bf16
+from kernels import interpreter_bf16, interpreter_patching
+
+# Under the interpreter, triton.language is patched once per launch instead of once per
+# device-function call (kernels/interpreter_patching.py): the same results in fewer calls.
+if os.environ.get("TRITON_INTERPRET") == "1":
+    try:
+        interpreter_patching.install()
+    except RuntimeError as error:
+        warnings.warn(f"{error}: the interpreter runs as it is, slower")
 
 # When True, outputs and scratch buffers are allocated filled with NaN instead of left
 # uninitialised, so an element a kernel forgets to write shows up in tests. Tests switch it

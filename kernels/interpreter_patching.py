@@ -1,0 +1,100 @@
+"""Triton's interpreter patches triton.language once per launch, not once per device-function call.
+
+Under TRITON_INTERPRET=1, a launch (GridExecutor.__call__) calls `_patch_lang(kernel)`, which
+points triton.language's builtins at the interpreter for the launch and returns a scope that
+restores them afterwards. Every call of a @triton.jit helper inside the kernel
+(InterpretedFunction.__call__) calls `_patch_lang(helper)` again, in every program instance:
+the same attributes set to the same builder's functions, each time through inspect.getmembers
+over the language's modules, and its scope is never restored. Our kernels call helpers in their
+inner loops, so the re-patching takes about 40% of an interpreted launch, and what the helpers
+patch outlives the launch (a later sm_90 compile in the same process can fail on it).
+
+`install()` replaces triton.runtime.interpreter._patch_lang: inside a launch, a helper whose
+language modules (triton.language, triton.language.core: those in its globals) the launch has
+already patched is not patched again; one that brings a module not yet patched is, and that
+scope is restored with the launch's, innermost first, when the launch ends. The interpreter
+computes exactly what it did (the patched attributes are the same functions of the one
+interpreter builder), in fewer calls, and leaves triton.language as it found it.
+
+The internal it replaces is the same in Triton 3.6 and 3.8: `_patch_lang(fn)` returning a
+scope with `restore()`, called by GridExecutor.__call__ (the launch) and by
+InterpretedFunction.__call__ (a device-function call). If it is missing or has another
+signature, install() raises RuntimeError naming it and the Triton version; kernels._common
+then runs the interpreter as it is, only slower.
+"""
+import inspect
+
+_original = None  # the interpreter's _patch_lang while installed
+_launch = None  # the launch in progress: its _LaunchScope
+
+
+class _LaunchScope:
+    """A launch's patching: the launch's own scope, the module sets patched so far and the
+    scopes of the helpers that added one; restore() undoes them all, innermost first."""
+
+    def __init__(self, scope, languages: frozenset):
+        self.scopes = [scope]
+        self.patched = set(languages)
+
+    def restore(self):
+        global _launch
+        try:
+            while self.scopes:
+                self.scopes.pop().restore()
+        finally:
+            _launch = None
+
+
+def _languages(fn) -> frozenset:
+    """The ids of the triton.language modules fn's globals name, as _patch_lang finds them."""
+    import triton.language as tl
+
+    return frozenset(id(value) for value in fn.__globals__.values()
+                     if inspect.ismodule(value) and (value is tl or value is tl.core))
+
+
+def _patch_once(fn):
+    global _launch
+    languages = _languages(fn)
+    if _launch is None:  # a launch starts: GridExecutor restores what it returns
+        _launch = _LaunchScope(_original(fn), languages)
+        return _launch
+    if not languages <= _launch.patched:  # a helper with a module the launch has not patched
+        _launch.scopes.append(_original(fn))
+        _launch.patched |= languages
+    return None  # InterpretedFunction.__call__ ignores it
+
+
+def is_installed() -> bool:
+    return _original is not None
+
+
+def install():
+    """Replace the interpreter's _patch_lang (see the module's docstring); a second call does nothing."""
+    global _original
+    if _original is not None:
+        return
+    import triton
+    from triton.runtime import interpreter
+
+    original = getattr(interpreter, "_patch_lang", None)
+    if original is None or list(inspect.signature(original).parameters) != ["fn"]:
+        raise RuntimeError(f"kernels.interpreter_patching: Triton {triton.__version__}'s interpreter has no "
+                           "_patch_lang(fn); this module knows Triton 3.6 and 3.8")
+    for caller in (interpreter.GridExecutor.__call__, interpreter.InterpretedFunction.__call__):
+        if "_patch_lang(self.fn)" not in inspect.getsource(caller):
+            raise RuntimeError(f"kernels.interpreter_patching: Triton {triton.__version__}'s {caller.__qualname__} "
+                               "no longer calls _patch_lang(self.fn); this module knows Triton 3.6 and 3.8")
+    _original = original
+    interpreter._patch_lang = _patch_once
+
+
+def uninstall():
+    """Give the interpreter its own _patch_lang back."""
+    global _original
+    if _original is None:
+        return
+    from triton.runtime import interpreter
+
+    interpreter._patch_lang = _original
+    _original = None
