@@ -12,7 +12,7 @@ KERNELS = Path(__file__).resolve().parents[1] / "kernels"
 
 OPS = {"attention", "layernorm_linear", "linear_residual", "layernorm_mlp"}
 # What the op modules share: helpers that know no op and no analysis.
-SHARED = {"__init__", "_common", "_fused_linear", "head_dims", "interpreter_bf16"}
+SHARED = {"__init__", "_common", "_fused_linear", "head_dims", "interpreter_bf16", "interpreter_patching"}
 ANALYSIS = {"cost", "specs", "h100", "report"}
 
 
