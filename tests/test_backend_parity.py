@@ -55,13 +55,14 @@ def test_triton_backend_announces_itself():
 @pytest.mark.interpreter
 def test_train_py_runs_the_triton_backend_through_the_interpreter(fake_cifar, tmp_path):
     # A small generated data set: the interpreter would take minutes over the real 10,000
-    # test images, which the trainer evaluates after the epoch and again at the end.
+    # test images, which the trainer evaluates after the epoch and again at the end. Its cost
+    # is one interpreted program per row tile: one step of 8 images of 17 tokens (8-pixel patches).
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     run = tmp_path / "run"
     result = subprocess.run(
         [sys.executable, "train.py", "--backend", "triton", "--device", "cpu", "--epochs", "1",
-         "--batch-size", "32", "--train-subset", "32", "--depth", "1", "--dim", "64", "--heads", "2",
-         "--mlp-dim", "64",
+         "--batch-size", "8", "--train-subset", "8", "--patch-size", "8", "--depth", "1", "--dim", "64",
+         "--heads", "2", "--mlp-dim", "64",
          "--no-progress", "--data-dir", str(fake_cifar), "--out-dir", str(run)],
         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), capture_output=True, text=True, env=env,
         timeout=1200)
