@@ -3,7 +3,15 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
+
+# Under pytest-xdist (make test: one worker per CPU), each worker's torch and every process a
+# test starts get their share of the CPUs: more compute threads than cores spin against each
+# other (a CPU epoch of tests/test_train.py took 4x the CPU time with 2 threads in each of 2 workers).
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // _WORKERS)))
+
+import torch  # noqa: E402  (after OMP_NUM_THREADS, which torch reads when it is imported)
 
 # Without a GPU, Triton kernels run through the interpreter on CPU tensors. Triton reads
 # this when a kernel is decorated, so it must be set before any kernel module is imported.
