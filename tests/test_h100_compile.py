@@ -21,6 +21,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+import torch
 import triton
 from filelock import FileLock
 
@@ -326,6 +327,30 @@ def test_the_fresh_process_compiles_the_same_specs_with_the_triton_asked_for(com
             assert first.same_binary_as is None and outcome.cpu_seconds == 0 < first.cpu_seconds
             assert (outcome.result.registers, outcome.result.spills, outcome.result.shared_bytes) == \
                 (first.result.registers, first.result.spills, first.result.shared_bytes)
+
+
+# The GPU machine's cores, over which step 1's warm-up compiles (bench/session/warmup.py).
+GPU_MACHINE_CORES = 16
+
+
+@needs_toolchain
+@pytest.mark.parametrize("triton_dir", [f"triton-{h100.GPU_MACHINE_TRITON}"], indirect=True)
+def test_step1_compiles_what_its_tests_and_bench_launch_within_its_warm_up_share(compiled, triton_dir):
+    """The kernel configurations step 1's gpu tests and bench launch (recorded here at their shapes,
+    nothing executed), each costed at its compile's CPU seconds under the GPU machine's Triton, handed
+    to the warm-up's pool of one process a core: the pool must be done within the warm-up's share of
+    step 1, its start-up allowance included. CPU seconds of this machine's compiles stand in for the
+    GPU machine's (CPU seconds, not wall: a busy machine hardly changes them)."""
+    from bench.session import DEFAULT_SECONDS, steps, warmup
+
+    configurations = warmup.step1_configurations(torch.device("cpu"))
+    seconds = warmup.compile_seconds(configurations, PROJECT_SPECS.values(), compiled(h100.SPEC_SOURCES, triton_dir))
+    assert None not in seconds.values(), [c.describe() for c, s in seconds.items() if s is None]
+    pool = warmup.pool_seconds([seconds[c] for c in configurations], GPU_MACHINE_CORES)
+    share = steps.WARMUP_SHARE * DEFAULT_SECONDS["step1"]
+    assert pool + warmup.STARTUP_SECONDS <= share, (
+        f"{len(configurations)} configurations, {sum(seconds.values()):.0f} CPU s, {pool:.1f} s on "
+        f"{GPU_MACHINE_CORES} cores + {warmup.STARTUP_SECONDS} s of start-up > {share:.0f} s")
 
 
 @needs_toolchain

@@ -119,6 +119,11 @@ def test_step1_runs_the_gpu_tests_parity_first_in_parallel_files_then_the_kernel
     names = [s["name"] for s in session["substeps"]]
     groups = _test_groups(session)
     assert list(groups) == ["bf16 parity", "determinism"] and names[-1] == "kernel bench"
+    # First the warm-up, which on the interpreter lists the kernel configurations and compiles none.
+    warm = session["substeps"][0]
+    assert warm["name"] == "compile the kernels of the tests and the bench" and warm["exit_code"] == 0
+    assert warm["warmup"]["configurations"] > 0 and warm["warmup"]["compiled"] == 0
+    assert "interpreter" in warm["warmup"]["nothing_to_compile"]
     assert names.index(groups["determinism"][0]["name"]) > max(names.index(s["name"]) for s in groups["bf16 parity"])
     for shards, expression in ((groups["bf16 parity"], "not determinis"), (groups["determinism"], "determinis")):
         files = [path for shard in shards for path in _shard_files(shard["command"])]

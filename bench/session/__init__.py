@@ -4,15 +4,18 @@ most 8 files, no deeper than RESULTS/bench/), rewritten as it goes, so a command
 moment still leaves what it measured; scratch (the data set, the training run's checkpoints,
 the plan handed from step 1 to step 2) goes to --work (default .device-data, ignored by git).
 
-    python -m bench.session step1 RESULTS     # the GPU tests, then the kernel bench
+    python -m bench.session step1 RESULTS     # compile the kernels, the GPU tests, then the kernel bench
     python -m bench.session step2 RESULTS     # the data, the full training run, the training bench
 
-step1: the tests marked gpu that need no data set, bf16 parity first (-k "not determinis"), then
-       determinism (-k determinis), each group's test files spread over parallel pytest processes
-       so that the Triton kernels they launch first compile on all the machine's cores (into
-       Triton's cache, which the bench then finds warm); then `python -m bench` on synthetic
-       images (kernels at the model's shape, augmentation, the triton training rows: the
-       CUDA-graph one first, then the eager one whose step time step2 plans with; sweeps).
+step1: first the Triton kernel configurations that its tests and bench launch, compiled into
+       Triton's cache one process a core (bench/session/warmup.py; under the interpreter of the
+       dry run there is nothing to compile, and it says so), within WARMUP_SHARE of the step;
+       then the tests marked gpu that need no data set, bf16 parity first (-k "not determinis"),
+       then determinism (-k determinis), each group's test files spread over parallel pytest
+       processes, their time limits counted from the warm-up's end; then `python -m bench` on
+       synthetic images (kernels at the model's shape, augmentation, the triton training rows:
+       the CUDA-graph one first, then the eager one whose step time step2 plans with; sweeps,
+       whose other shapes compile in their own budget).
 step2: CIFAR-10 rebuilt from the two parts carried with the commands (device_data.py unpack);
        the gpu tests of the real data (VIT_DATA_DIR set to it); the default recipe trained with
        the triton backend by train.py, all 200 epochs if the step time measured in step1 says
