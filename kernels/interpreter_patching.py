@@ -22,6 +22,7 @@ InterpretedFunction.__call__ (a device-function call). If it is missing or has a
 signature, install() raises RuntimeError naming it and the Triton version; kernels._common
 then runs the interpreter as it is, only slower.
 """
+import functools
 import inspect
 
 _original = None  # the interpreter's _patch_lang while installed
@@ -45,8 +46,10 @@ class _LaunchScope:
             _launch = None
 
 
+@functools.lru_cache(maxsize=None)
 def _languages(fn) -> frozenset:
-    """The ids of the triton.language modules fn's globals name, as _patch_lang finds them."""
+    """The ids of the triton.language modules fn's globals name, as _patch_lang finds them (a
+    module's imports do not change once its kernels run)."""
     import triton.language as tl
 
     return frozenset(id(value) for value in fn.__globals__.values()
