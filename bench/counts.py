@@ -17,7 +17,9 @@ themselves. Both can be counted without a GPU, on the CPU, from the ops the code
   interpreter; aten ops the interpreter itself runs to move data are not counted.
 - custom operators (torch.library.custom_op, e.g. torch.ops.vit_kernels.*): not a launch
   themselves; their implementation runs under the counter, so the Triton kernels and aten ops
-  inside are what counts.
+  inside are what counts. The counter is a dispatch mode: under it the kernels/ ops run as
+  their custom operators (kernels/_common.py, traced()), with the same launches and allocations
+  as the autograd.Function a plain call runs.
 - syncs: ops after which the host holds a value computed on the device, so that on a GPU the
   host waits: `.item()`, `bool(tensor)`, `.tolist()` (each element), `nonzero` and friends
   whose output shape depends on the data, and copies from a device to the host.
@@ -31,13 +33,13 @@ builtins included), with Triton's launches stubbed so that nothing executes:
 
     with StubbedTritonLaunches():
         calls = count_python_calls(lambda: train_step(images, labels))
-    calls.total, calls.of("torch/_library/custom_ops.py", "__call__")
+    calls.total, calls.of("kernels/_common.py", "traced")
 
 On a GPU an eager step's launches are queued faster than the device runs them only while the
 host's calls cost less than the kernels: at about a microsecond a call, thousands of calls are
 milliseconds. The count runs on the CPU: the planning, allocations and dispatches are those of
-the GPU step (the same code, the same shapes), without Triton's own launcher and without the
-CUDA device guard each operator enters.
+the GPU step (the same code, the same shapes), with the stub's one call per launch in place of
+Triton's own launcher, and without the CUDA device guard each op enters.
 """
 from __future__ import annotations
 
@@ -220,12 +222,17 @@ class DeviceWorkCounter(TorchDispatchMode):
 
 class StubbedTritonLaunches:
     """Inside `with StubbedTritonLaunches() as stub:`, a @triton.jit kernel's launch
-    (`kernel[grid](...)`) returns at once: nothing compiles or executes, outputs keep what they
-    were allocated with. stub.launches counts them, by kernel name."""
+    (`kernel[grid](...)`, or its `run`) returns at once: nothing compiles or executes, outputs
+    keep what they were allocated with. stub.launches counts them, by kernel (the @triton.jit
+    function; by_name() by its name): the stub's own Python calls are one per launch, where
+    Triton's launcher runs on a GPU."""
 
     def __init__(self):
         self.launches = Counter()
         self._patched = []
+
+    def by_name(self) -> dict:
+        return {getattr(kernel, "__name__", repr(kernel)): count for kernel, count in self.launches.items()}
 
     def __enter__(self):
         stub = self
@@ -235,7 +242,7 @@ class StubbedTritonLaunches:
             def run(kernel, *args, grid, warmup, _original=original, **kwargs):
                 if warmup:
                     return _original(kernel, *args, grid=grid, warmup=warmup, **kwargs)
-                stub.launches[getattr(kernel, "__name__", repr(kernel))] += 1
+                stub.launches[kernel] += 1
                 return None
 
             cls.run = run
@@ -262,6 +269,12 @@ class PythonCalls:
 
     def as_dict(self) -> dict:
         return {"python_calls": self.total,
+                # kernels/_common.py's Operator: each forward call of an op asks traced() which way
+                # it goes; plainly, to the op's autograd.Function (whose backward torch's
+                # BackwardCFunction.apply calls), else to the custom operators.
+                "op_calls": self.of("kernels/_common.py", "traced"),
+                "function_forwards": self.of("kernels/_common.py", "function_forward"),
+                "function_backwards": self.of("torch/autograd/function.py", "apply"),
                 "custom_op_dispatches": self.of("torch/_library/custom_ops.py", "__call__"),
                 "torch_empty_calls": self.of("~", "<built-in method torch.empty>"),
                 "grid_helper_calls": (self.of("triton/__init__.py", "cdiv")

@@ -1,7 +1,7 @@
 """What every op module in kernels/ needs besides its kernels: output allocation (with the
 NaN-poisoning switch the tests use), interpreter detection, input checks, the device
-context a launch runs in, planned launches, and the registration of an op as PyTorch
-operators.
+context a launch runs in, planned launches, and an op's forward and backward as PyTorch
+operators (traced) or one autograd.Function (run plainly).
 """
 import contextlib
 import os
@@ -29,13 +29,14 @@ SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 DTYPE_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 
 
-def new_output(shape, dtype: torch.dtype, device) -> torch.Tensor:
-    """An output or scratch buffer: uninitialised, or NaN-filled when POISON_OUTPUTS is on
-    (integer buffers are then filled with -1)."""
+def new_outputs(device, *specs) -> list[torch.Tensor]:
+    """A launcher's outputs and scratch buffers, one per (shape, dtype) of specs, in one call (a
+    step's Python calls count, tests/test_host_cost.py): uninitialised, or NaN-filled when
+    POISON_OUTPUTS is on (integer buffers are then filled with -1)."""
     if POISON_OUTPUTS:
-        fill = float("nan") if dtype.is_floating_point else -1
-        return torch.full(shape, fill, dtype=dtype, device=device)
-    return torch.empty(shape, dtype=dtype, device=device)
+        return [torch.full(shape, float("nan") if dtype.is_floating_point else -1, dtype=dtype, device=device)
+                for shape, dtype in specs]
+    return [torch.empty(shape, dtype=dtype, device=device) for shape, dtype in specs]
 
 
 # Shapes whose launches each op module keeps planned (functools.lru_cache of its planner):
@@ -54,7 +55,8 @@ class Launch:
     options: dict
 
     def __call__(self, *args):
-        self.kernel[self.grid](*args, **self.options)
+        # kernel[grid](...) without the lambda that kernel[grid] makes: two Python calls fewer.
+        self.kernel.run(*args, grid=self.grid, warmup=False, **self.options)
 
 
 def is_interpreted(kernel) -> bool:
@@ -139,13 +141,47 @@ def operand_shapes(**shapes) -> tuple:
     return tuple(prepared)
 
 
+# Operand signatures that passed check_operands, with the sizes they bind; emptied when full. A
+# model calls each op with one or two signatures (training and evaluation batches), tests with
+# a few hundred.
+CHECKED_SIGNATURES = 1024
+_checked_signatures: dict = {}
+
+
 def check_operands(tensors: dict, shapes: tuple, matmul_dtype: torch.dtype | None, interpreted: bool, module: str,
                    branch_scale=None, scaled: str = "") -> dict:
     """ValueError unless an op's tensors can go to its kernels: floating tensors of a supported
     dtype, all on the first one's device, which the kernels can run on, of the shapes `shapes`
     (operand_shapes) names, with matmuls in a dtype the kernels compute right here (None: the
-    first tensor's own). Returns the sizes the shapes bind. branch_scale: None, or one scale per sample of the tensor named
-    `scaled` ([scaled.shape[0]])."""
+    first tensor's own). Returns the sizes the shapes bind. branch_scale: None, or one scale per
+    sample of the tensor named `scaled` ([scaled.shape[0]]).
+
+    Checked once per signature (each operand's type, shape, dtype and device): an eager step
+    calls the ops 28 times with the same few, and every check's Python calls count
+    (tests/test_host_cost.py). Only the interpreter's bf16 refusal is asked again each call:
+    kernels.interpreter_bf16 may have been installed since."""
+    try:
+        signature = (shapes, matmul_dtype, interpreted, scaled,
+                     *[(type(t), t.shape, t.dtype, t.device) for t in tensors.values()],
+                     branch_scale if branch_scale is None else
+                     (type(branch_scale), branch_scale.shape, branch_scale.dtype, branch_scale.device))
+        sizes = _checked_signatures.get(signature)
+    except (AttributeError, TypeError):  # not a tensor: the full check says what is wrong
+        signature = sizes = None
+    if sizes is None:
+        sizes = _check_operands(tensors, shapes, interpreted, module, branch_scale, scaled)
+        if signature is not None:
+            if len(_checked_signatures) >= CHECKED_SIGNATURES:
+                _checked_signatures.clear()
+            _checked_signatures[signature] = sizes
+    if interpreted:
+        refuse_interpreted_bf16(f"{shapes[0][0]} (its dtype, or autocast's)", interpreted,
+                                matmul_dtype or tensors[shapes[0][0]].dtype)
+    return sizes
+
+
+def _check_operands(tensors: dict, shapes: tuple, interpreted: bool, module: str, branch_scale, scaled: str) -> dict:
+    """check_operands' full check, but for the bf16 refusal."""
     first, device = shapes[0][0], None
     for name, tensor in tensors.items():
         check_floating(name, tensor)
@@ -182,7 +218,6 @@ def check_operands(tensors: dict, shapes: tuple, matmul_dtype: torch.dtype | Non
         if branch_scale.device != device:
             raise ValueError(f"branch_scale is on {branch_scale.device} but {scaled} is on {device}")
     check_device(first, tensors[first], interpreted, module)
-    refuse_interpreted_bf16(f"{first} (its dtype, or autocast's)", interpreted, matmul_dtype or tensors[first].dtype)
     return sizes
 
 
@@ -210,21 +245,55 @@ def _shape_error(tensors: dict, shapes: tuple, failing: str) -> str:
             + f", got {list(tensors[failing].shape)}")
 
 
-def register_operator(name: str, forward, forward_fake, backward, backward_fake, setup_context, backward_formula):
-    """An op's two PyTorch operators, "vit_kernels::<name>" around `forward` and
-    "vit_kernels::<name>_backward" around `backward` (type-annotated launchers), returned in
-    that order.
+def traced() -> bool:
+    """Whether an op's call is being traced or intercepted rather than only run: torch.compile or
+    torch.export (Dynamo, which reads this as True and never looks at the rest), a torch dispatch
+    mode (fake tensors, functionalization, make_fx, bench.counts.DeviceWorkCounter), or a functorch
+    transform. Those see an op as its PyTorch operators; a plain call runs its launchers."""
+    return (torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0
+            or torch._C._are_functorch_transforms_active())
 
-    torch.compile (fullgraph) then traces through the op without a graph break: it sees two
-    opaque calls whose fakes give the outputs' shapes, dtypes and contiguous strides, and the
-    launch planning runs only when an operator really executes, never inside a trace.
-    register_autograd pairs them: setup_context saves what the backward operator needs (inputs
-    and outputs only; the outputs that exist for the backward's sake non-differentiable, their
-    gradients not materialized, so no zeros are launched), and backward_formula calls it.
+
+class Operator:
+    """An op's forward and backward launchers as PyTorch runs them: two ways, one result.
+
+    Traced (`traced()`): two PyTorch operators, "vit_kernels::<name>" around `forward` and
+    "vit_kernels::<name>_backward" around `backward` (type-annotated launchers), `forward_op`
+    and `backward_op`. torch.compile (fullgraph) traces through the op without a graph break:
+    it sees two opaque calls whose fakes give the outputs' shapes, dtypes and contiguous strides,
+    and the launch planning runs only when an operator really executes, never inside a trace.
+    register_autograd pairs them: setup_context saves what the backward needs (inputs and
+    outputs only; the outputs that exist for the backward's sake non-differentiable, their
+    gradients not materialized, so no zeros are launched), and backward_formula calls
+    ctx.launch_backward, here the backward operator.
+
+    Run plainly: one torch.autograd.Function around the same forward launcher, setup_context and
+    backward_formula, whose ctx.launch_backward is the backward launcher itself. The operators'
+    dispatch and autograd cost about 31 Python calls per call, the Function's way 8 forward and
+    3 backward: an eager step's host cost (kernels/README.md, "Host cost").
     """
-    forward_op = torch.library.custom_op(f"vit_kernels::{name}", forward, mutates_args=())
-    forward_op.register_fake(forward_fake)
-    backward_op = torch.library.custom_op(f"vit_kernels::{name}_backward", backward, mutates_args=())
-    backward_op.register_fake(backward_fake)
-    forward_op.register_autograd(backward_formula, setup_context=setup_context)
-    return forward_op, backward_op
+
+    def __init__(self, name: str, forward, forward_fake, backward, backward_fake, setup_context, backward_formula):
+        self.forward_op = torch.library.custom_op(f"vit_kernels::{name}", forward, mutates_args=())
+        self.forward_op.register_fake(forward_fake)
+        self.backward_op = torch.library.custom_op(f"vit_kernels::{name}_backward", backward, mutates_args=())
+        self.backward_op.register_fake(backward_fake)
+
+        def operator_setup_context(ctx, inputs, output):
+            setup_context(ctx, inputs, output)
+            ctx.launch_backward = self.backward_op
+
+        self.forward_op.register_autograd(backward_formula, setup_context=operator_setup_context)
+
+        def function_forward(ctx, *args):
+            output = forward(*args)
+            setup_context(ctx, args, output)
+            ctx.launch_backward = backward
+            return output
+
+        self._function = type(name, (torch.autograd.Function,), {
+            "forward": staticmethod(function_forward), "backward": staticmethod(backward_formula)})
+
+    def __call__(self, *args):
+        """The op's forward, differentiable: the forward operator when traced, else the autograd.Function."""
+        return self.forward_op(*args) if traced() else self._function.apply(*args)

@@ -34,10 +34,11 @@ kernel runs. Two operand classes:
     per contraction step: an FMA dot holds both operands in registers, and a 128-wide chunk
     of the panel as the A operand spilled at every tiling tried.
 
-Each op is a pair of PyTorch operators registered by kernels/_common.py's register_operator:
-the forward returns the output and what the backward reads, the backward operator the
-gradients; the public function checks its operands (_common.check_operands), takes the matmul
-dtype from autocast (which a trace resolves) and calls the forward operator. The launch plans
+Each op is a forward and a backward launcher that kernels/_common.py's Operator runs as a pair
+of PyTorch operators when traced, as one torch.autograd.Function when called plainly: the
+forward returns the output and what the backward reads, the backward the gradients; the
+public function checks its operands (_common.check_operands), takes the matmul dtype from
+autocast (which a trace resolves) and calls the Operator. The launch plans
 (SeamPlan, one per panel width and matmul dtype) are the same for every shape of rows.
 """
 from __future__ import annotations
@@ -223,13 +224,14 @@ def split_rows(n_rows: int, row_step: int, programs_per_split: int, target_progr
     return Split(triton.cdiv(steps, steps_per_split), steps_per_split * row_step)
 
 
-def rows_view(t: torch.Tensor, n_cols: int) -> torch.Tensor:
-    """t as [rows, n_cols] with unit column stride: a view when possible (the kernels take any
-    row stride), a contiguous copy otherwise."""
+def rows_view(t: torch.Tensor, n_cols: int) -> tuple[torch.Tensor, int]:
+    """t as [rows, n_cols] with unit column stride, and its row stride: a view when possible
+    (the kernels take any row stride), a contiguous copy otherwise."""
     t2d = t.reshape(-1, n_cols)
-    if n_cols > 1 and t2d.stride(1) != 1:
-        t2d = t2d.contiguous()
-    return t2d
+    row_stride, column_stride = t2d.stride()
+    if n_cols > 1 and column_stride != 1:
+        return t2d.contiguous(), n_cols
+    return t2d, row_stride
 
 
 def contiguous(*tensors):

@@ -34,9 +34,10 @@ Two plans, picked in Python from the shape (`launch_plan`):
 
 Every gradient element is written by exactly one program with a fixed reduction order
 and no atomics, so the backward is bit-for-bit deterministic; dq, dk and dv land in
-one [B, N, 3*C] tensor laid out like qkv. The launches are PyTorch operators
+one [B, N, 3*C] tensor laid out like qkv. Traced, the launches are PyTorch operators
 (`torch.ops.vit_kernels.attention` / `attention_backward`), so torch.compile treats them as
-opaque calls and never traces the planning.
+opaque calls and never traces the planning; called plainly, one torch.autograd.Function
+around the same launchers (kernels/_common.py's Operator).
 
 Block sizes are fixed per shape and dtype in Python (`launch_plan`, `plan_launches`); there
 is no @triton.autotune because the interpreter (CPU tests) cannot run one with several
@@ -608,37 +609,40 @@ def _attention_forward(qkv: torch.Tensor, num_heads: int, head_dim: int, scale: 
     """out [B, N, C] and lse [B * heads, N] (fp32): one launch."""
     batch, seq_len, _ = qkv.shape
     width = num_heads * head_dim
-    out = _common.new_output((batch, seq_len, width), qkv.dtype, qkv.device)
-    lse = _common.new_output((batch * num_heads, seq_len), torch.float32, qkv.device)
+    out, lse = _common.new_outputs(qkv.device, ((batch, seq_len, width), qkv.dtype),
+                                   ((batch * num_heads, seq_len), torch.float32))
     if out.numel() == 0:
         return out, lse
     # out is the contiguous tensor just allocated: strides (N * C, C).
-    launches.forward(qkv, out, lse, seq_len, num_heads, qkv.stride(0), qkv.stride(1), seq_len * width, width, scale)
+    launches.forward(qkv, out, lse, seq_len, num_heads, *qkv.stride()[:2], seq_len * width, width, scale)
     return out, lse
 
 
 def _attention_backward(qkv, out, lse, dout, num_heads: int, head_dim: int, scale: float, launches: Launches):
     """dqkv, laid out like qkv: one launch (whole sequence) or two (streaming)."""
     batch, seq_len, width = qkv.shape
-    dqkv = _common.new_output(qkv.shape, qkv.dtype, qkv.device)
+    if launches.dkdv is None:
+        dqkv, = _common.new_outputs(qkv.device, (qkv.shape, qkv.dtype))
+    else:  # the streaming kernels' scratch: delta = rowsum(dout * out), fp32
+        dqkv, delta = _common.new_outputs(qkv.device, (qkv.shape, qkv.dtype),
+                                          ((batch * num_heads, seq_len), torch.float32))
     if dqkv.numel() == 0:
         return dqkv
     # dqkv is the contiguous tensor just allocated: strides (N * 3C, 3C).
-    strides = (qkv.stride(0), qkv.stride(1), dout.stride(0), dout.stride(1), seq_len * width, width)
+    strides = (*qkv.stride()[:2], *dout.stride()[:2], seq_len * width, width)
     if launches.dkdv is None:
         launches.backward(qkv, dout, dqkv, lse, seq_len, num_heads, *strides, scale)
         return dqkv
 
-    delta = _common.new_output((batch * num_heads, seq_len), torch.float32, qkv.device)
-    launches.backward(qkv, out, dout, dqkv, lse, delta, seq_len, num_heads, strides[0], strides[1],
-                      out.stride(0), out.stride(1), *strides[2:], scale)
+    launches.backward(qkv, out, dout, dqkv, lse, delta, seq_len, num_heads, *strides[:2], *out.stride()[:2],
+                      *strides[2:], scale)
     # Launched after the dq kernel on the same stream, so delta is ready.
     launches.dkdv(qkv, dout, dqkv, lse, delta, seq_len, num_heads, *strides, scale)
     return dqkv
 
 
 # --------------------------------------------------------------------------------------
-# PyTorch operators (kernels/_common.py's register_operator)
+# PyTorch operators (kernels/_common.py's Operator)
 # --------------------------------------------------------------------------------------
 def _forward_op(qkv: torch.Tensor, num_heads: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(out [B, N, C] in qkv's dtype, log-sum-exp [B * num_heads, N] in fp32) of validated arguments."""
@@ -686,11 +690,12 @@ def _backward_formula(ctx, dout, _dlse):
     if dout is None:  # out did not reach the loss
         return None, None, None
     qkv, out, lse = ctx.saved_tensors
-    return attention_backward_op(qkv, out, lse, dout.to(qkv.dtype), ctx.num_heads, ctx.scale), None, None
+    return ctx.launch_backward(qkv, out, lse, dout.to(qkv.dtype), ctx.num_heads, ctx.scale), None, None
 
 
-attention_forward_op, attention_backward_op = _common.register_operator(
+_OPERATOR = _common.Operator(
     "attention", _forward_op, _forward_fake, _backward_op, _backward_fake, _setup_context, _backward_formula)
+attention_forward_op, attention_backward_op = _OPERATOR.forward_op, _OPERATOR.backward_op
 
 
 _SHAPES = _common.operand_shapes(qkv=("B", "N", "3*C"))
@@ -723,5 +728,5 @@ def attention(qkv: torch.Tensor, num_heads: int, scale: float | None = None) -> 
     arguments the kernels cannot take.
     """
     _, scale = _validate(qkv, num_heads, scale)
-    out, _ = attention_forward_op(qkv, num_heads, scale)
+    out, _ = _OPERATOR(qkv, num_heads, scale)
     return out

@@ -21,8 +21,9 @@ Backward, two kernels (the pattern of kernels/_fused_linear.py):
 Precision and dtypes: fp32 statistics, normalization and accumulation; matmul operands in the
 autocast dtype when autocast is on for x's device, else x's; the output in that matmul dtype
 (what F.linear returns); dx in x's dtype, parameter gradients in their parameters' dtypes.
-The op is a pair of PyTorch operators (torch.ops.vit_kernels.layernorm_linear and its
-backward), so torch.compile traces through it without a graph break.
+Traced, the op is a pair of PyTorch operators (torch.ops.vit_kernels.layernorm_linear and
+its backward), so torch.compile traces through it without a graph break; called plainly, one
+torch.autograd.Function around the same launchers (kernels/_common.py's Operator).
 """
 import functools
 import warnings
@@ -144,53 +145,50 @@ def plan_launches(n_rows: int, n_cols: int, n_out: int, matmul_dtype: torch.dtyp
 _INTERPRETED = _common.is_interpreted(_ln_linear_forward_kernel)
 
 
-def _forward(x, ln_weight, ln_bias, weight, bias, eps: float, matmul_dtype: torch.dtype):
+def _forward(x: torch.Tensor, ln_weight: torch.Tensor, ln_bias: torch.Tensor, weight: torch.Tensor,
+             bias: torch.Tensor, eps: float, matmul_dtype: torch.dtype
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(out, mean, rstd, x_hat): the output and what the backward reads."""
     n_cols, n_out = x.shape[-1], weight.shape[0]
-    x2d = fl.rows_view(x, n_cols)
+    x2d, stride_x = fl.rows_view(x, n_cols)
     n_rows = x2d.shape[0]
     ln_weight, ln_bias, weight, bias = fl.contiguous(ln_weight, ln_bias, weight, bias)
-    out = _common.new_output((*x.shape[:-1], n_out), matmul_dtype, x.device)
-    mean = _common.new_output((n_rows,), torch.float32, x.device)
-    rstd = _common.new_output((n_rows,), torch.float32, x.device)
-    x_hat = _common.new_output((n_rows, n_cols), matmul_dtype, x.device)
+    out, mean, rstd, x_hat = _common.new_outputs(
+        x.device, ((*x.shape[:-1], n_out), matmul_dtype), ((n_rows,), torch.float32), ((n_rows,), torch.float32),
+        ((n_rows, n_cols), matmul_dtype))
     if n_rows > 0:
         with _common.on_device_of(x):
             plan_launches(n_rows, n_cols, n_out, matmul_dtype).forward(
                 x2d, out, ln_weight, ln_bias, weight, bias, mean, rstd, x_hat,
-                n_rows, n_cols, n_out, x2d.stride(0), n_out, eps)
+                n_rows, n_cols, n_out, stride_x, n_out, eps)
     return out, mean, rstd, x_hat
 
 
-def _backward(dout, x, ln_weight, ln_bias, weight, bias, mean, rstd, x_hat, matmul_dtype: torch.dtype):
+def _backward(dout: torch.Tensor, x: torch.Tensor, ln_weight: torch.Tensor, ln_bias: torch.Tensor,
+              weight: torch.Tensor, bias: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor,
+              x_hat: torch.Tensor, matmul_dtype: torch.dtype
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dx, d_ln_weight, d_ln_bias, dweight, dbias)."""
     n_cols, n_out = x.shape[-1], weight.shape[0]
-    x2d = fl.rows_view(x, n_cols)
-    dout2d = fl.rows_view(dout, n_out)
+    x2d, stride_x = fl.rows_view(x, n_cols)
+    dout2d, stride_dout = fl.rows_view(dout, n_out)
     n_rows = x2d.shape[0]
     ln_weight, ln_bias, weight = fl.contiguous(ln_weight, ln_bias, weight)
-    device = x.device
-    dx = _common.new_output(x.shape, x.dtype, device)
-    grads = [_common.new_output(p.shape, p.dtype, device) for p in (ln_weight, ln_bias, weight, bias)]
-    if n_rows == 0:
-        return (dx, *(g.zero_() for g in grads))
-    d_ln_weight, d_ln_bias, dw, db = grads
+    if n_rows == 0:  # every parameter gradient is an empty sum
+        return tuple(t.new_zeros(t.shape) for t in (x, ln_weight, ln_bias, weight, bias))
     launches = plan_launches(n_rows, n_cols, n_out, matmul_dtype)
     splits = launches.backward_grid.splits
-    g_partial = _common.new_output((splits, n_cols, n_out), torch.float32, device)
-    db_partial = _common.new_output((splits, n_out), torch.float64, device)
+    dx, d_ln_weight, d_ln_bias, dw, db, g_partial, db_partial = _common.new_outputs(
+        x.device, (x.shape, x.dtype), (ln_weight.shape, ln_weight.dtype), (ln_bias.shape, ln_bias.dtype),
+        (weight.shape, weight.dtype), (bias.shape, bias.dtype), ((splits, n_cols, n_out), torch.float32),
+        ((splits, n_out), torch.float64))
     with _common.on_device_of(x):
         launches.weight(x_hat, dout2d, g_partial, db_partial,
-                        n_rows, n_cols, n_out, dout2d.stride(0), launches.backward_grid.rows_per_split)
+                        n_rows, n_cols, n_out, stride_dout, launches.backward_grid.rows_per_split)
         launches.row(x2d, dout2d, dx.view(n_rows, n_cols), ln_weight, ln_bias, weight, mean, rstd, g_partial,
                      db_partial, dw, db, d_ln_weight, d_ln_bias,
-                     n_rows, n_cols, n_out, x2d.stride(0), dout2d.stride(0), n_cols, splits)
+                     n_rows, n_cols, n_out, stride_x, stride_dout, n_cols, splits)
     return dx, d_ln_weight, d_ln_bias, dw, db
-
-
-def _forward_op(x: torch.Tensor, ln_weight: torch.Tensor, ln_bias: torch.Tensor, weight: torch.Tensor,
-                bias: torch.Tensor, eps: float, matmul_dtype: torch.dtype
-                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(out, mean, rstd, x_hat): the output and what the backward reads."""
-    return _forward(x, ln_weight, ln_bias, weight, bias, eps, matmul_dtype)
 
 
 def _forward_fake(x, ln_weight, ln_bias, weight, bias, eps, matmul_dtype):
@@ -198,14 +196,6 @@ def _forward_fake(x, ln_weight, ln_bias, weight, bias, eps, matmul_dtype):
     return (x.new_empty((*x.shape[:-1], weight.shape[0]), dtype=matmul_dtype),
             x.new_empty((n_rows,), dtype=torch.float32), x.new_empty((n_rows,), dtype=torch.float32),
             x.new_empty((n_rows, x.shape[-1]), dtype=matmul_dtype))
-
-
-def _backward_op(dout: torch.Tensor, x: torch.Tensor, ln_weight: torch.Tensor, ln_bias: torch.Tensor,
-                 weight: torch.Tensor, bias: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor,
-                 x_hat: torch.Tensor, matmul_dtype: torch.dtype
-                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dx, d_ln_weight, d_ln_bias, dweight, dbias)."""
-    return _backward(dout, x, ln_weight, ln_bias, weight, bias, mean, rstd, x_hat, matmul_dtype)
 
 
 def _backward_fake(dout, x, ln_weight, ln_bias, weight, bias, mean, rstd, x_hat, matmul_dtype):
@@ -222,12 +212,12 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward_formula(ctx, dout, *_saved_output_gradients):
-    gradients = _layernorm_linear_backward_op(dout, *ctx.saved_tensors, ctx.matmul_dtype)
+    gradients = ctx.launch_backward(dout, *ctx.saved_tensors, ctx.matmul_dtype)
     return (*gradients, None, None)
 
 
-_layernorm_linear_op, _layernorm_linear_backward_op = _common.register_operator(
-    "layernorm_linear", _forward_op, _forward_fake, _backward_op, _backward_fake, _setup_context, _backward_formula)
+_OPERATOR = _common.Operator(
+    "layernorm_linear", _forward, _forward_fake, _backward, _backward_fake, _setup_context, _backward_formula)
 
 _SHAPES = _common.operand_shapes(x=("...", "C"), weight=("out", "C"), ln_weight=("C",), ln_bias=("C",),
                                  bias=("out",))
@@ -245,4 +235,4 @@ def layernorm_linear(x, ln_weight, ln_bias, weight, bias, eps: float = 1e-5) -> 
     operands = {"x": x, "ln_weight": ln_weight, "ln_bias": ln_bias, "weight": weight, "bias": bias}
     sizes = _common.check_operands(operands, _SHAPES, matmul_dtype, _INTERPRETED, __name__)
     fl.panel_width(sizes["C"], matmul_dtype)
-    return _layernorm_linear_op(x, ln_weight, ln_bias, weight, bias, float(eps), matmul_dtype)[0]
+    return _OPERATOR(x, ln_weight, ln_bias, weight, bias, float(eps), matmul_dtype)[0]

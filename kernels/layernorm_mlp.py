@@ -40,8 +40,9 @@ autocast is on for x's device (as torch does for F.linear). Output dtype: torch'
 x, the matmul dtype and branch_scale (x's dtype under autocast); dx has x's dtype, every
 parameter gradient its parameter's. Tilings are in launch_plan below.
 
-The op is a pair of PyTorch operators (torch.ops.vit_kernels.layernorm_mlp and its backward),
-so torch.compile traces through it without a graph break.
+Traced, the op is a pair of PyTorch operators (torch.ops.vit_kernels.layernorm_mlp and its
+backward), so torch.compile traces through it without a graph break; called plainly, one
+torch.autograd.Function around the same launchers (kernels/_common.py's Operator).
 """
 import functools
 import warnings
@@ -283,59 +284,62 @@ def plan_launches(n_rows: int, n_cols: int, n_hidden: int, second_gelu: bool,
 _INTERPRETED = _common.is_interpreted(_ln_mlp_forward_kernel)
 
 
-def _forward(x, ln_weight, ln_bias, w1, b1, w2, b2, branch_scale, eps: float, second_gelu: bool,
-             matmul_dtype: torch.dtype):
+def _forward(x: torch.Tensor, ln_weight: torch.Tensor, ln_bias: torch.Tensor, w1: torch.Tensor,
+             b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor, branch_scale: torch.Tensor | None,
+             eps: float, second_gelu: bool, matmul_dtype: torch.dtype
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(y, mean, rstd, x_hat, pre, z): the output and what the backward reads."""
     n_cols, n_hidden = x.shape[-1], w1.shape[0]
-    x2d = fl.rows_view(x, n_cols)
+    x2d, stride_x = fl.rows_view(x, n_cols)
     n_rows = x2d.shape[0]
     ln_weight, ln_bias, w1, b1, w2, b2, branch_scale = fl.contiguous(ln_weight, ln_bias, w1, b1, w2, b2, branch_scale)
-    out_dtype = _output_dtype(x.dtype, matmul_dtype, branch_scale)
-    y = _common.new_output(x.shape, out_dtype, x.device)
-    mean = _common.new_output((n_rows,), torch.float32, x.device)
-    rstd = _common.new_output((n_rows,), torch.float32, x.device)
-    x_hat = _common.new_output((n_rows, n_cols), matmul_dtype, x.device)
-    pre = _common.new_output((n_rows, n_hidden), matmul_dtype, x.device)
-    z = _common.new_output((n_rows, n_cols) if second_gelu else (0,), matmul_dtype, x.device)
+    y, mean, rstd, x_hat, pre, z = _common.new_outputs(
+        x.device, (x.shape, _output_dtype(x.dtype, matmul_dtype, branch_scale)), ((n_rows,), torch.float32),
+        ((n_rows,), torch.float32), ((n_rows, n_cols), matmul_dtype), ((n_rows, n_hidden), matmul_dtype),
+        ((n_rows, n_cols) if second_gelu else (0,), matmul_dtype))
     if n_rows > 0:
         scale = branch_scale if branch_scale is not None else mean  # never read without a scale
         with _common.on_device_of(x):
             plan_launches(n_rows, n_cols, n_hidden, second_gelu, matmul_dtype).forward(
                 x2d, y, ln_weight, ln_bias, w1, b1, w2, b2, scale, mean, rstd, x_hat, pre, z,
-                n_rows, n_cols, n_hidden, x2d.stride(0), n_cols, fl.rows_per_sample(x, branch_scale),
+                n_rows, n_cols, n_hidden, stride_x, n_cols, fl.rows_per_sample(x, branch_scale),
                 int(branch_scale is not None), eps)
     return y, mean, rstd, x_hat, pre, z
 
 
-def _backward(dy, x, ln_weight, ln_bias, w1, b1, w2, b2, mean, rstd, x_hat, pre, z, branch_scale, second_gelu: bool,
-              matmul_dtype: torch.dtype):
+def _backward(dy: torch.Tensor, x: torch.Tensor, ln_weight: torch.Tensor, ln_bias: torch.Tensor,
+              w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor,
+              mean: torch.Tensor, rstd: torch.Tensor, x_hat: torch.Tensor, pre: torch.Tensor,
+              z: torch.Tensor, branch_scale: torch.Tensor | None, second_gelu: bool, matmul_dtype: torch.dtype
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                         torch.Tensor]:
+    """(dx, d_ln_weight, d_ln_bias, dw1, db1, dw2, db2)."""
     n_cols, n_hidden = x.shape[-1], w1.shape[0]
-    x2d = fl.rows_view(x, n_cols)
-    dy2d = fl.rows_view(dy, n_cols)
+    x2d, stride_x = fl.rows_view(x, n_cols)
+    dy2d, stride_dy = fl.rows_view(dy, n_cols)
     ln_weight, ln_bias, w1, w2, branch_scale = fl.contiguous(ln_weight, ln_bias, w1, w2, branch_scale)
     n_rows = x2d.shape[0]
-    device = x.device
-    dx = _common.new_output(x.shape, x.dtype, device)
-    grads = [_common.new_output(p.shape, p.dtype, device) for p in (ln_weight, ln_bias, w1, b1, w2, b2)]
     if n_rows == 0:  # every parameter gradient is an empty sum
-        return (dx, *(g.zero_() for g in grads))
-    d_ln_weight, d_ln_bias, dw1, db1, dw2, db2 = grads
+        return tuple(t.new_zeros(t.shape) for t in (x, ln_weight, ln_bias, w1, b1, w2, b2))
     launches = plan_launches(n_rows, n_cols, n_hidden, second_gelu, matmul_dtype)
     grid = launches.backward_grid
-    d_pre = _common.new_output((n_rows, n_hidden), matmul_dtype, device)
-    g_partial = _common.new_output((grid.pre.splits, n_cols, n_hidden), torch.float32, device)
-    db1_partial = _common.new_output((grid.pre.splits, n_hidden), torch.float64, device)
-    dw2_partial = _common.new_output((grid.w2.splits, n_cols, n_hidden), torch.float32, device)
-    db2_partial = _common.new_output((grid.w2.splits, n_cols), torch.float64, device)
+    (dx, d_ln_weight, d_ln_bias, dw1, db1, dw2, db2,
+     d_pre, g_partial, db1_partial, dw2_partial, db2_partial) = _common.new_outputs(
+        x.device, (x.shape, x.dtype), (ln_weight.shape, ln_weight.dtype), (ln_bias.shape, ln_bias.dtype),
+        (w1.shape, w1.dtype), (b1.shape, b1.dtype), (w2.shape, w2.dtype), (b2.shape, b2.dtype),
+        ((n_rows, n_hidden), matmul_dtype), ((grid.pre.splits, n_cols, n_hidden), torch.float32),
+        ((grid.pre.splits, n_hidden), torch.float64), ((grid.w2.splits, n_cols, n_hidden), torch.float32),
+        ((grid.w2.splits, n_cols), torch.float64))
     scale = branch_scale if branch_scale is not None else mean  # never read without a scale
     with _common.on_device_of(x):
         launches.weight(x_hat, dy2d, w2, scale, pre, z, d_pre, g_partial, db1_partial, dw2_partial, db2_partial,
-                        n_rows, n_cols, n_hidden, dy2d.stride(0), fl.rows_per_sample(x, branch_scale),
+                        n_rows, n_cols, n_hidden, stride_dy, fl.rows_per_sample(x, branch_scale),
                         int(branch_scale is not None), grid.pre.splits, grid.pre.rows_per_split,
                         grid.w2.rows_per_split)
         launches.row(x2d, dy2d, dx.view(n_rows, n_cols), ln_weight, ln_bias, w1, mean, rstd, d_pre,
                      g_partial, db1_partial, dw2_partial, db2_partial,
                      dw1, db1, dw2, db2, d_ln_weight, d_ln_bias,
-                     n_rows, n_cols, n_hidden, x2d.stride(0), dy2d.stride(0), n_cols, grid.pre.splits,
+                     n_rows, n_cols, n_hidden, stride_x, stride_dy, n_cols, grid.pre.splits,
                      grid.w2.splits)
     return dx, d_ln_weight, d_ln_bias, dw1, db1, dw2, db2
 
@@ -346,16 +350,8 @@ def _output_dtype(x_dtype, matmul_dtype, branch_scale) -> torch.dtype:
 
 
 # ---------------------------------------------------------------------------------------------
-# The operators (kernels/_common.py's register_operator)
+# The operators (kernels/_common.py's Operator)
 # ---------------------------------------------------------------------------------------------
-
-def _forward_op(x: torch.Tensor, ln_weight: torch.Tensor, ln_bias: torch.Tensor, w1: torch.Tensor,
-                b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor, branch_scale: torch.Tensor | None,
-                eps: float, second_gelu: bool, matmul_dtype: torch.dtype
-                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(y, mean, rstd, x_hat, pre, z): the output and what the backward reads."""
-    return _forward(x, ln_weight, ln_bias, w1, b1, w2, b2, branch_scale, eps, second_gelu, matmul_dtype)
-
 
 def _forward_fake(x, ln_weight, ln_bias, w1, b1, w2, b2, branch_scale, eps, second_gelu, matmul_dtype):
     n_cols, n_hidden = x.shape[-1], w1.shape[0]
@@ -364,17 +360,6 @@ def _forward_fake(x, ln_weight, ln_bias, w1, b1, w2, b2, branch_scale, eps, seco
             x.new_empty((n_rows,), dtype=torch.float32), x.new_empty((n_rows,), dtype=torch.float32),
             x.new_empty((n_rows, n_cols), dtype=matmul_dtype), x.new_empty((n_rows, n_hidden), dtype=matmul_dtype),
             x.new_empty((n_rows, n_cols) if second_gelu else (0,), dtype=matmul_dtype))
-
-
-def _backward_op(dy: torch.Tensor, x: torch.Tensor, ln_weight: torch.Tensor, ln_bias: torch.Tensor,
-                 w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor,
-                 mean: torch.Tensor, rstd: torch.Tensor, x_hat: torch.Tensor, pre: torch.Tensor,
-                 z: torch.Tensor, branch_scale: torch.Tensor | None, second_gelu: bool, matmul_dtype: torch.dtype
-                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-                            torch.Tensor]:
-    """(dx, d_ln_weight, d_ln_bias, dw1, db1, dw2, db2)."""
-    return _backward(dy, x, ln_weight, ln_bias, w1, b1, w2, b2, mean, rstd, x_hat, pre, z, branch_scale,
-                     second_gelu, matmul_dtype)
 
 
 def _backward_fake(dy, x, ln_weight, ln_bias, w1, b1, w2, b2, mean, rstd, x_hat, pre, z, branch_scale, second_gelu,
@@ -392,12 +377,12 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward_formula(ctx, dy, *_saved_output_gradients):
-    gradients = _layernorm_mlp_backward_op(dy, *ctx.saved_tensors, ctx.second_gelu, ctx.matmul_dtype)
+    gradients = ctx.launch_backward(dy, *ctx.saved_tensors, ctx.second_gelu, ctx.matmul_dtype)
     return (*gradients, None, None, None, None)
 
 
-_layernorm_mlp_op, _layernorm_mlp_backward_op = _common.register_operator(
-    "layernorm_mlp", _forward_op, _forward_fake, _backward_op, _backward_fake, _setup_context, _backward_formula)
+_OPERATOR = _common.Operator(
+    "layernorm_mlp", _forward, _forward_fake, _backward, _backward_fake, _setup_context, _backward_formula)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -422,5 +407,5 @@ def layernorm_mlp(x, ln_weight, ln_bias, w1, b1, w2, b2, eps: float = 1e-5, *, s
     operands = {"x": x, "ln_weight": ln_weight, "ln_bias": ln_bias, "w1": w1, "b1": b1, "w2": w2, "b2": b2}
     sizes = _common.check_operands(operands, _SHAPES, matmul_dtype, _INTERPRETED, __name__, branch_scale, "x")
     fl.panel_width(sizes["C"], matmul_dtype)
-    return _layernorm_mlp_op(x, ln_weight, ln_bias, w1, b1, w2, b2, branch_scale, float(eps), bool(second_gelu),
-                             matmul_dtype)[0]
+    return _OPERATOR(x, ln_weight, ln_bias, w1, b1, w2, b2, branch_scale, float(eps), bool(second_gelu),
+                     matmul_dtype)[0]

@@ -19,8 +19,9 @@ The residual's gradient is dy itself (no kernel).
 Precision and dtypes: fp32 accumulation; matmul operands in the autocast dtype when autocast
 is on for h's device, else h's; the output in torch's promotion of the residual, the matmul
 dtype and branch_scale (the residual's dtype in the model); dh in h's dtype, the residual's
-gradient in the residual's, parameter gradients in their parameters'. The op is a pair of
-PyTorch operators (torch.ops.vit_kernels.linear_residual and its backward).
+gradient in the residual's, parameter gradients in their parameters'. Traced, the op is a
+pair of PyTorch operators (torch.ops.vit_kernels.linear_residual and its backward); called
+plainly, one torch.autograd.Function around the same launchers (kernels/_common.py's Operator).
 """
 import functools
 import warnings
@@ -171,65 +172,54 @@ def _output_dtype(residual_dtype, matmul_dtype, branch_scale) -> torch.dtype:
     return fl.result_dtype(residual_dtype, matmul_dtype, *((branch_scale.dtype,) if branch_scale is not None else ()))
 
 
-def _forward(h, weight, bias, residual, branch_scale, matmul_dtype: torch.dtype):
+def _forward(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, residual: torch.Tensor,
+             branch_scale: torch.Tensor | None, matmul_dtype: torch.dtype) -> torch.Tensor:
     n_in, n_out = h.shape[-1], weight.shape[0]
-    h2d = fl.rows_view(h, n_in)
-    residual2d = fl.rows_view(residual, n_out)
+    h2d, stride_h = fl.rows_view(h, n_in)
+    residual2d, stride_residual = fl.rows_view(residual, n_out)
     n_rows = h2d.shape[0]
     weight, bias, branch_scale = fl.contiguous(weight, bias, branch_scale)
-    out = _common.new_output(residual.shape, _output_dtype(residual.dtype, matmul_dtype, branch_scale), h.device)
+    out, = _common.new_outputs(h.device, (residual.shape, _output_dtype(residual.dtype, matmul_dtype, branch_scale)))
     if n_rows > 0:
         scale = branch_scale if branch_scale is not None else bias  # never read without a scale
         with _common.on_device_of(h):
             plan_launches(n_rows, n_in, n_out, matmul_dtype).forward(
                 h2d, weight, bias, residual2d, scale, out,
-                n_rows, n_in, n_out, h2d.stride(0), residual2d.stride(0), n_out,
+                n_rows, n_in, n_out, stride_h, stride_residual, n_out,
                 fl.rows_per_sample(residual, branch_scale), int(branch_scale is not None))
     return out
 
 
-def _backward(dy, h, weight, bias, branch_scale, matmul_dtype: torch.dtype):
+def _backward(dy: torch.Tensor, h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+              branch_scale: torch.Tensor | None, matmul_dtype: torch.dtype
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dh, dweight, dbias)."""
     n_in, n_out = h.shape[-1], weight.shape[0]
-    h2d = fl.rows_view(h, n_in)
-    dy2d = fl.rows_view(dy, n_out)
+    h2d, stride_h = fl.rows_view(h, n_in)
+    dy2d, stride_dy = fl.rows_view(dy, n_out)
     n_rows = h2d.shape[0]
     weight, branch_scale = fl.contiguous(weight, branch_scale)
-    device = h.device
-    dh = _common.new_output(h.shape, h.dtype, device)
-    dw = _common.new_output(weight.shape, weight.dtype, device)
-    db = _common.new_output(bias.shape, bias.dtype, device)
-    if n_rows == 0:
-        return dh, dw.zero_(), db.zero_()
+    if n_rows == 0:  # every parameter gradient is an empty sum
+        return h.new_zeros(h.shape), weight.new_zeros(weight.shape), bias.new_zeros(bias.shape)
     launches = plan_launches(n_rows, n_in, n_out, matmul_dtype)
     splits = launches.backward_grid.splits
-    dw_partial = _common.new_output((splits, n_out, n_in), torch.float32, device)
-    db_partial = _common.new_output((splits, n_out), torch.float64, device)
+    dh, dw, db, dw_partial, db_partial = _common.new_outputs(
+        h.device, (h.shape, h.dtype), (weight.shape, weight.dtype), (bias.shape, bias.dtype),
+        ((splits, n_out, n_in), torch.float32), ((splits, n_out), torch.float64))
     scale = branch_scale if branch_scale is not None else bias  # never read without a scale
     per_sample = fl.rows_per_sample(dy, branch_scale)
     has_scale = int(branch_scale is not None)
     with _common.on_device_of(h):
         launches.weight(h2d, dy2d, scale, dw_partial, db_partial,
-                        n_rows, n_in, n_out, h2d.stride(0), dy2d.stride(0), per_sample, has_scale,
+                        n_rows, n_in, n_out, stride_h, stride_dy, per_sample, has_scale,
                         launches.backward_grid.rows_per_split)
         launches.row(dy2d, weight, scale, dh.view(n_rows, n_in), dw_partial, db_partial, dw, db,
-                     n_rows, n_in, n_out, dy2d.stride(0), n_in, per_sample, has_scale, splits)
+                     n_rows, n_in, n_out, stride_dy, n_in, per_sample, has_scale, splits)
     return dh, dw, db
-
-
-def _forward_op(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, residual: torch.Tensor,
-                branch_scale: torch.Tensor | None, matmul_dtype: torch.dtype) -> torch.Tensor:
-    return _forward(h, weight, bias, residual, branch_scale, matmul_dtype)
 
 
 def _forward_fake(h, weight, bias, residual, branch_scale, matmul_dtype):
     return residual.new_empty(residual.shape, dtype=_output_dtype(residual.dtype, matmul_dtype, branch_scale))
-
-
-def _backward_op(dy: torch.Tensor, h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
-                 branch_scale: torch.Tensor | None, matmul_dtype: torch.dtype
-                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dh, dweight, dbias)."""
-    return _backward(dy, h, weight, bias, branch_scale, matmul_dtype)
 
 
 def _backward_fake(dy, h, weight, bias, branch_scale, matmul_dtype):
@@ -244,13 +234,13 @@ def _setup_context(ctx, inputs, output):
 
 def _backward_formula(ctx, dy):
     h, weight, bias, branch_scale = ctx.saved_tensors
-    dh, dw, db = _linear_residual_backward_op(dy, h, weight, bias, branch_scale, ctx.matmul_dtype)
+    dh, dw, db = ctx.launch_backward(dy, h, weight, bias, branch_scale, ctx.matmul_dtype)
     d_residual = dy if dy.dtype == ctx.residual_dtype else dy.to(ctx.residual_dtype)
     return dh, dw, db, d_residual, None, None
 
 
-_linear_residual_op, _linear_residual_backward_op = _common.register_operator(
-    "linear_residual", _forward_op, _forward_fake, _backward_op, _backward_fake, _setup_context, _backward_formula)
+_OPERATOR = _common.Operator(
+    "linear_residual", _forward, _forward_fake, _backward, _backward_fake, _setup_context, _backward_formula)
 
 _SHAPES = _common.operand_shapes(h=("...", "C_in"), weight=("C_out", "C_in"), bias=("C_out",),
                                  residual=("...", "C_out"))
@@ -268,4 +258,4 @@ def linear_residual(h, weight, bias, residual, branch_scale: torch.Tensor | None
     operands = {"h": h, "weight": weight, "bias": bias, "residual": residual}
     sizes = _common.check_operands(operands, _SHAPES, matmul_dtype, _INTERPRETED, __name__, branch_scale, "residual")
     fl.panel_width(max(sizes["C_in"], sizes["C_out"]), matmul_dtype)
-    return _linear_residual_op(h, weight, bias, residual, branch_scale, matmul_dtype)
+    return _OPERATOR(h, weight, bias, residual, branch_scale, matmul_dtype)
