@@ -298,7 +298,7 @@ def _forward(x: torch.Tensor, ln_weight: torch.Tensor, ln_bias: torch.Tensor, w1
         ((n_rows,), torch.float32), ((n_rows, n_cols), matmul_dtype), ((n_rows, n_hidden), matmul_dtype),
         ((n_rows, n_cols) if second_gelu else (0,), matmul_dtype))
     if n_rows > 0:
-        scale = branch_scale if branch_scale is not None else mean  # never read without a scale
+        scale = branch_scale if branch_scale is not None else ln_weight  # x's dtype, never read without a scale
         with _common.on_device_of(x):
             plan_launches(n_rows, n_cols, n_hidden, second_gelu, matmul_dtype).forward(
                 x2d, y, ln_weight, ln_bias, w1, b1, w2, b2, scale, mean, rstd, x_hat, pre, z,
@@ -330,7 +330,7 @@ def _backward(dy: torch.Tensor, x: torch.Tensor, ln_weight: torch.Tensor, ln_bia
         ((n_rows, n_hidden), matmul_dtype), ((grid.pre.splits, n_cols, n_hidden), torch.float32),
         ((grid.pre.splits, n_hidden), torch.float64), ((grid.w2.splits, n_cols, n_hidden), torch.float32),
         ((grid.w2.splits, n_cols), torch.float64))
-    scale = branch_scale if branch_scale is not None else mean  # never read without a scale
+    scale = branch_scale if branch_scale is not None else ln_weight  # x's dtype, never read without a scale
     with _common.on_device_of(x):
         launches.weight(x_hat, dy2d, w2, scale, pre, z, d_pre, g_partial, db1_partial, dw2_partial, db2_partial,
                         n_rows, n_cols, n_hidden, stride_dy, fl.rows_per_sample(x, branch_scale),

@@ -93,8 +93,9 @@ def test_every_step1_gpu_test_that_launches_our_kernels_has_its_workload():
 
 
 def test_every_configuration_step1_launches_is_one_the_compile_check_compiles(configurations):
-    """Each recorded configuration is a spec's, or (a placeholder pointer of another dtype) one whose
-    spec differs in pointer types alone; the budget check costs it by that spec's compile."""
+    """Each recorded configuration is exactly a spec's (kernel, argument types, divisibility,
+    constants, options), so the compile check compiles the binary it runs, and the budget check
+    costs it by that compile."""
     specs = h100.collect_specs()
     outcomes = {spec.label: h100.CompileOutcome(name=spec.name, config=spec.config, instructions=spec.instructions,
                                                 num_warps=spec.num_warps, num_stages=spec.num_stages, seconds=1.0,

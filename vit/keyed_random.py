@@ -142,7 +142,9 @@ BETA_SLOTS = 2 * GAMMA_SLOTS
 def symmetric_beta(alpha: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:
     """float64 [N]: a Beta(alpha, alpha) draw per row (alpha > 0, per row), from bits int64
     [N, BETA_SLOTS]: X / (X + Y) for X, Y ~ Gamma(alpha), computed from their logarithms.
-    Both gammas of all rows are drawn in one pass."""
+    Both gammas of all rows are drawn in one pass. The logistic function is written out:
+    torch.sigmoid's vectorized and scalar CPU loops round differently, so a row's draw would
+    depend on where the row falls in the tensor (and on the number of threads)."""
     shapes = alpha.unsqueeze(1).expand(-1, 2).reshape(-1)
     log_gammas = log_gamma_variate(shapes, bits.reshape(-1, GAMMA_SLOTS)).view(-1, 2)
-    return torch.sigmoid(log_gammas[:, 0] - log_gammas[:, 1])
+    return 1.0 / (1.0 + torch.exp(log_gammas[:, 1] - log_gammas[:, 0]))

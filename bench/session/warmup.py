@@ -331,25 +331,14 @@ def step1_configurations(device: torch.device) -> list[Configuration]:
     return list(configurations)
 
 
-def _pointer_types_aside(configuration: Configuration) -> Configuration:
-    return Configuration(configuration.module, configuration.kernel,
-                         tuple(Argument(a.name, "*", divisible=a.divisible) if a.kind.startswith("*") else a
-                               for a in configuration.arguments),
-                         configuration.num_warps, configuration.num_stages)
-
-
 def compile_seconds(configurations, specs, outcomes: dict) -> dict:
     """Each configuration's compile CPU seconds, from the compile check's outcomes (label ->
-    kernels.h100.CompileOutcome) of specs: those of the spec that compiles it, else of a spec of
-    the same kernel, constants and options whose pointers point to other types (a placeholder
-    tensor of another dtype: the same code but for its loads); None when there is neither."""
+    kernels.h100.CompileOutcome) of specs: those of the spec that compiles it; None when no spec does."""
     def seconds(outcome):
         return outcomes[outcome.same_binary_as].cpu_seconds if outcome.same_binary_as else outcome.cpu_seconds
 
     exact = {spec_configuration(spec): seconds(outcomes[spec.label]) for spec in specs}
-    similar = {_pointer_types_aside(configuration): value for configuration, value in exact.items()}
-    return {configuration: exact.get(configuration, similar.get(_pointer_types_aside(configuration)))
-            for configuration in configurations}
+    return {configuration: exact.get(configuration) for configuration in configurations}
 
 
 def pool_seconds(task_seconds: list[float], workers: int) -> float:
