@@ -32,9 +32,9 @@ train: install
 
 # The tests run on one pytest-xdist worker per CPU, at most 4 (each holds torch and a model in
 # memory), a test file at a time, so that a module-scoped fixture (the GPU session's dry run,
-# the bench's smoke run) is built once.
+# the bench's smoke run) is built once; the files in tests/conftest.py's order (the longest first).
 test: install $(GPU_MACHINE_TRITON_DIR)/.installed
-	$(PY) -m pytest tests -n auto --maxprocesses 4 --dist loadfile --durations=10 $(ARGS)
+	$(PY) -m pytest tests -n auto --maxprocesses 4 --dist loadfile --no-loadscope-reorder --durations=10 $(ARGS)
 
 bench: install
 	$(PY) -m bench $(ARGS)

@@ -32,9 +32,9 @@ INTERPRETER_BROKEN = interpreter_broken_reason()
 def pytest_collection_modifyitems(config, items):
     """`gpu` tests skip without CUDA; `interpreter` tests skip where the interpreter is broken;
     tests of the real CIFAR-10 are marked `real_data` (a GPU session runs them once it has the data).
-    The files marked `minutes` run first, then the others, those with the most tests first: make
-    test hands whole files to its workers in this order (--dist loadfile --no-loadscope-reorder),
-    so that no file of several minutes starts last and runs alone."""
+    The files marked `minutes(N)` run first, the longest first, then the others, those with the
+    most tests first: make test hands whole files to its workers in this order (--dist loadfile
+    --no-loadscope-reorder), so that no file of several minutes starts last and runs alone."""
     for item in items:
         if "real_data_dir" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.real_data)
@@ -43,7 +43,12 @@ def pytest_collection_modifyitems(config, items):
         if "interpreter" in item.keywords and INTERPRETER_BROKEN:
             item.add_marker(pytest.mark.skip(reason=INTERPRETER_BROKEN))
     tests_in_file = collections.Counter(item.nodeid.split("::")[0] for item in items)
-    items.sort(key=lambda item: (item.get_closest_marker("minutes") is None, -tests_in_file[item.nodeid.split("::")[0]]))
+
+    def order(item):
+        minutes = item.get_closest_marker("minutes")
+        return -(minutes.args[0] if minutes else 0), -tests_in_file[item.nodeid.split("::")[0]]
+
+    items.sort(key=order)
 
 
 # The folder holding the real CIFAR-10: VIT_DATA_DIR (bench/session/ sets it where it unpacked

@@ -32,6 +32,7 @@ from bench.outputs import ARCHIVE, Outputs
 from bench.report import PLOTS, ours_failures
 
 REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.minutes(3)  # CPU minutes on 2 cores: the bench's smoke run
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 FILE_NAME = re.compile(r"^[A-Za-z0-9._-]+$")  # what the GPU machine sends back
 

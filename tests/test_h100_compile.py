@@ -30,6 +30,7 @@ from kernels.h100 import SHARED_MEMORY_LIMIT, KernelSpec
 
 TESTS = Path(__file__).resolve().parent
 REPO = TESTS.parent
+pytestmark = pytest.mark.minutes(10)  # CPU minutes on 2 cores: every kernel compiled under two Tritons
 MISSING_TOOLCHAIN = h100.toolchain_missing_reason()
 needs_toolchain = pytest.mark.skipif(MISSING_TOOLCHAIN is not None, reason=MISSING_TOOLCHAIN or "")
 SELFTEST_SOURCES = ("h100_selftest_kernels:selftest_specs",)

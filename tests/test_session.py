@@ -26,6 +26,7 @@ from bench.session import driver, steps
 from conftest import write_cifar_folder
 
 REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.minutes(6)  # CPU minutes on 2 cores: both steps dry-run beside a CPU-bound job
 FILE_NAME = re.compile(r"^[A-Za-z0-9._-]+$")
 HANG_GUARD_SECONDS = 1800  # each step's budget: far above the minutes its bounded work takes
 # A second CPU-bound job beside the dry run, bounded: it spins for at most the dry run's hang guard.

@@ -20,6 +20,8 @@ from parity import DEVICE, KERNEL_TEST_MARKS, assert_parity
 from vit import fuse, unfuse
 from vit.timm_fuse import is_fused
 
+pytestmark = pytest.mark.minutes(3)  # CPU minutes on 2 cores: timm models through the interpreter and train.py
+
 
 def runs_kernels(test):
     for mark in KERNEL_TEST_MARKS:
