@@ -43,7 +43,7 @@ def _repository_outputs() -> set[str]:
 def dry_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("session")
     data = root / "data"
-    write_cifar_folder(data, per_batch=10, num_test=50)  # 50 training images: 6 steps of 8
+    write_cifar_folder(data, per_batch=4, num_test=50)  # 20 training images: 2 steps of 8 an epoch
     # train.py ends with per-class accuracies of the best checkpoint: every class must be there.
     from vit.data import load_cifar10
     assert set(load_cifar10(data, download=False).test_labels.tolist()) == set(range(10))
@@ -131,6 +131,7 @@ def test_step1_runs_the_gpu_tests_parity_first_in_parallel_files_then_the_kernel
         for shard in shards:
             command = shard["command"]
             assert command[1:7] == ["-m", "pytest", "-m", steps.STEP1_TESTS, "-k", expression]
+            assert shard["threads"] == max(1, (os.cpu_count() or 1) // len(shards))  # the CPUs shared out
             assert shard["exit_code"] == 0 and shard["tests"]["tests"] > 0 and shard["tests"]["failed"] == []
             # On the CPU every gpu test skips.
             assert shard["tests"]["skipped"] == shard["tests"]["tests"]
@@ -195,7 +196,7 @@ def test_step2_trains_the_planned_epochs_and_returns_metrics_curves_accuracy_and
     out, session = dry_run["step2"]["out"], dry_run["step2"]["session"]
     assert session["data"] == {"dir": str(dry_run["data"]), "how": f"--data-dir {dry_run['data']}"}
     run, estimate = session["full_run"], session["full_run_plan"]
-    assert estimate["epochs"] == run["epochs_planned"] and estimate["train_images"] == 50
+    assert estimate["epochs"] == run["epochs_planned"] and estimate["train_images"] == 20
     train = next(s for s in session["substeps"] if s["name"].startswith("full training run"))
     command = train["command"]
     assert command[1:4] == ["train.py", "--backend", "triton"]

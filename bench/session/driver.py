@@ -69,10 +69,13 @@ class Session:
         return env
 
     # -- subprocesses ------------------------------------------------------------------------
-    def run(self, name: str, command: list[str], seconds: float, to_log: bool = True, on_line=None) -> dict:
+    def run(self, name: str, command: list[str], seconds: float, to_log: bool = True, on_line=None,
+            threads: int | None = None) -> dict:
         """command with its output on stdout (and session.log when to_log), stopped at `seconds`:
-        SIGINT, then SIGKILL after GRACE_SECONDS. Returns and records its substep."""
-        substep = {"name": name, "command": command, "time_limit_seconds": round(seconds, 1)}
+        SIGINT, then SIGKILL after GRACE_SECONDS; threads: its compute threads (OMP_NUM_THREADS),
+        when it runs beside others. Returns and records its substep."""
+        substep = {"name": name, "command": command, "time_limit_seconds": round(seconds, 1),
+                   **({"threads": threads} if threads else {})}
         self.record["substeps"].append(substep)
         if seconds < MIN_COMMAND_SECONDS:
             substep.update(exit_code=None, seconds=0.0, stopped_at_time_limit=False,
@@ -83,7 +86,8 @@ class Session:
         self.say(f"== {name}: {shlex.join(command)} (at most {seconds:.0f}s)")
         self.save()
         started = time.perf_counter()
-        process = subprocess.Popen(command, cwd=REPO, env=self.environment(), stdout=subprocess.PIPE,
+        env = self.environment() | ({"OMP_NUM_THREADS": str(threads)} if threads else {})
+        process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE,
                                    stderr=subprocess.STDOUT, text=True, bufsize=1, start_new_session=True)
 
         def pump():

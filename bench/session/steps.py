@@ -123,7 +123,9 @@ def run_test_group(session: Session, title: str, expression: str, index: int, un
         junit = session.work / f"pytest-{index + 1}-{k + 1}.xml"
         junit.unlink(missing_ok=True)
         name = f"tests: {title}" + (f" ({k + 1} of {len(shards)})" if len(shards) > 1 else "")
-        substep = session.run(name, [*_pytest(STEP1_TESTS, expression, junit), *shards[k]], until - time.perf_counter())
+        # The shards share the CPUs: more compute threads than cores would spin against each other.
+        substep = session.run(name, [*_pytest(STEP1_TESTS, expression, junit), *shards[k]], until - time.perf_counter(),
+                              threads=max(1, (os.cpu_count() or 1) // len(shards)))
         substep["tests"] = _junit_summary(junit)
         substeps[k] = substep
 
