@@ -225,10 +225,11 @@ class StubbedTritonLaunches:
     (`kernel[grid](...)`, or its `run`) returns at once: nothing compiles or executes, outputs
     keep what they were allocated with. stub.launches counts them, by kernel (the @triton.jit
     function; by_name() by its name): the stub's own Python calls are one per launch, where
-    Triton's launcher runs on a GPU."""
+    Triton's launcher runs on a GPU. on_launch(kernel, args, kwargs), when given, sees each launch."""
 
-    def __init__(self):
+    def __init__(self, on_launch=None):
         self.launches = Counter()
+        self.on_launch = on_launch
         self._patched = []
 
     def by_name(self) -> dict:
@@ -243,6 +244,8 @@ class StubbedTritonLaunches:
                 if warmup:
                     return _original(kernel, *args, grid=grid, warmup=warmup, **kwargs)
                 stub.launches[kernel] += 1
+                if stub.on_launch is not None:
+                    stub.on_launch(kernel, args, kwargs)
                 return None
 
             cls.run = run

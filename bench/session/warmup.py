@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from bench.counts import _triton_function_classes
+from bench.counts import StubbedTritonLaunches
 
 REPO = Path(__file__).resolve().parents[2]
 TESTS = REPO / "tests"
@@ -142,35 +142,18 @@ def spec_configuration(spec) -> Configuration:
     return Configuration(function.__module__, function.__name__, tuple(arguments), spec.num_warps, spec.num_stages)
 
 
-class RecordedLaunches:
+class RecordedLaunches(StubbedTritonLaunches):
     """Inside `with RecordedLaunches() as recorded:`, a @triton.jit kernel's launch returns at
     once (nothing compiles or executes; outputs keep what they were allocated with) and
     recorded.configurations gains its Configuration."""
 
     def __init__(self):
+        super().__init__(on_launch=self._record)
         self.configurations: dict[Configuration, int] = {}  # -> launches, in first-launch order
-        self._patched = []
 
-    def __enter__(self):
-        recorded = self
-        for cls in _triton_function_classes():
-            original = cls.__dict__["run"]
-
-            def run(kernel, *args, grid, warmup, _original=original, **kwargs):
-                if warmup:
-                    return _original(kernel, *args, grid=grid, warmup=warmup, **kwargs)
-                configuration = configuration_of(kernel, args, kwargs)
-                recorded.configurations[configuration] = recorded.configurations.get(configuration, 0) + 1
-                return None
-
-            cls.run = run
-            self._patched.append((cls, original))
-        return self
-
-    def __exit__(self, *exc):
-        for cls, original in self._patched:
-            cls.run = original
-        self._patched.clear()
+    def _record(self, kernel, args, kwargs):
+        configuration = configuration_of(kernel, args, kwargs)
+        self.configurations[configuration] = self.configurations.get(configuration, 0) + 1
 
 
 # ------------------------------------------------------------------------------ workloads
