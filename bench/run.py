@@ -341,10 +341,14 @@ def compile_policy(compile_mode: str, device: torch.device, smoke: bool) -> Comp
 def training_settings(args: argparse.Namespace, data: datasets.BenchData | None) -> training_bench.TrainingSettings:
     quick = args.quick
     batch_size = args.batch_size or (QUICK_BATCH_SIZE if quick else 128)
+    warmup_steps, measured_steps = (2, 3) if quick else (10, 30)
     return training_bench.TrainingSettings(
         model=TINY_MODEL if quick else FULL_MODEL, epochs=args.epochs, batch_size=batch_size,
-        train_subset=6 * batch_size if quick else None, test_subset=64 if quick else None,
-        warmup_steps=2 if quick else 10, min_measured_steps=3 if quick else 30, count_steps=2 if quick else 3,
+        # --quick: an epoch of just the steps it measures, and two batches of test images (each
+        # interpreted step and evaluation of the CPU smoke takes seconds).
+        train_subset=(warmup_steps + measured_steps) * batch_size if quick else None,
+        test_subset=2 * batch_size if quick else None,
+        warmup_steps=warmup_steps, min_measured_steps=measured_steps, count_steps=2 if quick else 3,
         count_model=COUNT_MODEL if quick else None, count_batch_size=COUNT_BATCH_SIZE if quick else None,
         data=data.describe() if data else {})
 

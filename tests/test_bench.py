@@ -218,7 +218,7 @@ def test_every_training_configuration_is_measured_or_skipped_with_a_reason(smoke
         assert "the step counted on a fresh model (depth 7," in counts["note"]
         assert counts["launches_per_step"] == counts["aten_launches_per_step"] + counts["triton_launches_per_step"]
         assert counts["launches_per_step"] > 0 and counts["loader_launches_per_image"] > 0
-        # The --quick epoch (48 images) is shorter than a chunk: the loader is counted over a stand-in
+        # The --quick epoch (40 images) is shorter than a chunk: the loader is counted over a stand-in
         # full CIFAR-10 epoch of small synthetic images, and the row says so.
         assert counts["loader_images_counted"] == tb.CIFAR10_TRAIN_IMAGES // 8 * 8
         assert f"{tb.CIFAR10_TRAIN_IMAGES:,} synthetic" in counts["loader_counted"]
