@@ -19,7 +19,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import matplotlib.ticker  # noqa: E402
 
 from bench import augmentation  # noqa: E402
-from bench.kernels import EAGER, OURS  # noqa: E402
+from bench.kernels import OURS  # noqa: E402
 
 PLOTS = {  # in the order they get a file of their own when --max-files is tight
     "images_per_second": "training_images_per_second.png",

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fused_parity import (DEVICE, HAS_CUDA, INTERPRETED, KERNEL_TEST_MARKS, PARITY_DTYPE_IDS, PARITY_DTYPES,
+from fused_parity import (DEVICE, INTERPRETED, KERNEL_TEST_MARKS, PARITY_DTYPE_IDS, PARITY_DTYPES,
                           activations, branch_scales, cast, check, layer_norm_parameters, linear_weight, run)
 from kernels.layernorm_mlp import layernorm_mlp
 from parity import assert_parity, randn

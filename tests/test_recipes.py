@@ -19,7 +19,6 @@ from bench.counts import DeviceWorkCounter
 from vit import evaluate
 from vit.checkpoint import load_checkpoint
 from vit.config import TrainConfig
-from vit.data import TrainLoader
 from vit.mixing import soft_target_cross_entropy
 from vit.model import ViT, ViTConfig
 from vit.recipes import RECIPES, recipe_configs
