@@ -25,7 +25,8 @@ import torch
 from bench.counts import Counts, DeviceWorkCounter
 from vit.data import TrainLoader
 from vit.model import ViT, ViTConfig
-from vit.trainer import EvalSet, TrainConfig, Trainer, make_optimizer, seed_everything
+from vit.optimizer import make_optimizer
+from vit.trainer import EvalSet, TrainConfig, Trainer, seed_everything
 
 CLASS_NAMES = [f"class {i}" for i in range(10)]
 

@@ -57,8 +57,9 @@ from vit.config import build_configs
 from vit.data import TrainLoader
 from vit.backends import backend_names, get_backend
 from vit.model import ViT, ViTConfig
-from vit.trainer import (EvalSet, TrainConfig, Trainer, cuda_graph_unsupported_reason, evaluate, make_optimizer,
-                         make_train_loader, seed_everything)
+from vit.optimizer import make_optimizer
+from vit.trainer import (EvalSet, TrainConfig, Trainer, cuda_graph_unsupported_reason, evaluate, make_train_loader,
+                         seed_everything)
 
 RECIPE_EPOCHS = 200
 COUNT_TRIMMED = "not counted: the row's share of the budget was spent in training"  # a row's counts, then

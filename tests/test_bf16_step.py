@@ -10,7 +10,8 @@ import torch
 
 from parity import INTERPRETED, KERNEL_TEST_MARKS, assert_parity
 from vit.model import ViT, ViTConfig
-from vit.trainer import EvalSet, TrainConfig, Trainer, criterion, make_optimizer
+from vit.optimizer import make_optimizer
+from vit.trainer import EvalSet, TrainConfig, Trainer, criterion
 
 pytestmark = KERNEL_TEST_MARKS + [
     pytest.mark.skipif(not INTERPRETED, reason="the bf16 step on the CPU, through Triton's interpreter"),

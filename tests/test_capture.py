@@ -12,7 +12,8 @@ from vit import trainer as trainer_module
 from vit.data import TrainLoader
 from vit.mixing import MixConfig, mix_batch
 from vit.model import ViT, ViTConfig
-from vit.trainer import EvalSet, GraphedStep, TrainConfig, Trainer, make_optimizer, seed_everything
+from vit.optimizer import make_optimizer
+from vit.trainer import EvalSet, GraphedStep, TrainConfig, Trainer, seed_everything
 
 BATCH = 4
 CALLS = 3  # a warm-up call, then two to compare (the schedule covers CALLS epochs of 2 steps)

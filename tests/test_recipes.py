@@ -21,9 +21,9 @@ from vit.checkpoint import load_checkpoint
 from vit.config import TrainConfig
 from vit.mixing import soft_target_cross_entropy
 from vit.model import ViT, ViTConfig
+from vit.optimizer import Adam, make_optimizer, weight_decay_groups
 from vit.recipes import RECIPES, recipe_configs
-from vit.trainer import (EvalSet, Trainer, criterion, make_optimizer, make_train_loader, seed_everything,
-                         weight_decay_groups)
+from vit.trainer import EvalSet, Trainer, criterion, make_train_loader, seed_everything
 
 TINY = ViTConfig(dim=32, depth=2, heads=2, mlp_dim=32)
 TINY_FLAGS = ["--device", "cpu", "--depth", "2", "--dim", "32", "--heads", "2", "--mlp-dim", "32", "--no-progress"]
@@ -151,7 +151,7 @@ def test_adamw_decays_only_the_weight_matrices():
 def test_adam_keeps_one_group_with_coupled_decay_on_everything():
     model = ViT(TINY)
     optimizer = make_optimizer(model, TrainConfig(device="cpu"), "cpu")
-    assert type(optimizer) is torch.optim.Adam and len(optimizer.param_groups) == 1
+    assert type(optimizer) is Adam and len(optimizer.param_groups) == 1  # not AdamW
     assert optimizer.param_groups[0]["weight_decay"] == TrainConfig().weight_decay
 
 

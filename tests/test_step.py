@@ -15,9 +15,10 @@ from bench.host_work import MarkedLoader, count_step_work
 from vit.checkpoint import load_checkpoint
 from vit.data import TrainLoader
 from vit.model import ViT, ViTConfig
+from vit.optimizer import make_optimizer
 from vit import trainer as trainer_module
 from vit.trainer import (PROGRESS_EVERY, EvalSet, GraphedStep, NonFiniteLoss, TrainConfig, Trainer,
-                         cuda_graph_unsupported_reason, lr_at, lr_schedule, make_optimizer, seed_everything)
+                         cuda_graph_unsupported_reason, lr_at, lr_schedule, seed_everything)
 
 TINY = ViTConfig(dim=32, depth=1, heads=2, mlp_dim=32)
 CLASSES = [str(i) for i in range(10)]

@@ -46,6 +46,7 @@ from vit.config import TrainConfig  # defined apart for vit.checkpoint; imported
 from vit.environment import device_name
 from vit.mixing import MixConfig, smooth_targets, soft_target_cross_entropy
 from vit.model import ViTConfig, count_parameters
+from vit.optimizer import make_optimizer
 from vit.timm_interop import build_model
 from vit.progress import Progress
 
@@ -81,7 +82,7 @@ class NonFiniteLoss(RuntimeError):
     """The loss, the weights after a step, or the test loss became NaN or infinite."""
 
 
-# ---------------------------------------------------------------------------- schedule and optimizer
+# ---------------------------------------------------------------------------- schedule
 
 def lr_at(step: int, total_steps: int, warmup_steps: int, peak: float, floor: float) -> float:
     """Linear warmup from peak/warmup_steps (never zero) to peak at the last warmup step,
@@ -101,54 +102,6 @@ def lr_schedule(cfg: TrainConfig, steps_per_epoch: int) -> torch.Tensor:
     warmup = max(1, round(cfg.warmup_epochs * steps_per_epoch))
     return torch.tensor([lr_at(step, total, warmup, cfg.lr, cfg.min_lr) for step in range(total)],
                         dtype=torch.float64).float()
-
-
-# Parameters without weight decay under AdamW, besides every norm's and every bias (timm's
-# no_weight_decay() of its VisionTransformer).
-NO_WEIGHT_DECAY = ("pos_embed", "cls_token")
-
-
-def weight_decay_groups(model: torch.nn.Module) -> tuple[list[str], list[str]]:
-    """AdamW's split of the model's parameters by name: (decayed: the weight matrices of the
-    linear layers and the patch embedding; not decayed: LayerNorm weights and biases, every bias,
-    the position embedding and the class token)."""
-    decayed, not_decayed = [], []
-    for module_name, module in model.named_modules():
-        for name, _ in module.named_parameters(recurse=False):
-            full_name = f"{module_name}.{name}" if module_name else name
-            exempt = isinstance(module, torch.nn.LayerNorm) or name == "bias" or full_name in NO_WEIGHT_DECAY
-            (not_decayed if exempt else decayed).append(full_name)
-    return decayed, not_decayed
-
-
-def make_optimizer(model, cfg: TrainConfig, device) -> torch.optim.Adam:
-    """cfg.optimizer over the model's parameters: "adam", Adam with coupled L2 weight decay on
-    every parameter, one group; "adamw", AdamW's decoupled weight decay on the weight matrices
-    and none on the rest (weight_decay_groups), two groups.
-
-    Each group's learning rate is a device tensor of its own, which the trainer overwrites on the
-    device each step. The fused implementation on every device: it reads the tensor learning
-    rate without a host sync (the for-loop one calls .item() per parameter). Capturable (its
-    state steps kept on the device) for cfg.cuda_graph.
-
-    model: the module; Adam also takes an iterable of parameters (AdamW's groups need the names)."""
-    device = torch.device(device)
-
-    def lr():
-        return torch.tensor(cfg.lr, dtype=torch.float32, device=device)
-
-    options = dict(betas=(0.9, 0.999), weight_decay=cfg.weight_decay, fused=True,
-                   capturable=cfg.cuda_graph and device.type == "cuda")
-    if cfg.optimizer == "adam":
-        params = model.parameters() if isinstance(model, torch.nn.Module) else model
-        return torch.optim.Adam(params, lr=lr(), **options)
-    if not isinstance(model, torch.nn.Module):
-        raise TypeError("make_optimizer: AdamW's weight-decay groups are chosen by parameter name; pass the model")
-    named = dict(model.named_parameters())
-    decayed, not_decayed = weight_decay_groups(model)
-    groups = [{"params": [named[n] for n in decayed], "lr": lr()},
-              {"params": [named[n] for n in not_decayed], "lr": lr(), "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=lr(), **options)
 
 
 def cuda_graph_unsupported_reason(cfg: TrainConfig, device: torch.device, world_size: int = 1) -> str | None:
@@ -358,7 +311,7 @@ class Trainer:
             if reason:
                 raise ValueError(reason)
             if not all(group["capturable"] for group in optimizer.param_groups):
-                raise ValueError("--cuda-graph needs a capturable optimizer (see vit.trainer.make_optimizer)")
+                raise ValueError("--cuda-graph needs a capturable optimizer (see vit.optimizer.make_optimizer)")
         self.steps_per_epoch = len(loader)
 
         self.step_model = model
@@ -375,7 +328,7 @@ class Trainer:
         for lr in self.lr_tensors:
             if not (isinstance(lr, torch.Tensor) and lr.device == self.device and lr.dim() == 0):
                 raise ValueError("the optimizer's learning rate must be a 0-d tensor on the training device "
-                                 "(see vit.trainer.make_optimizer)")
+                                 "(see vit.optimizer.make_optimizer)")
         self.lr_table = lr_schedule(cfg, self.steps_per_epoch).to(self.device, self.lr_tensors[0].dtype)
         # The average of the weights: a copy of the model whose parameters the step moves toward
         # the model's (the model has no buffers that training changes).
