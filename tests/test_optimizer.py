@@ -63,13 +63,14 @@ def walks(monkeypatch) -> list:
     """The optimizer of each call of torch's own Adam._init_group, its walk over every parameter
     of a group."""
     calls = []
-    walk = torch.optim.Adam._init_group
+    # torch.compile's first use gives each torch.optim class an _init_group of its own.
+    walks_by_class = {torch_class: torch_class._init_group for torch_class in (torch.optim.Adam, torch.optim.AdamW)}
+    for torch_class, walk in walks_by_class.items():
+        def counted(self, *args, walk=walk):
+            calls.append(self)
+            return walk(self, *args)
 
-    def counted(self, *args):
-        calls.append(self)
-        return walk(self, *args)
-
-    monkeypatch.setattr(torch.optim.Adam, "_init_group", counted)
+        monkeypatch.setattr(torch_class, "_init_group", counted)
     return calls
 
 
