@@ -1,5 +1,6 @@
-"""kernels.interpreter_patching: Triton's interpreter patches triton.language once per launch,
-computes exactly what it computed before, and leaves triton.language as it found it."""
+"""kernels.interpreter_patching: Triton's interpreter patches triton.language once per launch and
+asks numpy's type of a Triton type once, computes exactly what it computed before, and leaves
+triton.language as it found it."""
 import contextlib
 import os
 
@@ -90,6 +91,22 @@ def test_helpers_inside_a_launch_do_not_patch_again(counted_patching):
     assert len(counted_patching) <= 2 * len(launches), counted_patching
 
 
+def test_numpy_types_are_asked_once_per_triton_type(monkeypatch):
+    assert interpreter_patching.is_installed()
+    asked = []
+    original = interpreter_patching._original_np_dtype
+
+    def counting(tt_dtype):
+        asked.append(tt_dtype)
+        return original(tt_dtype)
+
+    monkeypatch.setattr(interpreter_patching, "_original_np_dtype", counting)
+    monkeypatch.setattr(interpreter_patching, "_np_dtypes", {})
+    _run_ops(seed=4)
+    scalars = [t for t in asked if not isinstance(t, tl.pointer_type)]
+    assert scalars and len(scalars) == len(set(scalars)), scalars  # each type once; blocks ask their element's
+
+
 def test_triton_language_is_restored_after_a_launch():
     before = _namespaces()
     _run_ops(seed=2)
@@ -99,13 +116,15 @@ def test_triton_language_is_restored_after_a_launch():
         assert _namespaces() != before
 
 
-def test_an_interpreter_without_its_patch_lang_is_refused_by_name(monkeypatch):
+@pytest.mark.parametrize("internal, named", [("_patch_lang", r"_patch_lang\(fn\)"),
+                                             ("_get_np_dtype", r"_get_np_dtype\(tt_dtype\)")])
+def test_an_interpreter_without_an_internal_it_replaces_is_refused_by_name(internal, named, monkeypatch):
     from triton.runtime import interpreter
 
     interpreter_patching.uninstall()
     try:
-        monkeypatch.delattr(interpreter, "_patch_lang")
-        with pytest.raises(RuntimeError, match=r"_patch_lang\(fn\)"):
+        monkeypatch.delattr(interpreter, internal)
+        with pytest.raises(RuntimeError, match=named):
             interpreter_patching.install()
         assert not interpreter_patching.is_installed()
     finally:
