@@ -192,6 +192,16 @@ def test_the_script_itself_prints_no_traceback(argv, code, names):
     assert_one_line_error(result.returncode, result.stderr, code, names)
 
 
+def test_the_command_lines_start_without_importing_torchvision():
+    """torchvision's import takes about a second (it imports torch._dynamo): only augmenting a
+    training batch and reading an image to predict need it, not a usage error or --help."""
+    probe = ("import sys, train, vit.evaluate, vit.predict; "
+             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torchvision', 'timm')))")
+    result = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]", result.stdout
+
+
 def test_a_failed_run_from_the_script_is_one_line_and_debug_shows_the_traceback(finished_run, tmp_path):
     run = copy_run(finished_run, tmp_path / "run")
     (run / "last.pt").write_bytes(b"not a checkpoint")

@@ -54,7 +54,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torchvision.transforms.autoaugment import AutoAugment, AutoAugmentPolicy
 
 from vit import keyed_random
 
@@ -82,20 +81,36 @@ def normalize(images: torch.Tensor) -> torch.Tensor:
 
 CROP_PADDING = 4
 NUM_MAGNITUDE_BINS = 10  # what AutoAugment.forward passes to _augmentation_space
-_AUTO_AUGMENT = AutoAugment(AutoAugmentPolicy.CIFAR10)
-# 25 sub-policies of two (op name, probability, magnitude bin or None) each.
-SUB_POLICIES = tuple(tuple(sub_policy) for sub_policy in _AUTO_AUGMENT.policies)
 OPS_PER_SUB_POLICY = 2
+
+
+@functools.lru_cache(maxsize=None)
+def _auto_augment():
+    """torchvision's AutoAugment with its CIFAR10 policy, imported when first asked for:
+    torchvision's import takes about a second (it imports torch._dynamo), which evaluation,
+    prediction and a command line's checks need not wait for."""
+    from torchvision.transforms.autoaugment import AutoAugment, AutoAugmentPolicy
+
+    return AutoAugment(AutoAugmentPolicy.CIFAR10)
+
+
+@functools.lru_cache(maxsize=None)
+def sub_policies() -> tuple:
+    """The 25 sub-policies of two (op name, probability, magnitude bin or None) each."""
+    return tuple(tuple(sub_policy) for sub_policy in _auto_augment().policies)
+
+
+@functools.lru_cache(maxsize=None)
+def _slot_ops() -> tuple[frozenset, ...]:
+    """The ops that can occur in each slot of a sub-policy: the others need not be computed there."""
+    return tuple(frozenset(sub_policy[slot][0] for sub_policy in sub_policies()) for slot in range(OPS_PER_SUB_POLICY))
+
 
 OP_NAMES = ("Identity", "ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate",
             "Brightness", "Color", "Contrast", "Sharpness",
             "Posterize", "Solarize", "AutoContrast", "Equalize", "Invert")
 OP_CODES = {name: code for code, name in enumerate(OP_NAMES)}
 IDENTITY = OP_CODES["Identity"]
-
-# Ops that can occur in each slot of a sub-policy: the others need not be computed there.
-_SLOT_OPS = tuple(frozenset(sub_policy[slot][0] for sub_policy in SUB_POLICIES)
-                  for slot in range(OPS_PER_SUB_POLICY))
 
 # Python's math.degrees and math.radians multiply by these two doubles.
 _DEGREES_PER_RADIAN = 180.0 / math.pi
@@ -131,7 +146,7 @@ def auto_augment_variant(name: str) -> AutoAugmentVariant:
 def augmentation_space(variant: AutoAugmentVariant, height: int, width: int) -> dict:
     """torchvision's {op name: (magnitudes per bin, signed)}, with Rotate unsigned where the
     variant always rotates by +theta."""
-    space = dict(_AUTO_AUGMENT._augmentation_space(NUM_MAGNITUDE_BINS, (height, width)))
+    space = dict(_auto_augment()._augmentation_space(NUM_MAGNITUDE_BINS, (height, width)))
     if not variant.signed_rotate:
         space["Rotate"] = (space["Rotate"][0], False)
     return space
@@ -590,7 +605,7 @@ def _policy_tables(height: int, width: int, device: torch.device, auto_augment: 
     AutoAugment.forward computes the magnitude, then kept on the device."""
     space = augmentation_space(auto_augment_variant(auto_augment), height, width)
     op_codes, magnitudes = [IDENTITY], [0.0]
-    for sub_policy in SUB_POLICIES:
+    for sub_policy in sub_policies():
         for op_name, _, magnitude_bin in sub_policy:
             bin_magnitudes, signed = space[op_name]
             magnitude = float(bin_magnitudes[magnitude_bin].item()) if magnitude_bin is not None else 0.0
@@ -605,7 +620,7 @@ def _policy_tables(height: int, width: int, device: torch.device, auto_augment: 
 def _apply_probability(device: torch.device) -> torch.Tensor:
     """float32 [25, 2]: each slot's apply probability. AutoAugment compares its float32
     torch.rand draw with the Python float p, so in float32."""
-    return torch.tensor([[p for _, p, _ in sub_policy] for sub_policy in SUB_POLICIES], dtype=torch.float32,
+    return torch.tensor([[p for _, p, _ in sub_policy] for sub_policy in sub_policies()], dtype=torch.float32,
                         device=device)
 
 
@@ -632,7 +647,7 @@ def draw_train_params(indices: torch.Tensor, seed: int, epoch: int) -> dict[str,
     crop_top = keyed_random.below(bits[:, _CROP_TOP], 2 * CROP_PADDING + 1)
     crop_left = keyed_random.below(bits[:, _CROP_LEFT], 2 * CROP_PADDING + 1)
     flip = keyed_random.coin(bits[:, _FLIP])
-    sub_policy = keyed_random.below(bits[:, _SUB_POLICY], len(SUB_POLICIES))
+    sub_policy = keyed_random.below(bits[:, _SUB_POLICY], len(sub_policies()))
     apply_u = keyed_random.uniform_float32(bits[:, _APPLY_U:_APPLY_U + OPS_PER_SUB_POLICY])
     op_applied = apply_u <= _apply_probability(indices.device)[sub_policy]
     op_negated = keyed_random.coin(bits[:, _NEGATE:_NEGATE + OPS_PER_SUB_POLICY])
@@ -656,7 +671,7 @@ def apply_train_augment(images: torch.Tensor, params: dict[str, torch.Tensor],
     rows = torch.where(params["op_applied"], rows, 0)
     arguments = tables.arguments[rows]  # [B, 2 slots, packed]
     for slot in range(OPS_PER_SUB_POLICY):
-        images = _apply_ops(images, _OpArguments.unpack(arguments[:, slot]), _SLOT_OPS[slot], variant)
+        images = _apply_ops(images, _OpArguments.unpack(arguments[:, slot]), _slot_ops()[slot], variant)
     return images
 
 

@@ -34,7 +34,6 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from PIL import Image
-from torchvision.transforms import functional as TF
 
 from vit import cli
 from vit.backends import backend_names
@@ -85,6 +84,8 @@ class LoadedImage:
 def load_image(path: str, image_size: int) -> LoadedImage:
     """An image file -> the model's input as uint8 [3, image_size, image_size] (see the module
     docstring), or the reason it cannot be read."""
+    from torchvision.transforms import functional as TF  # here: its import takes a second a usage error need not wait
+
     try:
         with Image.open(path) as image:
             frames = getattr(image, "n_frames", 1)
