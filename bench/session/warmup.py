@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 
 from bench.counts import StubbedTritonLaunches
+from kernels.h100 import launcher_specialization
 
 REPO = Path(__file__).resolve().parents[2]
 TESTS = REPO / "tests"
@@ -97,8 +98,8 @@ def _scalar_kind(value) -> str:
 def configuration_of(kernel, args: tuple, kwargs: dict) -> Configuration:
     """The Configuration of `kernel[grid](*args, **kwargs)`, by the launcher's rules (Triton
     3.6-3.8): a tensor is a pointer to its dtype, divisible when 16-byte aligned; an integer
-    equal to 1 is compiled as the constant 1, one that is a multiple of 16 is marked divisible,
-    unless the kernel names it in do_not_specialize; tl.constexpr arguments are constants
+    is specialized as kernels.h100.launcher_specialization says (the constant 1, or marked
+    divisible by 16), unless the kernel names it in do_not_specialize; tl.constexpr arguments are constants
     (their defaults when not passed)."""
     function = kernel.fn
     options = {name: kwargs[name] for name in _LAUNCH_OPTIONS}
@@ -117,11 +118,12 @@ def configuration_of(kernel, args: tuple, kwargs: dict) -> Configuration:
             arguments.append(Argument(name, "*" + POINTER_TYPES[value.dtype],
                                       divisible=value.data_ptr() % 16 == 0))
             value = (str(value.dtype).removeprefix("torch."), arguments[-1].divisible)
-        elif isinstance(value, int) and not isinstance(value, bool) and name not in not_specialized and value == 1:
-            arguments.append(Argument(name, "constexpr", 1))
+        elif isinstance(value, int) and not isinstance(value, bool) and name not in not_specialized:
+            specialization = launcher_specialization(value)
+            arguments.append(Argument(name, "constexpr", 1) if specialization == "1" else
+                             Argument(name, _scalar_kind(value), divisible=specialization == "16k"))
         else:
-            specialized = isinstance(value, int) and not isinstance(value, bool) and name not in not_specialized
-            arguments.append(Argument(name, _scalar_kind(value), divisible=specialized and value % 16 == 0))
+            arguments.append(Argument(name, _scalar_kind(value)))
         replay.append(value)
     return Configuration(function.__module__, function.__name__, tuple(arguments), options["num_warps"],
                          options["num_stages"], tuple(replay))
