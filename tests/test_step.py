@@ -181,6 +181,37 @@ def test_a_resumed_run_drives_its_own_learning_rate_and_ends_as_an_uninterrupted
         assert torch.equal(resumed.model.state_dict()[name], value), name
 
 
+def test_resume_hands_the_writer_the_checkpoints_metrics_not_the_list_the_next_epoch_appends_to(tmp_path,
+                                                                                                  monkeypatch):
+    """resume() rewrites metrics.csv and curves.png on the background writer while fit() trains on
+    and appends the next epoch's row. The writer here is held until that row is appended, so it
+    reads the list after the append whenever it reads the live list (as it once did: matplotlib
+    then got epochs and losses of different lengths)."""
+    first = make_trainer(tmp_path, steps=2, epochs=2)
+    first.metrics.append({"epoch": 1, "train_loss": 1.0, "train_acc": 0.1, "test_loss": 1.0, "test_acc": 0.1,
+                          "lr": 0.0, "epoch_seconds": 1.0, "images_per_second": 1.0})
+    first.best_epoch = 1
+    first._save_epoch(1, best=True)
+    first.writer.wait()
+    appended = threading.Event()
+    written = []
+    write = trainer_module.write_outputs
+
+    def held_write(run_dir, rows):
+        assert appended.wait(timeout=600), "the test never appended its row"
+        write(run_dir, rows)
+        written.append([row["epoch"] for row in rows])
+
+    monkeypatch.setattr(trainer_module, "write_outputs", held_write)
+    resumed = make_trainer(tmp_path, steps=2, epochs=2)
+    resumed.resume()
+    resumed.metrics.append({**resumed.metrics[0], "epoch": 2})
+    appended.set()
+    resumed.writer.wait()
+    assert written == [[1]]
+    assert (tmp_path / "metrics.csv").read_text().count("\n") == 2  # the header and epoch 1
+
+
 def test_epoch_files_are_written_while_the_next_epoch_trains(tmp_path, monkeypatch):
     """Writes that take longer than the gap between epochs may take: the training thread goes on.
     Checked by order of events rather than by a time bound, so a loaded machine cannot fail it:

@@ -337,7 +337,9 @@ class HostSnapshot:
 class BackgroundWriter:
     """Runs jobs (file writes) on a background thread, one at a time: submit() first waits for
     the previous job. An error in a job is raised by the next submit() or wait(). The thread is not
-    a daemon, so a job under way when the main thread ends still finishes its file."""
+    a daemon, so a job under way when the main thread ends still finishes its file. A job runs
+    beside the training thread: it reads copies, never what training goes on changing (the metrics
+    list, the weights)."""
 
     def __init__(self):
         self._thread: threading.Thread | None = None

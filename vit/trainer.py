@@ -558,7 +558,8 @@ class Trainer:
         self.metrics = state["metrics"]
         if self.ctx.is_main:
             remove_stale_temporaries(self.run_dir)
-            self.writer.submit(lambda: write_outputs(self.run_dir, self.metrics))
+            rows = [dict(row) for row in self.metrics]  # fit() appends to self.metrics while the writer draws
+            self.writer.submit(lambda: write_outputs(self.run_dir, rows))
 
     def finish(self):
         """Evaluate the best epoch's weights (best.pt) in full, in the run's precision (as its epochs
