@@ -25,6 +25,8 @@ from bench import datasets
 from bench import kernels as kb
 from bench import run as bench_run
 from bench import training as tb
+from bench import budget as budget_module
+from bench import measure
 from bench.budget import Budget
 from bench.compiling import CompilePolicy
 from bench.measure import _quantile, time_cpu
@@ -35,6 +37,20 @@ REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.minutes(3)  # CPU minutes on 2 cores: the bench's smoke run
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 FILE_NAME = re.compile(r"^[A-Za-z0-9._-]+$")  # what the GPU machine sends back
+
+
+class FakeClock:
+    """Stands for the time module in the timing code under test: its clock moves only when the
+    test sleeps on it, so durations come out exact however busy the machine is."""
+
+    def __init__(self):
+        self.now = 1000.0
+
+    def perf_counter(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float):
+        self.now += seconds
 
 
 @pytest.fixture(scope="module")
@@ -488,22 +504,26 @@ def test_errors_are_measured_against_float64():
     assert wrong[0] > 1e-3 and wrong[1] > 1e-3
 
 
-def test_quantiles_and_cpu_timing():
+def test_quantiles_and_cpu_timing(monkeypatch):
     assert _quantile([1.0, 2.0, 3.0, 4.0, 5.0], 0.5) == 3.0
     assert _quantile([1.0, 2.0, 3.0, 4.0, 5.0], 0.2) == pytest.approx(1.8)
     assert _quantile([1.0, 2.0, 3.0, 4.0, 5.0], 0.8) == pytest.approx(4.2)
-    timing = time_cpu(lambda: time.sleep(0.002), min_calls=5, max_calls=5)
-    assert timing.calls == 5 and 2.0 <= timing.p20_ms <= timing.median_ms <= timing.p80_ms < 200
+    clock = FakeClock()
+    monkeypatch.setattr(measure, "time", clock)
+    durations = iter([0.004, 0.001, 0.002, 0.003, 0.005, 0.002])  # the first call is the warm-up
+    timing = time_cpu(lambda: clock.sleep(next(durations)), min_calls=5, max_calls=5)
+    assert timing.calls == 5
+    assert (timing.p20_ms, timing.median_ms, timing.p80_ms) == pytest.approx((1.8, 2.0, 3.4))
     # The setup's time (a fresh forward before a backward) stays out of the measurement.
     prepared = []
-    timing = time_cpu(lambda state: prepared.append(state), setup=lambda: time.sleep(0.05) or "ready",
-                      warmup_calls=0, min_calls=3, max_calls=3)
-    assert prepared == ["ready"] * 3 and timing.p80_ms < 25
+    timing = time_cpu(lambda state: prepared.append(state) or clock.sleep(0.001),
+                      setup=lambda: clock.sleep(0.05) or "ready", warmup_calls=0, min_calls=3, max_calls=3)
+    assert prepared == ["ready"] * 3 and timing.p80_ms == pytest.approx(1.0)
 
 
 class _FakeLoader:
-    def __init__(self, steps, fetch_seconds):
-        self.steps, self.fetch_seconds, self.epoch = steps, fetch_seconds, None
+    def __init__(self, steps, fetch_seconds=0.0, clock=time):
+        self.steps, self.fetch_seconds, self.clock, self.epoch = steps, fetch_seconds, clock, None
 
     def __len__(self):
         return self.steps
@@ -513,21 +533,21 @@ class _FakeLoader:
 
     def __iter__(self):
         for step in range(self.steps):
-            time.sleep(self.fetch_seconds)
+            self.clock.sleep(self.fetch_seconds)
             yield step
 
 
-def test_timed_loader_splits_step_time_into_data_wait_and_compute():
-    loader = tb.TimedLoader(_FakeLoader(steps=4, fetch_seconds=0.01), torch.device("cpu"))
+def test_timed_loader_splits_step_time_into_data_wait_and_compute(monkeypatch):
+    clock = FakeClock()
+    monkeypatch.setattr(tb, "time", clock)
+    loader = tb.TimedLoader(_FakeLoader(steps=4, fetch_seconds=0.01, clock=clock), torch.device("cpu"))
     loader.set_epoch(3)
     assert loader.inner.epoch == 3 and len(loader) == 4
     for _ in loader:
-        time.sleep(0.03)  # the "training step"
+        clock.sleep(0.03)  # the "training step"
     steps, waits = loader.step_times()
     assert len(steps) == len(waits) == 4 and not loader.stopped_early
-    for step, wait in zip(steps, waits):
-        assert 0.01 <= wait < step and step >= 0.04
-    assert 0.1 < sum(waits) / sum(steps) < 0.5
+    assert steps == pytest.approx([0.04] * 4) and waits == pytest.approx([0.01] * 4)
 
 
 def test_timed_loader_stops_at_the_deadline_after_the_minimum_steps():
@@ -575,9 +595,12 @@ def test_sweep_points_measure_each_shape_once_with_the_model_shape_first():
     assert len(points) == 1 + (len(kb.SWEEP_BATCH_SIZES) - 1) + (len(kb.SWEEP_SEQ_LENS) - 1)
 
 
-def test_budget_records_what_it_trims():
-    budget = Budget(total_seconds=10)
-    assert budget.end() == budget.start + 10 and 0 <= budget.elapsed() < 1
+def test_budget_records_what_it_trims(monkeypatch):
+    clock = FakeClock()
+    monkeypatch.setattr(budget_module, "time", clock)
+    budget = Budget(total_seconds=10, start=clock.perf_counter())
+    clock.sleep(0.5)
+    assert budget.end() == budget.start + 10 and budget.elapsed() == 0.5
     budget.trim("training x", "no time")
     assert budget.trimmed[0]["what"] == "training x" and budget.trimmed[0]["why"] == "no time"
 

@@ -213,31 +213,29 @@ def test_resume_hands_the_writer_the_checkpoints_metrics_not_the_list_the_next_e
 
 
 def test_epoch_files_are_written_while_the_next_epoch_trains(tmp_path, monkeypatch):
-    """Writes that take longer than the gap between epochs may take: the training thread goes on.
-    Checked by order of events rather than by a time bound, so a loaded machine cannot fail it:
-    each epoch's first step starts before the previous epoch's (slow) write has finished."""
+    """The training thread goes on while an epoch's files are written. Checked by order of events,
+    never by the clock, so a loaded machine cannot fail it: each epoch's write but the last is
+    held until the next epoch has asked for its first batch. A trainer that waited for the write
+    before training on would never ask: the held write then gives up at its hang guard and fit()
+    raises its error."""
+    epochs = 3
     write = trainer_module.write_epoch_files
-    written = []
+    started = [threading.Event() for _ in range(epochs)]  # epoch k (from 0) has asked for a batch
+    ended, written = [], []
 
-    def slow_write(*args, **kwargs):
-        time.sleep(1.0)
-        write(*args, **kwargs)
-        written.append(time.perf_counter())
+    def held_write(run_dir, state, **kwargs):
+        finished = state["epoch"]  # epochs finished, so the index of the next one
+        if finished < epochs:
+            assert started[finished].wait(timeout=600), f"epoch {finished + 1} never started during the write"
+        write(run_dir, state, **kwargs)
+        written.append(finished)
 
-    ends, starts = [], []
-
-    def on_ask():
-        if len(starts) == len(ends):  # the first ask of an epoch
-            starts.append(time.perf_counter())
-
-    monkeypatch.setattr(trainer_module, "write_epoch_files", slow_write)
-    # Epochs of 4 steps that each wait 0.3 s for their batch: longer than a write.
-    trainer = make_trainer(tmp_path, steps=4, epochs=3, wrap=lambda loader: MarkedLoader(
-        loader, on_ask=on_ask, on_batch=lambda: time.sleep(0.3), on_end=lambda: ends.append(time.perf_counter())))
+    monkeypatch.setattr(trainer_module, "write_epoch_files", held_write)
+    trainer = make_trainer(tmp_path, steps=2, epochs=epochs, wrap=lambda loader: MarkedLoader(
+        loader, on_ask=lambda: started[len(ended)].set(), on_end=lambda: ended.append(True)))
     trainer.fit()
-    assert len(starts) == 3 and len(written) == 3
-    assert all(start < done for start, done in zip(starts[1:], written)), (starts, written)
-    assert (tmp_path / "metrics.csv").exists() and len(trainer.writer.job_seconds) == 3
+    assert written == [1, 2, 3] and len(ended) == epochs
+    assert (tmp_path / "metrics.csv").exists() and len(trainer.writer.job_seconds) == epochs
 
 
 def test_an_interrupt_propagates_only_after_the_background_write_is_done(tmp_path, monkeypatch):
