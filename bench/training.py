@@ -279,26 +279,44 @@ CIFAR10_TRAIN_IMAGES = 50_000
 STAND_IN_IMAGE_SIZE = 8  # the loader's ops do not depend on the image size: small images count the same
 
 
+# Stand-in loaders counted in this process, by their settings and epoch: the rows of a run that
+# share them (a smoke run's configurations differ in model and precision, not in loader) share one count.
+_stand_in_counts: dict[tuple, dict] = {}
+
+
 def count_loader_epoch(loader, epoch: int) -> dict:
     """The loader's device work over one whole epoch (augmenting in chunks, its work per image
     is only right over whole chunks): launches per image, syncs and host-to-device copies.
     A TrainLoader over fewer images than CIFAR-10's 50,000 (a smoke run, a subset) is counted
     as a loader with the same settings over a full epoch of synthetic 8x8 images, so that the
-    chunks are those of a real epoch; the result says which was counted."""
-    counted = "this configuration's loader"
+    chunks are those of a real epoch, once per settings and epoch in a process; the result says
+    which was counted."""
     if isinstance(loader, TrainLoader) and len(loader.images) < CIFAR10_TRAIN_IMAGES:
-        generator = torch.Generator().manual_seed(0)
-        size = (CIFAR10_TRAIN_IMAGES, 3, STAND_IN_IMAGE_SIZE, STAND_IN_IMAGE_SIZE)
-        loader = TrainLoader(torch.randint(0, 256, size, dtype=torch.uint8, generator=generator),
-                                torch.randint(0, 10, (CIFAR10_TRAIN_IMAGES,), generator=generator), loader.batch_size,
-                                loader.seed, loader.device, chunk_images=loader.chunk_images,
-                                auto_augment=loader.auto_augment, mixing=loader.mixing)
-        counted = (f"a loader with this configuration's settings over a full epoch of {CIFAR10_TRAIN_IMAGES:,} "
-                   f"synthetic {STAND_IN_IMAGE_SIZE}x{STAND_IN_IMAGE_SIZE} images (its ops do not depend on the image "
-                   "size; this configuration's own epoch is too short for whole chunks)")
-        loader.set_epoch(epoch)
-        for _ in loader:  # the first epoch at an image size builds the augmentation's cached tables
-            pass
+        key = (loader.batch_size, loader.seed, loader.device, loader.chunk_images, loader.auto_augment,
+               loader.mixing, epoch)
+        if key not in _stand_in_counts:
+            _stand_in_counts[key] = _count_stand_in_epoch(loader, epoch)
+        return dict(_stand_in_counts[key])
+    return _count_epoch(loader, epoch, "this configuration's loader")
+
+
+def _count_stand_in_epoch(loader: TrainLoader, epoch: int) -> dict:
+    generator = torch.Generator().manual_seed(0)
+    size = (CIFAR10_TRAIN_IMAGES, 3, STAND_IN_IMAGE_SIZE, STAND_IN_IMAGE_SIZE)
+    stand_in = TrainLoader(torch.randint(0, 256, size, dtype=torch.uint8, generator=generator),
+                           torch.randint(0, 10, (CIFAR10_TRAIN_IMAGES,), generator=generator), loader.batch_size,
+                           loader.seed, loader.device, chunk_images=loader.chunk_images,
+                           auto_augment=loader.auto_augment, mixing=loader.mixing)
+    counted = (f"a loader with this configuration's settings over a full epoch of {CIFAR10_TRAIN_IMAGES:,} "
+               f"synthetic {STAND_IN_IMAGE_SIZE}x{STAND_IN_IMAGE_SIZE} images (its ops do not depend on the image "
+               "size; this configuration's own epoch is too short for whole chunks)")
+    stand_in.set_epoch(epoch)
+    for _ in stand_in:  # the first epoch at an image size builds the augmentation's cached tables
+        pass
+    return _count_epoch(stand_in, epoch, counted)
+
+
+def _count_epoch(loader, epoch: int, counted: str) -> dict:
     loader.set_epoch(epoch)
     images = 0
     with DeviceWorkCounter() as counter:

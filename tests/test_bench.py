@@ -32,6 +32,7 @@ from bench.compiling import CompilePolicy
 from bench.measure import _quantile, time_cpu
 from bench.outputs import ARCHIVE, Outputs
 from bench.report import PLOTS, ours_failures
+from vit.data import TrainLoader
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.minutes(3)  # CPU minutes on 2 cores: the bench's smoke run
@@ -586,6 +587,34 @@ def test_counting_loader_tells_the_step_from_the_loader():
     assert whole == {"loader_launches_per_image": 0.25, "loader_syncs_per_epoch": 0,
                      "loader_host_to_device_copies_per_epoch": 0, "loader_images_counted": 24,
                      "loader_counted": "this configuration's loader"}
+
+
+def test_rows_with_the_same_loader_settings_share_one_stand_in_count(monkeypatch):
+    """A short epoch is counted over a stand-in epoch of CIFAR-10's size (64 images here), once
+    per loader settings and epoch in a run: a second row with the same settings gets the same
+    count without a second pass; other settings are counted on their own."""
+    monkeypatch.setattr(tb, "CIFAR10_TRAIN_IMAGES", 64)
+    monkeypatch.setattr(tb, "_stand_in_counts", {})
+    passes = []
+    count_epoch = tb._count_epoch
+    monkeypatch.setattr(tb, "_count_epoch", lambda loader, epoch, counted: passes.append(
+        (len(loader.images), loader.chunk_images, epoch)) or count_epoch(loader, epoch, counted))
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (16, 3, 32, 32), dtype=torch.uint8, generator=generator)
+    labels = torch.randint(0, 10, (16,), generator=generator)
+
+    def count(chunk_images, epoch=1, rows=16):
+        return tb.count_loader_epoch(TrainLoader(images[:rows], labels[:rows], 8, 0, "cpu",
+                                                 chunk_images=chunk_images), epoch)
+
+    first = count(32)
+    assert first["loader_images_counted"] == 64 and "64 synthetic" in first["loader_counted"]
+    first["loader_counted"] = "changed by its caller"
+    assert count(32, rows=8) == {**first, "loader_counted": count(32)["loader_counted"]}
+    assert "64 synthetic" in count(32)["loader_counted"]
+    count(16)
+    count(32, epoch=2)
+    assert passes == [(64, 32, 1), (64, 16, 1), (64, 32, 2)]
 
 
 def test_sweep_points_measure_each_shape_once_with_the_model_shape_first():
