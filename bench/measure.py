@@ -115,8 +115,10 @@ def time_fn(fn: Callable, device: torch.device, quick: bool = False, setup: Call
     """Per-call time of fn() (or fn(setup()), setup untimed) on this device."""
     if device.type == "cuda":
         return time_cuda(fn, setup, warmup_ms=10 if quick else 25, rep_ms=40 if quick else 100)
-    # Interpreted Triton calls take ~0.1 s each on a CPU: a few calls are all a smoke run affords.
-    return time_cpu(fn, setup, min_calls=3, max_calls=10 if quick else 50, min_seconds=0.05 if quick else 0.2)
+    # Interpreted Triton calls take ~0.1 s each on a CPU: a smoke run (--quick) affords one after the
+    # warm-up (its figures are never performance figures), a full CPU run a few.
+    return time_cpu(fn, setup, min_calls=1 if quick else 3, max_calls=10 if quick else 50,
+                    min_seconds=0.05 if quick else 0.2)
 
 
 def describe_error(error: BaseException, limit: int = 400) -> str:
